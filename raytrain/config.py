@@ -1,0 +1,255 @@
+"""The one typed config that every part of raytrain reads.
+
+A run is described by a YAML file (see `tune_configs/`) validated against `Config`. Any field can be
+overridden with dotted keys, `--set train.epochs=3` on the CLI or `{"train.epochs": 3}` from Python,
+and `search.space` uses the same dotted keys. The fully resolved config travels inside every
+checkpoint, so a checkpoint says exactly how it was made.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from raytrain.errors import ConfigError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo must never silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def parse_size(value: Any) -> tuple[int, int]:
+    """'256x128' or [256, 128] -> (width, height)."""
+    if isinstance(value, str):
+        parts = value.lower().split("x")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(f"expected WIDTHxHEIGHT such as 256x128, got {value!r}")
+        value = [int(p) for p in parts]
+    width, height = (int(v) for v in value)
+    if width <= 0 or height <= 0:
+        raise ValueError(f"width and height must be positive, got {width}x{height}")
+    return width, height
+
+
+class DataConfig(_Section):
+    path: str = Field(description="a sharded dataset: the directory (or URI) holding manifest.json")
+    size: tuple[int, int] = Field((256, 256), description="training size WIDTHxHEIGHT")
+    augment: bool = True
+    hflip: float = Field(0.5, ge=0, le=1, description="probability of a horizontal flip")
+    scale: tuple[float, float] = Field((0.8, 1.25), description="random zoom range before cropping")
+    color_jitter: float = Field(0.2, ge=0, le=1, description="brightness/contrast/saturation jitter")
+    shuffle_buffer: int = Field(64, ge=0, description="samples in each worker's local shuffle buffer")
+
+    _parse_size = field_validator("size", mode="before")(lambda v: parse_size(v))
+
+
+class ModelConfig(_Section):
+    name: str = "unet"
+    # Every field below is optional: only the ones that are set reach create_model, so each
+    # architecture keeps its own defaults and an option that does not apply is a clear error.
+    depth: int | None = Field(None, ge=1)
+    base_channels: int | None = Field(None, ge=1)
+    batch_norm: bool | None = None
+    dropout: float | None = Field(None, ge=0, lt=1)
+    encoder: str | None = None
+    encoder_weights: str | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump(exclude={"name"}).items() if v is not None}
+
+
+class LossConfig(_Section):
+    name: str = "bce"
+    class_weights: list[float] | None = None
+
+
+class OptimConfig(_Section):
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="for sgd")
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(12, ge=1)
+    batch_size: int = Field(4, ge=1)
+    num_workers: int = Field(2, ge=1, description="DDP workers per run")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(1, gt=0, description="used when use_gpu is true; fractions allowed")
+    seed: int = 0
+    checkpoints_to_keep: int = Field(2, ge=1, description="best K checkpoints kept, by search.metric")
+    max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint")
+    storage_path: str = Field("~/raytrain_results", description="local directory or URI (s3://...)")
+
+
+SearchKind = Literal["choice", "grid", "uniform", "loguniform", "randint"]
+
+
+class SchedulerConfig(_Section):
+    name: Literal["fifo", "asha"] = "asha"
+    grace_period: int = Field(1, ge=1, description="epochs before a trial can be stopped")
+    reduction_factor: float = Field(2, gt=1)
+
+
+class SearchConfig(_Section):
+    metric: str = "val_iou"
+    mode: Literal["min", "max"] = "max"
+    num_samples: int = Field(1, ge=1)
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    scheduler: SchedulerConfig = SchedulerConfig()
+    space: dict[str, dict[SearchKind, list[Any]]] = Field(
+        default_factory=dict,
+        description="dotted config key -> {choice|grid: [values]} or {uniform|loguniform|randint: [low, high]}",
+    )
+
+    @field_validator("space")
+    @classmethod
+    def _one_kind_per_key(cls, space: dict) -> dict:
+        for key, spec in space.items():
+            if len(spec) != 1:
+                raise ValueError(f"{key}: give exactly one of choice, grid, uniform, loguniform, randint")
+            (kind, values), = spec.items()
+            if kind in ("uniform", "loguniform", "randint") and len(values) != 2:
+                raise ValueError(f"{key}: {kind} takes [low, high]")
+            if not values:
+                raise ValueError(f"{key}: {kind} needs at least one value")
+        return space
+
+
+class Config(_Section):
+    name: str = Field("raytrain", pattern=r"^[A-Za-z0-9_.-]+$", description="run or experiment name")
+    classes: list[str] = Field(["road"], min_length=1, description="class names; ['road'] is binary road")
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    search: SearchConfig = SearchConfig()
+
+    @property
+    def num_classes(self) -> int:
+        """Output channels: one (sigmoid) for a single class, else one per class (softmax)."""
+        return 1 if len(self.classes) == 1 else len(self.classes)
+
+    @model_validator(mode="after")
+    def _space_keys_exist(self) -> "Config":
+        for key in self.search.space:
+            if key.startswith("search."):
+                raise ValueError(f"search.space.{key}: the search settings themselves cannot be searched")
+            _check_dotted_key(self.model_dump(), key)
+        return self
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "Config":
+        """A new validated config with dotted keys replaced ({"optim.lr": 1e-3})."""
+        data = self.model_dump()
+        for key, value in overrides.items():
+            _set_dotted(data, key, value)
+        return _validate(data, source="overrides")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _check_dotted_key(data: dict, key: str) -> None:
+    node = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ValueError(f"unknown key {key!r}")
+        node = node[part]
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        if not isinstance(node.get(part), dict):
+            raise ConfigError(f"unknown key {key!r}: {'.'.join(parts[: i + 1])} is not a section")
+        node = node[part]
+    # New keys are allowed here only so that pydantic reports them as unknown with the full path.
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'optim.lr=1e-3' -> ('optim.lr', 0.001); values are parsed as YAML scalars/lists."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set train.epochs=3")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif first["type"] == "missing":
+        msg = "required key is missing"
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: {loc}: {msg}{more}"
+
+
+def _validate(data: Any, source: str) -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of config sections, got {type(data).__name__}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_config(source: str | os.PathLike | dict | Config, overrides: dict[str, Any] | list[str] | None = None) -> Config:
+    """A config from a YAML path, a dict or a Config, with dotted overrides applied.
+
+    Relative `data.path` and `train.storage_path` in a YAML file are taken relative to the current
+    directory, as a user typing a command expects.
+    """
+    if isinstance(source, Config):
+        config, name = source, "config"
+    elif isinstance(source, dict):
+        config, name = _validate(copy.deepcopy(source), "config"), "config"
+    else:
+        path = Path(source)
+        name = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}:{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        config = _validate(data, name)
+    if overrides:
+        if isinstance(overrides, list):
+            overrides = dict(parse_override(o) for o in overrides)
+        data = config.model_dump()
+        try:
+            for key, value in overrides.items():
+                _set_dotted(data, key, value)
+        except ConfigError as err:
+            raise ConfigError(f"{name}: --set {err}") from None
+        config = _validate(data, f"{name} with --set {', '.join(overrides)}")
+    _check_search_space(config, name)
+    return config
+
+
+def _check_search_space(config: Config, source: str) -> None:
+    """Every value a search can pick must make a valid config: fail now, not in trial 37."""
+    for key, spec in config.search.space.items():
+        (kind, values), = spec.items()
+        for value in values:
+            try:
+                config.with_overrides({key: value})
+            except ConfigError as err:
+                reason = str(err).split(": ", 2)[-1]
+                raise ConfigError(f"{source}: search.space.{key}: {kind} value {value!r}: {reason}") from None

@@ -1,0 +1,206 @@
+"""A dataset folder -> Parquet shards plus manifest.json, validated once, written atomically.
+
+Each row holds one sample: its id, source path, split, height, width, the image file's bytes as
+they were on disk (PNG or JPEG, not re-encoded) and the mask as a class-index PNG (IGNORE_INDEX
+where unknown). Every image and mask is decoded here once, so a corrupt file or a mismatched
+mask fails now with its file named, not hours into training.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from raytrain.data.formats import IGNORE_INDEX, DatasetFormat, Sample, get_format
+from raytrain.errors import DataError
+
+MANIFEST = "manifest.json"
+SCHEMA_VERSION = 1
+SPLITS = ("train", "val")
+
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("source", pa.string()),
+        ("split", pa.string()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("image", pa.binary()),
+        ("mask", pa.binary()),
+    ]
+)
+
+
+def split_of(sample_id: str, val_fraction: float, seed: int) -> str:
+    """Deterministic split by id: adding or removing other samples never moves this one."""
+    digest = hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()
+    return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
+
+
+def encode_mask(mask: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(mask, mode="L").save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def _mask_values(fmt: DatasetFormat) -> int:
+    """How many label values a mask holds: 0/1 for one class (binary), else one per class."""
+    return max(len(fmt.classes), 2)
+
+
+def _read_sample(sample: Sample, fmt: DatasetFormat) -> tuple[dict, np.ndarray]:
+    """Decode and check one sample; raise DataError naming the file on any problem."""
+    if sample.mask_path is None:
+        raise DataError(f"{sample.image_path}: image has no mask")
+    image_bytes = sample.image_path.read_bytes()
+    try:
+        with Image.open(io.BytesIO(image_bytes)) as image:
+            image.load()  # a full decode: truncated files only fail here
+            width, height = image.size
+    except Exception as err:
+        raise DataError(f"{sample.image_path}: unreadable image ({err})") from None
+    try:
+        mask = fmt.load_mask(sample.mask_path)
+    except Exception as err:
+        raise DataError(f"{sample.mask_path}: unreadable mask ({err})") from None
+    if mask.shape != (height, width):
+        raise DataError(
+            f"{sample.mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {width}x{height}"
+        )
+    bad = np.setdiff1d(np.unique(mask), [*range(_mask_values(fmt)), IGNORE_INDEX])
+    if bad.size:
+        raise DataError(f"{sample.mask_path}: mask values {bad.tolist()} are not classes of {fmt.name}")
+    row = {
+        "id": sample.id,
+        "source": str(sample.image_path),
+        "height": height,
+        "width": width,
+        "image": image_bytes,
+        "mask": encode_mask(mask),
+    }
+    return row, mask
+
+
+def write_shards(
+    src: str | os.PathLike,
+    fmt: str,
+    out: str | os.PathLike,
+    *,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    rows_per_shard: int = 256,
+    skip_bad: bool = False,
+    on_skip: Callable[[str], None] = lambda message: None,
+    progress: Callable[[int, int], None] = lambda done, total: None,
+) -> dict:
+    """Shard the dataset at `src` into `out`; return the manifest.
+
+    Atomic: everything is written into a hidden sibling directory that is renamed to `out` only
+    when complete, so an interrupted run leaves no dataset that looks finished.
+    """
+    src, out = Path(src), Path(out)
+    dataset_format = get_format(fmt)
+    if not src.is_dir():
+        raise DataError(f"{src}: dataset folder not found")
+    if out.exists() and any(out.iterdir()):
+        raise DataError(f"{out}: already exists; choose another --out or remove it")
+    samples = dataset_format.list_samples(src)
+    if not samples:
+        raise DataError(f"{src}: no samples found in the {fmt} layout")
+
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        manifest = _write(samples, dataset_format, tmp, val_fraction, seed, rows_per_shard, skip_bad, on_skip, progress)
+        manifest["source"] = str(src)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if out.exists():
+            out.rmdir()  # checked empty above
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _write(samples, fmt, tmp, val_fraction, seed, rows_per_shard, skip_bad, on_skip, progress) -> dict:
+    num_classes = len(fmt.classes)
+    pixel_counts = np.zeros(_mask_values(fmt), dtype=np.int64)
+    buffers: dict[str, list[dict]] = {split: [] for split in SPLITS}
+    files: dict[str, list[str]] = {split: [] for split in SPLITS}
+    counts = {split: 0 for split in SPLITS}
+    skipped = []
+
+    def flush(split: str) -> None:
+        name = f"{split}-{len(files[split]):05d}.parquet"
+        pq.write_table(pa.Table.from_pylist(buffers[split], schema=SCHEMA), tmp / name)
+        files[split].append(name)
+        buffers[split].clear()
+
+    for done, sample in enumerate(samples, start=1):
+        try:
+            row, mask = _read_sample(sample, fmt)
+        except DataError as err:
+            if not skip_bad:
+                raise
+            skipped.append(str(err))
+            on_skip(str(err))
+            continue
+        split = sample.split or split_of(sample.id, val_fraction, seed)
+        row["split"] = split
+        pixel_counts += np.bincount(mask[mask != IGNORE_INDEX].ravel(), minlength=len(pixel_counts))
+        buffers[split].append(row)
+        counts[split] += 1
+        if len(buffers[split]) >= rows_per_shard:
+            flush(split)
+        progress(done, len(samples))
+    for split in SPLITS:
+        if buffers[split]:
+            flush(split)
+    if counts["train"] == 0:
+        raise DataError(f"{fmt.name}: no training samples left after the split (val_fraction={val_fraction})")
+
+    names = ["background", *fmt.classes] if num_classes == 1 else list(fmt.classes)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "format": fmt.name,
+        "classes": [
+            # A binary mask stores the one class as 1 (0 is background).
+            {"name": name, "id": index + (num_classes == 1), "color": list(color)}
+            for index, (name, color) in enumerate(zip(fmt.classes, fmt.colors))
+        ],
+        "ignore_index": IGNORE_INDEX,
+        "num_samples": counts,
+        "files": files,
+        "split": {"val_fraction": val_fraction, "seed": seed},
+        "pixel_frequencies": {name: float(c) / max(1, int(pixel_counts.sum())) for name, c in zip(names, pixel_counts)},
+        "skipped": skipped,
+    }
+
+
+def read_manifest(dataset: str | os.PathLike) -> dict:
+    path = Path(dataset).expanduser() / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{path}: no manifest; shard the data first with `raytrain data shard`")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err})") from None
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise DataError(f"{path}: schema_version {manifest.get('schema_version')} is not {SCHEMA_VERSION}")
+    return manifest
+
+
+def shard_paths(dataset: str | os.PathLike, split: str) -> list[str]:
+    manifest = read_manifest(dataset)
+    root = Path(dataset).expanduser().resolve()
+    return [str(root / name) for name in manifest["files"][split]]

@@ -1,0 +1,45 @@
+"""Shared fixtures: one local Ray cluster for the session, and tiny real datasets on disk."""
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    # Explicit logical CPUs: 2 DDP workers of 1 CPU each, plus room for Ray Data's tasks.
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synthetic_kitti(tmp_path_factory):
+    """24 synthetic scenes at 64x32 in the KITTI road layout."""
+    from raytrain.data.synth import write_synthetic_kitti
+
+    return write_synthetic_kitti(tmp_path_factory.mktemp("synth") / "kitti", 24, seed=1, size=(64, 32))
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(synthetic_kitti, tmp_path_factory):
+    from raytrain.data.shards import write_shards
+
+    out = tmp_path_factory.mktemp("shards") / "tiny"
+    write_shards(synthetic_kitti, "kitti", out, val_fraction=0.25, rows_per_shard=4)
+    return out
+
+
+def tiny_config(shards, storage, **overrides):
+    """A valid Config for tiny, fast runs on `shards`, storing results under `storage`."""
+    from raytrain.config import load_config
+
+    base = {
+        "name": "tiny",
+        "data": {"path": str(shards), "size": "64x32", "shuffle_buffer": 0},
+        "model": {"name": "unet", "base_channels": 4, "depth": 2},
+        "optim": {"lr": 3e-3},
+        "train": {"epochs": 2, "batch_size": 4, "num_workers": 2, "storage_path": str(storage), "max_failures": 0},
+    }
+    return load_config(base, overrides)

@@ -6,9 +6,10 @@ CamVid's void). Shards, the pipeline, losses and metrics only ever see that conv
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -54,11 +55,60 @@ class Sample:
 
 @dataclass(frozen=True)
 class DatasetFormat:
+    """One on-disk layout. `classes`/`colors` describe the masks `load_mask` returns: one class means
+    a binary mask (0 background, 1 the class), more mean class indices 0..C-1; IGNORE_INDEX is unknown.
+    """
+
     name: str
     classes: tuple[str, ...]
     colors: tuple[tuple[int, int, int], ...]
     list_samples: Callable[[Path], list[Sample]]
     load_mask: Callable[[Path], np.ndarray]  # -> uint8 class indices, IGNORE_INDEX where unknown
+    # Formats whose classes are defined by the dataset itself (folder: its class map) resolve them
+    # here from the dataset root and an optional class-map path, returning the bound format.
+    resolve: Callable[[Path | None, Path | None], "DatasetFormat"] | None = None
+
+    def with_classes(self, classes: Sequence[str] | None) -> "DatasetFormat":
+        """This format with only `classes` as targets.
+
+        None (or all classes, in this order) keeps the format as it is; one class gives a binary
+        mask (that class 1, every other labelled class 0, unknown stays IGNORE_INDEX); all classes in
+        another order renumbers them. Names match case-insensitively.
+        """
+        if classes is None:
+            return self
+        wanted = [str(name).strip().lower() for name in classes]
+        known = [name.lower() for name in self.classes]
+        unknown = [name for name in wanted if name not in known]
+        if unknown or not wanted or len(set(wanted)) != len(wanted):
+            raise DataError(
+                f"classes {list(classes)} do not fit the {self.name} format "
+                f"(its classes: {', '.join(self.classes) or 'none'}; give one class for a binary mask, or all of them)"
+            )
+        if wanted == known:
+            return self
+        if len(wanted) == 1:
+            target = known.index(wanted[0])
+            keep = (self.classes[target],)
+            colors = (self.colors[target],)
+            # Unknown raw values pass through unchanged (>= 2), so validation still reports them.
+            lut = np.arange(256, dtype=np.uint8)
+            lut[: len(known)] = 0
+            lut[target] = 1
+        elif len(wanted) == len(known):
+            order = [known.index(name) for name in wanted]
+            keep = tuple(self.classes[i] for i in order)
+            colors = tuple(self.colors[i] for i in order)
+            lut = np.arange(256, dtype=np.uint8)
+            for new_index, old_index in enumerate(order):
+                lut[old_index] = new_index
+        else:
+            raise DataError(
+                f"classes {list(classes)}: give one class of {self.name} for a binary mask, or all of its "
+                f"{len(known)} classes ({', '.join(self.classes)})"
+            )
+        load = self.load_mask
+        return replace(self, classes=keep, colors=colors, load_mask=lambda path: lut[load(path)])
 
 
 def _list_kitti(root: Path) -> list[Sample]:
@@ -79,12 +129,205 @@ def _load_kitti_mask(path: Path) -> np.ndarray:
         return decode_kitti_gt(np.asarray(gt.convert("RGB")))
 
 
+# --- CamVid (SegNet's 11-class version) --------------------------------------------------------
+
+CAMVID_CLASSES = (
+    "sky", "building", "pole", "road", "pavement", "tree",
+    "sign_symbol", "fence", "car", "pedestrian", "bicyclist",
+)
+CAMVID_COLORS = (
+    (128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
+    (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192),
+)
+CAMVID_VOID = 11
+CAMVID_SPLITS = ("train", "val")  # the dataset's test split is never read
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _list_camvid(root: Path) -> list[Sample]:
+    if not any((root / split).is_dir() for split in CAMVID_SPLITS):
+        raise DataError(f"{root}: no train/ or val/ folder (CamVid layout: train/, trainannot/, val/, valannot/)")
+    samples = []
+    for split in CAMVID_SPLITS:
+        if not (root / split).is_dir():
+            continue
+        for image_path in _images(root / split):
+            mask_path = root / f"{split}annot" / f"{image_path.stem}.png"
+            samples.append(Sample(image_path.stem, image_path, mask_path if mask_path.exists() else None, split))
+    return samples
+
+
+def _single_channel(path: Path) -> np.ndarray:
+    with Image.open(path) as mask:
+        if mask.mode not in ("L", "P", "I", "I;16"):
+            raise DataError(f"{path}: mask is {mask.mode}, expected one channel of class indices")
+        return np.asarray(mask)
+
+
+def _load_camvid_mask(path: Path) -> np.ndarray:
+    raw = _single_channel(path)
+    if raw.max(initial=0) > 255:
+        raise DataError(f"{path}: mask values above 255 are not classes of camvid")
+    mask = raw.astype(np.uint8)
+    mask[mask == CAMVID_VOID] = IGNORE_INDEX  # other values > 10 are left for validation to report
+    return mask
+
+
+# --- Generic folder: images/ + masks/ + classes.yaml --------------------------------------------
+
+CLASS_MAP = "classes.yaml"
+
+
+def _list_folder(root: Path) -> list[Sample]:
+    image_dir, mask_dir = root / "images", root / "masks"
+    if not image_dir.is_dir():
+        raise DataError(f"{image_dir}: not found (folder layout: images/, masks/ and {CLASS_MAP})")
+    samples = []
+    for image_path in _images(image_dir):
+        mask_path = mask_dir / f"{image_path.stem}.png"
+        samples.append(Sample(image_path.stem, image_path, mask_path if mask_path.exists() else None))
+    return samples
+
+
+def _unbound_folder_mask(path: Path) -> np.ndarray:
+    raise DataError("folder: no class map loaded; use get_format('folder', root=...)")
+
+
+def _color(value, where: str) -> tuple[int, int, int]:
+    if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(c, int) and 0 <= c <= 255 for c in value)):
+        raise DataError(f"{where}: colour must be [r, g, b] with integers 0..255, got {value!r}")
+    return tuple(value)
+
+
+def _read_class_map(path: Path) -> dict:
+    import yaml
+
+    if not path.is_file():
+        raise DataError(f"{path}: class map not found (folder format needs {CLASS_MAP} or class_map=)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise DataError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+    entries = data.get("classes") if isinstance(data, dict) else None
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+        raise DataError(f"{path}: expected `classes:` with a list of {{name, color}} or {{name, index}} entries")
+    return data
+
+
+def _resolve_folder(root: Path | None, class_map: Path | None) -> DatasetFormat:
+    if class_map is None:
+        if root is None:
+            raise DataError("folder: needs the dataset root or a class_map path")
+        class_map = root / CLASS_MAP
+    path = Path(class_map).expanduser()
+    data = _read_class_map(path)
+    entries = data["classes"]
+    names = [str(e.get("name", "")).strip() for e in entries]
+    if not all(names) or len({n.lower() for n in names}) != len(names):
+        raise DataError(f"{path}: every class needs a unique `name`")
+    if len(names) > 254:
+        raise DataError(f"{path}: at most 254 classes, got {len(names)}")
+    # Indices when every class has one (a `color` then only names its display colour), else palette colours.
+    if not all("index" in e for e in entries):
+        if not all("color" in e for e in entries):
+            raise DataError(f"{path}: give every class a `color` (RGB masks) or every class an `index` (index masks)")
+        colors = tuple(_color(e["color"], f"{path}: class {n}") for e, n in zip(entries, names))
+        ignore = data.get("ignore_color")
+        ignore = _color(ignore, f"{path}: ignore_color") if ignore is not None else None
+        if len(set(colors)) != len(colors) or ignore in colors:
+            raise DataError(f"{path}: class colours (and ignore_color) must all differ")
+        codes = np.array([(r << 16) | (g << 8) | b for r, g, b in colors], dtype=np.int64)
+        order = np.argsort(codes)
+        ignore_code = None if ignore is None else (ignore[0] << 16) | (ignore[1] << 8) | ignore[2]
+
+        def load_mask(mask_path: Path) -> np.ndarray:
+            with Image.open(mask_path) as mask:
+                rgb = np.asarray(mask.convert("RGB")).astype(np.int64)
+            code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+            out = np.full(code.shape, IGNORE_INDEX, dtype=np.uint8)
+            pos = np.clip(np.searchsorted(codes, code, sorter=order), 0, len(codes) - 1)
+            found = codes[order][pos] == code
+            out[found] = order[pos[found]]
+            unknown = ~found if ignore_code is None else ~found & (code != ignore_code)
+            if unknown.any():
+                bad = [[(c >> 16) & 255, (c >> 8) & 255, c & 255] for c in np.unique(code[unknown])[:5].tolist()]
+                raise DataError(f"{mask_path}: mask colours {bad} are not classes of folder (class map {path})")
+            return out
+
+        return replace(FOLDER, classes=tuple(names), colors=colors, load_mask=load_mask, resolve=None)
+
+    indices = [e["index"] for e in entries]
+    ignore_index = data.get("ignore_index")
+    if not all(isinstance(i, int) and 0 <= i <= 255 for i in [*indices, *([ignore_index] if ignore_index is not None else [])]):
+        raise DataError(f"{path}: class indices and ignore_index must be integers 0..255")
+    if len(set(indices)) != len(indices) or ignore_index in indices:
+        raise DataError(f"{path}: class indices (and ignore_index) must all differ")
+    # Classes are numbered in index order, so a map with indices 0..C-1 keeps the file's values.
+    ranked = sorted(range(len(entries)), key=lambda i: indices[i])
+    names = [names[i] for i in ranked]
+    colors = tuple(
+        _color(entries[i]["color"], f"{path}: class {names[k]}") if "color" in entries[i] else _default_color(k)
+        for k, i in enumerate(ranked)
+    )
+    lut = np.full(256, -1, dtype=np.int64)
+    for new_index, i in enumerate(ranked):
+        lut[indices[i]] = new_index
+    if ignore_index is not None:
+        lut[ignore_index] = IGNORE_INDEX
+
+    def load_index_mask(mask_path: Path) -> np.ndarray:
+        raw = _single_channel(mask_path).astype(np.int64)
+        if raw.max(initial=0) > 255:
+            raise DataError(f"{mask_path}: mask values {np.unique(raw[raw > 255])[:5].tolist()} are not classes of folder")
+        mapped = lut[raw]
+        if (mapped < 0).any():
+            bad = np.unique(raw[mapped < 0])[:10].tolist()
+            raise DataError(f"{mask_path}: mask values {bad} are not classes of folder (class map {path})")
+        return mapped.astype(np.uint8)
+
+    return replace(FOLDER, classes=tuple(names), colors=colors, load_mask=load_index_mask, resolve=None)
+
+
+def _default_color(index: int) -> tuple[int, int, int]:
+    """A stable, distinct colour for classes given by index only (used in the manifest)."""
+    # Pascal VOC's bit-interleaved palette.
+    r = g = b = 0
+    cid = index + 1
+    for shift in range(7, -1, -1):
+        r |= ((cid >> 0) & 1) << shift
+        g |= ((cid >> 1) & 1) << shift
+        b |= ((cid >> 2) & 1) << shift
+        cid >>= 3
+    return (r, g, b)
+
+
+FOLDER = DatasetFormat("folder", (), (), _list_folder, _unbound_folder_mask, resolve=_resolve_folder)
+
 FORMATS: dict[str, DatasetFormat] = {
     "kitti": DatasetFormat("kitti", ("road",), (KITTI_ROAD_RGB,), _list_kitti, _load_kitti_mask),
+    "camvid": DatasetFormat("camvid", CAMVID_CLASSES, CAMVID_COLORS, _list_camvid, _load_camvid_mask),
+    "folder": FOLDER,
 }
 
 
-def get_format(name: str) -> DatasetFormat:
+def get_format(
+    name: str,
+    classes: Sequence[str] | None = None,
+    *,
+    root: str | os.PathLike | None = None,
+    class_map: str | os.PathLike | None = None,
+) -> DatasetFormat:
+    """The format `name`, bound to the dataset at `root` where its classes come from the data
+    (folder), restricted to `classes` (one name: a binary mask; None: all classes)."""
     if name not in FORMATS:
         raise DataError(f"unknown dataset format {name!r} (known: {', '.join(FORMATS)})")
-    return FORMATS[name]
+    fmt = FORMATS[name]
+    if fmt.resolve is not None:
+        fmt = fmt.resolve(None if root is None else Path(root), None if class_map is None else Path(class_map))
+    elif class_map is not None:
+        raise DataError(f"class_map applies to the folder format, not {name}")
+    return fmt.with_classes(classes)

@@ -14,14 +14,14 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from raytrain.data.formats import IGNORE_INDEX, DatasetFormat, Sample, get_format
+from raytrain.data.formats import FORMATS, IGNORE_INDEX, DatasetFormat, Sample, get_format
 from raytrain.errors import DataError
 
 MANIFEST = "manifest.json"
@@ -71,6 +71,8 @@ def _read_sample(sample: Sample, fmt: DatasetFormat) -> tuple[dict, np.ndarray]:
         raise DataError(f"{sample.image_path}: unreadable image ({err})") from None
     try:
         mask = fmt.load_mask(sample.mask_path)
+    except DataError:
+        raise  # already names the file (e.g. mask colours that are not classes)
     except Exception as err:
         raise DataError(f"{sample.mask_path}: unreadable mask ({err})") from None
     if mask.shape != (height, width):
@@ -100,6 +102,8 @@ def write_shards(
     seed: int = 0,
     rows_per_shard: int = 256,
     skip_bad: bool = False,
+    classes: Sequence[str] | None = None,
+    class_map: str | os.PathLike | None = None,
     on_skip: Callable[[str], None] = lambda message: None,
     progress: Callable[[int, int], None] = lambda done, total: None,
 ) -> dict:
@@ -107,11 +111,17 @@ def write_shards(
 
     Atomic: everything is written into a hidden sibling directory that is renamed to `out` only
     when complete, so an interrupted run leaves no dataset that looks finished.
+
+    `classes` picks the targets: None keeps all of the format's classes (class indices 0..C-1),
+    one name gives a binary mask (that class 1, every other labelled class 0). `class_map` is the
+    folder format's class map, when not `src`/classes.yaml.
     """
     src, out = Path(src), Path(out)
-    dataset_format = get_format(fmt)
+    if fmt not in FORMATS:
+        get_format(fmt)  # raises: unknown format
     if not src.is_dir():
         raise DataError(f"{src}: dataset folder not found")
+    dataset_format = get_format(fmt, classes, root=src, class_map=class_map)
     if out.exists() and any(out.iterdir()):
         raise DataError(f"{out}: already exists; choose another --out or remove it")
     samples = dataset_format.list_samples(src)

@@ -1,0 +1,245 @@
+"""CamVid and generic folder formats -> shards, with all classes or one class as a binary target."""
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+
+from raytrain.data.formats import CAMVID_CLASSES, CAMVID_COLORS, IGNORE_INDEX, get_format
+from raytrain.data.shards import read_manifest, shard_paths, write_shards
+from raytrain.errors import DataError
+
+REAL_CAMVID = Path("/work/shared/datasets/camvid")
+W, H = 12, 8
+
+
+def _rows(shards):
+    return {
+        row["id"]: row
+        for split in ("train", "val")
+        for path in shard_paths(shards, split)
+        for row in pq.read_table(path).to_pylist()
+    }
+
+
+def _mask(row):
+    return np.asarray(Image.open(io.BytesIO(row["mask"])))
+
+
+def _camvid_annot(seed):
+    annot = np.random.default_rng(seed).integers(0, 12, (H, W)).astype(np.uint8)  # 0..10 classes, 11 void
+    annot[0, :4] = [3, 11, 0, 10]
+    return annot
+
+
+@pytest.fixture
+def camvid_tree(tmp_path):
+    root = tmp_path / "camvid"
+    annots = {}
+    for split, stems in {"train": ["0001TP_000010", "0001TP_000020"], "val": ["0016E5_000030"], "test": ["Seq05_0001"]}.items():
+        (root / split).mkdir(parents=True)
+        (root / f"{split}annot").mkdir()
+        for k, stem in enumerate(stems):
+            Image.fromarray(np.full((H, W, 3), 40 * k, np.uint8)).save(root / split / f"{stem}.jpg")
+            annots[stem] = _camvid_annot(len(annots))
+            Image.fromarray(annots[stem], mode="L").save(root / f"{split}annot" / f"{stem}.png")
+    return root, annots
+
+
+def test_camvid_all_classes_keeps_its_own_split(camvid_tree, tmp_path):
+    root, annots = camvid_tree
+    manifest = write_shards(root, "camvid", tmp_path / "out", val_fraction=0.0)
+    assert manifest["format"] == "camvid"
+    assert manifest["num_samples"] == {"train": 2, "val": 1}  # own split; test/ never read
+    assert manifest["classes"] == [
+        {"name": name, "id": i, "color": list(color)} for i, (name, color) in enumerate(zip(CAMVID_CLASSES, CAMVID_COLORS))
+    ]
+    assert manifest["classes"][3] == {"name": "road", "id": 3, "color": [128, 64, 128]}
+    assert set(manifest["pixel_frequencies"]) == set(CAMVID_CLASSES)
+    rows = _rows(tmp_path / "out")
+    assert {r["id"]: r["split"] for r in rows.values()} == {"0001TP_000010": "train", "0001TP_000020": "train", "0016E5_000030": "val"}
+    for stem, row in rows.items():
+        expected = annots[stem].copy()
+        expected[expected == 11] = IGNORE_INDEX
+        assert np.array_equal(_mask(row), expected)
+        assert row["image"] == (root / row["split"] / f"{stem}.jpg").read_bytes()
+
+
+def test_camvid_road_only_is_binary(camvid_tree, tmp_path):
+    root, annots = camvid_tree
+    manifest = write_shards(root, "camvid", tmp_path / "out", classes=["road"])
+    assert manifest["classes"] == [{"name": "road", "id": 1, "color": [128, 64, 128]}]
+    assert set(manifest["pixel_frequencies"]) == {"background", "road"}
+    for stem, row in _rows(tmp_path / "out").items():
+        annot = annots[stem]
+        expected = np.where(annot == 3, 1, 0).astype(np.uint8)
+        expected[annot == 11] = IGNORE_INDEX
+        mask = _mask(row)
+        assert np.array_equal(mask, expected)
+        assert list(mask[0, :4]) == [1, IGNORE_INDEX, 0, 0]
+
+
+def test_classes_option_is_checked(camvid_tree, tmp_path):
+    root, _ = camvid_tree
+    assert get_format("camvid", list(CAMVID_CLASSES)).classes == CAMVID_CLASSES
+    assert get_format("camvid", ["Road"]).classes == ("road",)
+    for bad in (["lane"], ["road", "car"]):
+        with pytest.raises(DataError, match="camvid"):
+            get_format("camvid", bad)
+    assert get_format("kitti", ["road"]) == get_format("kitti")
+    with pytest.raises(DataError, match="kitti"):
+        get_format("kitti", ["car"])
+    with pytest.raises(DataError, match="class_map"):
+        get_format("kitti", class_map=tmp_path / "classes.yaml")
+
+
+def test_camvid_bad_annotation_value_names_the_file(camvid_tree, tmp_path):
+    root, _ = camvid_tree
+    bad = root / "trainannot" / "0001TP_000020.png"
+    annot = np.asarray(Image.open(bad)).copy()
+    annot[2, 2] = 14
+    Image.fromarray(annot, mode="L").save(bad)
+    with pytest.raises(DataError, match=rf"^{bad}: mask values \[14\] are not classes of camvid"):
+        write_shards(root, "camvid", tmp_path / "out")
+    manifest = write_shards(root, "camvid", tmp_path / "out2", classes=["road"], skip_bad=True)
+    assert manifest["num_samples"] == {"train": 1, "val": 1} and len(manifest["skipped"]) == 1
+    assert not (tmp_path / "out").exists()
+
+
+ROAD, CAR, SKY, VOID = (128, 64, 128), (64, 0, 128), (70, 130, 180), (0, 0, 0)
+
+
+def _folder(tmp_path, class_map, masks, rgb):
+    root = tmp_path / "folder"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.yaml").write_text(yaml.safe_dump(class_map))
+    for stem, mask in masks.items():
+        Image.fromarray(np.full((H, W, 3), 90, np.uint8)).save(root / "images" / f"{stem}.png")
+        Image.fromarray(mask.astype(np.uint8), mode="RGB" if rgb else "L").save(root / "masks" / f"{stem}.png")
+    return root
+
+
+def _palette_mask(seed):
+    choice = np.random.default_rng(seed).integers(0, 4, (H, W))
+    return choice, np.array([ROAD, CAR, SKY, VOID], np.uint8)[choice]
+
+
+PALETTE_MAP = {
+    "classes": [{"name": "road", "color": list(ROAD)}, {"name": "car", "color": list(CAR)}, {"name": "sky", "color": list(SKY)}],
+    "ignore_color": list(VOID),
+}
+
+
+def test_folder_palette_all_classes_and_binary(tmp_path):
+    pairs = {f"img{i}": _palette_mask(i) for i in range(3)}
+    root = _folder(tmp_path, PALETTE_MAP, {stem: rgb for stem, (_, rgb) in pairs.items()}, rgb=True)
+    manifest = write_shards(root, "folder", tmp_path / "multi", val_fraction=0.0)
+    assert manifest["format"] == "folder"
+    assert manifest["classes"] == [
+        {"name": "road", "id": 0, "color": list(ROAD)}, {"name": "car", "id": 1, "color": list(CAR)},
+        {"name": "sky", "id": 2, "color": list(SKY)},
+    ]
+    for stem, row in _rows(tmp_path / "multi").items():
+        choice = pairs[stem][0]
+        assert np.array_equal(_mask(row), np.where(choice == 3, IGNORE_INDEX, choice))
+
+    manifest = write_shards(root, "folder", tmp_path / "road", val_fraction=0.0, classes=["road"])
+    assert manifest["classes"] == [{"name": "road", "id": 1, "color": list(ROAD)}]
+    for stem, row in _rows(tmp_path / "road").items():
+        choice = pairs[stem][0]
+        assert np.array_equal(_mask(row), np.select([choice == 0, choice == 3], [1, IGNORE_INDEX], 0))
+
+
+def test_folder_unknown_colour_is_an_error_naming_the_mask(tmp_path):
+    _, good = _palette_mask(0)
+    bad = good.copy()
+    bad[1, 1] = (1, 2, 3)
+    root = _folder(tmp_path, PALETTE_MAP, {"a": good, "b": bad}, rgb=True)
+    mask_path = root / "masks" / "b.png"
+    with pytest.raises(DataError, match=rf"^{mask_path}: mask colours \[\[1, 2, 3\]\] are not classes of folder"):
+        write_shards(root, "folder", tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
+    # no ignore_color: black pixels are unknown too
+    no_ignore = {"classes": PALETTE_MAP["classes"]}
+    with pytest.raises(DataError, match=r"mask colours \[\[0, 0, 0\]"):
+        write_shards(root, "folder", tmp_path / "out", class_map=_write_yaml(tmp_path / "plain.yaml", no_ignore))
+
+
+def _write_yaml(path, data):
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_folder_index_masks_and_class_map_path(tmp_path):
+    # Indices need not be 0..C-1: classes are numbered in index order (sky 2 -> 0, road 5 -> 1, car 9 -> 2).
+    class_map = {"classes": [{"name": "road", "index": 5}, {"name": "car", "index": 9}, {"name": "sky", "index": 2}], "ignore_index": 0}
+    raw = np.random.default_rng(0).choice([0, 2, 5, 9], (H, W))
+    root = _folder(tmp_path, class_map, {"x": raw}, rgb=False)
+    (root / "classes.yaml").unlink()
+    elsewhere = _write_yaml(tmp_path / "map.yaml", class_map)
+    with pytest.raises(DataError, match="class map not found"):
+        write_shards(root, "folder", tmp_path / "out")
+    manifest = write_shards(root, "folder", tmp_path / "multi", val_fraction=0.0, class_map=elsewhere)
+    assert [(c["name"], c["id"]) for c in manifest["classes"]] == [("sky", 0), ("road", 1), ("car", 2)]
+    lut = {0: IGNORE_INDEX, 2: 0, 5: 1, 9: 2}
+    assert np.array_equal(_mask(_rows(tmp_path / "multi")["x"]), np.vectorize(lut.get)(raw))
+    manifest = write_shards(root, "folder", tmp_path / "road", val_fraction=0.0, class_map=elsewhere, classes=["road"])
+    assert [(c["name"], c["id"]) for c in manifest["classes"]] == [("road", 1)]
+    lut = {0: IGNORE_INDEX, 2: 0, 5: 1, 9: 0}
+    assert np.array_equal(_mask(_rows(tmp_path / "road")["x"]), np.vectorize(lut.get)(raw))
+
+    raw[3, 3] = 7
+    Image.fromarray(raw.astype(np.uint8), mode="L").save(root / "masks" / "x.png")
+    with pytest.raises(DataError, match=rf"^{root / 'masks' / 'x.png'}: mask values \[7\] are not classes of folder"):
+        write_shards(root, "folder", tmp_path / "out", class_map=elsewhere)
+
+
+def test_cli_classes_option(camvid_tree, tmp_path):
+    root, _ = camvid_tree
+    out = tmp_path / "cli"
+    run = subprocess.run(
+        [sys.executable, "-m", "raytrain.cli", "data", "shard", str(root), "--format", "camvid", "--classes", "road", "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "wrote 2 train and 1 val samples" in run.stdout
+    assert json.loads((out / "manifest.json").read_text())["classes"] == [{"name": "road", "id": 1, "color": [128, 64, 128]}]
+
+
+@pytest.fixture
+def real_camvid_subset(tmp_path):
+    if not (REAL_CAMVID / "train").is_dir():
+        pytest.skip(f"{REAL_CAMVID} not present")
+    root = tmp_path / "camvid_subset"
+    for split, count in (("train", 6), ("val", 3)):
+        (root / split).mkdir(parents=True)
+        (root / f"{split}annot").mkdir()
+        for image in sorted((REAL_CAMVID / split).glob("*.jpg"))[:count]:
+            os.symlink(image, root / split / image.name)
+            os.symlink(REAL_CAMVID / f"{split}annot" / f"{image.stem}.png", root / f"{split}annot" / f"{image.stem}.png")
+    return root
+
+
+@pytest.mark.parametrize("classes, values", [(None, set(range(11))), (["road"], {0, 1})])
+def test_real_camvid_subset(real_camvid_subset, tmp_path, classes, values):
+    manifest = write_shards(real_camvid_subset, "camvid", tmp_path / "out", classes=classes)
+    assert manifest["num_samples"] == {"train": 6, "val": 3}
+    assert manifest["skipped"] == []
+    rows = _rows(tmp_path / "out")
+    seen = set()
+    for row in rows.values():
+        assert (row["width"], row["height"]) == (480, 360)
+        mask = _mask(row)
+        assert mask.shape == (360, 480)
+        seen |= set(np.unique(mask).tolist())
+    assert seen <= values | {IGNORE_INDEX}
+    if classes:
+        assert {0, 1} <= seen and 0.05 < manifest["pixel_frequencies"]["road"] < 0.6

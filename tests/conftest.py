@@ -9,7 +9,7 @@ def ray_cluster():
     import ray
 
     # Explicit logical CPUs: 2 DDP workers of 1 CPU each, plus room for Ray Data's tasks.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=4, log_to_driver=False)
     yield ray
     ray.shutdown()
 

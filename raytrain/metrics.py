@@ -1,0 +1,183 @@
+"""Epoch-level segmentation metrics from accumulated confusion counts, DDP-aware.
+
+``update()`` only adds integer counts (a confusion matrix, and for binary road a histogram of road
+probabilities over the KITTI thresholds); ``compute()`` sums the counts over all DDP ranks first
+(when torch.distributed is initialised; every rank must then call it) and only then derives
+scores, so no score is ever averaged over batches or workers.
+
+Conventions (as scikit-learn with zero_division=0):
+  * A ratio whose denominator is 0 is 0: no predicted positives -> precision 0, no true positives
+    -> recall 0, f1 = 2TP / (2TP + FP + FN), iou = TP / (TP + FP + FN), no labelled pixel -> accuracy 0.
+  * Multi-class: a class that is absent (no true and no predicted pixel) has NaN for its per-class
+    scores and is left out of the macro means, as sklearn's average="macro" only averages labels
+    present in y_true or y_pred. No class present at all -> macro means 0.
+  * Binary: scores of the road (positive) class, as sklearn's average="binary". Road is predicted
+    where the probability is > 0.5. ``maxf``/``ap`` follow the KITTI road devkit
+    (evalExp + pxEval_maximizeFMeasure): at each threshold t = i/255 (i = 0..255) a pixel is road
+    iff its probability >= t (compared in float64); MaxF is the best F1 over the thresholds
+    (precision = TP / (TP + FP + 1e-10), thresholds with TP = 0 skipped), AP the 11-point
+    interpolated Pascal VOC precision. Without any road pixel in the ground truth both are 0.
+Keys carry no prefix; the training loop adds ``train_``/``val_``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+KITTI_THRESHOLDS = torch.arange(256, dtype=torch.float64) / 255.0
+_HISTOGRAM_BINS = len(KITTI_THRESHOLDS) + 1  # bin b: probability in [t_(b-1), t_b), with t_-1 = -inf, t_256 = inf
+
+
+class SegmentationMetrics:
+    """Accumulates per-pixel counts over an epoch; ``compute()`` -> dict of floats.
+
+    scores: (N, C, H, W) probabilities (logits if ``from_logits``); C == 1 is binary road.
+    target: (N, H, W) class indices (0/1 for binary), ``ignore_index`` where unlabelled.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        ignore_index: int = 255,
+        class_names: Sequence[str] | None = None,
+        from_logits: bool = False,
+    ):
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = num_classes
+        self.binary = num_classes == 1
+        self.ignore_index = ignore_index
+        self.from_logits = from_logits
+        default_names = ["road"] if self.binary else [str(c) for c in range(num_classes)]
+        self.class_names = list(class_names) if class_names is not None else default_names
+        if len(self.class_names) != num_classes:
+            raise ValueError(f"{num_classes} class(es) but class_names={self.class_names}")
+        self._confusion_size = 2 if self.binary else num_classes
+        self.reset()
+
+    def reset(self) -> None:
+        self.confusion: torch.Tensor | None = None  # [true class, predicted class]
+        self.histogram: torch.Tensor | None = None  # [true road?, KITTI threshold bin] (binary only)
+
+    @torch.no_grad()
+    def update(self, scores: torch.Tensor, target: torch.Tensor) -> None:
+        if scores.dim() != 4 or scores.size(1) != self.num_classes or target.shape != scores.shape[:1] + scores.shape[2:]:
+            raise ValueError(
+                f"expected scores (N, {self.num_classes}, H, W) and target (N, H, W), "
+                f"got {tuple(scores.shape)} and {tuple(target.shape)}"
+            )
+        if self.confusion is None:
+            k = self._confusion_size
+            self.confusion = torch.zeros(k, k, dtype=torch.int64, device=scores.device)
+            if self.binary:
+                self.histogram = torch.zeros(2, _HISTOGRAM_BINS, dtype=torch.int64, device=scores.device)
+
+        target = target.to(scores.device).long()
+        valid = target != self.ignore_index
+        truth = target[valid]
+        if self.binary:
+            probability = scores[:, 0].float()
+            if self.from_logits:
+                probability = probability.sigmoid()
+            probability = probability[valid]
+            predicted = (probability > 0.5).long()
+            # number of thresholds <= p: road at threshold i iff bin > i (KITTI's p >= t_i, in float64)
+            bins = torch.bucketize(probability.double(), KITTI_THRESHOLDS.to(scores.device), right=True)
+            self.histogram += self._bincount(truth * _HISTOGRAM_BINS + bins, 2 * _HISTOGRAM_BINS).view(2, -1)
+        else:
+            predicted = scores.argmax(dim=1)[valid]  # argmax of logits == argmax of softmax
+        k = self._confusion_size
+        self.confusion += self._bincount(truth * k + predicted, k * k).view(k, k)
+
+    @staticmethod
+    def _bincount(index: torch.Tensor, size: int) -> torch.Tensor:
+        counts = torch.bincount(index, minlength=size)
+        if len(counts) > size or (index.numel() and index.min() < 0):
+            raise ValueError("target holds a class index outside [0, num_classes) that is not ignore_index")
+        return counts
+
+    def compute(self) -> dict[str, float]:
+        confusion, histogram = self._summed_counts()
+        confusion = confusion.cpu().double()
+        if self.binary:
+            return self._binary_scores(confusion, histogram.cpu())
+        return self._multiclass_scores(confusion)
+
+    def _summed_counts(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Counts summed over all ranks (copies: compute() may be called more than once)."""
+        k = self._confusion_size
+        if self.confusion is None:  # nothing seen on this rank; still take part in the all_reduce
+            device = "cpu"
+            if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+                device = torch.device("cuda", torch.cuda.current_device())
+            confusion = torch.zeros(k, k, dtype=torch.int64, device=device)
+            histogram = torch.zeros(2, _HISTOGRAM_BINS, dtype=torch.int64, device=device) if self.binary else None
+        else:
+            confusion = self.confusion.clone()
+            histogram = self.histogram.clone() if self.binary else None
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(confusion, op=dist.ReduceOp.SUM)
+            if histogram is not None:
+                dist.all_reduce(histogram, op=dist.ReduceOp.SUM)
+        return confusion, histogram
+
+    def _binary_scores(self, confusion: torch.Tensor, histogram: torch.Tensor) -> dict[str, float]:
+        tp, fp, fn = confusion[1, 1], confusion[0, 1], confusion[1, 0]
+        iou = _ratio(tp, tp + fp + fn)
+        scores = {
+            "accuracy": _ratio(confusion.trace(), confusion.sum()),
+            "precision": _ratio(tp, tp + fp),
+            "recall": _ratio(tp, tp + fn),
+            "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+            "iou": iou,
+            **_kitti_maxf_ap(histogram),
+        }
+        scores[f"iou_{self.class_names[0]}"] = iou
+        return scores
+
+    def _multiclass_scores(self, confusion: torch.Tensor) -> dict[str, float]:
+        tp = confusion.diagonal()
+        true, predicted = confusion.sum(1), confusion.sum(0)
+        present = (true + predicted) > 0
+        per_class = {
+            "precision": _ratios(tp, predicted),
+            "recall": _ratios(tp, true),
+            "f1": _ratios(2 * tp, true + predicted),
+            "iou": _ratios(tp, true + predicted - tp),
+        }
+        scores = {"accuracy": _ratio(tp.sum(), confusion.sum())}
+        for metric, values in per_class.items():
+            scores[metric] = values[present].mean().item() if present.any() else 0.0
+            for name, value, is_present in zip(self.class_names, values.tolist(), present.tolist()):
+                scores[f"{metric}_{name}"] = value if is_present else float("nan")
+        return scores
+
+
+def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> float:
+    return (numerator / denominator).item() if denominator > 0 else 0.0
+
+
+def _ratios(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    return torch.where(denominator > 0, numerator / denominator.clamp_min(1), 0.0)
+
+
+def _kitti_maxf_ap(histogram: torch.Tensor) -> dict[str, float]:
+    """MaxF and AP from histograms [negative, positive] x bin, as KITTI's pxEval_maximizeFMeasure."""
+    negative, positive = histogram.double()
+    total_positive = positive.sum()
+    if total_positive == 0:
+        return {"maxf": 0.0, "ap": 0.0}
+    # road at threshold i iff bin > i  ->  TP_i / FP_i = counts in bins i+1 .. 256
+    tp = positive.flip(0).cumsum(0).flip(0)[1:]
+    fp = negative.flip(0).cumsum(0).flip(0)[1:]
+    recall = tp / total_positive
+    precision = tp / (tp + fp + 1e-10)
+    keep = ~((recall == 0) & (precision == 0))
+    recall, precision = recall[keep], precision[keep]
+    f_measure = 2 * precision * recall / (precision + recall + 1e-10)
+    # Pascal VOC 11-point AP; levels i * 0.1 exactly as np.arange(0, 1.1, 0.1) gives them
+    levels = [i * 0.1 for i in range(11)]
+    ap = sum(precision[recall >= level].max().item() for level in levels) / len(levels)
+    return {"maxf": f_measure.max().item(), "ap": ap}

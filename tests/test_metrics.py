@@ -1,0 +1,239 @@
+import math
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from sklearn.metrics import accuracy_score, f1_score, jaccard_score, precision_score, recall_score
+
+from raytrain.metrics import SegmentationMetrics
+
+IGNORE = 255
+
+
+def _binary_data(seed, n=2, size=16, ignore_fraction=0.2):
+    g = torch.Generator().manual_seed(seed)
+    target = (torch.rand(n, size, size, generator=g) < 0.4).long()
+    # half of the probabilities exactly on the KITTI grid i/255 (as KITTI's 8-bit maps), the rest free
+    probs = torch.rand(n, 1, size, size, generator=g)
+    on_grid = torch.randint(0, 256, probs.shape, generator=g).float() / 255
+    probs = torch.where(torch.rand(probs.shape, generator=g) < 0.5, on_grid, probs)
+    target[torch.rand(n, size, size, generator=g) < ignore_fraction] = IGNORE
+    return probs, target
+
+
+def _multiclass_data(seed, num_classes=4, n=2, size=16, absent=None):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, num_classes, size, size, generator=g)
+    target = torch.randint(0, num_classes, (n, size, size), generator=g)
+    if absent is not None:  # never true, never predicted
+        logits[:, absent] = -100.0
+        target[target == absent] = (absent + 1) % num_classes
+    target[torch.rand(n, size, size, generator=g) < 0.2] = IGNORE
+    return logits, target
+
+
+def _valid_pixels(scores, target, binary):
+    valid = target != IGNORE
+    y_true = target[valid].numpy()
+    y_pred = (scores[:, 0] > 0.5)[valid].long().numpy() if binary else scores.argmax(1)[valid].numpy()
+    return y_true, y_pred
+
+
+def _sklearn_binary(scores, target):
+    y_true, y_pred = _valid_pixels(scores, target, binary=True)
+    kw = dict(zero_division=0, pos_label=1, average="binary", labels=[0, 1])
+    return {
+        "accuracy": accuracy_score(y_true, y_pred),
+        "precision": precision_score(y_true, y_pred, **kw),
+        "recall": recall_score(y_true, y_pred, **kw),
+        "f1": f1_score(y_true, y_pred, **kw),
+        "iou": jaccard_score(y_true, y_pred, **kw),
+    }
+
+
+def _reference_maxf_ap(probs, target):
+    """Loop over the KITTI thresholds i/255: road iff p >= t (as evalExp's histogram), then pxEval."""
+    valid = target != IGNORE
+    p = probs[:, 0][valid].double().numpy()
+    gt = target[valid].numpy() == 1
+    thresholds = np.array(range(256)) / 255.0
+    tp = np.array([np.sum(gt & (p >= t)) for t in thresholds], dtype=float)
+    fp = np.array([np.sum(~gt & (p >= t)) for t in thresholds], dtype=float)
+    # the devkit's own histogram formulation gives the same counts
+    edges = np.concatenate(([-np.inf], thresholds, [np.inf]))
+    assert np.array_equal(gt.sum() - np.cumsum(np.histogram(p[gt], bins=edges)[0])[:256], tp)
+    assert np.array_equal(np.flipud(np.cumsum(np.flipud(np.histogram(p[~gt], bins=edges)[0])))[1:257], fp)
+    if gt.sum() == 0:
+        return 0.0, 0.0
+    recall = tp / float(gt.sum())
+    precision = tp / (tp + fp + 1e-10)
+    keep = ~((recall == 0) & (precision == 0))
+    recall, precision = recall[keep], precision[keep]
+    ap = np.mean([max(precision[np.where(recall >= level)]) for level in np.arange(0, 1.1, 0.1)])
+    maxf = np.max(2 * precision * recall / (precision + recall + 1e-10))
+    return maxf, ap
+
+
+def _check_binary(probs, target):
+    metrics = SegmentationMetrics(1)
+    metrics.update(probs, target)
+    result = metrics.compute()
+    expected = _sklearn_binary(probs, target)
+    expected["iou_road"] = expected["iou"]
+    expected["maxf"], expected["ap"] = _reference_maxf_ap(probs, target)
+    assert set(result) == set(expected)
+    for key, value in expected.items():
+        assert result[key] == pytest.approx(value, abs=1e-6), key
+
+
+def _binary_edge_cases():
+    probs, target = _binary_data(1)
+    labelled = target != IGNORE
+    perfect = target.clamp(max=1).float().unsqueeze(1)
+    yield "random", probs, target
+    yield "all correct", perfect, target
+    yield "all wrong", 1 - perfect, target
+    yield "no road in truth", probs, torch.where(labelled, 0, IGNORE)
+    yield "no road predicted", probs * 0.5, target
+    yield "no ignore", probs, target.clamp(max=1)
+    yield "everything road", torch.ones_like(probs), target
+
+
+@pytest.mark.parametrize("case", list(_binary_edge_cases()), ids=lambda c: c[0])
+def test_binary_matches_sklearn_and_kitti_reference(case):
+    _, probs, target = case
+    _check_binary(probs, target)
+
+
+def test_binary_from_logits_equals_probabilities():
+    probs, target = _binary_data(2)
+    from_probs, from_logits = SegmentationMetrics(1), SegmentationMetrics(1, from_logits=True)
+    from_probs.update(probs, target)
+    from_logits.update(torch.logit(probs.clamp(1e-4, 1 - 1e-4)).double(), target)
+    a, b = from_probs.compute(), from_logits.compute()
+    for key in ("accuracy", "precision", "recall", "f1", "iou"):
+        assert a[key] == pytest.approx(b[key], abs=1e-6)
+
+
+def test_binary_with_everything_ignored_is_zero():
+    metrics = SegmentationMetrics(1)
+    probs, _ = _binary_data(3)
+    metrics.update(probs, torch.full((2, 16, 16), IGNORE))
+    assert all(value == 0.0 for value in metrics.compute().values())
+
+
+def _check_multiclass(scores, target, num_classes, from_logits):
+    metrics = SegmentationMetrics(num_classes, class_names=[f"c{i}" for i in range(num_classes)], from_logits=from_logits)
+    metrics.update(scores, target)
+    result = metrics.compute()
+    y_true, y_pred = _valid_pixels(scores, target, binary=False)
+    present = sorted(set(y_true) | set(y_pred))
+    assert result["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred), abs=1e-6)
+    for metric, fn in (("precision", precision_score), ("recall", recall_score), ("f1", f1_score), ("iou", jaccard_score)):
+        macro = fn(y_true, y_pred, average="macro", zero_division=0)
+        assert result[metric] == pytest.approx(macro, abs=1e-6), metric
+        per_class = dict(zip(present, fn(y_true, y_pred, average=None, labels=present, zero_division=0)))
+        for c in range(num_classes):
+            value = result[f"{metric}_c{c}"]
+            if c in per_class:
+                assert value == pytest.approx(per_class[c], abs=1e-6), (metric, c)
+            else:
+                assert math.isnan(value), (metric, c)
+    return result
+
+
+def _multiclass_edge_cases():
+    logits, target = _multiclass_data(4)
+    truth = target.clamp(max=3)
+    perfect = torch.nn.functional.one_hot(truth, 4).permute(0, 3, 1, 2).float()
+    yield "random", logits, target, True
+    yield "probabilities", logits.softmax(1), target, False
+    yield "class absent", *_multiclass_data(5, absent=2), True
+    yield "all correct", perfect, target, False
+    yield "all wrong", perfect.roll(1, dims=1), target, False
+    yield "only class 0 predicted", torch.tensor([1.0, 0, 0, 0]).view(1, 4, 1, 1).expand_as(perfect), target, False
+
+
+@pytest.mark.parametrize("case", list(_multiclass_edge_cases()), ids=lambda c: c[0])
+def test_multiclass_matches_sklearn(case):
+    _, scores, target, from_logits = case
+    result = _check_multiclass(scores, target, 4, from_logits)
+    assert "maxf" not in result and "ap" not in result
+
+
+def test_absent_class_is_nan_and_left_out_of_macro_mean():
+    logits, target = _multiclass_data(6, absent=1)
+    result = _check_multiclass(logits, target, 4, True)
+    assert math.isnan(result["iou_c1"])
+    assert result["iou"] == pytest.approx(np.mean([result[f"iou_c{c}"] for c in (0, 2, 3)]))
+
+
+def test_default_class_names():
+    assert "iou_road" in _computed(SegmentationMetrics(1), *_binary_data(7))
+    assert {"iou_0", "iou_1", "iou_2", "iou_3"} <= set(_computed(SegmentationMetrics(4), *_multiclass_data(7)))
+
+
+def _computed(metrics, scores, target):
+    metrics.update(scores, target)
+    return metrics.compute()
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_several_updates_equal_one_update_on_everything(binary):
+    batches = [_binary_data(s) if binary else _multiclass_data(s) for s in range(10, 14)]
+    num_classes = 1 if binary else 4
+    accumulated = SegmentationMetrics(num_classes)
+    for scores, target in batches:
+        accumulated.update(scores, target)
+    everything = SegmentationMetrics(num_classes)
+    everything.update(torch.cat([s for s, _ in batches]), torch.cat([t for _, t in batches]))
+    assert accumulated.compute() == pytest.approx(everything.compute(), abs=1e-12, nan_ok=True)
+    assert accumulated.compute() == pytest.approx(everything.compute(), abs=1e-12, nan_ok=True)  # idempotent
+    accumulated.reset()
+    accumulated.update(*batches[0])
+    assert accumulated.compute() == pytest.approx(_computed(SegmentationMetrics(num_classes), *batches[0]), nan_ok=True)
+
+
+def test_target_out_of_range_raises():
+    probs, target = _binary_data(8)
+    target[0, 0, 0] = 2
+    with pytest.raises(ValueError):
+        SegmentationMetrics(1).update(probs, target)
+    with pytest.raises(ValueError):
+        SegmentationMetrics(3).update(probs, target)  # wrong channel count
+
+
+# ---------------------------------------------------------------- DDP: counts are summed over ranks
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, port, cases):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        for num_classes, scores, target, expected in cases:
+            metrics = SegmentationMetrics(num_classes)
+            half = scores.size(0) // 2
+            part = slice(rank * half, (rank + 1) * half)
+            metrics.update(scores[part], target[part])
+            result = metrics.compute()
+            assert result == pytest.approx(expected, abs=1e-12, nan_ok=True), (rank, num_classes, result, expected)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_reduced_metrics_equal_single_process_metrics():
+    cases = []
+    for num_classes, (scores, target) in ((1, _binary_data(20, n=4)), (4, _multiclass_data(21, n=4, absent=3))):
+        expected = _computed(SegmentationMetrics(num_classes), scores, target)
+        cases.append((num_classes, scores, target, expected))
+    # the halves really differ, so the test fails unless the counts are summed
+    assert _computed(SegmentationMetrics(1), cases[0][1][:2], cases[0][2][:2]) != pytest.approx(cases[0][3])
+    mp.spawn(_ddp_worker, args=(_free_port(), cases), nprocs=2, join=True)

@@ -18,7 +18,6 @@ import inspect
 from dataclasses import dataclass
 from typing import Callable
 
-import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -275,9 +274,6 @@ def _depth_adapted_options(arch: str, depth: int) -> dict:
 
 
 def _smp_builder(arch: str) -> Callable[..., nn.Module]:
-    model_class = getattr(smp, arch)
-    default_depth = inspect.signature(model_class).parameters["encoder_depth"].default
-
     def build(
         num_classes: int = 1,
         in_channels: int = 3,
@@ -285,7 +281,13 @@ def _smp_builder(arch: str) -> Callable[..., nn.Module]:
         depth: int | None = None,
         encoder_weights: str | None = None,
     ) -> nn.Module:
-        depth = default_depth if depth is None else depth
+        # Imported here: smp (with timm) costs seconds to import, and most processes that import
+        # raytrain.models -- Ray workers running the lab's models among them -- never build one.
+        import segmentation_models_pytorch as smp
+
+        model_class = getattr(smp, arch)
+        if depth is None:
+            depth = inspect.signature(model_class).parameters["encoder_depth"].default
         return model_class(
             encoder_name=encoder,
             encoder_weights=encoder_weights,
@@ -295,11 +297,10 @@ def _smp_builder(arch: str) -> Callable[..., nn.Module]:
             **_depth_adapted_options(arch, depth),
         )
 
-    build.__doc__ = f"smp.{arch} (encoder depth {default_depth} unless given)"
+    build.__doc__ = f"smp.{arch} (smp's default encoder depth unless given)"
     return build
 
 
 for _arch, _depths in _SMP_DEPTHS.items():
-    if hasattr(smp, _arch):
-        # PAN's feature pyramid attention pools its stride-16 feature 3 times: 128 px at depth >= 4
-        register(SMP_PREFIX + _arch, _depths, probe_size=128 if _arch == "PAN" else 64)(_smp_builder(_arch))
+    # PAN's feature pyramid attention pools its stride-16 feature 3 times: 128 px at depth >= 4
+    register(SMP_PREFIX + _arch, _depths, probe_size=128 if _arch == "PAN" else 64)(_smp_builder(_arch))

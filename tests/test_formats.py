@@ -16,7 +16,8 @@ from raytrain.data.formats import CAMVID_CLASSES, CAMVID_COLORS, IGNORE_INDEX, g
 from raytrain.data.shards import read_manifest, shard_paths, write_shards
 from raytrain.errors import DataError
 
-REAL_CAMVID = Path("/work/shared/datasets/camvid")
+# ../shared beside the repository holds CamVid for development; it is never part of the project.
+REAL_CAMVID = Path(os.environ.get("RAYTRAIN_CAMVID", Path(__file__).resolve().parents[2] / "shared/datasets/camvid"))
 W, H = 12, 8
 
 

@@ -222,21 +222,9 @@ class UNet(nn.Module):
         return self.head(x)[..., :height, :width]
 
 
-@register("simple", depths=range(1, 6))
-def _simple(num_classes: int = 1, in_channels: int = 3, depth: int = 2) -> nn.Module:
-    return SimpleNet(num_classes, in_channels, depth)
-
-
-@register("unet", depths=range(1, 6))
-def _unet(
-    num_classes: int = 1,
-    in_channels: int = 3,
-    base_channels: int = 8,
-    depth: int = 4,
-    batch_norm: bool = False,
-    dropout: float = 0.0,
-) -> nn.Module:
-    return UNet(num_classes, in_channels, base_channels, depth, batch_norm, dropout)
+# The classes are their own builders: their __init__ signatures are the options create_model checks.
+register("simple", depths=range(1, 6))(SimpleNet)
+register("unet", depths=range(1, 6))(UNet)
 
 
 # ---------------------------------------------------------------- segmentation-models-pytorch

@@ -64,7 +64,9 @@ class ModelConfig(_Section):
 
 class LossConfig(_Section):
     name: str = "bce"
-    class_weights: list[float] | None = None
+    class_weights: list[float] | Literal["inverse_frequency"] | None = Field(
+        None, description="one weight per class (binary: [background, road]), or inverse_frequency from the manifest"
+    )
 
 
 class OptimConfig(_Section):

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from raytrain.checkpoints import restore_train_state, save_checkpoint, unwrap
 from raytrain.config import Config
+from raytrain.data.shards import read_manifest
 from raytrain.data.transforms import to_model_input
 from raytrain.errors import RaytrainError
 from raytrain.losses import create_loss
@@ -29,6 +30,17 @@ class NonFiniteLoss(RaytrainError):
 def to_tensors(batch: dict) -> dict[str, torch.Tensor]:
     """Ray Data batch -> tensors; the string ids stay behind (they only serve data tests and logs)."""
     return {"image": torch.from_numpy(batch["image"]), "mask": torch.from_numpy(batch["mask"])}
+
+
+def loss_class_weights(config: Config) -> list[float] | None:
+    """The configured weights, or inverse pixel frequencies from the manifest (mean 1)."""
+    weights = config.loss.class_weights
+    if weights != "inverse_frequency":
+        return weights
+    frequencies = read_manifest(config.data.path)["pixel_frequencies"]
+    names = ["background", *config.classes] if config.num_classes == 1 else config.classes
+    inverse = [1.0 / max(frequencies[name], 1e-6) for name in names]
+    return [w * len(inverse) / sum(inverse) for w in inverse]
 
 
 def create_optimizer(config: Config, params) -> torch.optim.Optimizer:
@@ -87,7 +99,7 @@ def train_worker(config_dict: dict) -> None:
 
     model = create_model(config.model.name, num_classes=config.num_classes, **config.model.kwargs())
     model = ray.train.torch.prepare_model(model)
-    loss_fn = create_loss(config.loss.name, num_classes=config.num_classes, class_weights=config.loss.class_weights)
+    loss_fn = create_loss(config.loss.name, num_classes=config.num_classes, class_weights=loss_class_weights(config))
     optimizer = create_optimizer(config, model.parameters())
     # Validation runs on the plain module: every worker evaluates a different number of batches,
     # and DDP's forward would wait for the others.

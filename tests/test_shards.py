@@ -114,3 +114,14 @@ def test_empty_input_and_existing_output_are_errors(tmp_path, tiny_shards):
         write_shards(tmp_path / "empty", "kitti", tiny_shards)
     with pytest.raises(DataError, match="unknown dataset format 'pascal'"):
         write_shards(tmp_path / "empty", "pascal", tmp_path / "out")
+
+
+def test_inverse_frequency_class_weights_come_from_the_manifest(tiny_shards, tmp_path):
+    from raytrain.loop import loss_class_weights
+    from tests.conftest import tiny_config
+
+    frequencies = read_manifest(tiny_shards)["pixel_frequencies"]
+    background, road = loss_class_weights(tiny_config(tiny_shards, tmp_path, **{"loss.class_weights": "inverse_frequency"}))
+    assert road / background == pytest.approx(frequencies["background"] / frequencies["road"])
+    assert background + road == pytest.approx(2.0)
+    assert loss_class_weights(tiny_config(tiny_shards, tmp_path, **{"loss.class_weights": [1.0, 3.0]})) == [1.0, 3.0]

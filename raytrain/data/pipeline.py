@@ -19,11 +19,12 @@ def build_datasets(config: Config) -> dict[str, ray.data.Dataset]:
     data = config.data
     augment = Augment(data.hflip, tuple(data.scale), data.color_jitter) if data.augment else None
     train = (
-        ray.data.read_parquet(shard_paths(data.path, "train"), columns=COLUMNS)
+        ray.data.read_parquet(shard_paths(data.path, "train"))
+        .select_columns(COLUMNS)
         .randomize_block_order()
         .map_batches(transform_batch, fn_kwargs={"size": data.size, "augment": augment}, batch_size=ROWS_PER_TASK)
     )
-    val = ray.data.read_parquet(shard_paths(data.path, "val"), columns=COLUMNS).map_batches(
+    val = ray.data.read_parquet(shard_paths(data.path, "val")).select_columns(COLUMNS).map_batches(
         transform_batch, fn_kwargs={"size": data.size}, batch_size=ROWS_PER_TASK
     )
     return {"train": train, "val": val}

@@ -1,0 +1,151 @@
+"""What the model sees: prediction overlays, overlay grids and TensorBoard logging. No Ray here.
+
+Binary road: every pixel whose road probability is > threshold is painted pure red (255, 0, 0), so
+the overlay shows exactly the pixels counted as road by the metrics. Multi-class: the argmax class
+of every pixel is blended with its palette colour (CamVid's own colours for CamVid class names).
+Ground truth is drawn the same way; IGNORE_INDEX pixels are left as the image has them.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from raytrain.data.formats import CAMVID_CLASSES, CAMVID_COLORS, IGNORE_INDEX
+
+ROAD_RGB = (255, 0, 0)
+BLEND = 0.5  # weight of the class colour in a multi-class overlay
+GRID_GAP = 2  # white pixels between the tiles of an overlay grid
+# matplotlib's tab20, for class names that have no CamVid colour
+FALLBACK_PALETTE = (
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+    (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (174, 199, 232), (255, 187, 120),
+    (152, 223, 138), (255, 152, 150), (197, 176, 213), (196, 156, 148), (247, 182, 210), (199, 199, 199),
+    (219, 219, 141), (158, 218, 229),
+)
+
+
+def palette(classes: Sequence[str]) -> np.ndarray:
+    """(C, 3) uint8: CamVid's colour for a CamVid class name, else a fixed colour by index."""
+    camvid = dict(zip(CAMVID_CLASSES, CAMVID_COLORS))
+    colours = [camvid.get(name, FALLBACK_PALETTE[i % len(FALLBACK_PALETTE)]) for i, name in enumerate(classes)]
+    return np.array(colours, dtype=np.uint8)
+
+
+def _paint(image: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> np.ndarray:
+    """Binary: label 1 pure red. Multi-class: each label blended with its colour. Others untouched."""
+    image = np.asarray(image, dtype=np.uint8)
+    if labels.shape != image.shape[:2]:
+        raise ValueError(f"labels {labels.shape} do not match image {image.shape[:2]}")
+    out = image.copy()
+    if len(classes) == 1:
+        out[labels == 1] = ROAD_RGB
+        return out
+    colours = palette(classes)
+    known = labels < len(classes)
+    blended = (1 - BLEND) * image[known].astype(np.float32) + BLEND * colours[labels[known]].astype(np.float32)
+    out[known] = np.round(blended).astype(np.uint8)
+    return out
+
+
+def overlay(image: np.ndarray, probabilities: np.ndarray, classes: Sequence[str], threshold: float = 0.5) -> np.ndarray:
+    """The prediction painted on an RGB image (H, W, 3) uint8.
+
+    probabilities: (H, W) or (1, H, W) road probabilities, or (C, H, W) class probabilities.
+    """
+    probabilities = np.asarray(probabilities)
+    if len(classes) == 1:
+        road = probabilities[0] if probabilities.ndim == 3 else probabilities
+        return _paint(image, (road > threshold).astype(np.uint8), classes)
+    if probabilities.ndim != 3 or probabilities.shape[0] != len(classes):
+        raise ValueError(f"expected ({len(classes)}, H, W) probabilities, got {probabilities.shape}")
+    return _paint(image, probabilities.argmax(0), classes)
+
+
+def mask_overlay(image: np.ndarray, mask: np.ndarray, classes: Sequence[str]) -> np.ndarray:
+    """The ground truth (H, W) class indices painted like `overlay`; IGNORE_INDEX left as is."""
+    return _paint(image, np.asarray(mask).astype(np.int64), classes)
+
+
+def overlay_grid(images, masks, probabilities, classes: Sequence[str], gap: int = GRID_GAP) -> np.ndarray:
+    """One row per image: [prediction overlay | ground-truth overlay], white gaps between tiles.
+
+    images (N, H, W, 3) uint8, masks (N, H, W), probabilities (N, C, H, W) -> (N*H + (N-1)*gap, 2*W + gap, 3).
+    """
+    rows = []
+    for image, mask, probs in zip(images, masks, probabilities, strict=True):
+        prediction, truth = overlay(image, probs, classes), mask_overlay(image, mask, classes)
+        separator = np.full((image.shape[0], gap, 3), 255, dtype=np.uint8)
+        rows.append(np.concatenate([prediction, separator, truth], axis=1))
+    if not rows:
+        raise ValueError("overlay_grid needs at least one image")
+    separator = np.full((gap, rows[0].shape[1], 3), 255, dtype=np.uint8)
+    stacked = [rows[0]]
+    for row in rows[1:]:
+        stacked += [separator, row]
+    return np.concatenate(stacked, axis=0)
+
+
+def _run_and_tag(key: str) -> tuple[str, str] | None:
+    """A reported metric -> (TensorBoard run, tag): train_loss and val_loss both become "loss"."""
+    if key.startswith("train_"):
+        return "train", key[len("train_"):]
+    if key.startswith("val_"):
+        return "val", key[len("val_"):]
+    if key in ("lr", "images_per_s"):
+        return "train", key
+    return None  # epoch is the step, not a curve
+
+
+class TensorBoardLogger:
+    """Writes one training run's metrics and overlays as TensorBoard event files.
+
+    Train and val go to the runs `log_dir/train` and `log_dir/val` under the same tag names, so
+    TensorBoard draws train and val loss on one chart. A URI log_dir (s3://, file://, ...) is
+    written locally and copied there with pyarrow.fs after every epoch.
+    """
+
+    def __init__(self, log_dir: str, classes: list[str]):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.classes = list(classes)
+        self.remote = log_dir if "://" in log_dir else None
+        self._local = Path(tempfile.mkdtemp(prefix="raytrain-tb-")) if self.remote else Path(log_dir)
+        self.writers = {run: SummaryWriter(str(self._local / run)) for run in ("train", "val")}
+
+    def log_epoch(self, epoch: int, report: dict, images=None, masks=None, probabilities=None) -> None:
+        for key, value in report.items():
+            run_and_tag = _run_and_tag(key)
+            if run_and_tag is None or not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            if math.isnan(value):
+                continue
+            run, tag = run_and_tag
+            self.writers[run].add_scalar(tag, value, epoch)
+        if images is not None and len(images):
+            grid = overlay_grid(images, masks, probabilities, self.classes)
+            self.writers["val"].add_image("val/overlay", grid, epoch, dataformats="HWC")
+        for writer in self.writers.values():
+            writer.flush()
+        if self.remote:
+            self._upload()
+
+    def _upload(self) -> None:
+        import pyarrow.fs
+
+        filesystem, path = pyarrow.fs.FileSystem.from_uri(self.remote)
+        filesystem.create_dir(path, recursive=True)
+        pyarrow.fs.copy_files(
+            str(self._local), path, source_filesystem=pyarrow.fs.LocalFileSystem(), destination_filesystem=filesystem
+        )
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+        if self.remote:
+            self._upload()
+            shutil.rmtree(self._local, ignore_errors=True)

@@ -91,14 +91,15 @@ def overlay_grid(images, masks, probabilities, classes: Sequence[str], gap: int 
 
 
 def _run_and_tag(key: str) -> tuple[str, str] | None:
-    """A reported metric -> (TensorBoard run, tag): train_loss and val_loss both become "loss"."""
-    if key.startswith("train_"):
-        return "train", key[len("train_"):]
+    """A reported metric -> (TensorBoard run, tag): train_loss and val_loss both become "loss".
+
+    val_* goes to the val run; everything else (train_*, lr, images_per_s, ...) to the train run.
+    """
+    if key == "epoch":
+        return None  # the step, not a curve
     if key.startswith("val_"):
         return "val", key[len("val_"):]
-    if key in ("lr", "images_per_s"):
-        return "train", key
-    return None  # epoch is the step, not a curve
+    return "train", key.removeprefix("train_")
 
 
 class TensorBoardLogger:

@@ -1,0 +1,315 @@
+"""A finished experiment -> PNG plots, the best model's overlays and one index.html. No Ray here.
+
+Histories come from the files Ray Tune leaves in every trial directory (result.json: one JSON line
+per reported epoch; params.json: the sampled values); a plain `raytrain train` run has no Tune
+files, so its history is the metrics.json of the checkpoints it kept. The best checkpoint is found
+with `raytrain.api.best_checkpoint` and run on the val split of its own config's data.
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from matplotlib.figure import Figure  # a Figure without pyplot: no GUI backend, no global state
+from PIL import Image
+
+from raytrain.api import best_checkpoint, load_model, predict
+from raytrain.checkpoints import METRICS_FILE, CheckpointInfo
+from raytrain.data.shards import shard_paths
+from raytrain.data.transforms import decode_image, decode_mask, resize
+from raytrain.errors import CheckpointError
+from raytrain.metrics import KITTI_THRESHOLDS, SegmentationMetrics
+from raytrain.viz import overlay_grid
+
+OVERLAY_SAMPLES = 4
+CURVES = {  # file stem -> (title, [(metric key, line style)])
+    "loss": ("loss", [("val_loss", "-"), ("train_loss", "--")]),
+    "accuracy": ("val accuracy", [("val_accuracy", "-")]),
+    "f1": ("val F1", [("val_f1", "-")]),
+    "iou": ("val IoU", [("val_iou", "-")]),
+}
+
+
+@dataclass
+class Trial:
+    name: str
+    params: dict  # the searched values, by dotted config key
+    history: list[dict] = field(default_factory=list)  # one report per epoch, in epoch order
+
+    def best(self, metric: str, mode: str) -> dict | None:
+        scored = [row for row in self.history if _number(row.get(metric)) is not None]
+        if not scored:
+            return None
+        return (max if mode == "max" else min)(scored, key=lambda row: row[metric])
+
+
+def _number(value) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value):
+        return float(value)
+    return None
+
+
+def _by_epoch(rows: list[dict]) -> list[dict]:
+    """The last report of each epoch (a restored trial reports some epochs again), in order."""
+    latest = {row["epoch"]: row for row in rows if isinstance(row.get("epoch"), int)}
+    return [latest[epoch] for epoch in sorted(latest)]
+
+
+def _read_json_lines(path: Path) -> list[dict]:
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by an interrupted run
+    return rows
+
+
+def read_trials(experiment_path: str | os.PathLike) -> list[Trial]:
+    """Every trial of a Tune experiment, or the one run of a `raytrain train` directory."""
+    root = Path(experiment_path).expanduser()
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: experiment directory not found")
+    trials = []
+    for directory in sorted(p for p in root.iterdir() if (p / "params.json").is_file()):
+        params = json.loads((directory / "params.json").read_text()).get("search", {})
+        results = directory / "result.json"
+        history = _by_epoch(_read_json_lines(results)) if results.is_file() else []
+        trials.append(Trial(directory.name, params, history))
+    if not trials:  # a single Train run: what its kept checkpoints recorded
+        rows = [json.loads(path.read_text()) for path in root.glob(f"*/{METRICS_FILE}")]
+        trials = [Trial(root.name, {}, _by_epoch(rows))] if rows else []
+    if not any(trial.history for trial in trials):
+        raise CheckpointError(f"{root}: no trial has reported any metrics (not a raytrain experiment?)")
+    return trials
+
+
+def _trial_of(checkpoint: CheckpointInfo, root: Path, trials: list[Trial]) -> Trial:
+    names = {trial.name: trial for trial in trials}
+    relative = checkpoint.path.resolve().relative_to(root.resolve())
+    return names.get(relative.parts[0], trials[0])
+
+
+def val_samples(checkpoint: CheckpointInfo) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The val images and masks of the checkpoint's dataset, at its training size, by sample id."""
+    config = checkpoint.config
+    table = pq.read_table(shard_paths(config.data.path, "val"), columns=["id", "image", "mask"]).sort_by("id")
+    pairs = [
+        resize(decode_image(image), decode_mask(mask), config.data.size)
+        for image, mask in zip(table.column("image").to_pylist(), table.column("mask").to_pylist())
+    ]
+    return [image for image, _ in pairs], [mask for _, mask in pairs]
+
+
+def precision_recall_curve(histogram) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(recall, precision, threshold) over the KITTI thresholds, from SegmentationMetrics' histogram.
+
+    Same counting as metrics._kitti_maxf_ap: road at threshold t_i iff probability >= t_i.
+    """
+    negative, positive = np.asarray(histogram, dtype=np.float64)
+    tp = positive[::-1].cumsum()[::-1][1:]
+    fp = negative[::-1].cumsum()[::-1][1:]
+    recall = tp / max(positive.sum(), 1)
+    precision = tp / (tp + fp + 1e-10)
+    keep = tp > 0
+    return recall[keep], precision[keep], KITTI_THRESHOLDS.numpy()[keep]
+
+
+# --- plots -------------------------------------------------------------------------------------
+
+
+def _figure(width=6.4, height=4.0) -> Figure:
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _trial_label(trial: Trial) -> str:
+    values = ", ".join(f"{key.split('.')[-1]}={_short(value)}" for key, value in trial.params.items())
+    return f"{trial.name} ({values})" if values else trial.name
+
+
+def _short(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def plot_curves(trials: list[Trial], best: Trial, out_dir: Path) -> list[tuple[str, Path]]:
+    """One figure per entry of CURVES: every trial a line, the best one bold; -> (caption, path)."""
+    written = []
+    for stem, (title, series) in CURVES.items():
+        figure = _figure()
+        axes = figure.add_subplot()
+        drawn = False
+        for index, trial in enumerate(trials):
+            colour = f"C{index % 10}"
+            for key, style in series:
+                points = [(row["epoch"], row[key]) for row in trial.history if _number(row.get(key)) is not None]
+                if not points:
+                    continue
+                epochs, values = zip(*points)
+                is_best = trial is best
+                label = f"{_trial_label(trial)}{' best' if is_best else ''} {key}"
+                axes.plot(epochs, values, style, color=colour, marker="o", markersize=3,
+                          linewidth=3 if is_best else 1, alpha=1 if is_best else 0.6, label=label)
+                drawn = True
+        if not drawn:
+            continue
+        axes.set(title=title, xlabel="epoch", ylabel=stem)
+        axes.xaxis.get_major_locator().set_params(integer=True)
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=6, loc="best")
+        path = out_dir / f"{stem}.png"
+        figure.savefig(path)
+        written.append((f"{title} per epoch (best trial bold)", path))
+    return written
+
+
+def plot_params(trials: list[Trial], best: Trial, metric: str, mode: str, out_dir: Path) -> Path | None:
+    keys = list(dict.fromkeys(key for trial in trials for key in trial.params))
+    scored = [(trial, trial.best(metric, mode)) for trial in trials]
+    scored = [(trial, row[metric]) for trial, row in scored if row is not None]
+    if not keys or not scored:
+        return None
+    figure = _figure(max(5.0, 4.0 * len(keys)), 3.8)
+    for index, key in enumerate(keys):
+        axes = figure.add_subplot(1, len(keys), index + 1)
+        values = [trial.params.get(key) for trial, _ in scored]
+        numeric = all(_number(value) is not None for value in values)
+        if numeric:
+            x = [float(value) for value in values]
+            positive = all(value > 0 for value in x)
+            if positive and (key.split(".")[-1] in ("lr", "weight_decay") or max(x) / min(x) >= 100):
+                axes.set_xscale("log")
+        else:
+            categories = sorted({str(value) for value in values})
+            x = [categories.index(str(value)) for value in values]
+            axes.set_xticks(range(len(categories)), categories, rotation=20)
+            axes.set_xlim(-0.5, len(categories) - 0.5)
+        colours = ["C3" if trial is best else "C0" for trial, _ in scored]
+        sizes = [80 if trial is best else 30 for trial, _ in scored]
+        axes.scatter(x, [score for _, score in scored], c=colours, s=sizes)
+        axes.set(xlabel=key, ylabel=f"best {metric}")
+        axes.grid(alpha=0.3)
+    figure.suptitle(f"{metric} by searched value (best trial red)")
+    path = out_dir / "params.png"
+    figure.savefig(path)
+    return path
+
+
+def plot_pr_curve(histogram, out_dir: Path) -> tuple[Path, float]:
+    recall, precision, _ = precision_recall_curve(histogram)
+    f_measure = 2 * precision * recall / (precision + recall + 1e-10)
+    best = int(np.argmax(f_measure))
+    figure = _figure(5.0, 4.5)
+    axes = figure.add_subplot()
+    axes.plot(recall, precision, color="C0", label="best model, val split")
+    axes.plot(recall[best], precision[best], "o", color="C3", markersize=8,
+              label=f"MaxF {f_measure[best]:.4f} (P {precision[best]:.3f}, R {recall[best]:.3f})")
+    axes.set(xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02), title="road precision-recall")
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower left")
+    path = out_dir / "pr_curve.png"
+    figure.savefig(path)
+    return path, float(f_measure[best])
+
+
+# --- the report --------------------------------------------------------------------------------
+
+
+def _results_table(trials: list[Trial], best: Trial, metric: str, mode: str) -> str:
+    keys = list(dict.fromkeys(key for trial in trials for key in trial.params))
+    ranked = [(trial, trial.best(metric, mode)) for trial in trials]
+    sign = -1 if mode == "max" else 1
+    ranked.sort(key=lambda item: (item[1] is None, sign * item[1][metric] if item[1] else 0))  # unscored last
+    scores = [metric, *(key for key in ("val_f1", "val_iou") if key != metric)]
+    header = ["#", "trial", *keys, *scores, "best epoch", "epochs"]
+    lines = ["<table>", "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
+    for rank, (trial, row) in enumerate(ranked, start=1):
+        def score(key):
+            value = _number(row.get(key)) if row else None
+            return "" if value is None else f"{value:.4f}"
+
+        cells = [str(rank), trial.name, *(_short(trial.params.get(key, "")) for key in keys),
+                 *(score(key) for key in scores),
+                 str(row["epoch"]) if row else "", str(len(trial.history))]
+        style = ' class="best"' if trial is best else ""
+        lines.append(f"<tr{style}>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in cells) + "</tr>")
+    lines.append("</table>")
+    return "\n".join(lines)
+
+
+def _html(title: str, table: str, best_path: Path, figures: list[tuple[str, Path]]) -> str:
+    images = "\n".join(
+        f'<figure><img src="{html.escape(path.name)}" alt="{html.escape(caption)}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        for caption, path in figures
+    )
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; }}
+table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 0.2em 0.6em; }}
+tr.best {{ font-weight: bold; background: #fde8e8; }}
+figure {{ display: inline-block; margin: 1em; vertical-align: top; }}
+img[src="overlays.png"] {{ image-rendering: pixelated; min-width: 30em; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p>best checkpoint: <code>{html.escape(str(best_path))}</code></p>
+{table}
+{images}
+</body></html>
+"""
+
+
+def write_report(experiment_path: str | os.PathLike, out_dir: str | os.PathLike,
+                 metric: str = "val_iou", mode: str = "max") -> Path:
+    """Plots, overlays and index.html for the experiment in `out_dir`; returns index.html's path.
+
+    Everything is read and computed before `out_dir` is touched, so bad input leaves nothing behind.
+    """
+    root = Path(experiment_path).expanduser()
+    trials = read_trials(root)
+    checkpoint = best_checkpoint(root, metric, mode)
+    best = _trial_of(checkpoint, root, trials)
+    images, masks = val_samples(checkpoint)
+    model = load_model(checkpoint)
+    probabilities = [p if p.ndim == 3 else p[None] for p in predict(model, images)]
+    binary = checkpoint.config.num_classes == 1
+    histogram = None
+    if binary:
+        metrics = SegmentationMetrics(1)
+        for probs, mask in zip(probabilities, masks):
+            metrics.update(_tensor(probs)[None], _tensor(mask)[None])
+        histogram = metrics.histogram.numpy()
+
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    figures = plot_curves(trials, best, out)
+    params_plot = plot_params(trials, best, metric, mode, out)
+    if params_plot:
+        figures.append((f"searched values against {metric}", params_plot))
+    if histogram is not None and histogram[1].sum() > 0:
+        path, maxf = plot_pr_curve(histogram, out)
+        figures.append((f"precision-recall of the best model on the val split (MaxF {maxf:.4f})", path))
+    count = min(OVERLAY_SAMPLES, len(images))
+    if count:
+        grid = overlay_grid(np.stack(images[:count]), np.stack(masks[:count]),
+                            np.stack(probabilities[:count]), checkpoint.classes)
+        path = out / "overlays.png"
+        Image.fromarray(grid).save(path)
+        legend = "road: probability > 0.5 in red" if binary else "classes in their palette colours"
+        figures.append((f"best model on val images: prediction | ground truth ({legend})", path))
+    index = out / "index.html"
+    title = f"raytrain report: {root.resolve().name}"
+    index.write_text(_html(title, _results_table(trials, best, metric, mode), checkpoint.path, figures))
+    return index
+
+
+def _tensor(array: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.array(array))  # a writable copy

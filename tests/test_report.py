@@ -1,0 +1,149 @@
+"""Real runs on the session Ray cluster -> TensorBoard event files and `raytrain report` output."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import IMAGES, SCALARS, EventAccumulator
+from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+from raytrain.api import best_checkpoint, load_model, predict
+from raytrain.report import write_report
+from raytrain.viz import GRID_GAP
+from tests.conftest import tiny_config
+
+EPOCHS = 2
+CURVE_PNGS = {"loss.png", "accuracy.png", "f1.png", "iou.png"}
+
+
+@pytest.fixture(scope="module")
+def train_run(ray_cluster, tiny_shards, tmp_path_factory):
+    """A finished 2-worker `raytrain train` run: <storage>/plain."""
+    from raytrain.launch import train
+
+    storage = tmp_path_factory.mktemp("report_train")
+    result = train(tiny_config(tiny_shards, storage, name="plain", **{"train.epochs": EPOCHS}))
+    assert result.error is None
+    return storage / "plain"
+
+
+@pytest.fixture(scope="module")
+def experiment(ray_cluster, tiny_shards, tmp_path_factory):
+    """A finished 2-trial search (one worker per trial, so both trials fit beside Ray Data's tasks)."""
+    from raytrain.launch import tune
+
+    storage = tmp_path_factory.mktemp("report_tune")
+    config = tiny_config(tiny_shards, storage, name="search", **{
+        "train.epochs": EPOCHS, "train.num_workers": 1,
+        "search.space": {"optim.lr": {"grid": [1e-3, 1e-2]}}, "search.scheduler.name": "fifo",
+    })
+    grid = tune(config)
+    assert not grid.errors
+    return storage / "search"
+
+
+def _accumulator(run_dir: Path) -> EventAccumulator:
+    accumulator = EventAccumulator(str(run_dir), size_guidance={SCALARS: 0, IMAGES: 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def test_train_run_writes_tensorboard_scalars_and_overlays_from_rank_0(train_run):
+    log_dir = train_run / "tensorboard"
+    train, val = _accumulator(log_dir / "train"), _accumulator(log_dir / "val")
+    steps = list(range(1, EPOCHS + 1))
+    for tag in ("loss", "lr", "images_per_s"):
+        assert [event.step for event in train.Scalars(tag)] == steps
+    for tag in ("loss", "accuracy", "precision", "recall", "f1", "iou", "maxf", "ap"):
+        assert [event.step for event in val.Scalars(tag)] == steps
+    overlays = val.Images("val/overlay")
+    assert [event.step for event in overlays] == steps
+    assert overlays[0].width == 2 * 64 + GRID_GAP  # prediction | ground truth at the 64x32 training size
+    # 2 DDP workers, one writer: one event file per run
+    assert len(list((log_dir / "train").glob("events.out.tfevents.*"))) == 1
+    assert len(list((log_dir / "val").glob("events.out.tfevents.*"))) == 1
+
+
+def test_tensorboard_logdir_of_a_search_shows_every_trial(experiment):
+    multiplexer = EventMultiplexer(size_guidance={SCALARS: 0, IMAGES: 0})
+    multiplexer.AddRunsFromDirectory(str(experiment))  # what `tensorboard --logdir EXPERIMENT` discovers
+    multiplexer.Reload()
+    runs = multiplexer.Runs()
+    trials = sorted(p.name for p in experiment.glob("trial_*"))
+    assert len(trials) == 2
+    for trial in trials:
+        train, val = f"{trial}/train/tensorboard/train", f"{trial}/train/tensorboard/val"
+        assert "loss" in runs[train]["scalars"] and "loss" in runs[val]["scalars"]
+        assert runs[val]["images"] == ["val/overlay"]
+        assert len(multiplexer.Scalars(val, "iou")) == EPOCHS
+
+
+def _check_report(out: Path, index: Path, expected_pngs: set[str]):
+    assert index == out / "index.html"
+    pngs = {path.name for path in out.glob("*.png")}
+    assert pngs == expected_pngs
+    page = index.read_text()
+    for name in pngs:
+        assert f'<img src="{name}"' in page
+        with Image.open(out / name) as image:
+            pixels = np.asarray(image.convert("RGB"))
+        assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 2, f"{name} is blank"
+    return page
+
+
+def test_report_of_a_search(experiment, tmp_path):
+    out = tmp_path / "report"
+    page = _check_report(out, write_report(experiment, out), CURVE_PNGS | {"params.png", "pr_curve.png", "overlays.png"})
+
+    best = best_checkpoint(experiment)
+    best_trial = best.path.relative_to(experiment).parts[0]
+    rows = re.findall(r"<tr( class=\"best\")?><td>(\d+)</td><td>(trial_\w+)</td>", page)
+    assert [(rank, trial) for _, rank, trial in rows][0] == ("1", best_trial)
+    assert rows[0][0] and not rows[1][0]  # only the best row is marked
+    assert sorted(trial for _, _, trial in rows) == sorted(p.name for p in experiment.glob("trial_*"))
+
+    # the PR curve is the best model's on the val split: its MaxF is the one reported in training
+    maxf = float(re.search(r"MaxF (\d\.\d{4})", page).group(1))
+    assert maxf == pytest.approx(best.metrics["val_maxf"], abs=2e-4)
+
+
+def test_report_overlay_shows_the_best_models_predictions(experiment, tmp_path):
+    from raytrain.report import OVERLAY_SAMPLES, val_samples
+
+    write_report(experiment, tmp_path)
+    grid = np.asarray(Image.open(tmp_path / "overlays.png").convert("RGB"))
+    best = best_checkpoint(experiment)
+    images, masks = val_samples(best)
+    probabilities = predict(load_model(best), images[:OVERLAY_SAMPLES])
+    height, width = images[0].shape[:2]
+    for row, (probs, mask) in enumerate(zip(probabilities, masks)):
+        tile = grid[row * (height + GRID_GAP) : row * (height + GRID_GAP) + height]
+        np.testing.assert_array_equal(np.all(tile[:, :width] == (255, 0, 0), axis=-1), probs > 0.5)
+        np.testing.assert_array_equal(np.all(tile[:, width + GRID_GAP :] == (255, 0, 0), axis=-1), mask == 1)
+
+
+def test_report_of_a_train_run_has_no_search_plot(train_run, tmp_path):
+    _check_report(tmp_path, write_report(train_run, tmp_path), CURVE_PNGS | {"pr_curve.png", "overlays.png"})
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "raytrain.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_report_command(experiment, tmp_path):
+    done = _cli("report", str(experiment), "--out", str(tmp_path / "out"), "--metric", "val_f1")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(tmp_path / "out" / "index.html")
+    assert "<th>val_f1</th><th>val_iou</th>" in (tmp_path / "out" / "index.html").read_text()
+
+    missing = _cli("report", str(tmp_path / "nope"), "--out", str(tmp_path / "bad"))
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == f"raytrain: error: {tmp_path / 'nope'}: experiment directory not found"
+    not_an_experiment = _cli("report", str(tmp_path / "out"), "--out", str(tmp_path / "bad"))
+    assert not_an_experiment.returncode == 2 and "no trial has reported any metrics" in not_an_experiment.stderr
+    assert not (tmp_path / "bad").exists()  # nothing half-written

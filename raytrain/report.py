@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 from matplotlib.figure import Figure  # a Figure without pyplot: no GUI backend, no global state
+from matplotlib.ticker import NullFormatter
 from PIL import Image
 
 from raytrain.api import best_checkpoint, load_model, predict
@@ -184,6 +185,10 @@ def plot_params(trials: list[Trial], best: Trial, metric: str, mode: str, out_di
             positive = all(value > 0 for value in x)
             if positive and (key.split(".")[-1] in ("lr", "weight_decay") or max(x) / min(x) >= 100):
                 axes.set_xscale("log")
+                axes.xaxis.set_minor_formatter(NullFormatter())  # a range within one decade gets unreadable labels
+            distinct = sorted(set(x))
+            if len(distinct) <= 6:  # few trials: tick exactly the values that were tried
+                axes.set_xticks(distinct, [_short(value) for value in distinct], rotation=20)
         else:
             categories = sorted({str(value) for value in values})
             x = [categories.index(str(value)) for value in values]
@@ -244,7 +249,7 @@ def _results_table(trials: list[Trial], best: Trial, metric: str, mode: str) -> 
 
 def _html(title: str, table: str, best_path: Path, figures: list[tuple[str, Path]]) -> str:
     images = "\n".join(
-        f'<figure><img src="{html.escape(path.name)}" alt="{html.escape(caption)}">'
+        f'<figure><a href="{html.escape(path.name)}"><img src="{html.escape(path.name)}" alt="{html.escape(caption)}"></a>'
         f"<figcaption>{html.escape(caption)}</figcaption></figure>"
         for caption, path in figures
     )

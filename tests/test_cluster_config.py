@@ -73,6 +73,15 @@ def test_kitti_search_config_loads_with_cluster_storage():
     assert config.train.use_gpu
 
 
+def test_a_gpu_node_fits_a_kitti_search_worker_and_its_data_tasks(cluster, rayjob):
+    """The head has no CPUs for Ray Data, so each GPU node needs one beyond the DDP worker's."""
+    train = load_config(REPO / "tune_configs/kitti_search.yaml").train
+    gpu_node = cluster["available_node_types"]["gpu_worker"]["resources"]
+    assert gpu_node["GPU"] >= train.gpus_per_worker and gpu_node["CPU"] >= train.cpus_per_worker + 1
+    (pod,) = _containers(rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0])
+    assert float(pod["resources"]["limits"]["cpu"]) >= train.cpus_per_worker + 1
+
+
 def _containers(group):
     return group["template"]["spec"]["containers"]
 

@@ -51,3 +51,49 @@ def test_validation_is_resized_not_augmented():
     assert np.array_equal(first["image"], second["image"]) and np.array_equal(first["mask"], second["mask"])
     expected = np.asarray(Image.fromarray(mask).resize((24, 12), Image.NEAREST))
     assert np.array_equal(first["mask"][0], expected)
+
+
+def block_pattern(seed, width=96, height=48, block=16):
+    """Random class blocks (asymmetric, so a flip of only one of the pair shows), a band of
+    IGNORE_INDEX, and an image that encodes each pixel's class: red 1, green 0, blue unknown."""
+    rng = np.random.default_rng(seed)
+    mask = np.kron(rng.integers(0, 2, (height // block, width // block)), np.ones((block, block))).astype(np.uint8)
+    mask[:, -block:] = IGNORE_INDEX
+    colours = np.zeros((256, 3), np.uint8)
+    colours[0], colours[1], colours[IGNORE_INDEX] = (20, 230, 20), (230, 20, 20), (20, 20, 230)
+    return colours[mask], mask
+
+
+def test_flip_scale_crop_and_jitter_keep_every_pixel_aligned():
+    augment = Augment(hflip=0.5, scale=(0.7, 1.5), color_jitter=0.3)
+    rng = np.random.default_rng(1)
+    flipped_or_zoomed, checked = 0, []
+    for seed in range(40):
+        image, mask = block_pattern(seed)
+        out_image, out_mask = transform_sample(encode(image), encode(mask), (80, 40), augment, rng)
+        assert out_image.shape == (40, 80, 3) and out_image.dtype == np.uint8 and out_mask.shape == (40, 80)
+        plain = np.asarray(Image.fromarray(mask).resize((80, 40), Image.NEAREST))
+        flipped_or_zoomed += not np.array_equal(out_mask, plain)
+        # Jitter is the same affine map on every channel of a pixel (factor > 0), so the order of
+        # the channels survives it; only pixels that bilinear blended at a border are undecided.
+        r, g, b = (out_image[..., c].astype(int) for c in range(3))
+        image_class = np.select([(r - g > 60) & (r - b > 60), (g - r > 60) & (g - b > 60), (b - r > 60) & (b - g > 60)],
+                                [1, 0, IGNORE_INDEX], -1)
+        decided = image_class >= 0
+        # A border pixel: one within 2 pixels of another label in the mask. Bilinear (image; its
+        # support widens when zooming out) and nearest (mask) may disagree there, and nowhere else.
+        padded_mask = np.pad(out_mask, 2, mode="edge")
+        border = np.zeros(out_mask.shape, bool)
+        for dy in range(5):
+            for dx in range(5):
+                border |= padded_mask[dy : dy + 40, dx : dx + 80] != out_mask
+        border[:2] = border[-2:] = border[:, :2] = border[:, -2:] = True  # labels beyond the crop are unseen
+        inside = decided & ~border
+        assert inside.mean() > 0.15
+        checked.append(inside.mean())
+        assert np.array_equal(out_mask[inside], image_class[inside].astype(np.uint8))
+        # Undecided pixels are border pixels, or the zero padding (IGNORE_INDEX) of a zoom-out.
+        padding = (out_image.max(axis=2) < 60) & (out_mask == IGNORE_INDEX)
+        assert np.all(decided | border | padding)
+    assert flipped_or_zoomed >= 30
+    assert np.mean(checked) > 0.4  # most pixels are checked: the test has teeth

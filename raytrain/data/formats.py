@@ -6,14 +6,16 @@ CamVid's void). Shards, the pipeline, losses and metrics only ever see that conv
 """
 from __future__ import annotations
 
+import io
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
 
+from raytrain.data.location import as_path
 from raytrain.errors import DataError
 
 IGNORE_INDEX = 255
@@ -67,6 +69,9 @@ class DatasetFormat:
     # Formats whose classes are defined by the dataset itself (folder: its class map) resolve them
     # here from the dataset root and an optional class-map path, returning the bound format.
     resolve: Callable[[Path | None, Path | None], "DatasetFormat"] | None = None
+    # Single-class targets that come from other ground-truth files of the same images (KITTI's ego
+    # lane, `*_lane_*`): `with_classes([name])` returns that format instead of a binary view.
+    alternatives: dict[str, "DatasetFormat"] = field(default_factory=dict)
 
     def with_classes(self, classes: Sequence[str] | None) -> "DatasetFormat":
         """This format with only `classes` as targets.
@@ -78,12 +83,16 @@ class DatasetFormat:
         if classes is None:
             return self
         wanted = [str(name).strip().lower() for name in classes]
+        if len(wanted) == 1 and wanted[0] in self.alternatives:
+            return self.alternatives[wanted[0]]
         known = [name.lower() for name in self.classes]
         unknown = [name for name in wanted if name not in known]
         if unknown or not wanted or len(set(wanted)) != len(wanted):
+            alternatives = "".join(f"; or {name} alone" for name in self.alternatives)
             raise DataError(
                 f"classes {list(classes)} do not fit the {self.name} format "
-                f"(its classes: {', '.join(self.classes) or 'none'}; give one class for a binary mask, or all of them)"
+                f"(its classes: {', '.join(self.classes) or 'none'}; give one class for a binary mask, "
+                f"or all of them{alternatives})"
             )
         if wanted == known:
             return self
@@ -111,21 +120,38 @@ class DatasetFormat:
         return replace(self, classes=keep, colors=colors, load_mask=lambda path: lut[load(path)])
 
 
-def _list_kitti(root: Path) -> list[Sample]:
-    image_dir, gt_dir = root / "training" / "image_2", root / "training" / "gt_image_2"
-    if not image_dir.is_dir():
-        raise DataError(f"{image_dir}: not found (KITTI layout: training/image_2 and training/gt_image_2)")
-    samples = []
-    for image_path in sorted(image_dir.glob("*.png")):
-        # um_000000.png -> gt_image_2/um_road_000000.png
-        category, _, number = image_path.stem.rpartition("_")
-        mask_path = gt_dir / f"{category}_road_{number}.png"
-        samples.append(Sample(image_path.stem, image_path, mask_path if mask_path.exists() else None))
-    return samples
+def _kitti_lister(target: str) -> Callable[[Path], list[Sample]]:
+    """Samples of the KITTI road layout with `target` ground truth: "road" or "lane" (ego lane)."""
+
+    def list_samples(root: Path) -> list[Sample]:
+        image_dir, gt_dir = root / "training" / "image_2", root / "training" / "gt_image_2"
+        if not image_dir.is_dir():
+            raise DataError(f"{image_dir}: not found (KITTI layout: training/image_2 and training/gt_image_2)")
+        # Only some categories (um) have lane ground truth; images of the others are not lane samples.
+        categories = None
+        if target != "road":
+            found = gt_dir.glob(f"*_{target}_*.png") if gt_dir.is_dir() else []
+            categories = {path.stem.rsplit(f"_{target}_", 1)[0] for path in found}
+        samples = []
+        for image_path in sorted(image_dir.glob("*.png")):
+            # um_000000.png -> gt_image_2/um_road_000000.png (or um_lane_000000.png)
+            category, _, number = image_path.stem.rpartition("_")
+            if categories is not None and category not in categories:
+                continue
+            mask_path = gt_dir / f"{category}_{target}_{number}.png"
+            samples.append(Sample(image_path.stem, image_path, mask_path if mask_path.exists() else None))
+        return samples
+
+    return list_samples
+
+
+def open_image(path: Path) -> Image.Image:
+    """Open an image file, local or on a remote filesystem (a RemotePath)."""
+    return Image.open(io.BytesIO(path.read_bytes()))
 
 
 def _load_kitti_mask(path: Path) -> np.ndarray:
-    with Image.open(path) as gt:
+    with open_image(path) as gt:
         return decode_kitti_gt(np.asarray(gt.convert("RGB")))
 
 
@@ -162,7 +188,7 @@ def _list_camvid(root: Path) -> list[Sample]:
 
 
 def _single_channel(path: Path) -> np.ndarray:
-    with Image.open(path) as mask:
+    with open_image(path) as mask:
         if mask.mode not in ("L", "P", "I", "I;16"):
             raise DataError(f"{path}: mask is {mask.mode}, expected one channel of class indices")
         return np.asarray(mask)
@@ -223,7 +249,7 @@ def _resolve_folder(root: Path | None, class_map: Path | None) -> DatasetFormat:
         if root is None:
             raise DataError("folder: needs the dataset root or a class_map path")
         class_map = root / CLASS_MAP
-    path = Path(class_map).expanduser()
+    path = as_path(class_map).expanduser()
     data = _read_class_map(path)
     entries = data["classes"]
     names = [str(e.get("name", "")).strip() for e in entries]
@@ -245,7 +271,7 @@ def _resolve_folder(root: Path | None, class_map: Path | None) -> DatasetFormat:
         ignore_code = None if ignore is None else (ignore[0] << 16) | (ignore[1] << 8) | ignore[2]
 
         def load_mask(mask_path: Path) -> np.ndarray:
-            with Image.open(mask_path) as mask:
+            with open_image(mask_path) as mask:
                 rgb = np.asarray(mask.convert("RGB")).astype(np.int64)
             code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
             out = np.full(code.shape, IGNORE_INDEX, dtype=np.uint8)
@@ -308,7 +334,11 @@ def _default_color(index: int) -> tuple[int, int, int]:
 FOLDER = DatasetFormat("folder", (), (), _list_folder, _unbound_folder_mask, resolve=_resolve_folder)
 
 FORMATS: dict[str, DatasetFormat] = {
-    "kitti": DatasetFormat("kitti", ("road",), (KITTI_ROAD_RGB,), _list_kitti, _load_kitti_mask),
+    "kitti": DatasetFormat(
+        "kitti", ("road",), (KITTI_ROAD_RGB,), _kitti_lister("road"), _load_kitti_mask,
+        # The ego-lane masks use the road masks' colours: magenta lane, red not lane, black invalid.
+        alternatives={"lane": DatasetFormat("kitti", ("lane",), (KITTI_ROAD_RGB,), _kitti_lister("lane"), _load_kitti_mask)},
+    ),
     "camvid": DatasetFormat("camvid", CAMVID_CLASSES, CAMVID_COLORS, _list_camvid, _load_camvid_mask),
     "folder": FOLDER,
 }
@@ -327,7 +357,7 @@ def get_format(
         raise DataError(f"unknown dataset format {name!r} (known: {', '.join(FORMATS)})")
     fmt = FORMATS[name]
     if fmt.resolve is not None:
-        fmt = fmt.resolve(None if root is None else Path(root), None if class_map is None else Path(class_map))
+        fmt = fmt.resolve(None if root is None else as_path(root), None if class_map is None else as_path(class_map))
     elif class_map is not None:
         raise DataError(f"class_map applies to the folder format, not {name}")
     return fmt.with_classes(classes)

@@ -11,17 +11,19 @@ import hashlib
 import io
 import json
 import os
-import shutil
+import posixpath
 import uuid
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
 
 from raytrain.data.formats import FORMATS, IGNORE_INDEX, DatasetFormat, Sample, get_format
+from raytrain.data.location import as_path, filesystem_of, join
 from raytrain.errors import DataError
 
 MANIFEST = "manifest.json"
@@ -109,40 +111,67 @@ def write_shards(
 ) -> dict:
     """Shard the dataset at `src` into `out`; return the manifest.
 
-    Atomic: everything is written into a hidden sibling directory that is renamed to `out` only
-    when complete, so an interrupted run leaves no dataset that looks finished.
+    `src` and `out` are local paths or any pyarrow filesystem URI (s3://, gs://, file://).
+    Atomic: everything is written into a hidden sibling directory on the same filesystem that is
+    moved to `out` only when complete (manifest.json last where a filesystem cannot move folders),
+    so an interrupted run leaves no dataset that looks finished.
 
     `classes` picks the targets: None keeps all of the format's classes (class indices 0..C-1),
     one name gives a binary mask (that class 1, every other labelled class 0). `class_map` is the
     folder format's class map, when not `src`/classes.yaml.
     """
-    src, out = Path(src), Path(out)
     if fmt not in FORMATS:
         get_format(fmt)  # raises: unknown format
-    if not src.is_dir():
+    src_path = as_path(src)
+    if not src_path.is_dir():
         raise DataError(f"{src}: dataset folder not found")
-    dataset_format = get_format(fmt, classes, root=src, class_map=class_map)
-    if out.exists() and any(out.iterdir()):
+    dataset_format = get_format(fmt, classes, root=src_path, class_map=class_map)
+    filesystem, out_path = filesystem_of(out)
+    out_type = filesystem.get_file_info(out_path).type
+    if out_type == pafs.FileType.File or (
+        out_type == pafs.FileType.Directory and filesystem.get_file_info(pafs.FileSelector(out_path))
+    ):
         raise DataError(f"{out}: already exists; choose another --out or remove it")
-    samples = dataset_format.list_samples(src)
+    samples = dataset_format.list_samples(src_path)
     if not samples:
         raise DataError(f"{src}: no samples found in the {fmt} layout")
 
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
+    parent, name = posixpath.split(out_path.rstrip("/"))
+    tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
+    filesystem.create_dir(tmp)
     try:
-        manifest = _write(samples, dataset_format, tmp, val_fraction, seed, rows_per_shard, skip_bad, on_skip, progress)
-        manifest["source"] = str(src)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if out.exists():
-            out.rmdir()  # checked empty above
-        os.replace(tmp, out)
+        manifest = _write(
+            samples, dataset_format, filesystem, tmp, val_fraction, seed, rows_per_shard, skip_bad, on_skip, progress
+        )
+        manifest["source"] = str(src_path)
+        with filesystem.open_output_stream(f"{tmp}/{MANIFEST}") as stream:
+            stream.write(json.dumps(manifest, indent=2).encode())
+        _publish(filesystem, tmp, out_path.rstrip("/"))
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if filesystem.get_file_info(tmp).type != pafs.FileType.NotFound:
+            filesystem.delete_dir(tmp)
     return manifest
 
 
-def _write(samples, fmt, tmp, val_fraction, seed, rows_per_shard, skip_bad, on_skip, progress) -> dict:
+def _publish(filesystem: pafs.FileSystem, tmp: str, out: str) -> None:
+    """Move the finished `tmp` folder to `out`: one rename where the filesystem can (local, HDFS);
+    object stores cannot move folders, so there each file moves and manifest.json comes last."""
+    if filesystem.get_file_info(out).type == pafs.FileType.Directory:
+        filesystem.delete_dir(out)  # checked empty above; a rename cannot portably replace it
+    try:
+        filesystem.move(tmp, out)
+        return
+    except (NotImplementedError, OSError):
+        if filesystem.get_file_info(out).type != pafs.FileType.NotFound:
+            raise
+    names = sorted(info.base_name for info in filesystem.get_file_info(pafs.FileSelector(tmp)))
+    names.sort(key=lambda name: name == MANIFEST)
+    filesystem.create_dir(out)
+    for name in names:
+        filesystem.move(f"{tmp}/{name}", f"{out}/{name}")
+
+
+def _write(samples, fmt, filesystem, tmp, val_fraction, seed, rows_per_shard, skip_bad, on_skip, progress) -> dict:
     num_classes = len(fmt.classes)
     pixel_counts = np.zeros(_mask_values(fmt), dtype=np.int64)
     buffers: dict[str, list[dict]] = {split: [] for split in SPLITS}
@@ -152,7 +181,7 @@ def _write(samples, fmt, tmp, val_fraction, seed, rows_per_shard, skip_bad, on_s
 
     def flush(split: str) -> None:
         name = f"{split}-{len(files[split]):05d}.parquet"
-        pq.write_table(pa.Table.from_pylist(buffers[split], schema=SCHEMA), tmp / name)
+        pq.write_table(pa.Table.from_pylist(buffers[split], schema=SCHEMA), f"{tmp}/{name}", filesystem=filesystem)
         files[split].append(name)
         buffers[split].clear()
 
@@ -198,11 +227,14 @@ def _write(samples, fmt, tmp, val_fraction, seed, rows_per_shard, skip_bad, on_s
 
 
 def read_manifest(dataset: str | os.PathLike) -> dict:
-    path = Path(dataset).expanduser() / MANIFEST
-    if not path.is_file():
+    """The manifest of a sharded dataset: a local folder or any pyarrow filesystem URI."""
+    path = join(dataset, MANIFEST)
+    filesystem, manifest_path = filesystem_of(path)
+    if filesystem.get_file_info(manifest_path).type != pafs.FileType.File:
         raise DataError(f"{path}: no manifest; shard the data first with `raytrain data shard`")
     try:
-        manifest = json.loads(path.read_text())
+        with filesystem.open_input_stream(manifest_path) as stream:
+            manifest = json.loads(stream.read())
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: not valid JSON ({err})") from None
     if manifest.get("schema_version") != SCHEMA_VERSION:
@@ -211,6 +243,9 @@ def read_manifest(dataset: str | os.PathLike) -> dict:
 
 
 def shard_paths(dataset: str | os.PathLike, split: str) -> list[str]:
+    """The split's Parquet files: local paths for local data (file:// included), else URIs."""
     manifest = read_manifest(dataset)
-    root = Path(dataset).expanduser().resolve()
-    return [str(root / name) for name in manifest["files"][split]]
+    filesystem, root = filesystem_of(dataset)
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        return [str(Path(root).resolve() / name) for name in manifest["files"][split]]
+    return [join(dataset, name) for name in manifest["files"][split]]

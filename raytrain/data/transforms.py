@@ -57,13 +57,19 @@ def random_scale_crop(image, mask, size, scale, rng):
 
 
 def color_jitter(image: np.ndarray, strength: float, rng) -> np.ndarray:
-    """Random brightness, contrast and saturation, each by a factor in [1 - s, 1 + s]."""
-    brightness, contrast, saturation = rng.uniform(1 - strength, 1 + strength, size=3)
-    pixels = image.astype(np.float32) * brightness
+    """Random brightness, then saturation, then contrast, each by a factor in [1 - s, 1 + s].
+
+    All three are linear, so they fold into one pass over the pixels: out = a*pixel + b*gray + c
+    (gray: the pixel's channel mean; the image mean is unchanged by saturation).
+    """
+    brightness, contrast, saturation = (float(f) for f in rng.uniform(1 - strength, 1 + strength, size=3))
+    pixels = image.astype(np.float32)
     gray = pixels.mean(axis=2, keepdims=True)
-    pixels = gray + (pixels - gray) * saturation
-    pixels = pixels.mean() + (pixels - pixels.mean()) * contrast
-    return np.clip(pixels, 0, 255).astype(np.uint8)
+    gray *= contrast * brightness * (1 - saturation)
+    gray += (1 - contrast) * brightness * float(pixels.mean())
+    pixels *= contrast * brightness * saturation
+    pixels += gray
+    return np.clip(pixels, 0, 255, out=pixels).astype(np.uint8)
 
 
 def transform_sample(image_bytes, mask_bytes, size, augment: Augment | None, rng):

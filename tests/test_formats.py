@@ -244,3 +244,83 @@ def test_real_camvid_subset(real_camvid_subset, tmp_path, classes, values):
     assert seen <= values | {IGNORE_INDEX}
     if classes:
         assert {0, 1} <= seen and 0.05 < manifest["pixel_frequencies"]["road"] < 0.6
+
+
+def _kitti_with_lanes(tmp_path):
+    """um_ images with road and ego-lane ground truth, umm_ images with road ground truth only."""
+    from raytrain.data.formats import encode_kitti_gt
+
+    root = tmp_path / "kitti"
+    (root / "training/image_2").mkdir(parents=True)
+    (root / "training/gt_image_2").mkdir()
+    lanes = {}
+    for k, stem in enumerate(["um_000000", "um_000001", "umm_000000"]):
+        category, number = stem.split("_")
+        road = np.zeros((H, W), bool)
+        road[4:, 2:10] = True
+        Image.fromarray(np.full((H, W, 3), 30 * k, np.uint8)).save(root / "training/image_2" / f"{stem}.png")
+        Image.fromarray(encode_kitti_gt(road)).save(root / "training/gt_image_2" / f"{category}_road_{number}.png")
+        if category == "um":
+            lane = np.zeros((H, W), bool)
+            lane[4:, 4 + k : 7 + k] = True
+            valid = np.ones((H, W), bool)
+            valid[0] = False
+            Image.fromarray(encode_kitti_gt(lane, valid)).save(root / "training/gt_image_2" / f"um_lane_{number}.png")
+            lanes[stem] = np.where(valid, lane, IGNORE_INDEX).astype(np.uint8)
+    return root, lanes
+
+
+def test_kitti_lane_target_reads_the_lane_ground_truth(tmp_path):
+    root, lanes = _kitti_with_lanes(tmp_path)
+    road = write_shards(root, "kitti", tmp_path / "road", val_fraction=0.0)
+    assert road["num_samples"]["train"] == 3 and road["classes"][0]["name"] == "road"
+
+    out = tmp_path / "lane"
+    run = subprocess.run(
+        [sys.executable, "-m", "raytrain.cli", "data", "shard", str(root), "--format", "kitti", "--classes", "lane",
+         "--out", str(out), "--val-fraction", "0"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    manifest = read_manifest(out)
+    assert manifest["classes"] == [{"name": "lane", "id": 1, "color": [255, 0, 255]}]
+    assert set(manifest["pixel_frequencies"]) == {"background", "lane"}
+    rows = _rows(out)
+    assert set(rows) == set(lanes)  # umm has no lane ground truth: not a lane sample
+    for stem, row in rows.items():
+        assert np.array_equal(_mask(row), lanes[stem])
+
+    (root / "training/gt_image_2/um_lane_000001.png").unlink()
+    with pytest.raises(DataError, match=rf"^{root / 'training/image_2/um_000001.png'}: image has no mask"):
+        write_shards(root, "kitti", tmp_path / "missing", classes=["lane"])
+    with pytest.raises(DataError, match="or lane alone"):
+        get_format("kitti", ["road", "lane"])
+
+
+@pytest.mark.parametrize("layout", ["camvid", "folder"])
+def test_cli_mask_values_outside_the_class_map_exit_2(camvid_tree, tmp_path, layout):
+    if layout == "camvid":
+        root, _ = camvid_tree
+        bad = root / "valannot" / "0016E5_000030.png"
+        annot = np.asarray(Image.open(bad)).copy()
+        annot[1, 1] = 12
+        Image.fromarray(annot, mode="L").save(bad)
+        message = "mask values [12] are not classes of camvid"
+    else:
+        _, good = _palette_mask(0)
+        wrong = good.copy()
+        wrong[2, 3] = (9, 9, 9)
+        root = _folder(tmp_path, PALETTE_MAP, {"a": good, "b": wrong}, rgb=True)
+        bad = root / "masks" / "b.png"
+        message = "mask colours [[9, 9, 9]] are not classes of folder"
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "raytrain.cli", "data", "shard", str(root), "--format", layout, "--out", str(out)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.startswith(f"raytrain: error: {bad}: {message}") and len(run.stderr.strip().splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+    run = subprocess.run([*command, "--skip-bad"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert f"skipped: {bad}: {message}" in run.stderr
+    skipped = read_manifest(out)["skipped"]
+    assert len(skipped) == 1 and skipped[0].startswith(f"{bad}: {message}")

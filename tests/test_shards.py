@@ -1,16 +1,22 @@
 """KITTI-layout folders -> validated Parquet shards with a manifest, written atomically."""
 import io
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from raytrain.data.formats import IGNORE_INDEX, decode_kitti_gt, encode_kitti_gt
+from raytrain.data.location import RemotePath
 from raytrain.data.shards import read_manifest, shard_paths, split_of, write_shards
 from raytrain.errors import DataError
 
@@ -125,3 +131,118 @@ def test_inverse_frequency_class_weights_come_from_the_manifest(tiny_shards, tmp
     assert road / background == pytest.approx(frequencies["background"] / frequencies["road"])
     assert background + road == pytest.approx(2.0)
     assert loss_class_weights(tiny_config(tiny_shards, tmp_path, **{"loss.class_weights": [1.0, 3.0]})) == [1.0, 3.0]
+
+
+def _shard_cli(*args, timeout=120):
+    return subprocess.run(
+        [sys.executable, "-m", "raytrain.cli", "data", "shard", *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _garble(path):
+    path.write_bytes(b"this is not a PNG at all" * 10)
+    return path
+
+
+def test_every_bad_file_is_listed_by_skip_bad(synthetic_kitti, tmp_path):
+    root = tmp_path / "broken"
+    shutil.copytree(synthetic_kitti, root)
+    bad = {
+        _garble(root / "training/image_2/um_000001.png"): "unreadable image",
+        _truncate(root): "unreadable image",
+        _resize_mask(root): "mask is 60x32 but its image is 64x32",
+        _drop_mask(root): "image has no mask",
+        _garble(root / "training/gt_image_2/um_road_000009.png"): "unreadable mask",
+    }
+    run = _shard_cli(root, "--format", "kitti", "--out", tmp_path / "strict")
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1
+    first = min(bad, key=lambda path: path.name.replace("road_", ""))  # samples are read in id order
+    assert run.stderr.startswith(f"raytrain: error: {first}: {bad[first]}")
+    assert not (tmp_path / "strict").exists() and not list(tmp_path.glob(".strict.tmp-*"))
+
+    run = _shard_cli(root, "--format", "kitti", "--out", tmp_path / "lenient", "--skip-bad")
+    assert run.returncode == 0, run.stderr
+    listed = [line for line in run.stderr.splitlines() if line.startswith("skipped: ")]
+    for path, message in bad.items():
+        assert any(line.startswith(f"skipped: {path}: {message}") for line in listed), (path, listed)
+    assert len(listed) == len(bad)
+    manifest = read_manifest(tmp_path / "lenient")
+    assert manifest["num_samples"]["train"] + manifest["num_samples"]["val"] == 24 - len(bad)
+    assert len(manifest["skipped"]) == len(bad)
+
+
+def test_empty_or_missing_input_is_one_line_exit_2(tmp_path):
+    (tmp_path / "empty/training/image_2").mkdir(parents=True)
+    for src, message in ((tmp_path / "empty", "no samples found in the kitti layout"),
+                         (tmp_path / "nowhere", "dataset folder not found"),
+                         (tmp_path, "training/image_2: not found")):
+        run = _shard_cli(src, "--format", "kitti", "--out", tmp_path / "out")
+        assert run.returncode == 2
+        assert run.stderr.startswith("raytrain: error: ") and message in run.stderr
+        assert len(run.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "out").exists()
+
+
+def test_file_uris_in_and_out(synthetic_kitti, tiny_shards, tmp_path):
+    out_uri = (tmp_path / "uri out").as_uri()  # a space: percent-encoded in the URI
+    run = _shard_cli(synthetic_kitti.as_uri(), "--format", "kitti", "--out", out_uri, "--val-fraction", "0.25")
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "uri out" / "manifest.json").is_file()
+    manifest = read_manifest(out_uri)
+    assert manifest["num_samples"] == read_manifest(tiny_shards)["num_samples"]
+    for split in ("train", "val"):
+        paths = shard_paths(out_uri, split)
+        assert paths == shard_paths(tmp_path / "uri out", split)
+        assert all(Path(path).is_file() for path in paths)
+    ids = sorted(i for split in ("train", "val") for p in shard_paths(out_uri, split) for i in pq.read_table(p)["id"].to_pylist())
+    assert ids == [f"um_{i:06d}" for i in range(24)]
+    with pytest.raises(DataError, match="already exists"):
+        write_shards(synthetic_kitti.as_uri(), "kitti", out_uri)
+    with pytest.raises(DataError, match="no manifest"):
+        read_manifest((tmp_path / "nothing").as_uri())
+
+
+def test_remote_filesystem_code_path_reads_and_writes_through_pyarrow(synthetic_kitti, tiny_shards, tmp_path):
+    """The readers and writer as they run for s3:// or gs://, on a real pyarrow filesystem (local disk)."""
+    local = pafs.LocalFileSystem()
+    src = RemotePath(local, str(synthetic_kitti), "")
+    manifest = write_shards(src, "kitti", f"file://{tmp_path}/remote", val_fraction=0.25, rows_per_shard=4)
+    assert manifest["num_samples"] == read_manifest(tiny_shards)["num_samples"]
+    assert manifest["source"] == str(synthetic_kitti)
+    for split in ("train", "val"):
+        ours = [r for p in shard_paths(tmp_path / "remote", split) for r in pq.read_table(p).to_pylist()]
+        theirs = [r for p in shard_paths(tiny_shards, split) for r in pq.read_table(p).to_pylist()]
+        assert [r["image"] for r in ours] == [r["image"] for r in theirs]
+        assert [r["mask"] for r in ours] == [r["mask"] for r in theirs]
+
+
+def test_sigkill_mid_write_leaves_no_dataset(tmp_path):
+    """Killed while writing shards: no manifest, no output folder; a rerun then succeeds."""
+    root = tmp_path / "many"
+    (root / "training/image_2").mkdir(parents=True)
+    (root / "training/gt_image_2").mkdir(parents=True)
+    image = np.random.default_rng(0).integers(0, 256, (96, 256, 3), dtype=np.uint8)
+    Image.fromarray(image).save(root / "training/image_2/um_000000.png", compress_level=1)
+    Image.fromarray(encode_kitti_gt(image[..., 0] > 128)).save(root / "training/gt_image_2/um_road_000000.png")
+    for i in range(1, 700):  # hard links: hundreds of samples to validate, almost no disk
+        os.link(root / "training/image_2/um_000000.png", root / f"training/image_2/um_{i:06d}.png")
+        os.link(root / "training/gt_image_2/um_road_000000.png", root / f"training/gt_image_2/um_road_{i:06d}.png")
+    out = tmp_path / "shards"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "raytrain.cli", "data", "shard", str(root), "--format", "kitti", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".shards.tmp-*/*.parquet")):  # the first shard (256 rows) is on disk
+        assert process.poll() is None and time.monotonic() < deadline, "finished before it could be killed"
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=30) == -signal.SIGKILL
+    assert not out.exists()
+    assert not list(tmp_path.rglob("manifest.json"))
+    with pytest.raises(DataError, match="no manifest"):
+        read_manifest(out)
+
+    run = _shard_cli(root, "--format", "kitti", "--out", out)
+    assert run.returncode == 0, run.stderr
+    assert sum(read_manifest(out)["num_samples"].values()) == 700

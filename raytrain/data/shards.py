@@ -60,6 +60,12 @@ def _mask_values(fmt: DatasetFormat) -> int:
     return max(len(fmt.classes), 2)
 
 
+def _reason(err: Exception) -> str:
+    if isinstance(err, Image.UnidentifiedImageError):  # its text names an in-memory buffer, not the file
+        return "not an image file Pillow can decode"
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def _read_sample(sample: Sample, fmt: DatasetFormat) -> tuple[dict, np.ndarray]:
     """Decode and check one sample; raise DataError naming the file on any problem."""
     if sample.mask_path is None:
@@ -70,13 +76,13 @@ def _read_sample(sample: Sample, fmt: DatasetFormat) -> tuple[dict, np.ndarray]:
             image.load()  # a full decode: truncated files only fail here
             width, height = image.size
     except Exception as err:
-        raise DataError(f"{sample.image_path}: unreadable image ({err})") from None
+        raise DataError(f"{sample.image_path}: unreadable image ({_reason(err)})") from None
     try:
         mask = fmt.load_mask(sample.mask_path)
     except DataError:
         raise  # already names the file (e.g. mask colours that are not classes)
     except Exception as err:
-        raise DataError(f"{sample.mask_path}: unreadable mask ({err})") from None
+        raise DataError(f"{sample.mask_path}: unreadable mask ({_reason(err)})") from None
     if mask.shape != (height, width):
         raise DataError(
             f"{sample.mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {width}x{height}"

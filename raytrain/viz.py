@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from raytrain.data.formats import CAMVID_CLASSES, CAMVID_COLORS, IGNORE_INDEX
+from raytrain.data.formats import CAMVID_CLASSES, CAMVID_COLORS
 
 ROAD_RGB = (255, 0, 0)
 BLEND = 0.5  # weight of the class colour in a multi-class overlay

@@ -1,0 +1,75 @@
+"""Shards of every format -> the Ray Data pipeline -> the batches the training loop reads."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from raytrain.data.formats import IGNORE_INDEX
+from raytrain.data.pipeline import build_datasets, read_shards
+from raytrain.data.shards import read_manifest, shard_paths, write_shards
+from tests.conftest import tiny_config
+from tests.test_formats import PALETTE_MAP, _folder, _kitti_with_lanes, _palette_mask, _write_yaml, camvid_tree  # noqa: F401
+
+
+def _ids(shards, split):
+    import pyarrow.parquet as pq
+
+    return sorted(i for path in shard_paths(shards, split) for i in pq.read_table(path, columns=["id"])["id"].to_pylist())
+
+
+def _check_streams(shards, tmp_path, classes, size=(16, 8)):
+    """Both splits deliver every sample once as uint8 NHWC images and uint8 NHW masks of known labels."""
+    config = tiny_config(shards, tmp_path / "results", **{"data.size": list(size), "classes": classes})
+    datasets = build_datasets(config)
+    labels = set(range(max(2, len(classes)))) | {IGNORE_INDEX}
+    for split, dataset in datasets.items():
+        ids = []
+        for batch in dataset.iter_batches(batch_size=3):
+            assert set(batch) == {"id", "image", "mask"}
+            assert batch["image"].dtype == np.uint8 and batch["image"].shape[1:] == (size[1], size[0], 3)
+            assert batch["mask"].dtype == np.uint8 and batch["mask"].shape[1:] == (size[1], size[0])
+            assert set(np.unique(batch["mask"]).tolist()) <= labels
+            ids += [str(i) for i in batch["id"]]
+        assert sorted(ids) == _ids(shards, split), split
+
+
+def test_kitti_road_and_lane_shards_stream(ray_cluster, tiny_shards, tmp_path):
+    _check_streams(tiny_shards, tmp_path, ["road"])
+    root, _ = _kitti_with_lanes(tmp_path)
+    write_shards(root, "kitti", tmp_path / "lane", val_fraction=0.5, classes=["lane"])
+    _check_streams(tmp_path / "lane", tmp_path, ["lane"])
+
+
+def test_camvid_shards_stream_binary_and_all_classes(ray_cluster, camvid_tree, tmp_path):
+    root, _ = camvid_tree
+    write_shards(root, "camvid", tmp_path / "road", classes=["road"])
+    _check_streams(tmp_path / "road", tmp_path, ["road"])
+    manifest = write_shards(root, "camvid", tmp_path / "all")
+    _check_streams(tmp_path / "all", tmp_path, [c["name"] for c in manifest["classes"]])
+
+
+def test_folder_shards_stream_with_palette_and_index_maps(ray_cluster, tmp_path):
+    masks = {f"p{i}": _palette_mask(i)[1] for i in range(4)}
+    palette = _folder(tmp_path / "palette", PALETTE_MAP, masks, rgb=True)
+    manifest = write_shards(palette, "folder", tmp_path / "palette_shards", val_fraction=0.5)
+    _check_streams(tmp_path / "palette_shards", tmp_path, [c["name"] for c in manifest["classes"]])
+    index_map = {"classes": [{"name": "road", "index": 1}, {"name": "rest", "index": 0}], "ignore_index": 255}
+    masks = {f"i{i}": np.random.default_rng(i).choice([0, 1, 255], (8, 12)) for i in range(4)}
+    indexed = _folder(tmp_path / "index", index_map, masks, rgb=False)
+    manifest = write_shards(indexed, "folder", tmp_path / "index_shards", val_fraction=0.5, classes=["road"])
+    _check_streams(tmp_path / "index_shards", tmp_path, ["road"])
+
+
+def test_file_uri_dataset_path_reads_the_same_shards(ray_cluster, tiny_shards, tmp_path):
+    uri = tiny_shards.as_uri()
+    assert read_manifest(uri) == read_manifest(tiny_shards)
+    assert shard_paths(uri, "train") == shard_paths(tiny_shards, "train")
+    _check_streams(uri, tmp_path, ["road"])
+
+
+def test_every_shard_file_is_its_own_read_task(ray_cluster, tiny_shards):
+    """One block per file: every CPU decodes from the first file on (see benchmarks/ingest.py)."""
+    paths = shard_paths(tiny_shards, "train")
+    assert len(paths) >= 3
+    dataset = read_shards(paths, shuffle=True).materialize()
+    assert dataset.num_blocks() == len(paths)
+    assert sorted(dataset.to_pandas()["id"]) == _ids(tiny_shards, "train")

@@ -1,0 +1,232 @@
+"""Multi-node Ray scenarios on one machine, each in a process of its own (ray.init is once per process).
+
+    python -m tests.multinode_scenarios {spread|node_loss|search_node_loss} WORKDIR
+
+Starts a real cluster with ray.cluster_utils.Cluster: a head with 1 CPU (Ray Data tasks, the Tune
+trial) and worker nodes node_a, node_b[, node_c] with 2 CPUs and a custom resource of their own name.
+Every DDP worker asks for 2 CPUs, so no two share a node and none fits on the head. The scenario
+writes what happened to WORKDIR/result.json; tests/test_multinode.py judges it. Run with RAY_TMPDIR
+set to a private directory so that this cluster is invisible to other Ray drivers on the machine.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import ray
+import ray.train
+from ray.cluster_utils import Cluster
+
+from raytrain import launch
+from raytrain.checkpoints import METRICS_FILE
+from raytrain.data.shards import write_shards
+from raytrain.data.synth import write_synthetic_kitti
+from raytrain.loop import train_worker
+from tests.conftest import tiny_config
+
+TIMEOUT_S = 480  # a guard against hanging, not a speed goal
+
+
+def start_cluster(node_names: list[str], cpus_per_node: int = 2) -> tuple[Cluster, dict]:
+    # A dashboard port of its own: the State API (Ray Train's cleanup, list_actors) lives there.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "dashboard_port": free_port()})
+    nodes = {name: cluster.add_node(num_cpus=cpus_per_node, resources={name: 1}) for name in node_names}
+    cluster.wait_for_nodes()
+    cluster.connect()
+    return cluster, nodes
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def node_names_by_id(names: list[str]) -> dict[str, str]:
+    by_id = {}
+    for node in ray.nodes():
+        custom = [name for name in names if name in node["Resources"]]
+        by_id[node["NodeID"]] = custom[0] if custom else "head"
+    return by_id
+
+
+def tiny_shards(workdir: Path) -> Path:
+    images = write_synthetic_kitti(workdir / "synth", 24, seed=1, size=(64, 32))
+    write_shards(images, "kitti", workdir / "shards", val_fraction=0.25, rows_per_shard=4)
+    return workdir / "shards"
+
+
+def recording(log: Path):
+    """train_worker that first appends (rank, node, epochs already done) to `log`: one line per worker start."""
+
+    def train_and_record(config_dict: dict) -> None:
+        resumed_from = 0
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint:
+            with checkpoint.as_directory() as directory:
+                resumed_from = json.loads((Path(directory) / METRICS_FILE).read_text())["epoch"]
+        line = {"rank": ray.train.get_context().get_world_rank(), "node_id": ray.get_runtime_context().get_node_id(),
+                "resumed_from": resumed_from}
+        with open(log, "a") as out:
+            out.write(json.dumps(line) + "\n")
+        train_worker(config_dict)
+
+    return train_and_record
+
+
+def checkpoint_epochs(run_dir: Path) -> list[int]:
+    return sorted(json.loads(p.read_text())["epoch"] for p in run_dir.glob(f"checkpoint_*/{METRICS_FILE}"))
+
+
+def registered_epoch(run_dir: Path) -> int:
+    """Epochs in the run's latest checkpoint as Ray Train's controller has registered it (what a
+    restart resumes from); a checkpoint directory alone may not be registered yet."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or caught mid-write
+        return 0
+    return int(((snapshot.get("latest_checkpoint_result") or {}).get("metrics") or {}).get("epoch", 0))
+
+
+def wait_for(condition, what: str):
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def in_background(function) -> dict:
+    """Run `function` in a thread; its return value (or error) lands in the returned dict."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = function()
+        except Exception as err:  # reported in result.json, judged by the test
+            outcome["error"] = repr(err)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    outcome["thread"] = thread
+    return outcome
+
+
+def spread(workdir: Path) -> dict:
+    """A 2-worker DDP training across node_a and node_b, results in one shared storage path."""
+    cluster, _ = start_cluster(["node_a", "node_b"])
+    storage, log = workdir / "storage", workdir / "workers.jsonl"
+    config = tiny_config(tiny_shards(workdir), storage, **{"train.epochs": 2, "train.cpus_per_worker": 2,
+                                                           "train.checkpoints_to_keep": 10})
+    result = launch.make_trainer(config, storage_path=str(storage), name="spread", train_fn=recording(log)).fit()
+    names = node_names_by_id(["node_a", "node_b"])
+    cluster_shutdown(cluster)
+    return {
+        "error": repr(result.error) if result.error else None,
+        "final_epoch": result.metrics.get("epoch"),
+        "checkpoint_epochs": checkpoint_epochs(storage / "spread"),
+        "workers": [dict(w, node=names[w["node_id"]]) for w in map(json.loads, log.read_text().splitlines())],
+    }
+
+
+def node_loss(workdir: Path) -> dict:
+    """Kill the node of rank 0 once the first checkpoint exists; node_c is the spare."""
+    cluster, nodes = start_cluster(["node_a", "node_b", "node_c"])
+    names = node_names_by_id(list(nodes))
+    storage, log = workdir / "storage", workdir / "workers.jsonl"
+    epochs = 4
+    config = tiny_config(tiny_shards(workdir), storage, **{"train.epochs": epochs, "train.cpus_per_worker": 2,
+                                                           "train.checkpoints_to_keep": 10, "train.max_failures": 1})
+    run_dir = storage / "node_loss"
+
+    def kill_rank0_node_after_first_checkpoint():
+        wait_for(lambda: registered_epoch(run_dir) >= 1, "the first registered checkpoint")
+        rank0 = next(w for w in map(json.loads, log.read_text().splitlines()) if w["rank"] == 0)
+        victim = names[rank0["node_id"]]
+        registered = registered_epoch(run_dir)
+        cluster.remove_node(nodes[victim], allow_graceful=False)
+        return {"node": victim, "registered_epoch_before": registered}
+
+    kill = in_background(kill_rank0_node_after_first_checkpoint)
+    result = launch.make_trainer(config, storage_path=str(storage), name="node_loss", train_fn=recording(log)).fit()
+    kill["thread"].join(timeout=TIMEOUT_S)
+    cluster_shutdown(cluster)
+    return {
+        "epochs": epochs,
+        "error": repr(result.error) if result.error else None,
+        "final_epoch": result.metrics.get("epoch"),
+        "checkpoint_epochs": checkpoint_epochs(run_dir),
+        "killed": kill.get("value"),
+        "kill_error": kill.get("error"),
+        "workers": [dict(w, node=names[w["node_id"]]) for w in map(json.loads, log.read_text().splitlines())],
+    }
+
+
+def search_node_loss(workdir: Path) -> dict:
+    """A 2-trial FIFO search, one trial at a time; a node of the running trial dies after trial 1 has finished."""
+    from ray.util.state import list_actors
+
+    # 3 CPUs a node: still one 2-CPU DDP worker per node, with room beside it for a trial's
+    # 0.01-CPU driver, which would otherwise block a whole node from the restarted worker group.
+    cluster, nodes = start_cluster(["node_a", "node_b", "node_c"], cpus_per_node=3)
+    names = node_names_by_id(list(nodes))
+    storage = workdir / "storage"
+    epochs = 2
+    config = tiny_config(tiny_shards(workdir), storage, **{
+        "name": "search", "train.epochs": epochs, "train.cpus_per_worker": 2, "train.max_failures": 1,
+        "train.checkpoints_to_keep": 10, "search.scheduler.name": "fifo", "search.max_concurrent_trials": 1,
+        "search.space": {"optim.lr": {"grid": [1e-3, 3e-3]}},
+    })
+    experiment = storage / "search"
+
+    def finished_and_running_trials():
+        progress = {t.name: registered_epoch(t / launch.TRAIN_RUN_NAME) for t in experiment.glob("trial_*")}
+        finished = [t for t, epoch in progress.items() if epoch == epochs]
+        running = [t for t, epoch in progress.items() if 0 < epoch < epochs]
+        return (finished, running) if finished and running else None
+
+    def kill_a_node_of_a_later_trial():
+        finished, running = wait_for(finished_and_running_trials, "a finished trial and a later one with a checkpoint")
+        files = {str(p): p.stat().st_size for t in finished
+                 for p in (experiment / t / launch.TRAIN_RUN_NAME).glob("checkpoint_*/*")}
+        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        victim = next(names[w.node_id] for w in workers if names.get(w.node_id, "head") != "head")
+        cluster.remove_node(nodes[victim], allow_graceful=False)
+        return {"node": victim, "finished_trials": finished, "running_trials": running, "finished_files": files}
+
+    kill = in_background(kill_a_node_of_a_later_trial)
+    grid = launch.tune(config)
+    kill["thread"].join(timeout=TIMEOUT_S)
+    killed = kill.get("value") or {}
+    files_after = {path: Path(path).stat().st_size for path in killed.get("finished_files", {}) if Path(path).is_file()}
+    trials = [{"trial": Path(r.path).name, "error": repr(r.error) if r.error else None,
+               "final_epoch": (r.metrics or {}).get("epoch"),
+               "checkpoint_epochs": checkpoint_epochs(Path(r.path) / launch.TRAIN_RUN_NAME)} for r in grid]
+    cluster_shutdown(cluster)
+    return {
+        "epochs": epochs,
+        "killed": {k: v for k, v in killed.items() if k != "finished_files"},
+        "kill_error": kill.get("error"),
+        "finished_files_before": len(killed.get("finished_files", {})),
+        "finished_files_unchanged": files_after == killed.get("finished_files"),
+        "trials": trials,
+    }
+
+
+def cluster_shutdown(cluster: Cluster) -> None:
+    ray.shutdown()
+    cluster.shutdown()
+
+
+if __name__ == "__main__":
+    scenario, workdir = sys.argv[1], Path(sys.argv[2])
+    started = time.monotonic()
+    outcome = {"spread": spread, "node_loss": node_loss, "search_node_loss": search_node_loss}[scenario](workdir)
+    outcome["seconds"] = round(time.monotonic() - started, 1)
+    (workdir / "result.json").write_text(json.dumps(outcome, indent=2))

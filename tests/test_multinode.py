@@ -1,0 +1,82 @@
+"""A real multi-node Ray cluster on one machine: DDP across nodes, and the loss of a node.
+
+Each scenario runs in its own process (tests/multinode_scenarios.py: ray.cluster_utils.Cluster with a
+head and worker nodes node_a, node_b, node_c of their own), with a private RAY_TMPDIR so that no
+other Ray driver on the machine can attach to it, and reports what happened in result.json.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def run_scenario():
+    workdirs = []
+
+    def run(name: str) -> dict:
+        # Short: Ray's Unix socket paths under this directory must stay below 108 characters.
+        workdir = Path(tempfile.mkdtemp(prefix="rt-mn-"))
+        workdirs.append(workdir)
+        env = dict(os.environ, RAY_TMPDIR=str(workdir / "ray"))
+        env.pop("RAY_ADDRESS", None)
+        (workdir / "ray").mkdir()
+        process = subprocess.run(
+            [sys.executable, "-m", "tests.multinode_scenarios", name, str(workdir)],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        )
+        result_file = workdir / "result.json"
+        assert process.returncode == 0 and result_file.is_file(), process.stderr[-3000:]
+        return json.loads(result_file.read_text())
+
+    yield run
+    for workdir in workdirs:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_ddp_workers_on_two_nodes_train_to_completion(run_scenario):
+    result = run_scenario("spread")
+    assert result["error"] is None
+    assert sorted(w["rank"] for w in result["workers"]) == [0, 1]
+    assert {w["node"] for w in result["workers"]} == {"node_a", "node_b"}  # one DDP worker on each node
+    assert result["final_epoch"] == 2
+    assert result["checkpoint_epochs"] == [1, 2]  # rank 0's checkpoints, in the one shared storage path
+
+
+def test_training_resumes_from_its_last_checkpoint_after_losing_a_node(run_scenario):
+    result = run_scenario("node_loss")
+    epochs, killed = result["epochs"], result["killed"]
+    assert result["kill_error"] is None and killed, "the node was never killed"
+    assert result["error"] is None and result["final_epoch"] == epochs
+    first, restart = result["workers"][:2], result["workers"][2:]
+    assert killed["node"] in {w["node"] for w in first}
+    # The restarted worker group: on the surviving nodes, every worker resumed from a registered checkpoint.
+    assert len(restart) == 2 and killed["node"] not in {w["node"] for w in restart}
+    resumed_from = {w["resumed_from"] for w in restart}
+    assert len(resumed_from) == 1 and resumed_from.pop() >= killed["registered_epoch_before"] >= 1
+    # Every epoch checkpointed; only an epoch in progress at the kill (its checkpoint not yet
+    # registered) may have been trained twice.
+    epochs_seen = result["checkpoint_epochs"]
+    assert sorted(set(epochs_seen)) == list(range(1, epochs + 1))
+    repeated = [e for e in set(epochs_seen) if epochs_seen.count(e) > 1]
+    assert all(e > restart[0]["resumed_from"] for e in repeated) and len(repeated) <= 1
+
+
+def test_search_keeps_finished_trials_and_completes_after_losing_a_node(run_scenario):
+    result = run_scenario("search_node_loss")
+    killed = result["killed"]
+    assert result["kill_error"] is None and killed["finished_trials"] and killed["running_trials"]
+    assert result["finished_files_before"] > 0 and result["finished_files_unchanged"]
+    trials = {t["trial"]: t for t in result["trials"]}
+    assert len(trials) == 2
+    for trial in trials.values():
+        assert trial["error"] is None and trial["final_epoch"] == result["epochs"], trial
+    for name in killed["running_trials"]:  # the trial that lost a node resumed, not restarted from scratch
+        assert trials[name]["checkpoint_epochs"].count(1) == 1, trials[name]

@@ -1,0 +1,57 @@
+"""Real CamVid (when present beside the repository): shard a subset, train one epoch with 2 DDP workers."""
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+from raytrain.data.formats import CAMVID_CLASSES
+from raytrain.data.shards import write_shards
+from tests.conftest import tiny_config
+
+REAL_CAMVID = Path(os.environ.get("RAYTRAIN_CAMVID", Path(__file__).resolve().parents[2] / "shared/datasets/camvid"))
+SUBSET = {"train": 24, "val": 8}
+
+
+@pytest.fixture(scope="module")
+def camvid_subset(tmp_path_factory):
+    """A few dozen real CamVid pairs, linked (not copied) into the CamVid layout."""
+    if not all((REAL_CAMVID / folder).is_dir() for folder in ("train", "trainannot", "val", "valannot")):
+        pytest.skip(f"CamVid not found at {REAL_CAMVID} (set RAYTRAIN_CAMVID)")
+    root = tmp_path_factory.mktemp("camvid") / "subset"
+    for split, count in SUBSET.items():
+        (root / split).mkdir(parents=True)
+        (root / f"{split}annot").mkdir()
+        images = sorted((REAL_CAMVID / split).glob("*.[jp][pn]g"))
+        for image in images[:: max(1, len(images) // count)][:count]:  # spread over the sequences
+            os.symlink(image, root / split / image.name)
+            os.symlink(REAL_CAMVID / f"{split}annot" / f"{image.stem}.png", root / f"{split}annot" / f"{image.stem}.png")
+    return root
+
+
+@pytest.mark.parametrize(
+    "classes, loss",
+    [(["road"], "bce"), (list(CAMVID_CLASSES), "ce")],
+    ids=["binary-road", "11-classes"],
+)
+def test_camvid_trains_one_epoch_on_two_workers(ray_cluster, camvid_subset, tmp_path, classes, loss):
+    from raytrain.launch import train
+
+    manifest = write_shards(camvid_subset, "camvid", tmp_path / "shards", classes=None if len(classes) > 1 else classes)
+    assert manifest["num_samples"] == SUBSET and manifest["skipped"] == []
+    assert [c["name"] for c in manifest["classes"]] == classes
+    config = tiny_config(
+        tmp_path / "shards", tmp_path / "results",
+        **{"classes": classes, "loss.name": loss, "data.size": "96x72", "train.epochs": 1, "train.batch_size": 4},
+    )
+    result = train(config)
+    assert result.error is None
+    metrics = result.metrics
+    assert metrics["epoch"] == 1
+    for key in ["train_loss", "val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1", "val_iou", "val_iou_road"]:
+        assert isinstance(metrics[key], float) and math.isfinite(metrics[key]), (key, metrics.get(key))
+    for name in classes:  # a class absent from these few val images has no IoU (None), never NaN
+        value = metrics[f"val_iou_{name}"]
+        assert value is None or math.isfinite(value), (name, value)
+    assert 0 <= metrics["val_accuracy"] <= 1 and 0 <= metrics["val_iou"] <= 1
+    assert result.checkpoint is not None

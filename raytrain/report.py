@@ -79,7 +79,10 @@ def read_trials(experiment_path: str | os.PathLike) -> list[Trial]:
         raise CheckpointError(f"{root}: experiment directory not found")
     trials = []
     for directory in sorted(p for p in root.iterdir() if (p / "params.json").is_file()):
-        params = json.loads((directory / "params.json").read_text()).get("search", {})
+        try:
+            params = json.loads((directory / "params.json").read_text()).get("search", {})
+        except (json.JSONDecodeError, AttributeError):
+            raise CheckpointError(f"{directory / 'params.json'}: not Tune's params JSON") from None
         results = directory / "result.json"
         history = _by_epoch(_read_json_lines(results)) if results.is_file() else []
         trials.append(Trial(directory.name, params, history))
@@ -281,15 +284,8 @@ def write_report(experiment_path: str | os.PathLike, out_dir: str | os.PathLike,
     checkpoint = best_checkpoint(root, metric, mode)
     best = _trial_of(checkpoint, root, trials)
     images, masks = val_samples(checkpoint)
-    model = load_model(checkpoint)
-    probabilities = [p if p.ndim == 3 else p[None] for p in predict(model, images)]
     binary = checkpoint.config.num_classes == 1
-    histogram = None
-    if binary:
-        metrics = SegmentationMetrics(1)
-        for probs, mask in zip(probabilities, masks):
-            metrics.update(_tensor(probs)[None], _tensor(mask)[None])
-        histogram = metrics.histogram.numpy()
+    probabilities, histogram = _predict_val(checkpoint, images, masks, keep=OVERLAY_SAMPLES)
 
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -300,7 +296,7 @@ def write_report(experiment_path: str | os.PathLike, out_dir: str | os.PathLike,
     if histogram is not None and histogram[1].sum() > 0:
         path, maxf = plot_pr_curve(histogram, out)
         figures.append((f"precision-recall of the best model on the val split (MaxF {maxf:.4f})", path))
-    count = min(OVERLAY_SAMPLES, len(images))
+    count = len(probabilities)
     if count:
         grid = overlay_grid(np.stack(images[:count]), np.stack(masks[:count]),
                             np.stack(probabilities[:count]), checkpoint.classes)
@@ -314,7 +310,22 @@ def write_report(experiment_path: str | os.PathLike, out_dir: str | os.PathLike,
     return index
 
 
-def _tensor(array: np.ndarray):
+def _predict_val(checkpoint: CheckpointInfo, images, masks, keep: int, batch_size: int = 8):
+    """The first `keep` probability maps (C, H, W), and for binary road the KITTI score histogram
+    of the whole split; batch by batch, so a large val split never sits in memory as floats."""
     import torch
 
-    return torch.from_numpy(np.array(array))  # a writable copy
+    model = load_model(checkpoint)
+    binary = checkpoint.config.num_classes == 1
+    metrics = SegmentationMetrics(1) if binary else None
+    kept = []
+    for start in range(0, len(images), batch_size):
+        if metrics is None and len(kept) == keep:
+            break  # multi-class: only the overlays need predictions
+        chunk = [p if p.ndim == 3 else p[None] for p in predict(model, images[start : start + batch_size])]
+        kept += chunk[: keep - len(kept)]
+        if metrics is not None:
+            for probs, mask in zip(chunk, masks[start : start + batch_size]):
+                metrics.update(torch.from_numpy(probs)[None], torch.from_numpy(np.array(mask))[None])
+    histogram = metrics.histogram if metrics is not None else None
+    return kept, (histogram.numpy() if histogram is not None else None)

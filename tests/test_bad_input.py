@@ -1,0 +1,262 @@
+"""The bad-input table: every way a user can hand raytrain something wrong, each a real `raytrain`
+subprocess that must answer with one line `raytrain: error: ...` naming what is wrong, exit code 2,
+no traceback, and nothing written.
+
+Each row: the command line ("{tmp}" is the test's tmp_path), a setup that makes the files it needs,
+and the fragments its one-line message must contain.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+# ---------------------------------------------------------------- the files a row needs
+
+
+def shards(tmp: Path) -> Path:
+    """A real sharded dataset: 16 synthetic KITTI-layout scenes at 64x32."""
+    from raytrain.data.shards import write_shards
+    from raytrain.data.synth import write_synthetic_kitti
+
+    raw = write_synthetic_kitti(tmp / "raw", 16, seed=0, size=(64, 32))
+    write_shards(raw, "kitti", tmp / "shards", val_fraction=0.25)
+    return tmp / "shards"
+
+
+def config(tmp: Path, data: Path | str | None = None, **dotted) -> Path:
+    """tmp/c.yaml: a tiny valid run on `data` (default: fresh shards), with dotted keys replaced."""
+    text = {
+        "name": "bad",
+        "data": {"path": str(data if data is not None else shards(tmp)), "size": "64x32", "shuffle_buffer": 0},
+        "model": {"name": "unet", "base_channels": 4, "depth": 2},
+        "train": {"epochs": 1, "batch_size": 2, "num_workers": 2, "max_failures": 0, "storage_path": str(tmp / "results")},
+    }
+    for key, value in dotted.items():
+        *parents, last = key.split(".")
+        node = text
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    (tmp / "c.yaml").write_text(yaml.safe_dump(text))
+    return tmp / "c.yaml"
+
+
+def text_file(name: str, text: str):
+    return lambda tmp: (tmp / name).write_text(text)
+
+
+def kitti_folder(tmp: Path) -> Path:
+    from raytrain.data.synth import write_synthetic_kitti
+
+    return write_synthetic_kitti(tmp / "raw", 4, seed=0, size=(32, 16))
+
+
+def corrupt_image(tmp: Path) -> None:
+    image = kitti_folder(tmp) / "training/image_2/um_000001.png"
+    image.write_bytes(image.read_bytes()[:100])
+
+
+def mask_of_other_size(tmp: Path) -> None:
+    mask = kitti_folder(tmp) / "training/gt_image_2/um_road_000002.png"
+    Image.open(mask).resize((30, 16)).save(mask)
+
+
+def image_without_mask(tmp: Path) -> None:
+    (kitti_folder(tmp) / "training/gt_image_2/um_road_000003.png").unlink()
+
+
+def mask_value_outside_class_map(tmp: Path) -> None:
+    root = tmp / "raw"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.yaml").write_text("classes: [{name: other, index: 0}, {name: road, index: 1}]\n")
+    for i in range(2):
+        Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(root / f"images/{i}.png")
+        Image.fromarray(np.full((8, 8), 7 if i else 1, np.uint8)).save(root / f"masks/{i}.png")
+
+
+def checkpoint(tmp: Path, name: str = "ckpt", metrics: dict | None = None) -> Path:
+    """A real checkpoint directory of a tiny model, as the training loop saves it."""
+    import torch
+
+    from raytrain.checkpoints import save_checkpoint
+    from raytrain.config import load_config
+    from raytrain.models import create_model
+
+    run = load_config({"data": {"path": str(tmp / "shards"), "size": "32x16"}, "model": {"name": "simple", "depth": 1}})
+    model = create_model("simple", depth=1)
+    optimizer = torch.optim.Adam(model.parameters())
+    return save_checkpoint(tmp / "exp" / name, model, optimizer, None, 1, run, metrics or {"val_iou": 0.5})
+
+
+def checkpoint_with(file: str, content: bytes | str):
+    def setup(tmp: Path) -> None:
+        path = checkpoint(tmp) / file
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+
+    return setup
+
+
+def truncated_weights(tmp: Path) -> None:
+    weights = checkpoint(tmp) / "model.pt"
+    weights.write_bytes(weights.read_bytes()[:300])
+
+
+def checkpoint_and_shards(tmp: Path) -> None:
+    checkpoint(tmp)
+    shards(tmp)
+
+
+def checkpoint_and_text_as_image(tmp: Path) -> None:
+    checkpoint(tmp)
+    (tmp / "street.png").write_text("not an image")
+
+
+def bad_weights_and_an_image(tmp: Path) -> None:
+    (checkpoint(tmp) / "model.pt").write_bytes(b"not a state dict")
+    Image.fromarray(np.full((16, 32, 3), 90, np.uint8)).save(tmp / "street.png")
+
+
+def nothing(tmp: Path) -> None:
+    pass
+
+
+# ---------------------------------------------------------------- the table
+
+C = "{tmp}/c.yaml"
+TRAIN = ["train", C, "--num-cpus", "4"]  # enough CPUs: the rows below fail on their own fault
+CASES = [
+    # config files
+    pytest.param(["train", "{tmp}/missing.yaml"], nothing, ["{tmp}/missing.yaml", "config file not found"], id="config-missing"),
+    pytest.param(["train", C], text_file("c.yaml", "name: [unclosed\n"), ["{tmp}/c.yaml", "not valid YAML"], id="config-not-yaml"),
+    pytest.param(["train", C], text_file("c.yaml", "- data\n- model\n"), ["{tmp}/c.yaml", "expected a mapping", "list"], id="config-is-a-list"),
+    pytest.param(["train", C], lambda t: config(t, "d", **{"model.nmae": "unet"}), ["{tmp}/c.yaml", "model.nmae: unknown key"], id="config-unknown-key"),
+    pytest.param(["train", C], lambda t: config(t, "d", **{"train.epochs": "three"}), ["{tmp}/c.yaml", "train.epochs", "integer"], id="config-wrong-type"),
+    pytest.param(["train", C], lambda t: config(t, "d", **{"optim.lr": -0.1}), ["{tmp}/c.yaml", "optim.lr", "greater than 0"], id="config-out-of-range"),
+    pytest.param(["train", C], lambda t: config(t, "d", **{"data.size": "64by32"}), ["{tmp}/c.yaml", "data.size", "WIDTHxHEIGHT"], id="config-bad-size"),
+    pytest.param(TRAIN, lambda t: config(t, **{"model.name": "resnet"}), ["model", "unknown model 'resnet'", "unet"], id="config-unknown-model"),
+    pytest.param(TRAIN, lambda t: config(t, **{"loss.name": "focall"}), ["loss", "unknown loss 'focall'", "focal"], id="config-unknown-loss"),
+    pytest.param(TRAIN, lambda t: config(t, **{"model.name": "simple"}), ["model 'simple' does not take 'base_channels'"], id="config-model-option"),
+    pytest.param(
+        ["tune", C], lambda t: config(t, "d", **{"search.space": {"optim.lrr": {"choice": [0.1]}}}),
+        ["{tmp}/c.yaml", "search.space", "optim.lrr", "unknown key"], id="search-unknown-key",
+    ),
+    pytest.param(
+        ["tune", C], lambda t: config(t, "d", **{"search.space": {"optim.lr": {"choice": [0.01, -1]}}}),
+        ["{tmp}/c.yaml", "search.space.optim.lr", "-1", "greater than 0"], id="search-value-invalid",
+    ),
+    pytest.param(
+        ["tune", C, "--num-cpus", "4"], lambda t: config(t, **{"search.space": {"model.name": {"grid": ["unet", "resnet"]}}}),
+        ["search.space model.name='resnet'", "unknown model 'resnet'"], id="search-value-unknown-model",
+    ),
+    pytest.param(["train", C, "--set", "train.epochs"], lambda t: config(t, "d"), ["--set", "train.epochs", "key=value"], id="set-without-equals"),
+    pytest.param(["train", C, "--set", "train.epocs=3"], lambda t: config(t, "d"), ["{tmp}/c.yaml", "train.epocs", "unknown key"], id="set-unknown-key"),
+    pytest.param(["train", C, "--set", "train.epochs.max=3"], lambda t: config(t, "d"), ["train.epochs", "not a section"], id="set-into-non-section"),
+    pytest.param(TRAIN, lambda t: config(t, t / "nowhere"), ["data.path", "{tmp}/nowhere"], id="data-path-missing"),
+    pytest.param(TRAIN, lambda t: config(t, kitti_folder(t)), ["data.path", "{tmp}/raw", "raytrain data shard"], id="data-path-not-sharded"),
+    pytest.param(TRAIN, lambda t: config(t, classes=["road", "sky"]), ["classes", "'sky'", "do not match", "{tmp}/shards"], id="classes-not-in-manifest"),
+    pytest.param(
+        ["train", C, "--num-cpus", "2"], lambda t: config(t), ["train.num_workers=2", "needs 3 CPUs", "--num-cpus"], id="workers-do-not-fit",
+    ),
+    # CLI arguments
+    pytest.param(["fly"], nothing, ["invalid choice: 'fly'"], id="cli-unknown-command"),
+    pytest.param(["best", "{tmp}", "--fast"], nothing, ["unrecognized arguments: --fast"], id="cli-unknown-option"),
+    pytest.param(["data", "synth"], nothing, ["required", "--out"], id="cli-missing-argument"),
+    pytest.param(["data", "synth", "--out", "{tmp}/synth", "--size", "64by32"], nothing, ["--size", "WIDTHxHEIGHT"], id="cli-bad-size"),
+    pytest.param(["data", "synth", "--out", "{tmp}/synth", "--count", "0"], nothing, ["--count", "'0'"], id="cli-count-zero"),
+    pytest.param(["data", "shard", "{tmp}", "--format", "pascal", "--out", "{tmp}/out"], nothing, ["--format", "'pascal'"], id="cli-bad-format"),
+    pytest.param(["train", C, "--num-cpus", "0"], lambda t: config(t, "d"), ["--num-cpus", "'0'"], id="cli-num-cpus-zero"),
+    pytest.param(["best", "{tmp}", "--mode", "up"], nothing, ["--mode", "'up'"], id="cli-bad-mode"),
+    # data folders
+    pytest.param(["data", "shard", "{tmp}/raw", "--format", "kitti", "--out", "{tmp}/out"], nothing, ["{tmp}/raw", "not found"], id="data-src-missing"),
+    pytest.param(
+        ["data", "shard", "{tmp}/raw", "--format", "kitti", "--out", "{tmp}/out"], lambda t: (t / "raw").mkdir(),
+        ["{tmp}/raw"], id="data-src-empty",
+    ),
+    pytest.param(
+        ["data", "shard", "{tmp}/raw", "--format", "kitti", "--out", "{tmp}/out"], corrupt_image,
+        ["{tmp}/raw/training/image_2/um_000001.png", "unreadable image"], id="data-corrupt-image",
+    ),
+    pytest.param(
+        ["data", "shard", "{tmp}/raw", "--format", "kitti", "--out", "{tmp}/out"], mask_of_other_size,
+        ["{tmp}/raw/training/gt_image_2/um_road_000002.png", "mask is 30x16 but its image is 32x16"], id="data-mask-size",
+    ),
+    pytest.param(
+        ["data", "shard", "{tmp}/raw", "--format", "kitti", "--out", "{tmp}/out"], image_without_mask,
+        ["{tmp}/raw/training/image_2/um_000003.png", "no mask"], id="data-image-without-mask",
+    ),
+    pytest.param(
+        ["data", "shard", "{tmp}/raw", "--format", "folder", "--out", "{tmp}/out"], mask_value_outside_class_map,
+        ["{tmp}/raw/masks/1.png", "mask values [7]"], id="data-mask-value-outside-class-map",
+    ),
+    # checkpoint and experiment paths
+    pytest.param(["best", "{tmp}/exp"], nothing, ["{tmp}/exp", "not found"], id="best-missing-dir"),
+    pytest.param(["best", "{tmp}/exp"], lambda t: (t / "exp").mkdir(), ["{tmp}/exp", "no checkpoint"], id="best-no-checkpoints"),
+    pytest.param(["best", "{tmp}/exp"], checkpoint_with("metrics.json", "{val_iou: "), ["{tmp}/exp/ckpt/metrics.json", "JSON"], id="best-corrupt-metrics"),
+    pytest.param(["best", "{tmp}/exp"], lambda t: checkpoint(t, metrics={"val_f1": 0.5}), ["{tmp}/exp", "'val_iou'"], id="best-metric-missing"),
+    pytest.param(["best", "{tmp}/exp", "--metric", "val_ioux"], checkpoint, ["{tmp}/exp", "'val_ioux'"], id="best-unknown-metric"),
+    pytest.param(["evaluate", "{tmp}/exp/ckpt", "{tmp}/shards"], shards, ["{tmp}/exp/ckpt", "not a raytrain checkpoint"], id="evaluate-missing-checkpoint"),
+    pytest.param(
+        ["evaluate", "{tmp}/exp/ckpt", "{tmp}/shards"], lambda t: (checkpoint_with("config.yaml", "model: [\n")(t), shards(t)),
+        ["{tmp}/exp/ckpt/config.yaml", "unreadable"], id="evaluate-corrupt-config",
+    ),
+    pytest.param(["evaluate", "{tmp}/exp/ckpt", "{tmp}/nowhere"], checkpoint, ["{tmp}/nowhere"], id="evaluate-data-not-sharded"),
+    pytest.param(
+        ["predict", "{tmp}/exp/ckpt", "{tmp}/street.png", "--out", "{tmp}/out"], checkpoint_and_text_as_image,
+        ["{tmp}/street.png"], id="predict-input-not-an-image",
+    ),
+    pytest.param(
+        ["predict", "{tmp}/exp/ckpt", "{tmp}/nothing.png", "--out", "{tmp}/out"], checkpoint,
+        ["{tmp}/nothing.png", "no such file"], id="predict-input-missing",
+    ),
+    pytest.param(
+        ["predict", "{tmp}/exp/ckpt", "{tmp}/street.png", "--out", "{tmp}/out"], bad_weights_and_an_image,
+        ["{tmp}/exp/ckpt/model.pt", "cannot load"], id="predict-weights-not-a-state-dict",
+    ),
+    pytest.param(["export", "{tmp}/exp/ckpt"], nothing, ["{tmp}/exp/ckpt", "not a raytrain checkpoint"], id="export-missing-checkpoint"),
+    pytest.param(["export", "{tmp}/exp/ckpt", "--out", "{tmp}/m.pt"], truncated_weights, ["{tmp}/exp/ckpt/model.pt", "cannot load"], id="export-truncated-weights"),
+    # a run that fails inside the Ray Train workers
+    pytest.param(
+        ["train", C, "--set", "optim.lr=1e30", "--num-cpus", "4"], lambda t: config(t),
+        ["loss is nan at epoch 0, step", "optim.lr"], id="workers-nan-loss",
+    ),
+]
+
+
+# Rows that get as far as starting Ray, which keeps its own record of the failed run under train.storage_path.
+REACH_RAY = {"workers-nan-loss"}
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file and folder below root with its size and modification time."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("args, setup, fragments", CASES)
+def test_bad_input_is_one_line_exit_2_and_nothing_written(request, tmp_path, args, setup, fragments):
+    setup(tmp_path)
+    before = snapshot(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local cluster of --num-cpus, never a shared one
+    run = subprocess.run(
+        [sys.executable, "-m", "raytrain.cli", *(a.format(tmp=tmp_path) for a in args)],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env,
+    )
+    assert "Traceback" not in run.stdout + run.stderr, run.stderr
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("raytrain: error: "), run.stderr
+    for fragment in fragments:
+        assert fragment.format(tmp=tmp_path) in lines[0]
+    after = snapshot(tmp_path)
+    if request.node.callspec.id in REACH_RAY:
+        assert not [p for p in after if "checkpoint_" in p]
+        after = {p: s for p, s in after.items() if not p.startswith("results")}
+    assert after == before

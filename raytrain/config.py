@@ -46,6 +46,12 @@ class DataConfig(_Section):
 
     _parse_size = field_validator("size", mode="before")(lambda v: parse_size(v))
 
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, path: str) -> str:
+        # Ray workers run in other directories: a relative path means the one the user typed it in.
+        return path if "://" in path else str(Path(path).expanduser().resolve())
+
 
 class ModelConfig(_Section):
     name: str = "unet"
@@ -74,6 +80,16 @@ class OptimConfig(_Section):
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1, description="for sgd")
+    schedule: Literal["constant", "cosine", "onecycle", "poly"] = Field(
+        "constant", description="learning-rate shape over the run, stepped every batch"
+    )
+    warmup_epochs: float = Field(0, ge=0, description="linear warm-up from 0 to lr (fractions allowed)")
+
+
+class EarlyStoppingConfig(_Section):
+    metric: str | None = Field(None, description="default: search.metric, in search.mode")
+    patience: int | None = Field(None, ge=1, description="epochs without improvement before the run stops; off if unset")
+    min_delta: float = Field(0.0, ge=0, description="smallest change that counts as an improvement")
 
 
 class TrainConfig(_Section):
@@ -83,7 +99,14 @@ class TrainConfig(_Section):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(1, gt=0, description="used when use_gpu is true; fractions allowed")
-    seed: int = 0
+    seed: int = Field(0, description="seeds weights, shuffling, augmentation and search sampling")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on GPUs that have it (else fp16), fp32 on CPU"
+    )
+    channels_last: bool | None = Field(None, description="NHWC memory layout; default on GPU only")
+    compile: bool = Field(False, description="torch.compile the model")
+    grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this value")
+    early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
     checkpoints_to_keep: int = Field(2, ge=1, description="best K checkpoints kept, by search.metric")
     max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint")
     storage_path: str = Field("~/raytrain_results", description="local directory or URI (s3://...)")
@@ -93,7 +116,7 @@ SearchKind = Literal["choice", "grid", "uniform", "loguniform", "randint"]
 
 
 class SchedulerConfig(_Section):
-    name: Literal["fifo", "asha"] = "asha"
+    name: Literal["fifo", "asha", "hyperband"] = "asha"
     grace_period: int = Field(1, ge=1, description="epochs before a trial can be stopped")
     reduction_factor: float = Field(2, gt=1)
 
@@ -102,6 +125,9 @@ class SearchConfig(_Section):
     metric: str = "val_iou"
     mode: Literal["min", "max"] = "max"
     num_samples: int = Field(1, ge=1)
+    algorithm: Literal["random", "optuna"] = Field(
+        "random", description="random (with grid) sampling, or Optuna's TPE (pip install 'raytrain[optuna]')"
+    )
     max_concurrent_trials: int | None = Field(None, ge=1)
     scheduler: SchedulerConfig = SchedulerConfig()
     space: dict[str, dict[SearchKind, list[Any]]] = Field(
@@ -121,6 +147,13 @@ class SearchConfig(_Section):
             if not values:
                 raise ValueError(f"{key}: {kind} needs at least one value")
         return space
+
+    @model_validator(mode="after")
+    def _grid_needs_random(self) -> "SearchConfig":
+        grids = [key for key, spec in self.space.items() if "grid" in spec]
+        if grids and self.algorithm != "random":
+            raise ValueError(f"space.{grids[0]}: grid works with algorithm random only; use choice with {self.algorithm}")
+        return self
 
 
 class Config(_Section):
@@ -143,7 +176,10 @@ class Config(_Section):
         for key in self.search.space:
             if key.startswith("search."):
                 raise ValueError(f"search.space.{key}: the search settings themselves cannot be searched")
-            _check_dotted_key(self.model_dump(), key)
+            try:
+                _check_dotted_key(self.model_dump(), key)
+            except ValueError:
+                raise ValueError(f"search.space.{key}: unknown key") from None
         return self
 
     def with_overrides(self, overrides: dict[str, Any]) -> "Config":
@@ -196,8 +232,11 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         msg = "unknown key"
     elif first["type"] == "missing":
         msg = "required key is missing"
+    elif first["type"] == "value_error":
+        msg = str(first["ctx"]["error"])  # our validators' own words, without pydantic's "Value error, "
     more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    return f"{source}: {loc}: {msg}{more}"
+    where = f"{loc}: " if loc else ""  # a whole-config validator has no location: its message names the key
+    return f"{source}: {where}{msg}{more}"
 
 
 def _validate(data: Any, source: str) -> Config:

@@ -4,10 +4,13 @@ Ray appears only where the loop meets the cluster: its dataset shard, its checkp
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import random
 import tempfile
 import time
 
+import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -20,7 +23,9 @@ from raytrain.data.transforms import to_model_input
 from raytrain.errors import RaytrainError
 from raytrain.losses import create_loss
 from raytrain.metrics import SegmentationMetrics
-from raytrain.models import create_model
+from raytrain.models import create_model, to_probabilities
+
+OVERLAY_SAMPLES = 4  # val images drawn with their predictions in TensorBoard, each epoch
 
 
 class NonFiniteLoss(RaytrainError):
@@ -51,6 +56,51 @@ def create_optimizer(config: Config, params) -> torch.optim.Optimizer:
     return optimizer_class(params, lr=optim.lr, weight_decay=optim.weight_decay)
 
 
+def lr_factor(schedule: str, step: int, total_steps: int, warmup_steps: int = 0) -> float:
+    """The multiple of optim.lr used at batch `step` (0-based) of a run of `total_steps` batches."""
+    if schedule == "onecycle" and not warmup_steps:
+        warmup_steps = max(1, round(0.3 * total_steps))  # one-cycle rises for the first 30% by default
+    if step < warmup_steps:
+        start = 0.04 if schedule == "onecycle" else 0.0  # one-cycle starts at lr/25, as in Smith's paper
+        return start + (1 - start) * (step + 1) / warmup_steps
+    # Clamped: a worker may run a step or two more than the manifest's count predicts.
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule in ("cosine", "onecycle"):
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "poly":
+        return (1 - progress) ** 0.9  # the usual power in segmentation (DeepLab)
+    return 1.0
+
+
+def create_scheduler(config: Config, optimizer, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    total = steps_per_epoch * config.train.epochs
+    warmup = round(config.optim.warmup_epochs * steps_per_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(config.optim.schedule, step, total, warmup)
+    )
+
+
+def steps_per_epoch(config: Config, world_size: int) -> int:
+    """Batches per worker and epoch: the train split is cut into equal parts, one per worker."""
+    samples = read_manifest(config.data.path)["num_samples"]["train"] // world_size
+    return max(1, math.ceil(samples / config.train.batch_size))
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The mixed-precision dtype, or None for plain fp32."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def sum_over_workers(*values: float, device) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
@@ -58,75 +108,156 @@ def sum_over_workers(*values: float, device) -> list[float]:
     return tensor.tolist()
 
 
-def train_one_epoch(model, batches, loss_fn, optimizer, device, epoch: int) -> tuple[float, int]:
+def model_input(images: torch.Tensor, device, channels_last: bool) -> torch.Tensor:
+    images = to_model_input(images, device)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+def train_one_epoch(
+    model, batches, loss_fn, optimizer, device, epoch: int, *,
+    scheduler=None, scaler: torch.amp.GradScaler | None = None, amp_dtype: torch.dtype | None = None,
+    grad_clip: float | None = None, channels_last: bool = False,
+) -> tuple[float, int]:
     """One pass over this worker's training shard; returns (summed loss, images seen)."""
     model.train()
     total_loss, seen = 0.0, 0
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     for step, batch in enumerate(batches):
-        images, masks = to_model_input(batch["image"], device), batch["mask"].to(device).long()
-        loss = loss_fn(model(images), masks)
+        images, masks = model_input(batch["image"], device, channels_last), batch["mask"].to(device).long()
+        with autocast:
+            loss = loss_fn(model(images), masks)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"loss is {loss.item()} at epoch {epoch}, step {step}: lower optim.lr or check the data")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is not None:  # fp16: scale the loss so small gradients do not underflow
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         total_loss += loss.item() * len(images)
         seen += len(images)
     return total_loss, seen
 
 
 @torch.no_grad()
-def evaluate(model, batches, loss_fn, metrics: SegmentationMetrics, device) -> tuple[float, int]:
-    """Accumulate this worker's val shard into `metrics`; the all-reduce happens in compute()."""
+def evaluate(
+    model, batches, loss_fn, metrics: SegmentationMetrics, device, *,
+    amp_dtype: torch.dtype | None = None, channels_last: bool = False, keep: int = 0,
+) -> tuple[float, int, dict | None]:
+    """Accumulate this worker's val shard into `metrics` (all-reduced in compute()).
+
+    Returns (summed loss, images seen, the first `keep` images with their masks and probabilities).
+    """
     model.eval()
-    total_loss, seen = 0.0, 0
+    total_loss, seen, samples = 0.0, 0, None
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     for batch in batches:
-        images, masks = to_model_input(batch["image"], device), batch["mask"].to(device).long()
-        logits = model(images)
-        total_loss += loss_fn(logits, masks).item() * len(images)
+        images, masks = model_input(batch["image"], device, channels_last), batch["mask"].to(device).long()
+        with autocast:
+            logits = model(images)
+            total_loss += loss_fn(logits, masks).item() * len(images)
+        logits = logits.float()
         seen += len(images)
         metrics.update(logits, masks)
-    return total_loss, seen
+        if keep and samples is None:
+            samples = {
+                "images": batch["image"][:keep].numpy(),
+                "masks": batch["mask"][:keep].numpy(),
+                "probabilities": to_probabilities(logits[:keep]).cpu().numpy(),
+            }
+    return total_loss, seen, samples
 
 
-def train_worker(config_dict: dict) -> None:
-    config = Config.model_validate(config_dict)
+class EarlyStopping:
+    """Stop when `metric` has not improved by `min_delta` for `patience` epochs."""
+
+    def __init__(self, metric: str, mode: str, patience: int | None, min_delta: float = 0.0):
+        self.metric, self.sign, self.patience, self.min_delta = metric, (1 if mode == "max" else -1), patience, min_delta
+        self.best, self.waited = -math.inf, 0
+
+    def should_stop(self, report: dict) -> bool:
+        value = report.get(self.metric)
+        if value is None or self.patience is None:
+            return False
+        if self.sign * value > self.best + self.min_delta:
+            self.best, self.waited = self.sign * value, 0
+        else:
+            self.waited += 1
+        return self.waited >= self.patience
+
+
+def train_worker(loop_config: dict) -> None:
+    """loop_config: {"config": the resolved Config as a dict, "log_dir": where rank 0 writes TensorBoard}."""
+    config = Config.model_validate(loop_config["config"])
     context = ray.train.get_context()
+    is_rank0 = context.get_world_rank() == 0
     device = ray.train.torch.get_device()
-    torch.manual_seed(config.train.seed)
+    seed_everything(config.train.seed)
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(config.train.cpus_per_worker)))
+    amp_dtype = autocast_dtype(config.train.precision, device)
+    channels_last = config.train.channels_last if config.train.channels_last is not None else device.type == "cuda"
 
     model = create_model(config.model.name, num_classes=config.num_classes, **config.model.kwargs())
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
-    loss_fn = create_loss(config.loss.name, num_classes=config.num_classes, class_weights=loss_class_weights(config))
-    optimizer = create_optimizer(config, model.parameters())
     # Validation runs on the plain module: every worker evaluates a different number of batches,
     # and DDP's forward would wait for the others.
     eval_model = unwrap(model)
+    if config.train.compile:
+        model, eval_model = torch.compile(model), torch.compile(eval_model)
+    loss_fn = create_loss(config.loss.name, num_classes=config.num_classes, class_weights=loss_class_weights(config))
+    optimizer = create_optimizer(config, model.parameters())
+    scheduler = create_scheduler(config, optimizer, steps_per_epoch(config, context.get_world_size()))
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # a restarted worker group, or a resumed run: carry on after the last epoch
         with checkpoint.as_directory() as directory:
-            start_epoch = restore_train_state(directory, model, optimizer)
+            start_epoch = restore_train_state(directory, model, optimizer, scheduler)
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     batch_size = config.train.batch_size
     metrics = SegmentationMetrics(config.num_classes, class_names=config.classes, from_logits=True)
+    stopping = config.train.early_stopping
+    early_stopping = EarlyStopping(stopping.metric or config.search.metric, config.search.mode, stopping.patience, stopping.min_delta)
+    logger = None
+    if is_rank0 and loop_config.get("log_dir"):
+        from raytrain.viz import TensorBoardLogger  # matplotlib and tensorboard load on rank 0 only
+
+        logger = TensorBoardLogger(loop_config["log_dir"], config.classes)
 
     for epoch in range(start_epoch, config.train.epochs):
         started = time.perf_counter()
         train_batches = train_shard.iter_torch_batches(
             batch_size=batch_size, collate_fn=to_tensors, prefetch_batches=2,
             local_shuffle_buffer_size=config.data.shuffle_buffer or None,
+            local_shuffle_seed=(config.train.seed * 10_007 + epoch) if config.data.shuffle_buffer else None,
         )
-        train_loss, train_seen = train_one_epoch(model, train_batches, loss_fn, optimizer, device, epoch)
+        train_loss, train_seen = train_one_epoch(
+            model, train_batches, loss_fn, optimizer, device, epoch, scheduler=scheduler, scaler=scaler,
+            amp_dtype=amp_dtype, grad_clip=config.train.grad_clip, channels_last=channels_last,
+        )
         train_seconds = time.perf_counter() - started
 
         metrics.reset()
-        val_loss, val_seen = evaluate(eval_model, val_shard.iter_torch_batches(batch_size=batch_size, collate_fn=to_tensors), loss_fn, metrics, device)
+        val_batches = val_shard.iter_torch_batches(batch_size=batch_size, collate_fn=to_tensors)
+        val_loss, val_seen, samples = evaluate(
+            eval_model, val_batches, loss_fn, metrics, device,
+            amp_dtype=amp_dtype, channels_last=channels_last, keep=OVERLAY_SAMPLES if logger else 0,
+        )
         train_loss, train_seen, val_loss, val_seen = sum_over_workers(
             train_loss, train_seen, val_loss, val_seen, device=device
         )
@@ -137,12 +268,20 @@ def train_worker(config_dict: dict) -> None:
             val_loss=val_loss / max(val_seen, 1),
             lr=optimizer.param_groups[0]["lr"],
             images_per_s=train_seen / train_seconds,
+            epoch_s=time.perf_counter() - started,
         )
         report = {k: (v if not (isinstance(v, float) and math.isnan(v)) else None) for k, v in report.items()}
+        if logger:  # scalars every epoch; images when rank 0 had val samples
+            logger.log_epoch(epoch + 1, report, **(samples or {}))
 
         with tempfile.TemporaryDirectory() as directory:
             saved = None
-            if context.get_world_rank() == 0:
-                save_checkpoint(directory, model, optimizer, None, epoch + 1, config, report)
+            if is_rank0:
+                save_checkpoint(directory, model, optimizer, scheduler, epoch + 1, config, report)
                 saved = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(report, checkpoint=saved)
+        # Every worker sees the same all-reduced metrics, so all of them stop at the same epoch.
+        if early_stopping.should_stop(report):
+            break
+    if logger:
+        logger.close()

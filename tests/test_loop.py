@@ -1,0 +1,111 @@
+"""The worker loop's plain parts, without Ray: schedules, precision, clipping, early stopping, resume."""
+import math
+
+import pytest
+import torch
+
+from raytrain.checkpoints import restore_train_state, save_checkpoint
+from raytrain.loop import (
+    EarlyStopping,
+    NonFiniteLoss,
+    autocast_dtype,
+    create_optimizer,
+    create_scheduler,
+    lr_factor,
+    train_one_epoch,
+)
+from raytrain.losses import create_loss
+from raytrain.models import create_model
+from tests.conftest import tiny_config
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "poly", "onecycle"])
+def test_schedules_fall_to_zero_and_warm_up_linearly(schedule):
+    total, warmup = 100, 10
+    factors = [lr_factor(schedule, step, total, warmup) for step in range(total)]
+    assert factors[warmup] == pytest.approx(1.0)  # the peak is optim.lr itself
+    assert factors[-1] < 0.05 and lr_factor(schedule, total + 5, total, warmup) == pytest.approx(0.0, abs=1e-9)
+    assert all(a >= b for a, b in zip(factors[warmup:], factors[warmup + 1 :]))  # never rises after the peak
+    if schedule != "onecycle":
+        assert factors[:warmup] == pytest.approx([(s + 1) / warmup for s in range(warmup)])
+
+
+def test_onecycle_starts_at_a_25th_and_rises_for_30_percent_by_default():
+    assert lr_factor("onecycle", 0, 100) == pytest.approx(0.04 + 0.96 / 30)
+    assert lr_factor("onecycle", 29, 100) == pytest.approx(1.0)
+    assert lr_factor("onecycle", 31, 100) < 1.0
+
+
+def test_constant_and_cosine_midpoint():
+    assert lr_factor("constant", 57, 100) == 1.0
+    assert lr_factor("cosine", 50, 100) == pytest.approx(0.5)
+
+
+def test_scheduler_steps_every_batch_and_resumes_from_a_checkpoint(tiny_shards, tmp_path):
+    config = tiny_config(tiny_shards, tmp_path, **{"optim.schedule": "cosine", "train.epochs": 2})
+    model = create_model("simple")
+    optimizer = create_optimizer(config, model.parameters())
+    scheduler = create_scheduler(config, optimizer, steps_per_epoch=5)
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(config.optim.lr * 0.5)  # half-way down a cosine
+    save_checkpoint(tmp_path / "ckpt", model, optimizer, scheduler, 1, config, {"val_iou": 0.5})
+
+    fresh = create_model("simple")
+    fresh_optimizer = create_optimizer(config, fresh.parameters())
+    fresh_scheduler = create_scheduler(config, fresh_optimizer, steps_per_epoch=5)
+    assert restore_train_state(tmp_path / "ckpt", fresh, fresh_optimizer, fresh_scheduler) == 1
+    assert fresh_optimizer.param_groups[0]["lr"] == pytest.approx(optimizer.param_groups[0]["lr"])
+    assert fresh_scheduler.last_epoch == 5
+
+
+def test_precision_is_fp32_on_cpu_unless_asked():
+    cpu = torch.device("cpu")
+    assert autocast_dtype("auto", cpu) is None
+    assert autocast_dtype("fp32", cpu) is None
+    assert autocast_dtype("bf16", cpu) is torch.bfloat16
+
+
+def batches(count=3, size=(32, 64), seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(count):
+        images = torch.randint(0, 256, (2, *size, 3), dtype=torch.uint8, generator=generator)
+        masks = torch.randint(0, 2, (2, *size), dtype=torch.uint8, generator=generator)
+        yield {"image": images, "mask": masks}
+
+
+def test_gradient_clipping_bounds_each_update():
+    torch.manual_seed(0)
+    model = create_model("simple")
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    train_one_epoch(model, batches(count=1), create_loss("bce", 1), optimizer, torch.device("cpu"), 0, grad_clip=1e-3)
+    step = math.sqrt(sum(((p.detach() - b) ** 2).sum().item() for p, b in zip(model.parameters(), before)))
+    assert step == pytest.approx(1e-3, rel=1e-3)  # SGD at lr 1 moves exactly the clipped gradient's norm
+
+
+def test_bf16_autocast_trains_on_cpu():
+    torch.manual_seed(0)
+    model = create_model("simple")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss, seen = train_one_epoch(
+        model, batches(), create_loss("bce", 1), optimizer, torch.device("cpu"), 0, amp_dtype=torch.bfloat16
+    )
+    assert seen == 6 and math.isfinite(loss)
+
+
+def test_a_nan_loss_names_the_epoch_and_step():
+    model = create_model("simple")
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e30)
+    with pytest.raises(NonFiniteLoss, match=r"at epoch 4, step [0-9]+: lower optim.lr"):
+        train_one_epoch(model, batches(count=5), create_loss("bce", 1), optimizer, torch.device("cpu"), 4)
+
+
+def test_early_stopping_waits_for_patience_epochs_without_improvement():
+    stopping = EarlyStopping("val_iou", "max", patience=2, min_delta=0.01)
+    decisions = [stopping.should_stop({"val_iou": v}) for v in (0.5, 0.6, 0.605, 0.7, 0.69, 0.695)]
+    assert decisions == [False, False, False, False, False, True]
+    assert not EarlyStopping("val_iou", "max", patience=None).should_stop({"val_iou": 0.1})
+    minimise = EarlyStopping("val_loss", "min", patience=1)
+    assert [minimise.should_stop({"val_loss": v}) for v in (1.0, 0.5, 0.6)] == [False, False, True]

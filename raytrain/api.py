@@ -1,7 +1,6 @@
 """The Python API: train, tune, find the best checkpoint, load it, predict. No Ray needed to load."""
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -12,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from raytrain.checkpoints import METRICS_FILE, MODEL_FILE, CheckpointInfo, read_checkpoint
+from raytrain.checkpoints import METRICS_FILE, MODEL_FILE, CheckpointInfo, read_checkpoint, read_metrics
 from raytrain.config import Config, load_config
 from raytrain.data.transforms import to_model_input
 from raytrain.errors import CheckpointError
@@ -47,7 +46,7 @@ def best_checkpoint(experiment_path: str | os.PathLike, metric: str = "val_iou",
         raise CheckpointError(f"mode must be 'min' or 'max', not {mode!r}")
     scored = []
     for path in list_checkpoints(experiment_path):
-        value = json.loads((path / METRICS_FILE).read_text()).get(metric)
+        value = read_metrics(path).get(metric)
         if isinstance(value, (int, float)) and not math.isnan(value):
             scored.append((value, path))
     if not scored:
@@ -61,8 +60,11 @@ def load_model(checkpoint: str | os.PathLike | CheckpointInfo, device: str | tor
     info = checkpoint if isinstance(checkpoint, CheckpointInfo) else read_checkpoint(checkpoint)
     config = info.config
     model = create_model(config.model.name, num_classes=config.num_classes, **config.model.kwargs())
-    state = torch.load(info.path / MODEL_FILE, map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(torch.load(info.path / MODEL_FILE, map_location="cpu", weights_only=True))
+    except Exception as err:  # truncated file, foreign pickle, or weights of another architecture
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+        raise CheckpointError(f"{info.path / MODEL_FILE}: cannot load the weights ({reason})") from None
     model.raytrain_config = config
     return model.to(device).eval()
 

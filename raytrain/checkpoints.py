@@ -76,7 +76,18 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
         raise CheckpointError(f"{path}: not a raytrain checkpoint (missing {', '.join(missing) or 'directory'})")
     try:
         config = load_config(yaml.safe_load((path / CONFIG_FILE).read_text()))
-        metrics = json.loads((path / METRICS_FILE).read_text())
     except Exception as err:
-        raise CheckpointError(f"{path}: unreadable checkpoint metadata ({err})") from None
-    return CheckpointInfo(path, config, metrics, list(config.classes))
+        raise CheckpointError(f"{path / CONFIG_FILE}: unreadable checkpoint config ({' '.join(str(err).split())})") from None
+    return CheckpointInfo(path, config, read_metrics(path), list(config.classes))
+
+
+def read_metrics(path: str | os.PathLike) -> dict:
+    """A checkpoint's metrics.json."""
+    file = Path(path).expanduser() / METRICS_FILE
+    try:
+        metrics = json.loads(file.read_text())
+    except ValueError as err:
+        raise CheckpointError(f"{file}: not valid JSON ({err})") from None
+    if not isinstance(metrics, dict):
+        raise CheckpointError(f"{file}: expected a JSON object of metrics, got {type(metrics).__name__}")
+    return metrics

@@ -31,8 +31,6 @@ def _synth(args) -> None:
         size = parse_size(args.size)
     except ValueError as err:
         raise RaytrainError(f"--size: {err}") from None
-    if args.count < 1:
-        raise RaytrainError(f"--count must be at least 1, got {args.count}")
     started = time.perf_counter()
     try:
         out = write_synthetic_kitti(args.out, args.count, seed=args.seed, size=size)
@@ -61,14 +59,17 @@ def _load(args):
     return load_config(args.config, args.set)
 
 
-def _train(args) -> None:
+def _verbosity(args) -> int:
     from raytrain import launch
 
-    config = _load(args)
-    launch.ensure_ray(args.num_cpus)
-    result = launch.train(config)
-    if result.error:
-        raise RaytrainError(f"training failed: {result.error}")
+    return launch.QUIET if args.quiet else launch.RAY_LOGS if args.verbose else launch.EPOCH_LINES
+
+
+def _train(args) -> None:
+    config = _load(args)  # before importing Ray and torch: a bad config fails in a blink
+    from raytrain import launch
+
+    result = launch.train(config, num_cpus=args.num_cpus, verbosity=_verbosity(args))
     print(json.dumps({k: v for k, v in result.metrics.items() if k.startswith(("val_", "train_", "epoch"))}, indent=2))
     print(f"checkpoint: {result.checkpoint.path if result.checkpoint else None}")
 
@@ -101,12 +102,13 @@ def _short(value) -> str:
 
 
 def _tune(args) -> None:
+    config = _load(args)  # before importing Ray and torch: a bad config fails in a blink
     from raytrain import launch
     from raytrain.api import best_checkpoint
 
-    config = _load(args)
-    launch.ensure_ray(args.num_cpus)
-    grid = launch.tune(config, resume=args.resume)
+    grid = launch.tune(config, resume=args.resume, num_cpus=args.num_cpus, verbosity=_verbosity(args))
+    if grid.errors and len(grid.errors) == len(grid):
+        raise grid.errors[0]  # every trial failed: main() prints the first one's cause in one line
     print_trials(grid, config)
     best = best_checkpoint(f"{launch.storage_root(config)}/{config.name}", config.search.metric, config.search.mode)
     print(f"best {config.search.metric}: {best.metrics[config.search.metric]:.4f}")
@@ -130,9 +132,7 @@ def _quickstart(args) -> None:
         write_shards(raw, "kitti", shards)
     config = load_config(REPO_CONFIGS / "quickstart.yaml", [f"data.path={shards}", *args.set])
     search = config.search
-    concurrent = search.max_concurrent_trials or 1
-    launch.ensure_ray(args.num_cpus or max(os.cpu_count() or 1, concurrent * config.train.num_workers + 2))
-    grid = launch.tune(config)
+    grid = launch.tune(config, num_cpus=args.num_cpus, verbosity=_verbosity(args))
     print_trials(grid, config)
     best = best_checkpoint(f"{launch.storage_root(config)}/{config.name}", search.metric, search.mode)
     print(f"best {search.metric}: {best.metrics[search.metric]:.4f} (val_f1 {best.metrics['val_f1']:.4f})")
@@ -150,26 +150,88 @@ def _best(args) -> None:
         print(best.path)
 
 
+def _report(args) -> None:
+    from raytrain.report import write_report
+
+    print(write_report(args.experiment, args.out, args.metric, args.mode))
+
+
+def _evaluate(args) -> None:
+    from raytrain.predict import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, device=args.device)
+    if args.json:
+        print(json.dumps(metrics))
+        return
+    for key, value in metrics.items():
+        print(f"{key:<16} {value:.4f}" if isinstance(value, float) else f"{key:<16} {value}")
+
+
+def _progress_bar(label: str):
+    """A one-line progress bar on stderr when it is a terminal; silence in logs and pipes."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(done: int, total: int) -> None:
+        filled = int(30 * done / max(total, 1))
+        end = "\n" if done >= total else ""
+        print(f"\r{label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}", end=end, file=sys.stderr, flush=True)
+
+    return show
+
+
+def _predict(args) -> None:
+    from raytrain.predict import predict_files
+
+    written = predict_files(args.checkpoint, args.inputs, args.out, device=args.device, progress=_progress_bar("predict"))
+    print(f"wrote {len(written) // 2} masks and overlays to {args.out}")
+
+
+def _export(args) -> None:
+    from raytrain.predict import export_model
+
+    default = "model.torchscript.pt" if args.format == "torchscript" else "model.pt2"
+    print(export_model(args.checkpoint, args.out or Path(args.checkpoint) / default, args.format))
+
+
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return int(text)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # One line like every other raytrain error, instead of argparse's usage block; subcommands inherit it.
+        self.exit(2, f"raytrain: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="raytrain", description="Road segmentation on Ray: train, search, predict.")
+    parser = _Parser(prog="raytrain", description="Road segmentation on Ray: train, search, predict.")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    def with_output(sub):
+        loudness = sub.add_mutually_exclusive_group()
+        loudness.add_argument("-q", "--quiet", action="store_true", help="print only the results")
+        loudness.add_argument("-v", "--verbose", action="store_true", help="also print Ray's own logs and tables")
+        return sub
 
     def with_config(sub):
         sub.add_argument("config", help="YAML config (see tune_configs/)")
         sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a dotted config key")
-        sub.add_argument("--num-cpus", type=int, help="logical CPUs of a local Ray cluster (ignored with RAY_ADDRESS)")
-        return sub
+        sub.add_argument("--num-cpus", type=_positive_int, help="logical CPUs of a local Ray cluster (ignored with RAY_ADDRESS)")
+        return with_output(sub)
 
     quick = commands.add_parser("quickstart", help="synthetic data -> shards -> a small search, end to end")
     quick.add_argument("--data-dir", default=str(_cache_dir()), help="where the synthetic data goes (default: %(default)s)")
     quick.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    quick.add_argument("--num-cpus", type=int)
-    quick.set_defaults(func=_quickstart)
+    quick.add_argument("--num-cpus", type=_positive_int)
+    with_output(quick).set_defaults(func=_quickstart)
 
     data = commands.add_parser("data", help="make and shard datasets").add_subparsers(dest="data_command", required=True)
     synth = data.add_parser("synth", help="write synthetic road scenes in the KITTI road layout")
     synth.add_argument("--out", required=True)
-    synth.add_argument("--count", type=int, default=200)
+    synth.add_argument("--count", type=_positive_int, default=200)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--size", default="384x128", help="WIDTHxHEIGHT")
     synth.set_defaults(func=_synth)
@@ -197,15 +259,68 @@ def build_parser() -> argparse.ArgumentParser:
     best.add_argument("--mode", default="max", choices=["min", "max"])
     best.add_argument("--json", action="store_true")
     best.set_defaults(func=_best)
+
+    report = commands.add_parser("report", help="PNG plots, the best model's overlays and index.html of an experiment")
+    report.add_argument("experiment")
+    report.add_argument("--out", required=True, help="folder for the PNGs and index.html")
+    report.add_argument("--metric", default="val_iou")
+    report.add_argument("--mode", default="max", choices=["min", "max"])
+    report.set_defaults(func=_report)
+
+    evaluate = commands.add_parser("evaluate", help="every metric of a checkpoint on a sharded dataset")
+    evaluate.add_argument("checkpoint")
+    evaluate.add_argument("data", help="a sharded dataset (the folder or URI with manifest.json)")
+    evaluate.add_argument("--split", default="val", choices=["train", "val"])
+    evaluate.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(func=_evaluate)
+
+    predict = commands.add_parser("predict", help="mask PNGs and red overlays at each image's own size")
+    predict.add_argument("checkpoint")
+    predict.add_argument("inputs", nargs="+", help="image files or folders of images")
+    predict.add_argument("--out", required=True)
+    predict.add_argument("--device", default="cpu")
+    predict.set_defaults(func=_predict)
+
+    export = commands.add_parser("export", help="a checkpoint as a TorchScript file")
+    export.add_argument("checkpoint")
+    export.add_argument("--format", default="torchscript", choices=["torchscript", "torch.export"])
+    export.add_argument("--out", help="default: CHECKPOINT/model.torchscript.pt (or model.pt2)")
+    export.set_defaults(func=_export)
     return parser
+
+
+def _user_error_inside(err: BaseException) -> RaytrainError | None:
+    """The RaytrainError behind `err`: itself, or the one a Ray Train worker or Tune trial raised,
+    which reaches the driver wrapped (TrainingFailedError's worker_failures, RayTaskError's cause)."""
+    pending, seen = [err], set()
+    while pending:
+        current = pending.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        # RayTaskError.cause; Ray Train's UserExceptionWithTraceback keeps the worker's exception in _base_exc.
+        wrapped = getattr(current, "cause", None) or getattr(current, "_base_exc", None)
+        if isinstance(current, RaytrainError) and wrapped is None:
+            return current
+        pending += [wrapped, getattr(current, "controller_failure", None), *getattr(current, "worker_failures", {}).values()]
+        pending += [current.__cause__, current.__context__]
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not getattr(args, "verbose", False):
+        # Read when Ray is imported: no start-up chatter, Ray Data INFO lines or progress bars on stderr.
+        for name, value in {"RAY_LOGGER_LEVEL": "error", "RAY_DATA_LOG_LEVEL": "WARNING", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}.items():
+            os.environ.setdefault(name, value)
     try:
         args.func(args)
-    except RaytrainError as err:
-        print(f"raytrain: error: {err}", file=sys.stderr)
+    except Exception as err:
+        user_error = _user_error_inside(err)
+        if user_error is None:
+            raise  # a bug, not the user's input: keep the traceback
+        print(f"raytrain: error: {user_error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("raytrain: interrupted", file=sys.stderr)

@@ -5,7 +5,9 @@
 """
 from __future__ import annotations
 
+import math
 import os
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -17,10 +19,15 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from raytrain.config import Config
+from raytrain.errors import RaytrainError
 from raytrain.data.pipeline import build_datasets
 from raytrain.loop import train_worker
 
 TRAIN_RUN_NAME = "train"  # inside a trial directory: EXPERIMENT/<trial>/train/checkpoint_*
+TENSORBOARD_DIR = "tensorboard"  # inside a run directory, written by rank 0
+
+# How much a run prints: 0 only the results, 1 one line per epoch, 2 also Ray's own logs and tables.
+QUIET, EPOCH_LINES, RAY_LOGS = 0, 1, 2
 
 
 class SplitData(DataConfig):
@@ -42,15 +49,143 @@ def storage_root(config: Config) -> str:
     return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
-def ensure_ray(num_cpus: int | None = None) -> None:
+def local_cpus(config: Config, *, search: bool) -> int:
+    """Logical CPUs for a local cluster: the machine's, or enough for one run (a search: its concurrent
+    trials), each with a CPU for Ray Data, whichever is more. Threads then share the cores."""
+    per_run = config.train.num_workers * config.train.cpus_per_worker
+    runs = (config.search.max_concurrent_trials or 1) if search else 1
+    return max(os.cpu_count() or 1, math.ceil(runs * (per_run + 1)))
+
+
+def ensure_ray(num_cpus: int | None = None, verbosity: int = EPOCH_LINES) -> None:
     """Join the cluster in RAY_ADDRESS, or start a local one with explicit logical CPUs."""
     if ray.is_initialized():
         return
+    log_to_driver = verbosity >= RAY_LOGS
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
+        ray.init(log_to_driver=log_to_driver)
     else:
         # The dashboard stays on: its State API is how Ray Train frees the workers of stopped trials.
-        ray.init(num_cpus=num_cpus or os.cpu_count(), log_to_driver=False)
+        ray.init(num_cpus=num_cpus or os.cpu_count(), log_to_driver=log_to_driver)
+
+
+def check_ready(config: Config, num_cpus: int | None = None) -> None:
+    """Fail before Ray starts on what would otherwise fail in every worker, or wait forever: a local
+    cluster too small for one run, the dataset and its classes, the model and loss of every trial."""
+    from raytrain.data.shards import read_manifest
+    from raytrain.errors import ConfigError, DataError
+    from raytrain.losses import create_loss
+    from raytrain.loop import loss_class_weights
+    from raytrain.models import create_model
+
+    train = config.train
+    needed = train.num_workers * train.cpus_per_worker + 1  # Ray Data's read and decode tasks need a CPU too
+    available = num_cpus or local_cpus(config, search=False)
+    # A running or remote cluster may grow; one started here never does.
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS") and needed > available:
+        raise ConfigError(
+            f"train.num_workers={train.num_workers} x train.cpus_per_worker={train.cpus_per_worker:g} needs {needed:g} CPUs "
+            f"(one more for Ray Data), but the local cluster has {available}: lower train.num_workers or raise --num-cpus"
+        )
+    checked = set()
+    for overrides in _trial_variants(config):
+        where = "".join(f"search.space {key}={value!r}: " for key, value in overrides.items())
+        try:
+            variant = config.with_overrides(overrides)
+            if ("data", variant.data.path, tuple(variant.classes)) not in checked:
+                try:
+                    manifest = read_manifest(variant.data.path)
+                except DataError as err:
+                    raise DataError(f"data.path: {err}") from None
+                names = [entry["name"] for entry in manifest["classes"]]
+                if names != variant.classes:
+                    raise ConfigError(
+                        f"classes {variant.classes} do not match the classes {names} of the dataset in data.path "
+                        f"{variant.data.path}"
+                    )
+                checked.add(("data", variant.data.path, tuple(variant.classes)))
+            model_key = ("model", variant.model.name, variant.num_classes, tuple(sorted(variant.model.kwargs().items())))
+            if model_key not in checked:
+                try:
+                    create_model(variant.model.name, num_classes=variant.num_classes, **variant.model.kwargs())
+                except (ValueError, KeyError) as err:
+                    raise ConfigError(f"model: {err.args[0] if err.args else err}") from None  # KeyError's str() adds quotes
+                checked.add(model_key)
+            try:
+                create_loss(variant.loss.name, num_classes=variant.num_classes, class_weights=loss_class_weights(variant))
+            except ValueError as err:
+                raise ConfigError(f"loss: {err}") from None
+        except RaytrainError as err:
+            raise type(err)(f"{where}{err}") from None
+
+
+def _trial_variants(config: Config) -> list[dict]:
+    """The overrides of every combination of searched values (both ends of a range): what trials can run."""
+    import itertools
+
+    keys = list(config.search.space)
+    values = [next(iter(config.search.space[key].values())) for key in keys]
+    return [dict(zip(keys, combination)) for combination in itertools.product(*values)]
+
+
+def epoch_line(label: str, metrics: dict, epochs: int) -> str:
+    """One progress line: who, epoch, train loss, val F1 and IoU, images/s, time left for this run."""
+    epoch = int(metrics.get("epoch", 0))
+    seconds_left = (epochs - epoch) * (metrics.get("epoch_s") or 0.0)
+    minutes, seconds = divmod(int(round(seconds_left)), 60)
+
+    def number(key: str, digits: int = 4) -> str:
+        value = metrics.get(key)
+        return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
+
+    return (
+        f"{label}  epoch {epoch}/{epochs}  loss {number('train_loss')}  val_f1 {number('val_f1')}  "
+        f"val_iou {number('val_iou')}  {number('images_per_s', 1)} img/s  ETA {minutes}m{seconds:02d}s"
+    )
+
+
+class _EpochLinesTrain(ray.train.UserCallback):
+    """Runs in Ray Train's controller actor, whose prints never reach the terminal: it sends its lines
+    through a Ray queue to a thread in the driver."""
+
+    def __init__(self, label: str, epochs: int):
+        from ray.util.queue import Queue
+
+        self.label, self.epochs = label, epochs
+        self.queue = Queue(actor_options={"num_cpus": 0})
+
+    def after_report(self, run_context, metrics, checkpoint):
+        self.queue.put(epoch_line(self.label, metrics[0], self.epochs))
+
+    def print_lines_until(self, done: threading.Event) -> threading.Thread:
+        from ray.util.queue import Empty
+
+        def pump():
+            while not done.is_set() or not self.queue.empty():
+                try:
+                    print(self.queue.get(timeout=0.5), flush=True)
+                except Empty:
+                    continue
+
+        thread = threading.Thread(target=pump, daemon=True)
+        thread.start()
+        return thread
+
+
+class _EpochLinesTune(ray.tune.Callback):
+    """Tune calls this in the driver: one line per trial and epoch, in place of Tune's status tables."""
+
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        print(epoch_line(f"trial {trial.trial_id}", result, self.epochs), flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        print(f"trial {trial.trial_id}  done", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        print(f"trial {trial.trial_id}  failed", flush=True)
 
 
 def make_trainer(
@@ -67,7 +202,7 @@ def make_trainer(
         resources["GPU"] = train.gpus_per_worker
     return TorchTrainer(
         train_fn,
-        train_loop_config=config.model_dump(mode="json"),
+        train_loop_config={"config": config.model_dump(mode="json"), "log_dir": f"{storage_path}/{name}/{TENSORBOARD_DIR}"},
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=name,
@@ -85,9 +220,19 @@ def make_trainer(
     )
 
 
-def train(config: Config) -> ray.train.Result:
-    ensure_ray()
-    return make_trainer(config, storage_path=storage_root(config), name=config.name).fit()
+def train(config: Config, *, num_cpus: int | None = None, verbosity: int = QUIET) -> ray.train.Result:
+    check_ready(config, num_cpus)
+    ensure_ray(num_cpus or local_cpus(config, search=False), verbosity=verbosity)
+    if verbosity < EPOCH_LINES:
+        return make_trainer(config, storage_path=storage_root(config), name=config.name).fit()
+    lines = _EpochLinesTrain(config.name, config.train.epochs)
+    done = threading.Event()
+    printer = lines.print_lines_until(done)
+    try:
+        return make_trainer(config, storage_path=storage_root(config), name=config.name, callbacks=[lines]).fit()
+    finally:
+        done.set()
+        printer.join(timeout=5)
 
 
 def _run_trial(params: dict, base: dict) -> None:
@@ -123,18 +268,33 @@ def _search_space(config: Config) -> dict:
 
 def _scheduler(config: Config):
     scheduler = config.search.scheduler
-    if scheduler.name == "asha":
-        return ray.tune.schedulers.ASHAScheduler(
-            time_attr="epoch",
-            max_t=config.train.epochs,
-            grace_period=scheduler.grace_period,
-            reduction_factor=scheduler.reduction_factor,
-        )
-    return ray.tune.schedulers.FIFOScheduler()
+    if scheduler.name == "fifo":
+        return ray.tune.schedulers.FIFOScheduler()
+    # HyperBand runs as its asynchronous form (ASHA over several brackets): Tune's synchronous
+    # HyperBandScheduler pauses trials, and a paused trial here would restart its Train run from scratch.
+    return ray.tune.schedulers.ASHAScheduler(
+        time_attr="epoch",
+        max_t=config.train.epochs,
+        grace_period=scheduler.grace_period,
+        reduction_factor=scheduler.reduction_factor,
+        brackets=3 if scheduler.name == "hyperband" else 1,
+    )
 
 
-def tune(config: Config, *, resume: bool = False) -> ray.tune.ResultGrid:
-    ensure_ray()
+def _search_algorithm(config: Config):
+    if config.search.algorithm == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError:
+            raise RaytrainError("search.algorithm optuna needs Optuna: pip install 'raytrain[optuna]'") from None
+        return OptunaSearch(seed=config.train.seed)
+    # max_concurrent here: Tune ignores TuneConfig.max_concurrent_trials when given a generator.
+    return ray.tune.search.BasicVariantGenerator(random_state=config.train.seed, max_concurrent=config.search.max_concurrent_trials or 0)
+
+
+def tune(config: Config, *, resume: bool = False, num_cpus: int | None = None, verbosity: int = QUIET) -> ray.tune.ResultGrid:
+    check_ready(config, num_cpus)
+    ensure_ray(num_cpus or local_cpus(config, search=True), verbosity=verbosity)
     trainable = ray.tune.with_parameters(_run_trial, base=config.model_dump(mode="json"))
     # The trial function only drives a Train run and the workers ask for their own resources;
     # Tune cannot schedule a trial that asks for nothing, so it takes a token share of a CPU.
@@ -150,10 +310,18 @@ def tune(config: Config, *, resume: bool = False) -> ray.tune.ResultGrid:
                 metric=config.search.metric,
                 mode=config.search.mode,
                 scheduler=_scheduler(config),
+                search_alg=_search_algorithm(config),
                 num_samples=config.search.num_samples,
                 max_concurrent_trials=config.search.max_concurrent_trials,
                 trial_dirname_creator=_trial_dirname_of,
             ),
-            run_config=ray.tune.RunConfig(name=config.name, storage_path=storage_root(config)),
+            run_config=ray.tune.RunConfig(
+                name=config.name,
+                storage_path=storage_root(config),
+                # A trial whose node is lost is rerun; finished trials are kept in the experiment state.
+                failure_config=ray.tune.FailureConfig(max_failures=config.train.max_failures),
+                callbacks=[_EpochLinesTune(config.train.epochs)] if verbosity >= EPOCH_LINES else None,
+                verbose=2 if verbosity >= RAY_LOGS else 0,
+            ),
         )
     return tuner.fit()

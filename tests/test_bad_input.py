@@ -7,7 +7,6 @@ and the fragments its one-line message must contain.
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

@@ -43,3 +43,13 @@ def tiny_config(shards, storage, **overrides):
         "train": {"epochs": 2, "batch_size": 4, "num_workers": 2, "storage_path": str(storage), "max_failures": 0},
     }
     return load_config(base, overrides)
+
+
+@pytest.fixture(scope="session")
+def trained_run(ray_cluster, tiny_shards, tmp_path_factory):
+    """(config, Ray Result) of a finished 2-epoch, 2-worker run on the tiny shards."""
+    from raytrain.launch import train
+
+    storage = tmp_path_factory.mktemp("train")
+    config = tiny_config(tiny_shards, storage, **{"train.epochs": 2})
+    return config, train(config)

@@ -45,12 +45,8 @@ def test_two_ddp_workers_see_disjoint_data(ray_cluster, tiny_shards, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def trained(ray_cluster, tiny_shards, tmp_path_factory):
-    from raytrain.launch import train
-
-    storage = tmp_path_factory.mktemp("train")
-    config = tiny_config(tiny_shards, storage, **{"train.epochs": 2})
-    return config, train(config)
+def trained(trained_run):
+    return trained_run
 
 
 def test_training_reports_every_metric_and_checkpoints(trained):

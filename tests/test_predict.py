@@ -1,0 +1,84 @@
+"""A trained checkpoint at work through the CLI: evaluate, predict, export (real subprocesses)."""
+import json
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+import raytrain
+from raytrain.data.shards import shard_paths
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "raytrain.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(trained_run):
+    return trained_run[1].checkpoint.path
+
+
+def test_evaluate_gives_every_metric_and_the_reported_val_iou(trained_run, checkpoint, tiny_shards):
+    run = cli("evaluate", checkpoint, tiny_shards, "--json")
+    assert run.returncode == 0, run.stderr
+    metrics = json.loads(run.stdout)
+    val_rows = sum(pq.read_metadata(path).num_rows for path in shard_paths(tiny_shards, "val"))
+    assert metrics["split"] == "val" and metrics["samples"] == val_rows > 0
+    for key in ("accuracy", "precision", "recall", "f1", "iou", "maxf", "ap", "iou_road"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    # The tiny shards are stored at the training size, so the original-size score is the reported one.
+    assert metrics["iou"] == pytest.approx(trained_run[1].metrics["val_iou"], abs=1e-6)
+
+
+def test_predict_writes_masks_and_red_overlays_at_each_images_size(checkpoint, tmp_path):
+    rng = np.random.default_rng(0)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    sizes = {"wide": (40, 90), "tall": (70, 50)}
+    for name, (height, width) in sizes.items():
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(inputs / f"{name}.png")
+
+    run = cli("predict", checkpoint, inputs / "wide.png", inputs / "tall.png", "--out", tmp_path / "out")
+    assert run.returncode == 0, run.stderr
+
+    model = raytrain.load_model(checkpoint)
+    for name, (height, width) in sizes.items():
+        image = np.asarray(Image.open(inputs / f"{name}.png").convert("RGB"))
+        mask = np.asarray(Image.open(tmp_path / "out" / f"{name}_mask.png"))
+        overlay = np.asarray(Image.open(tmp_path / "out" / f"{name}_overlay.png").convert("RGB"))
+        assert mask.shape == (height, width) and overlay.shape == (height, width, 3)
+        expected = raytrain.predict(model, [image], masks=True)[0]
+        np.testing.assert_array_equal(mask, expected)
+        red = np.all(overlay == (255, 0, 0), axis=-1)
+        np.testing.assert_array_equal(red & (mask == 1), mask == 1)  # every predicted road pixel is red
+        np.testing.assert_array_equal(overlay[mask == 0], image[mask == 0])  # the rest is the image
+
+
+def test_predict_checks_every_input_before_writing(checkpoint, tmp_path):
+    good, bad = tmp_path / "good.png", tmp_path / "bad.png"
+    Image.fromarray(np.zeros((32, 64, 3), np.uint8)).save(good)
+    bad.write_bytes(b"not a png")
+    run = cli("predict", checkpoint, good, bad, "--out", tmp_path / "out")
+    assert run.returncode == 2
+    assert run.stderr.strip() == f"raytrain: error: {bad}: not a readable image (UnidentifiedImageError)"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("format,suffix", [("torchscript", "ts"), ("torch.export", "pt2")])
+def test_export_runs_without_raytrain_and_matches_the_model(checkpoint, tmp_path, format, suffix):
+    out = tmp_path / f"model.{suffix}"
+    run = cli("export", checkpoint, "--format", format, "--out", out)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == str(out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        exported = torch.jit.load(out) if format == "torchscript" else torch.export.load(out).module()
+    model = raytrain.load_model(checkpoint)
+    batch = torch.randn(3, 3, 32, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(batch), model(batch))

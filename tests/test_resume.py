@@ -1,0 +1,96 @@
+"""Runs that survive: a killed training worker, and a killed search driver continued with --resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+from tests.conftest import tiny_config
+
+
+def checkpoint_epochs(run_dir: Path) -> list[int]:
+    return sorted(json.loads(p.read_text())["epoch"] for p in run_dir.glob("checkpoint_*/metrics.json"))
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, tiny_shards, tmp_path):
+    from ray.util.state import list_actors
+
+    from raytrain.launch import train
+
+    epochs = 4
+    config = tiny_config(
+        tiny_shards, tmp_path,
+        **{"name": "killed", "train.epochs": epochs, "train.max_failures": 1, "train.checkpoints_to_keep": epochs},
+    )
+    outcome = {}
+    runner = threading.Thread(target=lambda: outcome.update(result=train(config)))
+    runner.start()
+
+    def alive_workers():
+        actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], detail=True)
+        return {actor.pid for actor in actors}
+
+    run_dir = tmp_path / "killed"
+    wait_for(lambda: checkpoint_epochs(run_dir), 300, "the first checkpoint")
+    victims = wait_for(alive_workers, 60, "live workers")
+    os.kill(sorted(victims)[-1], signal.SIGKILL)
+    # A new worker group starts: workers with new process ids.
+    wait_for(lambda: alive_workers() - victims, 300, "the restarted worker group")
+    runner.join(timeout=600)
+
+    result = outcome["result"]
+    assert result.error is None and result.metrics["epoch"] == epochs
+    # Every epoch checkpointed exactly once: none lost to the failure, none run twice.
+    assert checkpoint_epochs(run_dir) == list(range(1, epochs + 1))
+
+
+def test_a_killed_search_driver_resumes_without_rerunning_finished_trials(tiny_shards, tmp_path):
+    config = tiny_config(
+        tiny_shards, tmp_path / "results",
+        **{"name": "interrupted", "train.epochs": 2, "train.num_workers": 1, "search.scheduler.name": "fifo",
+           "search.max_concurrent_trials": 1, "search.space": {"optim.lr": {"grid": [1e-3, 3e-3, 1e-2]}}},
+    )
+    config_file = tmp_path / "search.yaml"
+    config_file.write_text(config.to_yaml())
+    experiment = tmp_path / "results" / "interrupted"
+    command = [sys.executable, "-m", "raytrain.cli", "tune", str(config_file), "--num-cpus", "3", "--quiet"]
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "0"}  # save the search state at every step
+
+    # The driver and the Ray cluster it started are killed together, as when a laptop or head node dies.
+    driver = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        def finished_trials():
+            states = list(experiment.glob("experiment_state-*.json"))
+            return states and states[0].read_text().count("TERMINATED") >= 1
+
+        wait_for(finished_trials, 600, "a finished trial in the saved search state")
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    results_before = {p.parent.name: p.read_text() for p in experiment.glob("trial_*/result.json")}
+    done_before = [name for name, text in results_before.items() if '"epoch": 2' in text]
+    assert done_before, results_before.keys()
+
+    resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    results_after = {p.parent.name: p.read_text() for p in experiment.glob("trial_*/result.json")}
+    assert len(results_after) == 3
+    for name in done_before:  # the finished trial was not run again: its results are untouched
+        assert results_after[name] == results_before[name]
+    for text in results_after.values():
+        assert json.loads(text.strip().splitlines()[-1])["epoch"] == 2
+    assert "best val_iou" in resumed.stdout

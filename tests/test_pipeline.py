@@ -73,3 +73,10 @@ def test_every_shard_file_is_its_own_read_task(ray_cluster, tiny_shards):
     dataset = read_shards(paths, shuffle=True).materialize()
     assert dataset.num_blocks() == len(paths)
     assert sorted(dataset.to_pandas()["id"]) == _ids(tiny_shards, "train")
+
+
+def test_decoding_runs_inside_the_read_tasks(ray_cluster, tiny_shards, tmp_path):
+    """Read and transform fuse into one task per file: no extra object-store trip per block."""
+    train = build_datasets(tiny_config(tiny_shards, tmp_path))["train"]
+    assert sum(len(batch["id"]) for batch in train.iter_batches(batch_size=4)) == len(_ids(tiny_shards, "train"))
+    assert "ReadParquet->MapBatches(transform_block)" in train.stats()

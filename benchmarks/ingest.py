@@ -1,0 +1,139 @@
+"""Images/s that the Ray Data pipeline delivers to a training loop, against a PyTorch DataLoader.
+
+    python benchmarks/ingest.py [--images 320] [--size 384x128] [--cpus N] [--repeats 3]
+
+Both read the SAME Parquet shards (made here with raytrain.data.synth + write_shards), apply the
+SAME transforms (transform_batch with augmentation: decode, scale/crop, flip, jitter) and use the
+SAME CPUs (Ray gets --cpus logical CPUs; the DataLoader --cpus worker processes). Each epoch is
+consumed as raytrain/loop.py does (iter_torch_batches, then to_model_input) by a trivial consumer.
+The two alternate, epoch by epoch, after one warm-up epoch each; the figures are medians.
+Prints one JSON object; the goal is Ray Data at least 1.0x the DataLoader.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from raytrain.config import load_config, parse_size  # noqa: E402
+from raytrain.data.pipeline import COLUMNS, ROWS_PER_TASK, augment_of, build_datasets  # noqa: E402
+from raytrain.data.shards import shard_paths, write_shards  # noqa: E402
+from raytrain.data.synth import write_synthetic_kitti  # noqa: E402
+from raytrain.data.transforms import to_model_input, transform_batch  # noqa: E402
+from raytrain.loop import to_tensors  # noqa: E402
+
+GOAL_RATIO = 1.0
+
+
+class ParquetShards(torch.utils.data.IterableDataset):
+    """The DataLoader's side: each worker streams its share of the Parquet files, ROWS_PER_TASK rows
+    at a time, through the same transform_batch as the Ray Data pipeline."""
+
+    def __init__(self, files: list[str], size, augment):
+        self.files, self.size, self.augment = files, size, augment
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for path in self.files[worker::workers]:
+            for record_batch in pq.ParquetFile(path).iter_batches(batch_size=ROWS_PER_TASK, columns=COLUMNS):
+                batch = {name: record_batch.column(name).to_numpy(zero_copy_only=False) for name in COLUMNS}
+                yield transform_batch(batch, self.size, self.augment)
+
+
+def consume(batches) -> tuple[int, float]:
+    """A trivial training step: the model input the loop would build, summed. -> (images, seconds)."""
+    started = time.perf_counter()
+    images, checksum = 0, 0.0
+    for batch in batches:
+        checksum += float(to_model_input(batch["image"], "cpu").sum()) + float(batch["mask"].sum())
+        images += len(batch["image"])
+    return images, time.perf_counter() - started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=320)
+    parser.add_argument("--size", default="384x128", help="WIDTHxHEIGHT of the images and of training")
+    parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="Ray's logical CPUs = DataLoader workers")
+    parser.add_argument("--repeats", type=int, default=3, help="timed epochs of each, alternating")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--rows-per-shard", type=int, default=32)
+    args = parser.parse_args()
+    size = parse_size(args.size)
+
+    import ray
+
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        raw = write_synthetic_kitti(Path(tmp) / "kitti", args.images, seed=0, size=size)
+        shards = Path(tmp) / "shards"
+        write_shards(raw, "kitti", shards, val_fraction=0.1, rows_per_shard=args.rows_per_shard)
+        prepare_s = time.perf_counter() - started
+        config = load_config(
+            {"data": {"path": str(shards), "size": f"{size[0]}x{size[1]}", "augment": True, "shuffle_buffer": 0},
+             "train": {"batch_size": args.batch_size}}
+        )
+
+        ray.init(num_cpus=args.cpus, log_to_driver=False, include_dashboard=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        train = build_datasets(config)["train"]
+        loader = torch.utils.data.DataLoader(
+            ParquetShards(shard_paths(shards, "train"), size, augment_of(config)),
+            batch_size=None, num_workers=args.cpus, persistent_workers=True, prefetch_factor=2,
+            collate_fn=to_tensors,
+        )
+
+        def ray_epoch():
+            return consume(train.iter_torch_batches(batch_size=args.batch_size, collate_fn=to_tensors, prefetch_batches=2))
+
+        def loader_epoch():
+            return consume(loader)  # ROWS_PER_TASK-row batches; the consumer does not care
+
+        runs = {"ray_data": [], "dataloader": []}
+        counts = {}
+        for repeat in range(args.repeats + 1):  # the first round warms both up and is not counted
+            for name, epoch in (("ray_data", ray_epoch), ("dataloader", loader_epoch)) if repeat % 2 == 0 else (
+                ("dataloader", loader_epoch), ("ray_data", ray_epoch)):
+                images, seconds = epoch()
+                counts[name] = images
+                if repeat:
+                    runs[name].append(images / seconds)
+        ray.shutdown()
+
+    medians = {name: statistics.median(rates) for name, rates in runs.items()}
+    ratio = medians["ray_data"] / medians["dataloader"]
+    print(json.dumps({
+        "benchmark": "ingest",
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        },
+        "versions": {"python": platform.python_version(), "ray": ray.__version__, "torch": torch.__version__,
+                     "numpy": np.__version__},
+        "command": " ".join([Path(sys.executable).name] + sys.argv),
+        "images": counts, "size": f"{size[0]}x{size[1]}", "cpus": args.cpus, "batch_size": args.batch_size,
+        "repeats": args.repeats, "prepare_s": round(prepare_s, 1),
+        "images_per_s": {name: [round(rate, 1) for rate in rates] for name, rates in runs.items()},
+        "median_images_per_s": {name: round(rate, 1) for name, rate in medians.items()},
+        "ratio_ray_data_to_dataloader": round(ratio, 3),
+        "goal_ratio": GOAL_RATIO,
+    }))
+    return 0 if ratio >= GOAL_RATIO else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

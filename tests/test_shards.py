@@ -233,7 +233,7 @@ def test_sigkill_mid_write_leaves_no_dataset(tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     deadline = time.monotonic() + 120
-    while not list(tmp_path.glob(".shards.tmp-*/*.parquet")):  # the first shard (256 rows) is on disk
+    while not list(tmp_path.glob(".shards.tmp-*/*.parquet")):  # the first shard file is on disk
         assert process.poll() is None and time.monotonic() < deadline, "finished before it could be killed"
         time.sleep(0.005)
     process.send_signal(signal.SIGKILL)

@@ -236,13 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--size", default="384x128", help="WIDTHxHEIGHT")
     synth.set_defaults(func=_synth)
     shard = data.add_parser("shard", help="validate a dataset and write Parquet shards with a manifest")
-    shard.add_argument("src")
+    shard.add_argument("src", help="dataset folder: a local path or a URI (file://, s3://, gs://, ...)")
     shard.add_argument("--format", required=True, choices=["kitti", "camvid", "folder"])
     shard.add_argument(
         "--classes", type=lambda text: [name.strip() for name in text.split(",") if name.strip()], default=None,
-        help="comma-separated target classes: one (e.g. road) for a binary mask; default all classes of the format",
+        help="comma-separated target classes: one (e.g. road; kitti: road or lane) for a binary mask; default all classes",
     )
-    shard.add_argument("--out", required=True)
+    shard.add_argument("--out", required=True, help="output folder, local or a URI; written atomically")
     shard.add_argument("--val-fraction", type=float, default=0.2)
     shard.add_argument("--seed", type=int, default=0)
     shard.add_argument("--skip-bad", action="store_true", help="skip bad samples (listed) instead of stopping")

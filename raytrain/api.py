@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from raytrain.checkpoints import METRICS_FILE, MODEL_FILE, CheckpointInfo, read_checkpoint, read_metrics
+from raytrain.data.location import filesystem_of, is_uri
 from raytrain.config import Config, load_config
 from raytrain.data.transforms import to_model_input
 from raytrain.errors import CheckpointError
@@ -32,12 +33,21 @@ def tune(config: str | os.PathLike | dict | Config, overrides: dict[str, Any] | 
     return launch.tune(load_config(config, overrides), resume=resume)
 
 
-def list_checkpoints(experiment_path: str | os.PathLike) -> list[Path]:
-    """Every checkpoint directory below an experiment (or a single run) directory."""
-    root = Path(experiment_path).expanduser()
-    if not root.is_dir():
-        raise CheckpointError(f"{root}: experiment directory not found")
-    return sorted(p.parent for p in root.rglob(METRICS_FILE) if (p.parent / MODEL_FILE).is_file())
+def list_checkpoints(experiment_path: str | os.PathLike) -> list[str]:
+    """Every checkpoint directory below an experiment (or a single run) directory, local or at a
+    URI (s3://...); returned as locations of the same kind."""
+    filesystem, root = filesystem_of(experiment_path)
+    if filesystem.get_file_info(root).type != pafs.FileType.Directory:
+        raise CheckpointError(f"{experiment_path}: experiment directory not found")
+    files = {info.path for info in filesystem.get_file_info(pafs.FileSelector(root, recursive=True))}
+    directories = sorted(
+        path[: -len(METRICS_FILE) - 1] for path in files
+        if path.endswith(f"/{METRICS_FILE}") and f"{path[: -len(METRICS_FILE) - 1]}/{MODEL_FILE}" in files
+    )
+    if not is_uri(experiment_path):
+        return directories
+    prefix = os.fspath(experiment_path).rstrip("/")  # keep the URI's scheme and options
+    return [prefix + directory[len(root.rstrip("/")) :] for directory in directories]
 
 
 def best_checkpoint(experiment_path: str | os.PathLike, metric: str = "val_iou", mode: str = "max") -> CheckpointInfo:

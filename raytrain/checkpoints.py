@@ -11,11 +11,14 @@ checkpoint from elsewhere cannot run code.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import torch
 import yaml
 
@@ -69,8 +72,37 @@ class CheckpointInfo:
     classes: list[str]
 
 
+def fetch_checkpoint(filesystem: pafs.FileSystem, path: str, cache: Path) -> Path:
+    """Copy a checkpoint directory from any pyarrow filesystem into `cache`, once; return the copy."""
+    target = cache / hashlib.sha1(f"{filesystem.type_name}:{path}".encode()).hexdigest()[:16] / path.rstrip("/").rsplit("/", 1)[-1]
+    if (target / MODEL_FILE).is_file():
+        return target
+    if filesystem.get_file_info(path).type != pafs.FileType.Directory:
+        raise CheckpointError(f"{path}: checkpoint directory not found")
+    partial = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    pafs.copy_files(path, str(partial), source_filesystem=filesystem, destination_filesystem=pafs.LocalFileSystem())
+    partial.rename(target)  # whole or not at all: a broken download is never taken for a checkpoint
+    return target
+
+
+def local_checkpoint(location: str | os.PathLike) -> Path:
+    """A local directory for a checkpoint given as a path or URI; s3://, gs://, ... are fetched into
+    ~/.cache/raytrain/checkpoints."""
+    from raytrain.data.location import filesystem_of, is_uri
+
+    if not is_uri(location):
+        return Path(location).expanduser()
+    filesystem, path = filesystem_of(location)
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        return Path(path)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "raytrain" / "checkpoints"
+    return fetch_checkpoint(filesystem, path, cache)
+
+
 def read_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
-    path = Path(path).expanduser()
+    path = local_checkpoint(path)
     missing = [name for name in (MODEL_FILE, CONFIG_FILE, METRICS_FILE) if not (path / name).is_file()]
     if not path.is_dir() or missing:
         raise CheckpointError(f"{path}: not a raytrain checkpoint (missing {', '.join(missing) or 'directory'})")
@@ -81,11 +113,17 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
     return CheckpointInfo(path, config, read_metrics(path), list(config.classes))
 
 
-def read_metrics(path: str | os.PathLike) -> dict:
-    """A checkpoint's metrics.json."""
-    file = Path(path).expanduser() / METRICS_FILE
+def read_metrics(location: str | os.PathLike) -> dict:
+    """A checkpoint's metrics.json, local or at a URI (without fetching the weights)."""
+    from raytrain.data.location import filesystem_of, is_uri
+
+    filesystem, path = filesystem_of(location)
+    file = f"{os.fspath(location).rstrip('/')}/{METRICS_FILE}" if is_uri(location) else Path(path) / METRICS_FILE
     try:
-        metrics = json.loads(file.read_text())
+        with filesystem.open_input_stream(f"{path}/{METRICS_FILE}") as stream:
+            metrics = json.loads(stream.read())
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: not found") from None
     except ValueError as err:
         raise CheckpointError(f"{file}: not valid JSON ({err})") from None
     if not isinstance(metrics, dict):

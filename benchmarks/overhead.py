@@ -1,0 +1,162 @@
+"""Ray Train overhead: one Ray Train worker against a plain PyTorch loop, same model, data, batch size.
+
+    python benchmarks/overhead.py [--repeats 3] [--epochs 3] [--threads 1]
+
+Both sides get the same CPUs: the trainer computes with `--threads` torch threads and one more
+CPU decodes and augments (plain: one DataLoader worker process; Ray: one logical CPU left to Ray
+Data's tasks beside a worker with cpus_per_worker=threads). Both run raytrain's own
+`train_one_epoch`/`evaluate` on the quickstart data (400 synthetic scenes 192x64, its U-Net, batch 4,
+the same transforms and augmentation). The runs alternate plain, Ray, plain, Ray, ...
+
+Steady-state images/s is training images over training time (from asking for the first batch to the
+last optimiser step, as the loop's `images_per_s` metric) in epochs 2..E; the first epoch and the
+fixed start-up (process and worker-group start, dataset set-up) are reported apart. Epoch wall
+time (train + validation + checkpoint + report) is reported too, from the driver's clock.
+Prints one JSON object; the goal is a Ray/plain ratio of steady-state images/s >= 0.95.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from common import NOISE_NOTE, emit, header, log, median, scratch_dir, steady_summary, synthetic_shards, timed_fit
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from raytrain.config import load_config
+from raytrain.data.shards import read_manifest, shard_paths
+from raytrain.data.transforms import Augment, transform_sample
+from raytrain.losses import create_loss
+from raytrain.loop import create_optimizer, evaluate, train_one_epoch
+from raytrain.metrics import SegmentationMetrics
+from raytrain.models import create_model
+
+GOAL_RATIO = 0.95
+REPO = Path(__file__).resolve().parents[1]
+
+
+def quickstart_config(shards: Path, storage: Path, epochs: int, threads: int):
+    return load_config(REPO / "tune_configs/quickstart.yaml", {
+        "data.path": str(shards), "train.epochs": epochs, "train.num_workers": 1,
+        "train.cpus_per_worker": threads, "train.storage_path": str(storage), "train.max_failures": 0,
+    })
+
+
+# --- the plain PyTorch side -----------------------------------------------------------------------
+
+class ShardRows(torch.utils.data.Dataset):
+    """The Parquet rows of one split, transformed per sample exactly as the Ray Data pipeline does."""
+
+    def __init__(self, dataset: Path, split: str, size, augment: Augment | None):
+        table = pq.read_table(shard_paths(dataset, split), columns=["image", "mask"])
+        self.images, self.masks = table["image"].to_pylist(), table["mask"].to_pylist()
+        self.size, self.augment = size, augment
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index):
+        rng = np.random.default_rng()
+        image, mask = transform_sample(self.images[index], self.masks[index], self.size, self.augment, rng)
+        # A copy: decoded arrays are read-only, and torch warns about tensors over read-only memory.
+        return {"image": torch.from_numpy(image.copy()), "mask": torch.from_numpy(mask.copy())}
+
+
+def plain_run(config, threads: int) -> dict:
+    started = time.perf_counter()
+    torch.set_num_threads(threads)
+    torch.manual_seed(config.train.seed)
+    data = config.data
+    augment = Augment(data.hflip, tuple(data.scale), data.color_jitter)
+    loader_options = dict(batch_size=config.train.batch_size, num_workers=1, persistent_workers=True, prefetch_factor=2)
+    train_loader = torch.utils.data.DataLoader(
+        ShardRows(data.path, "train", data.size, augment), shuffle=True, drop_last=False, **loader_options
+    )
+    val_loader = torch.utils.data.DataLoader(ShardRows(data.path, "val", data.size, None), **loader_options)
+    model = create_model(config.model.name, num_classes=config.num_classes, **config.model.kwargs())
+    loss_fn = create_loss(config.loss.name, num_classes=config.num_classes)
+    optimizer = create_optimizer(config, model.parameters())
+    metrics = SegmentationMetrics(config.num_classes, class_names=config.classes, from_logits=True)
+    device = torch.device("cpu")
+
+    rates, epoch_seconds = [], []
+    for epoch in range(config.train.epochs):
+        epoch_started = time.perf_counter()
+        _, seen = train_one_epoch(model, train_loader, loss_fn, optimizer, device, epoch)
+        rates.append(seen / (time.perf_counter() - epoch_started))
+        metrics.reset()
+        evaluate(model, val_loader, loss_fn, metrics, device)
+        metrics.compute()
+        epoch_seconds.append(time.perf_counter() - epoch_started)
+    return {"images_per_s": rates, "epoch_s": epoch_seconds,
+            "total_s": time.perf_counter() - started}
+
+
+def phases(runs: list[dict], train_images: int) -> dict:
+    """Where a steady epoch's wall time goes: training, validation, and (Ray) what follows the
+    worker's own epoch clock: TensorBoard, checkpoint, report. Medians over epochs 2..E of all runs."""
+    train, val, after = [], [], []
+    for run in runs:
+        for epoch in range(1, len(run["epoch_s"])):
+            train_s = train_images / run["images_per_s"][epoch]
+            worker_s = run["worker_epoch_s"][epoch] if "worker_epoch_s" in run else run["epoch_s"][epoch]
+            train.append(train_s)
+            val.append(worker_s - train_s)
+            after.append(run["epoch_s"][epoch] - worker_s)
+    return {"train": round(median(train), 2), "validate": round(median(val), 2),
+            "tensorboard_checkpoint_report": round(median(after), 2)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=3, help="per run; the first is left out of steady state")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads = Ray cpus_per_worker")
+    args = parser.parse_args()
+
+    from raytrain import launch
+
+    scratch = scratch_dir("overhead")
+    log("making the quickstart data ...")
+    shards = synthetic_shards(scratch)
+    config = quickstart_config(shards, scratch / "ray_results", args.epochs, args.threads)
+    launch.ensure_ray(args.threads + 1)  # the worker's CPUs, plus one for Ray Data (as the DataLoader worker)
+    plain_runs, ray_runs = [], []
+    for repeat in range(args.repeats):
+        log(f"repeat {repeat + 1}/{args.repeats}: plain ...")
+        plain_runs.append(plain_run(config, args.threads))
+        log(f"  plain {[round(r, 1) for r in plain_runs[-1]['images_per_s']]} images/s")
+        log(f"repeat {repeat + 1}/{args.repeats}: ray ...")
+        run = timed_fit(config, scratch / "reports.jsonl", name=f"overhead-{repeat}")
+        run["worker_epoch_s"] = [report["epoch_s"] for report in run.pop("reports")]  # the loop's train + validate clock
+        ray_runs.append(run)
+        log(f"  ray   {[round(r, 1) for r in ray_runs[-1]['images_per_s']]} images/s")
+
+    plain, ray_side = steady_summary(plain_runs), steady_summary(ray_runs)
+    train_images = read_manifest(shards)["num_samples"]["train"]
+    plain["steady_phases_s_median"] = phases(plain_runs, train_images)
+    ray_side["steady_phases_s_median"] = phases(ray_runs, train_images)
+    ratio = ray_side["steady_images_per_s_median"] / plain["steady_images_per_s_median"]
+    emit({
+        **header("overhead"),
+        "setup": {
+            "data": "quickstart: 400 synthetic scenes 192x64, seed 0", "model": "quickstart unet (batch norm)",
+            "batch_size": config.train.batch_size, "epochs_per_run": args.epochs, "repeats": args.repeats,
+            "torch_threads": args.threads, "data_cpus": 1,
+        },
+        "plain": plain,
+        "ray": ray_side,
+        "ray_over_plain_steady_images_per_s": round(ratio, 3),
+        "goal_ratio": GOAL_RATIO,
+        "raw": {"plain": plain_runs, "ray": ray_runs},
+        "note": NOISE_NOTE,
+    })
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -30,6 +30,13 @@ def shards(tmp: Path) -> Path:
     return tmp / "shards"
 
 
+def shards_without_val(tmp: Path) -> Path:
+    from raytrain.data.shards import write_shards
+
+    write_shards(kitti_folder(tmp), "kitti", tmp / "shards", val_fraction=0.0)
+    return tmp / "shards"
+
+
 def config(tmp: Path, data: Path | str | None = None, **dotted) -> Path:
     """tmp/c.yaml: a tiny valid run on `data` (default: fresh shards), with dotted keys replaced."""
     text = {
@@ -162,6 +169,7 @@ CASES = [
     pytest.param(TRAIN, lambda t: config(t, t / "nowhere"), ["data.path", "{tmp}/nowhere"], id="data-path-missing"),
     pytest.param(TRAIN, lambda t: config(t, kitti_folder(t)), ["data.path", "{tmp}/raw", "raytrain data shard"], id="data-path-not-sharded"),
     pytest.param(TRAIN, lambda t: config(t, classes=["road", "sky"]), ["classes", "'sky'", "do not match", "{tmp}/shards"], id="classes-not-in-manifest"),
+    pytest.param(TRAIN, lambda t: config(t, shards_without_val(t)), ["data.path", "{tmp}/shards", "0 val samples", "--val-fraction"], id="data-without-val-split"),
     pytest.param(
         ["train", C, "--num-cpus", "2"], lambda t: config(t), ["train.num_workers=2", "needs 3 CPUs", "--num-cpus"], id="workers-do-not-fit",
     ),

@@ -13,6 +13,7 @@ import time
 import numpy as np
 import ray.train
 import ray.train.torch
+from ray.data.collate_fn import NumpyBatchCollateFn
 import torch
 import torch.distributed as dist
 
@@ -32,9 +33,14 @@ class NonFiniteLoss(RaytrainError):
     pass
 
 
-def to_tensors(batch: dict) -> dict[str, torch.Tensor]:
+class ToTensors(NumpyBatchCollateFn):
     """Ray Data batch -> tensors; the string ids stay behind (they only serve data tests and logs)."""
-    return {"image": torch.from_numpy(batch["image"]), "mask": torch.from_numpy(batch["mask"])}
+
+    def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
+        return {"image": torch.from_numpy(batch["image"]), "mask": torch.from_numpy(batch["mask"])}
+
+
+to_tensors = ToTensors()
 
 
 def loss_class_weights(config: Config) -> list[float] | None:

@@ -1,6 +1,8 @@
 """Shared fixtures: one local Ray cluster for the session, and tiny real datasets on disk."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 
@@ -53,3 +55,14 @@ def trained_run(ray_cluster, tiny_shards, tmp_path_factory):
     storage = tmp_path_factory.mktemp("train")
     config = tiny_config(tiny_shards, storage, **{"train.epochs": 2})
     return config, train(config)
+
+
+def wait_for(condition, what: str, timeout: float = 480):
+    """Poll `condition` until it returns something true, and return that; a guard against hanging."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise TimeoutError(f"timed out waiting for {what}")

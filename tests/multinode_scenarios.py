@@ -26,7 +26,7 @@ from raytrain.checkpoints import METRICS_FILE
 from raytrain.data.shards import write_shards
 from raytrain.data.synth import write_synthetic_kitti
 from raytrain.loop import train_worker
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, wait_for
 
 TIMEOUT_S = 480  # a guard against hanging, not a speed goal
 
@@ -92,16 +92,6 @@ def registered_epoch(run_dir: Path) -> int:
     return int(((snapshot.get("latest_checkpoint_result") or {}).get("metrics") or {}).get("epoch", 0))
 
 
-def wait_for(condition, what: str):
-    deadline = time.monotonic() + TIMEOUT_S
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise TimeoutError(f"timed out waiting for {what}")
-
-
 def in_background(function) -> dict:
     """Run `function` in a thread; its return value (or error) lands in the returned dict."""
     outcome = {}
@@ -146,7 +136,7 @@ def node_loss(workdir: Path) -> dict:
     run_dir = storage / "node_loss"
 
     def kill_rank0_node_after_first_checkpoint():
-        wait_for(lambda: registered_epoch(run_dir) >= 1, "the first registered checkpoint")
+        wait_for(lambda: registered_epoch(run_dir) >= 1, "the first registered checkpoint", TIMEOUT_S)
         rank0 = next(w for w in map(json.loads, log.read_text().splitlines()) if w["rank"] == 0)
         victim = names[rank0["node_id"]]
         registered = registered_epoch(run_dir)
@@ -192,7 +182,7 @@ def search_node_loss(workdir: Path) -> dict:
         return (finished, running) if finished and running else None
 
     def kill_a_node_of_a_later_trial():
-        finished, running = wait_for(finished_and_running_trials, "a finished trial and a later one with a checkpoint")
+        finished, running = wait_for(finished_and_running_trials, "a finished trial and a later one with a checkpoint", TIMEOUT_S)
         files = {str(p): p.stat().st_size for t in finished
                  for p in (experiment / t / launch.TRAIN_RUN_NAME).glob("checkpoint_*/*")}
         workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])

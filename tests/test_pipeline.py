@@ -1,7 +1,5 @@
 """Shards of every format -> the Ray Data pipeline -> the batches the training loop reads."""
 import numpy as np
-import pytest
-from PIL import Image
 
 from raytrain.data.formats import IGNORE_INDEX
 from raytrain.data.pipeline import build_datasets, read_shards

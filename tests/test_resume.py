@@ -5,11 +5,10 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, wait_for
 
 
 def checkpoint_epochs(run_dir: Path) -> list[int]:
@@ -23,16 +22,6 @@ def registered_epochs(run_dir: Path) -> list[int]:
         return [entry["metrics"]["epoch"] for entry in json.loads(snapshot.read_text())["checkpoint_results"]]
     except (FileNotFoundError, json.JSONDecodeError, KeyError):
         return []
-
-
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, tiny_shards, tmp_path):
@@ -59,11 +48,11 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, tiny_shar
     run_dir = tmp_path / "killed"
     # Kill once Ray Train has registered a checkpoint (rank 0 writes it a moment before): that is
     # the one a restarted worker group resumes from.
-    killed_after = wait_for(lambda: registered_epochs(run_dir), 300, "the first registered checkpoint")
-    victims = wait_for(alive_workers, 60, "live workers")
+    killed_after = wait_for(lambda: registered_epochs(run_dir), "the first registered checkpoint", 300)
+    victims = wait_for(alive_workers, "live workers", 60)
     os.kill(sorted(victims)[-1], signal.SIGKILL)
     # A new worker group starts: workers with new process ids.
-    wait_for(lambda: alive_workers() - victims, 300, "the restarted worker group")
+    wait_for(lambda: alive_workers() - victims, "the restarted worker group", 300)
     runner.join(timeout=600)
 
     result = outcome["result"]
@@ -99,7 +88,7 @@ def test_a_killed_search_driver_resumes_without_rerunning_finished_trials(tiny_s
             states = list(experiment.glob("experiment_state-*.json"))
             return states and states[0].read_text().count("TERMINATED") >= 1
 
-        wait_for(finished_trials, 600, "a finished trial in the saved search state")
+        wait_for(finished_trials, "a finished trial in the saved search state", 600)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()

@@ -306,6 +306,9 @@ def _search_algorithm(config: Config):
 def tune(config: Config, *, resume: bool = False, num_cpus: int | None = None, verbosity: int = QUIET) -> ray.tune.ResultGrid:
     check_ready(config, num_cpus)
     ensure_ray(num_cpus or local_cpus(config, search=True), verbosity=verbosity)
+    if verbosity < RAY_LOGS:
+        # Tune's new console output prints its header box even at verbose=0; the legacy one is silent.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     trainable = ray.tune.with_parameters(_run_trial, base=config.model_dump(mode="json"))
     # The trial function only drives a Train run and the workers ask for their own resources;
     # Tune cannot schedule a trial that asks for nothing, so it takes a token share of a CPU.

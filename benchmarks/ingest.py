@@ -87,6 +87,9 @@ def main() -> int:
              "train": {"batch_size": args.batch_size}}
         )
 
+        # As raytrain's own local clusters (launch.ensure_ray): Ray workers at nice 0, like the
+        # DataLoader's, not Ray's default 15, which yields every core to the consuming process.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(num_cpus=args.cpus, log_to_driver=False, include_dashboard=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         train = build_datasets(config)["train"]

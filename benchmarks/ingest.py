@@ -12,20 +12,18 @@ Prints one JSON object; the goal is Ray Data at least 1.0x the DataLoader.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from common import emit, header  # noqa: E402  (the JSON header; stdout kept for the result alone)
 from raytrain.config import load_config, parse_size  # noqa: E402
 from raytrain.data.pipeline import COLUMNS, ROWS_PER_TASK, augment_of, build_datasets  # noqa: E402
 from raytrain.data.shards import shard_paths, write_shards  # noqa: E402
@@ -120,17 +118,8 @@ def main() -> int:
 
     medians = {name: statistics.median(rates) for name, rates in runs.items()}
     ratio = medians["ray_data"] / medians["dataloader"]
-    print(json.dumps({
-        "benchmark": "ingest",
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        },
-        "versions": {"python": platform.python_version(), "ray": ray.__version__, "torch": torch.__version__,
-                     "numpy": np.__version__},
-        "command": " ".join([Path(sys.executable).name] + sys.argv),
+    emit({
+        **header("ingest"),
         "images": counts, "size": f"{size[0]}x{size[1]}", "cpus": args.cpus, "batch_size": args.batch_size,
         "repeats": args.repeats, "prepare_s": round(prepare_s, 1),
         "images_per_s": {name: [round(rate, 1) for rate in rates] for name, rates in runs.items()},
@@ -138,7 +127,7 @@ def main() -> int:
         "ratio_ray_data_to_dataloader": round(ratio, 3),
         "median_first_batch_s": {name: round(statistics.median(times), 3) for name, times in first_batch.items()},
         "goal_ratio": GOAL_RATIO,
-    }))
+    })
     return 0 if ratio >= GOAL_RATIO else 1
 
 

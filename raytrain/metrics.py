@@ -163,19 +163,24 @@ def _ratios(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
     return torch.where(denominator > 0, numerator / denominator.clamp_min(1), 0.0)
 
 
-def _kitti_maxf_ap(histogram: torch.Tensor) -> dict[str, float]:
-    """MaxF and AP from histograms [negative, positive] x bin, as KITTI's pxEval_maximizeFMeasure."""
+def kitti_precision_recall(histogram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(recall, precision, threshold) at each KITTI threshold that finds some road, from the
+    [negative, positive] x bin histograms, counted as KITTI's pxEval_maximizeFMeasure does."""
     negative, positive = histogram.double()
-    total_positive = positive.sum()
-    if total_positive == 0:
-        return {"maxf": 0.0, "ap": 0.0}
     # road at threshold i iff bin > i  ->  TP_i / FP_i = counts in bins i+1 .. 256
     tp = positive.flip(0).cumsum(0).flip(0)[1:]
     fp = negative.flip(0).cumsum(0).flip(0)[1:]
-    recall = tp / total_positive
+    recall = tp / positive.sum().clamp_min(1)
     precision = tp / (tp + fp + 1e-10)
-    keep = ~((recall == 0) & (precision == 0))
-    recall, precision = recall[keep], precision[keep]
+    found = tp > 0  # recall and precision are both 0 exactly where nothing is found
+    return recall[found], precision[found], KITTI_THRESHOLDS[found]
+
+
+def _kitti_maxf_ap(histogram: torch.Tensor) -> dict[str, float]:
+    """MaxF and AP from histograms [negative, positive] x bin, as KITTI's pxEval_maximizeFMeasure."""
+    if histogram[1].sum() == 0:
+        return {"maxf": 0.0, "ap": 0.0}
+    recall, precision, _ = kitti_precision_recall(histogram)
     f_measure = 2 * precision * recall / (precision + recall + 1e-10)
     # Pascal VOC 11-point AP; levels i * 0.1 exactly as np.arange(0, 1.1, 0.1) gives them
     levels = [i * 0.1 for i in range(11)]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import torch
 from matplotlib.figure import Figure  # a Figure without pyplot: no GUI backend, no global state
 from matplotlib.ticker import NullFormatter
 from PIL import Image
@@ -25,7 +26,7 @@ from raytrain.checkpoints import METRICS_FILE, CheckpointInfo
 from raytrain.data.shards import shard_paths
 from raytrain.data.transforms import decode_image, decode_mask, resize
 from raytrain.errors import CheckpointError
-from raytrain.metrics import KITTI_THRESHOLDS, SegmentationMetrics
+from raytrain.metrics import SegmentationMetrics, kitti_precision_recall
 from raytrain.viz import overlay_grid
 
 OVERLAY_SAMPLES = 4
@@ -112,17 +113,8 @@ def val_samples(checkpoint: CheckpointInfo) -> tuple[list[np.ndarray], list[np.n
 
 
 def precision_recall_curve(histogram) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(recall, precision, threshold) over the KITTI thresholds, from SegmentationMetrics' histogram.
-
-    Same counting as metrics._kitti_maxf_ap: road at threshold t_i iff probability >= t_i.
-    """
-    negative, positive = np.asarray(histogram, dtype=np.float64)
-    tp = positive[::-1].cumsum()[::-1][1:]
-    fp = negative[::-1].cumsum()[::-1][1:]
-    recall = tp / max(positive.sum(), 1)
-    precision = tp / (tp + fp + 1e-10)
-    keep = tp > 0
-    return recall[keep], precision[keep], KITTI_THRESHOLDS.numpy()[keep]
+    """(recall, precision, threshold) over the KITTI thresholds, from SegmentationMetrics' histogram."""
+    return tuple(values.numpy() for values in kitti_precision_recall(torch.as_tensor(np.asarray(histogram))))
 
 
 # --- plots -------------------------------------------------------------------------------------

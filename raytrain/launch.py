@@ -64,13 +64,32 @@ def ensure_ray(num_cpus: int | None = None, verbosity: int = EPOCH_LINES) -> Non
     log_to_driver = verbosity >= RAY_LOGS
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=log_to_driver)
-    else:
-        # Ray starts its workers at nice 15, so on a busy machine training yields to every other
-        # process (benchmarks/overhead.py: Ray/plain images/s 0.88 at nice 15, 1.01 at 0). Ray's own
-        # job submission runs at 0 too; a RAY_worker_niceness the user set still wins.
-        os.environ.setdefault("RAY_worker_niceness", "0")
+        return
+    # Ray starts its workers at nice 15, so on a busy machine training yields to every other
+    # process (benchmarks/overhead.py: Ray/plain images/s 0.88 at nice 15, 1.01 at 0). Ray's own
+    # job submission runs at 0 too; a RAY_worker_niceness the user set still wins.
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    # Every process of this cluster is told its own address. Ray Train frees the CPUs of a stopped run
+    # (a trial that ASHA stops, that PBT pauses) from a helper that looks "the" cluster up on this
+    # machine; with a second cluster running (another search, a test) the lookup fails and those CPUs
+    # stay taken for good: later trials wait forever.
+    port = _free_port()
+    saved = {name: os.environ.get(name) for name in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    os.environ.update(RAY_ADDRESS=f"{ray.util.get_node_ip_address()}:{port}", RAY_GCS_SERVER_PORT=str(port))
+    try:
         # The dashboard stays on: its State API is how Ray Train frees the workers of stopped trials.
-        ray.init(num_cpus=num_cpus or os.cpu_count(), log_to_driver=log_to_driver)
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), log_to_driver=log_to_driver)
+    finally:  # this process keeps its own environment: after ray.shutdown() a new cluster may start
+        for name, value in saved.items():
+            os.environ.pop(name, None) if value is None else os.environ.update({name: value})
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
 
 
 def check_ready(config: Config, num_cpus: int | None = None) -> None:

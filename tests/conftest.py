@@ -10,8 +10,10 @@ import pytest
 def ray_cluster():
     import ray
 
+    from raytrain.launch import QUIET, ensure_ray
+
     # Explicit logical CPUs: 2 DDP workers of 1 CPU each, plus room for Ray Data's tasks.
-    ray.init(num_cpus=4, log_to_driver=False)
+    ensure_ray(4, verbosity=QUIET)
     yield ray
     ray.shutdown()
 

@@ -107,3 +107,30 @@ def test_search_of_two_trials_names_the_best(ray_cluster, tiny_shards, tmp_path)
     best_trial = frame.loc[frame["val_iou"].idxmax(), "trial_id"]
     assert f"trial_{best_trial}" in str(best.path)
     assert best.config.optim.lr == frame.loc[frame["val_iou"].idxmax(), "config/search/optim.lr"]
+
+
+def test_a_local_cluster_finds_itself_beside_another_one(tmp_path):
+    """Ray Train frees a stopped run's CPUs from a helper that looks the cluster up with the State API;
+    with a second cluster on the machine that lookup fails unless each process knows its own address."""
+    other = subprocess.Popen(
+        [sys.executable, "-c", "import ray, sys; ray.init(address='local', num_cpus=0); print('up', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        assert other.stdout.readline().strip() == "up"
+        script = (
+            "import ray\n"
+            "from raytrain.launch import QUIET, ensure_ray\n"
+            "ensure_ray(1, verbosity=QUIET)\n"
+            "@ray.remote(num_cpus=0)\n"
+            "def actors_seen_from_a_worker():\n"
+            "    from ray.util.state import list_actors\n"
+            "    return len(list_actors())\n"
+            "print(ray.get(actors_seen_from_a_worker.remote()))\n"
+        )
+        run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert run.stdout.strip().splitlines()[-1].isdigit()
+    finally:
+        other.stdin.close()
+        other.wait(timeout=120)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Any, Sequence
 
 import numpy as np
@@ -61,8 +62,14 @@ def best_checkpoint(experiment_path: str | os.PathLike, metric: str = "val_iou",
             scored.append((value, path))
     if not scored:
         raise CheckpointError(f"{experiment_path}: no checkpoint reports {metric!r}")
-    _, path = (max if mode == "max" else min)(scored, key=lambda item: item[0])
-    return read_checkpoint(path)
+    # On a tie, the Train run's own checkpoint (Tune's copies for PBT, checkpoint_000001, are deleted
+    # after a few more), then the first in path order.
+    ranked = sorted(scored, key=lambda item: (item[0] if mode == "max" else -item[0], not _is_tune_copy(item[1])), reverse=True)
+    return read_checkpoint(ranked[0][1])
+
+
+def _is_tune_copy(path: str) -> bool:
+    return re.fullmatch(r"checkpoint_\d{6}", os.path.basename(os.fspath(path).rstrip("/"))) is not None
 
 
 def load_model(checkpoint: str | os.PathLike | CheckpointInfo, device: str | torch.device = "cpu") -> torch.nn.Module:

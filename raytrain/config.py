@@ -8,6 +8,7 @@ checkpoint, so a checkpoint says exactly how it was made.
 from __future__ import annotations
 
 import copy
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -116,9 +117,16 @@ SearchKind = Literal["choice", "grid", "uniform", "loguniform", "randint"]
 
 
 class SchedulerConfig(_Section):
-    name: Literal["fifo", "asha", "hyperband"] = "asha"
-    grace_period: int = Field(1, ge=1, description="epochs before a trial can be stopped")
-    reduction_factor: float = Field(2, gt=1)
+    name: Literal["fifo", "asha", "hyperband", "pbt"] = "asha"
+    grace_period: int = Field(1, ge=1, description="asha, hyperband: epochs before a trial can be stopped")
+    reduction_factor: float = Field(2, gt=1, description="asha, hyperband")
+    perturbation_interval: int = Field(
+        2, ge=1, description="pbt: epochs between the moments when the worst trials copy the best"
+    )
+    mutate: list[str] | None = Field(
+        None, description="pbt: searched keys that change within a trial (default: all but model.* and optim.name)"
+    )
+    synch: bool = Field(False, description="pbt: the whole population waits at every perturbation (Tune's synch)")
 
 
 class SearchConfig(_Section):
@@ -153,7 +161,40 @@ class SearchConfig(_Section):
         grids = [key for key, spec in self.space.items() if "grid" in spec]
         if grids and self.algorithm != "random":
             raise ValueError(f"space.{grids[0]}: grid works with algorithm random only; use choice with {self.algorithm}")
+        if self.scheduler.name == "pbt":
+            if self.algorithm != "random":
+                raise ValueError(f"scheduler.name pbt samples its own values: use algorithm random, not {self.algorithm}")
+            if self.max_concurrent_trials is not None:
+                raise ValueError(
+                    "max_concurrent_trials: pbt trains its whole population together (trials wait for resources "
+                    "and take turns); leave it unset"
+                )
+            for key in self.scheduler.mutate or []:
+                if key not in self.space:
+                    raise ValueError(f"scheduler.mutate: {key} is not a key of search.space")
+                if not _mutable(key):
+                    raise ValueError(f"scheduler.mutate: {key} cannot change within a trial (the weights depend on it)")
+            if not self.pbt_mutations:
+                raise ValueError("scheduler.name pbt needs a searched key it can change, such as optim.lr, in search.space")
         return self
+
+    @property
+    def num_trials(self) -> int:
+        """num_samples of every grid combination."""
+        return self.num_samples * math.prod(len(spec["grid"]) for spec in self.space.values() if "grid" in spec)
+
+    @property
+    def pbt_mutations(self) -> list[str]:
+        """The searched keys PBT changes when a trial copies a better one; the rest come along unchanged."""
+        if self.scheduler.mutate is not None:
+            return self.scheduler.mutate
+        return [key for key in self.space if _mutable(key)]
+
+
+def _mutable(key: str) -> bool:
+    """A trial continues from another's weights and optimiser state: the architecture and the
+    optimiser type must stay what that state was made with."""
+    return not key.startswith("model.") and key != "optim.name"
 
 
 class Config(_Section):

@@ -16,7 +16,6 @@ import ray.train
 import ray.tune
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from ray.tune.integration.ray_train import TuneReportCallback
 
 from raytrain.config import Config
 from raytrain.errors import RaytrainError
@@ -24,6 +23,7 @@ from raytrain.data.pipeline import build_datasets
 from raytrain.loop import train_worker
 
 TRAIN_RUN_NAME = "train"  # inside a trial directory: EXPERIMENT/<trial>/train/checkpoint_*
+TUNE_CHECKPOINTS_TO_KEEP = 4  # pbt: copies a trial can still be cloned from while the others move on
 TENSORBOARD_DIR = "tensorboard"  # inside a run directory, written by rank 0
 
 # How much a run prints: 0 only the results, 1 one line per epoch, 2 also Ray's own logs and tables.
@@ -53,7 +53,8 @@ def local_cpus(config: Config, *, search: bool) -> int:
     """Logical CPUs for a local cluster: the machine's, or enough for one run (a search: its concurrent
     trials), each with a CPU for Ray Data, whichever is more. Threads then share the cores."""
     per_run = config.train.num_workers * config.train.cpus_per_worker
-    runs = (config.search.max_concurrent_trials or 1) if search else 1
+    concurrent = config.search.num_trials if config.search.scheduler.name == "pbt" else config.search.max_concurrent_trials
+    runs = (concurrent or 1) if search else 1
     return max(os.cpu_count() or 1, math.ceil(runs * (per_run + 1)))
 
 
@@ -211,6 +212,11 @@ class _EpochLinesTune(ray.tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         print(epoch_line(f"trial {trial.trial_id}", result, self.epochs), flush=True)
 
+    def on_trial_restore(self, iteration, trials, trial, **info):
+        source = Path(trial.checkpoint.path) if trial.checkpoint else None
+        where = f"{source.parent.name}/{source.name}" if source else "the start"
+        print(f"trial {trial.trial_id}  restarts from {where} with {trial.config.get('search', {})}", flush=True)
+
     def on_trial_complete(self, iteration, trials, trial, **info):
         print(f"trial {trial.trial_id}  done", flush=True)
 
@@ -225,14 +231,21 @@ def make_trainer(
     name: str,
     train_fn: Callable[[dict], None] = train_worker,
     callbacks: list | None = None,
+    initial_checkpoint: ray.train.Checkpoint | None = None,
 ) -> TorchTrainer:
+    """initial_checkpoint: where a new run starts (PBT's copy of a better trial); a run restarted after
+    a failure carries on from its own latest checkpoint instead."""
     train = config.train
     resources = {"CPU": train.cpus_per_worker}
     if train.use_gpu:
         resources["GPU"] = train.gpus_per_worker
     return TorchTrainer(
         train_fn,
-        train_loop_config={"config": config.model_dump(mode="json"), "log_dir": f"{storage_path}/{name}/{TENSORBOARD_DIR}"},
+        train_loop_config={
+            "config": config.model_dump(mode="json"),
+            "log_dir": f"{storage_path}/{name}/{TENSORBOARD_DIR}",
+            "initial_checkpoint": initial_checkpoint,
+        },
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=name,
@@ -265,12 +278,68 @@ def train(config: Config, *, num_cpus: int | None = None, verbosity: int = QUIET
         printer.join(timeout=5)
 
 
+class _RelayToTune(ray.train.UserCallback):
+    """Runs in Ray Train's controller: hands each epoch's metrics, and on PBT's epochs the checkpoint,
+    to the trial function, which reports them to Tune. (Ray's TuneReportCallback relays metrics only,
+    and PBT clones trials by their Tune checkpoints.)"""
+
+    def __init__(self, checkpoint_every: int | None):
+        from ray.util.queue import Queue
+
+        self.checkpoint_every = checkpoint_every
+        # One item at a time: Train waits for Tune's decision (stop, pause) before its next epoch.
+        self.queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+
+    def after_report(self, run_context, metrics, checkpoint):
+        relay = checkpoint is not None and self.checkpoint_every and metrics[0]["epoch"] % self.checkpoint_every == 0
+        self.queue.put((metrics[0], checkpoint if relay else None))
+
+    def fit_and_report(self, trainer: TorchTrainer) -> None:
+        """trainer.fit() in a thread while this one reports to Tune; Tune ends the trial by raising
+        in ray.tune.report, and the Train run, owned by this trial's actor, ends with it."""
+        failure = []
+
+        def fit():
+            try:
+                trainer.fit()
+            except BaseException as err:  # re-raised below, in Tune's thread
+                failure.append(err)
+            finally:
+                self.queue.put(None)
+
+        thread = threading.Thread(target=fit, daemon=True)
+        thread.start()
+        while (item := self.queue.get()) is not None:
+            metrics, checkpoint = item
+            ray.tune.report(metrics, checkpoint=checkpoint)
+        thread.join()
+        if failure:
+            raise failure[0]
+
+
 def _run_trial(params: dict, base: dict) -> None:
     """One Tune trial: the base config with this trial's sampled values, trained by Ray Train."""
     config = Config.model_validate(base).with_overrides(params.get("search", {}))
     context = ray.tune.get_context()
     trial_path = f"{storage_root(config)}/{context.get_experiment_name()}/{_trial_dirname(context.get_trial_id())}"
-    make_trainer(config, storage_path=trial_path, name=TRAIN_RUN_NAME, callbacks=[TuneReportCallback()]).fit()
+    start = ray.tune.get_checkpoint()  # pbt: Tune's copy of the checkpoint this trial continues from
+    if start is not None and _epoch_of(start) >= config.train.epochs:
+        return  # copied at the last epoch (PBT perturbs then too): nothing is left to train
+    # A new Train run for each start, named after it: a run of an existing name carries on from its
+    # own last checkpoint (right when the same start is retried, wrong for a new one).
+    name = TRAIN_RUN_NAME if start is None else f"{TRAIN_RUN_NAME}_from_{Path(start.path).parent.name}_{Path(start.path).name}"
+    scheduler = config.search.scheduler
+    relay = _RelayToTune(scheduler.perturbation_interval if scheduler.name == "pbt" else None)
+    relay.fit_and_report(make_trainer(config, storage_path=trial_path, name=name, callbacks=[relay], initial_checkpoint=start))
+
+
+def _epoch_of(checkpoint: ray.train.Checkpoint) -> int:
+    import json
+
+    from raytrain.checkpoints import METRICS_FILE
+
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{METRICS_FILE}") as stream:
+        return int(json.loads(stream.read())["epoch"])
 
 
 def _trial_dirname(trial_id: str) -> str:
@@ -300,6 +369,18 @@ def _scheduler(config: Config):
     scheduler = config.search.scheduler
     if scheduler.name == "fifo":
         return ray.tune.schedulers.FIFOScheduler()
+    if scheduler.name == "pbt":
+        # Lists shift to a neighbouring value; ranges are multiplied by 0.8 or 1.2 (or resampled).
+        samplers, mutations = _search_space(config), {}
+        for key in config.search.pbt_mutations:
+            (kind, values), = config.search.space[key].items()
+            mutations[key] = values if kind in ("choice", "grid") else samplers[key]
+        return ray.tune.schedulers.PopulationBasedTraining(
+            time_attr="epoch",
+            perturbation_interval=scheduler.perturbation_interval,
+            hyperparam_mutations={"search": mutations},
+            synch=scheduler.synch,
+        )
     # HyperBand runs as its asynchronous form (ASHA over several brackets): Tune's synchronous
     # HyperBandScheduler pauses trials, and a paused trial here would restart its Train run from scratch.
     return ray.tune.schedulers.ASHAScheduler(
@@ -353,6 +434,7 @@ def tune(config: Config, *, resume: bool = False, num_cpus: int | None = None, v
                 storage_path=storage_root(config),
                 # A trial whose node is lost is rerun; finished trials are kept in the experiment state.
                 failure_config=ray.tune.FailureConfig(max_failures=config.train.max_failures),
+                checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=TUNE_CHECKPOINTS_TO_KEEP),
                 callbacks=[_EpochLinesTune(config.train.epochs)] if verbosity >= EPOCH_LINES else None,
                 verbose=2 if verbosity >= RAY_LOGS else 0,
             ),

@@ -62,6 +62,18 @@ def create_optimizer(config: Config, params) -> torch.optim.Optimizer:
     return optimizer_class(params, lr=optim.lr, weight_decay=optim.weight_decay)
 
 
+def use_optim_settings(config: Config, optimizer, scheduler) -> None:
+    """After loading another run's optimiser state (PBT), apply this config's lr, weight decay and
+    momentum: the state keeps the values it was saved with. The schedule's position is kept."""
+    optim = config.optim
+    scheduler.base_lrs = [optim.lr] * len(optimizer.param_groups)
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    for group in optimizer.param_groups:
+        group.update(initial_lr=optim.lr, lr=optim.lr * factor, weight_decay=optim.weight_decay)
+        if "momentum" in group:
+            group["momentum"] = optim.momentum
+
+
 def lr_factor(schedule: str, step: int, total_steps: int, warmup_steps: int = 0) -> float:
     """The multiple of optim.lr used at batch `step` (0-based) of a run of `total_steps` batches."""
     if schedule == "onecycle" and not warmup_steps:
@@ -202,7 +214,8 @@ class EarlyStopping:
 
 
 def train_worker(loop_config: dict) -> None:
-    """loop_config: {"config": the resolved Config as a dict, "log_dir": where rank 0 writes TensorBoard}."""
+    """loop_config: {"config": the resolved Config as a dict, "log_dir": where rank 0 writes TensorBoard,
+    "initial_checkpoint": a ray.train.Checkpoint to start from, or None}."""
     config = Config.model_validate(loop_config["config"])
     context = ray.train.get_context()
     is_rank0 = context.get_world_rank() == 0
@@ -228,10 +241,12 @@ def train_worker(loop_config: dict) -> None:
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
     start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:  # a restarted worker group, or a resumed run: carry on after the last epoch
+    # This run's own latest (a restarted worker group, a resumed run), else where it was told to start.
+    checkpoint = ray.train.get_checkpoint() or loop_config.get("initial_checkpoint")
+    if checkpoint:
         with checkpoint.as_directory() as directory:
             start_epoch = restore_train_state(directory, model, optimizer, scheduler)
+        use_optim_settings(config, optimizer, scheduler)
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")

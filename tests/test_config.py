@@ -59,6 +59,11 @@ def test_overrides_parse_yaml_scalars(tmp_path):
         (VALID + "    model.colour: {choice: [1]}\n", [], "run.yaml: search.space.model.colour: unknown key"),
         (VALID + "    model.depth2: {between: [1, 2]}\n", [], "search.space.model.depth2.between"),
         (VALID.replace("[2, 3, 4]", "[2, 0]"), [], "search.space.model.depth: choice value 0: Input should be greater than or equal to 1"),
+        (VALID, ["search.scheduler.name=pbt", "search.algorithm=optuna"], "search: scheduler.name pbt samples its own values: use algorithm random, not optuna"),
+        (VALID, ["search.scheduler.name=pbt", "search.max_concurrent_trials=2"], "max_concurrent_trials: pbt trains its whole population together"),
+        (VALID, ["search.scheduler.name=pbt", "search.scheduler.mutate=[model.depth]"], "scheduler.mutate: model.depth cannot change within a trial"),
+        (VALID, ["search.scheduler.name=pbt", "search.scheduler.mutate=[optim.momentum]"], "scheduler.mutate: optim.momentum is not a key of search.space"),
+        (VALID.replace("    optim.lr: {loguniform: [1.0e-4, 1.0e-2]}\n", ""), ["search.scheduler.name=pbt"], "pbt needs a searched key it can change"),
         ("data: [unclosed\n", [], "run.yaml: line 2: not valid YAML"),
         ("- a list\n", [], "run.yaml: expected a mapping"),
     ],
@@ -69,6 +74,12 @@ def test_bad_config_is_one_line_naming_key_and_file(tmp_path, text, overrides, e
     message = str(info.value)
     assert expected in message
     assert "\n" not in message
+
+
+def test_pbt_changes_every_searched_key_but_the_architecture_by_default(tmp_path):
+    config = load_config(write(tmp_path, VALID), ["search.scheduler.name=pbt"])
+    assert config.search.pbt_mutations == ["optim.lr"]
+    assert set(config.search.space) == {"optim.lr", "model.depth"}
 
 
 def test_missing_file_is_named(tmp_path):

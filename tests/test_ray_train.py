@@ -109,6 +109,43 @@ def test_search_of_two_trials_names_the_best(ray_cluster, tiny_shards, tmp_path)
     assert best.config.optim.lr == frame.loc[frame["val_iou"].idxmax(), "config/search/optim.lr"]
 
 
+def test_pbt_trials_continue_from_the_better_trials_checkpoint_with_their_own_lr(ray_cluster, tiny_shards, tmp_path):
+    import raytrain
+
+    epochs = 2
+    config = tiny_config(
+        tiny_shards, tmp_path / "results",
+        **{"name": "pbt", "train.epochs": epochs, "train.num_workers": 1,
+           # val_loss orders the two trials strictly (the tiny model's IoU often ties)
+           "search.metric": "val_loss", "search.mode": "min",
+           "search.space": {"optim.lr": {"grid": [1e-6, 3e-3]}},
+           # synch: both trials meet at every epoch, so the worse one always copies the better one
+           "search.scheduler": {"name": "pbt", "perturbation_interval": 1, "synch": True}},
+    )
+    grid = raytrain.tune(config)
+    assert len(grid) == 2 and not grid.errors
+    assert all(result.metrics["epoch"] == epochs for result in grid)
+
+    experiment = tmp_path / "results" / "pbt"
+    copies = []  # (trial that continued, the checkpoint it continued from)
+    for trial in experiment.glob("trial_*"):
+        for run in trial.glob("train_from_*"):
+            source_trial, source_checkpoint = run.name.removeprefix("train_from_").rsplit("_checkpoint_", 1)
+            source = experiment / source_trial / f"checkpoint_{source_checkpoint}"
+            source_epoch = json.loads((source / "metrics.json").read_text())["epoch"]
+            epochs_run = sorted(json.loads((c / "metrics.json").read_text())["epoch"] for c in run.glob("checkpoint_2*"))
+            # the run went on from the copied epoch: nothing trained again from scratch
+            assert epochs_run == list(range(source_epoch + 1, source_epoch + 1 + len(epochs_run)))
+            copies.append((trial.name, source_trial))
+        # every epoch Tune saw trained at the lr of the config Tune gave the trial at that time
+        for line in (trial / "result.json").read_text().splitlines():
+            result = json.loads(line)
+            assert result["lr"] == pytest.approx(result["config"]["search"]["optim.lr"])
+    assert any(trial != source for trial, source in copies), copies  # the worse trial copied the better one
+    best = raytrain.best_checkpoint(experiment, metric="val_loss", mode="min")
+    assert best.path.parent.name.startswith("train")  # the Train run's own, not Tune's short-lived copy
+
+
 def test_a_local_cluster_finds_itself_beside_another_one(tmp_path):
     """Ray Train frees a stopped run's CPUs from a helper that looks the cluster up with the State API;
     with a second cluster on the machine that lookup fails unless each process knows its own address."""

@@ -21,6 +21,7 @@ from raytrain.config import Config
 from raytrain.errors import RaytrainError
 from raytrain.data.pipeline import build_datasets
 from raytrain.loop import train_worker
+from raytrain.preflight import check_ready
 
 TRAIN_RUN_NAME = "train"  # inside a trial directory: EXPERIMENT/<trial>/train/checkpoint_*
 TUNE_CHECKPOINTS_TO_KEEP = 4  # pbt: copies a trial can still be cloned from while the others move on
@@ -91,72 +92,6 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("", 0))
         return probe.getsockname()[1]
-
-
-def check_ready(config: Config, num_cpus: int | None = None) -> None:
-    """Fail before Ray starts on what would otherwise fail in every worker, or wait forever: a local
-    cluster too small for one run, the dataset and its classes, the model and loss of every trial."""
-    from raytrain.data.shards import read_manifest
-    from raytrain.errors import ConfigError, DataError
-    from raytrain.losses import create_loss
-    from raytrain.loop import loss_class_weights
-    from raytrain.models import create_model
-
-    train = config.train
-    needed = train.num_workers * train.cpus_per_worker + 1  # Ray Data's read and decode tasks need a CPU too
-    available = num_cpus or local_cpus(config, search=False)
-    # A running or remote cluster may grow; one started here never does.
-    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS") and needed > available:
-        raise ConfigError(
-            f"train.num_workers={train.num_workers} x train.cpus_per_worker={train.cpus_per_worker:g} needs {needed:g} CPUs "
-            f"(one more for Ray Data), but the local cluster has {available}: lower train.num_workers or raise --num-cpus"
-        )
-    checked = set()
-    for overrides in _trial_variants(config):
-        where = "".join(f"search.space {key}={value!r}: " for key, value in overrides.items())
-        try:
-            variant = config.with_overrides(overrides)
-            if ("data", variant.data.path, tuple(variant.classes)) not in checked:
-                try:
-                    manifest = read_manifest(variant.data.path)
-                except DataError as err:
-                    raise DataError(f"data.path: {err}") from None
-                counts = manifest["num_samples"]
-                if counts.get("train", 0) < variant.train.num_workers or not counts.get("val"):
-                    raise DataError(
-                        f"data.path {variant.data.path}: {counts.get('train', 0)} train and {counts.get('val', 0)} val "
-                        f"samples; {variant.train.num_workers} workers need at least one train sample each, and "
-                        "validation at least one sample (shard with --val-fraction above 0)"
-                    )
-                names = [entry["name"] for entry in manifest["classes"]]
-                if names != variant.classes:
-                    raise ConfigError(
-                        f"classes {variant.classes} do not match the classes {names} of the dataset in data.path "
-                        f"{variant.data.path}"
-                    )
-                checked.add(("data", variant.data.path, tuple(variant.classes)))
-            model_key = ("model", variant.model.name, variant.num_classes, tuple(sorted(variant.model.kwargs().items())))
-            if model_key not in checked:
-                try:
-                    create_model(variant.model.name, num_classes=variant.num_classes, **variant.model.kwargs())
-                except (ValueError, KeyError) as err:
-                    raise ConfigError(f"model: {err.args[0] if err.args else err}") from None  # KeyError's str() adds quotes
-                checked.add(model_key)
-            try:
-                create_loss(variant.loss.name, num_classes=variant.num_classes, class_weights=loss_class_weights(variant))
-            except ValueError as err:
-                raise ConfigError(f"loss: {err}") from None
-        except RaytrainError as err:
-            raise type(err)(f"{where}{err}") from None
-
-
-def _trial_variants(config: Config) -> list[dict]:
-    """The overrides of every combination of searched values (both ends of a range): what trials can run."""
-    import itertools
-
-    keys = list(config.search.space)
-    values = [next(iter(config.search.space[key].values())) for key in keys]
-    return [dict(zip(keys, combination)) for combination in itertools.product(*values)]
 
 
 def epoch_line(label: str, metrics: dict, epochs: int) -> str:
@@ -263,9 +198,14 @@ def make_trainer(
     )
 
 
+def _starts_local_cluster() -> bool:
+    return not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+
+
 def train(config: Config, *, num_cpus: int | None = None, verbosity: int = QUIET) -> ray.train.Result:
-    check_ready(config, num_cpus)
-    ensure_ray(num_cpus or local_cpus(config, search=False), verbosity=verbosity)
+    cpus = num_cpus or local_cpus(config, search=False)
+    check_ready(config, cpus if _starts_local_cluster() else None)
+    ensure_ray(cpus, verbosity=verbosity)
     if verbosity < EPOCH_LINES:
         return make_trainer(config, storage_path=storage_root(config), name=config.name).fit()
     lines = _EpochLinesTrain(config.name, config.train.epochs)
@@ -404,8 +344,9 @@ def _search_algorithm(config: Config):
 
 
 def tune(config: Config, *, resume: bool = False, num_cpus: int | None = None, verbosity: int = QUIET) -> ray.tune.ResultGrid:
-    check_ready(config, num_cpus)
-    ensure_ray(num_cpus or local_cpus(config, search=True), verbosity=verbosity)
+    cpus = num_cpus or local_cpus(config, search=True)
+    check_ready(config, cpus if _starts_local_cluster() else None)
+    ensure_ray(cpus, verbosity=verbosity)
     if verbosity < RAY_LOGS:
         # Tune's new console output prints its header box even at verbose=0; the legacy one is silent.
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")

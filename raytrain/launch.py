@@ -147,10 +147,10 @@ class _EpochLinesTune(ray.tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         print(epoch_line(f"trial {trial.trial_id}", result, self.epochs), flush=True)
 
-    def on_trial_restore(self, iteration, trials, trial, **info):
-        source = Path(trial.checkpoint.path) if trial.checkpoint else None
-        where = f"{source.parent.name}/{source.name}" if source else "the start"
-        print(f"trial {trial.trial_id}  restarts from {where} with {trial.config.get('search', {})}", flush=True)
+    def on_trial_start(self, iteration, trials, trial, **info):
+        if trial.checkpoint is not None:  # pbt: from a better trial's checkpoint, or its own after a pause
+            source = Path(trial.checkpoint.path)
+            print(f"trial {trial.trial_id}  restarts from {source.parent.name}/{source.name} with {trial.config.get('search', {})}", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         print(f"trial {trial.trial_id}  done", flush=True)
@@ -223,15 +223,16 @@ class _RelayToTune(ray.train.UserCallback):
     to the trial function, which reports them to Tune. (Ray's TuneReportCallback relays metrics only,
     and PBT clones trials by their Tune checkpoints.)"""
 
-    def __init__(self, checkpoint_every: int | None):
+    def __init__(self, checkpoint_every: int | None, epochs: int):
         from ray.util.queue import Queue
 
-        self.checkpoint_every = checkpoint_every
+        self.checkpoint_every, self.epochs = checkpoint_every, epochs  # no copy at the last: PBT leaves it alone
         # One item at a time: Train waits for Tune's decision (stop, pause) before its next epoch.
         self.queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
 
     def after_report(self, run_context, metrics, checkpoint):
-        relay = checkpoint is not None and self.checkpoint_every and metrics[0]["epoch"] % self.checkpoint_every == 0
+        epoch = metrics[0]["epoch"]
+        relay = checkpoint is not None and self.checkpoint_every and epoch % self.checkpoint_every == 0 and epoch < self.epochs
         self.queue.put((metrics[0], checkpoint if relay else None))
 
     def fit_and_report(self, trainer: TorchTrainer) -> None:
@@ -264,12 +265,12 @@ def _run_trial(params: dict, base: dict) -> None:
     trial_path = f"{storage_root(config)}/{context.get_experiment_name()}/{_trial_dirname(context.get_trial_id())}"
     start = ray.tune.get_checkpoint()  # pbt: Tune's copy of the checkpoint this trial continues from
     if start is not None and _epoch_of(start) >= config.train.epochs:
-        return  # copied at the last epoch (PBT perturbs then too): nothing is left to train
+        return  # the copy is at or past this trial's last epoch: nothing is left to train
     # A new Train run for each start, named after it: a run of an existing name carries on from its
     # own last checkpoint (right when the same start is retried, wrong for a new one).
     name = TRAIN_RUN_NAME if start is None else f"{TRAIN_RUN_NAME}_from_{Path(start.path).parent.name}_{Path(start.path).name}"
     scheduler = config.search.scheduler
-    relay = _RelayToTune(scheduler.perturbation_interval if scheduler.name == "pbt" else None)
+    relay = _RelayToTune(scheduler.perturbation_interval if scheduler.name == "pbt" else None, config.train.epochs)
     relay.fit_and_report(make_trainer(config, storage_path=trial_path, name=name, callbacks=[relay], initial_checkpoint=start))
 
 
@@ -315,7 +316,8 @@ def _scheduler(config: Config):
         for key in config.search.pbt_mutations:
             (kind, values), = config.search.space[key].items()
             mutations[key] = values if kind in ("choice", "grid") else samplers[key]
-        return ray.tune.schedulers.PopulationBasedTraining(
+        return _PopulationBasedTraining(
+            config.train.epochs,
             time_attr="epoch",
             perturbation_interval=scheduler.perturbation_interval,
             hyperparam_mutations={"search": mutations},
@@ -330,6 +332,21 @@ def _scheduler(config: Config):
         reduction_factor=scheduler.reduction_factor,
         brackets=3 if scheduler.name == "hyperband" else 1,
     )
+
+
+class _PopulationBasedTraining(ray.tune.schedulers.PopulationBasedTraining):
+    """Tune's PBT, except at a trial's last epoch: a copy then would have nothing left to train, and
+    pausing it there (synch) would train its last epochs again."""
+
+    def __init__(self, epochs: int, **kwargs):
+        super().__init__(**kwargs)
+        self.epochs = epochs
+
+    def on_trial_result(self, tune_controller, trial, result):
+        epochs = trial.config.get("search", {}).get("train.epochs", self.epochs)
+        if result.get("epoch", 0) >= epochs:
+            return ray.tune.schedulers.TrialScheduler.CONTINUE
+        return super().on_trial_result(tune_controller, trial, result)
 
 
 def _search_algorithm(config: Config):

@@ -226,12 +226,13 @@ class _RelayToTune(ray.train.UserCallback):
     def __init__(self, checkpoint_every: int | None, epochs: int):
         from ray.util.queue import Queue
 
-        self.checkpoint_every, self.epochs = checkpoint_every, epochs  # no copy at the last: PBT leaves it alone
+        self.checkpoint_every, self.epochs = checkpoint_every, epochs
         # One item at a time: Train waits for Tune's decision (stop, pause) before its next epoch.
         self.queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
 
     def after_report(self, run_context, metrics, checkpoint):
         epoch = metrics[0]["epoch"]
+        # PBT's epochs, except the last, where _PopulationBasedTraining leaves trials alone.
         relay = checkpoint is not None and self.checkpoint_every and epoch % self.checkpoint_every == 0 and epoch < self.epochs
         self.queue.put((metrics[0], checkpoint if relay else None))
 

@@ -88,7 +88,8 @@ def main() -> int:
         # As raytrain's own local clusters (launch.ensure_ray): Ray workers at nice 0, like the
         # DataLoader's, not Ray's default 15, which yields every core to the consuming process.
         os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(num_cpus=args.cpus, log_to_driver=False, include_dashboard=False)
+        # address="local": a cluster of its own, even beside one that another job started here.
+        ray.init(address="local", num_cpus=args.cpus, log_to_driver=False, include_dashboard=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         train = build_datasets(config)["train"]
         loader = torch.utils.data.DataLoader(

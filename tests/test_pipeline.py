@@ -73,6 +73,13 @@ def test_every_shard_file_is_its_own_read_task(ray_cluster, tiny_shards):
     assert sorted(dataset.to_pandas()["id"]) == _ids(tiny_shards, "train")
 
 
+def test_datasets_run_without_the_op_resource_allocator(ray_cluster, tiny_shards, tmp_path):
+    """Its CPU budget comes a second into each epoch; until then it ran one task (see read_shards)."""
+    datasets = build_datasets(tiny_config(tiny_shards, tmp_path))
+    assert not any(dataset.context.op_resource_reservation_enabled for dataset in datasets.values())
+    assert ray_cluster.data.DataContext.get_current().op_resource_reservation_enabled  # left as it was
+
+
 def test_decoding_runs_inside_the_read_tasks(ray_cluster, tiny_shards, tmp_path):
     """Read and transform fuse into one task per file: no extra object-store trip per block."""
     train = build_datasets(tiny_config(tiny_shards, tmp_path))["train"]

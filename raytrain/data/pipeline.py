@@ -1,7 +1,8 @@
 """Ray Data: Parquet shards -> decoded, resized, augmented batches for the Train workers.
 
 Decoding runs in Ray Data tasks, not in the training processes; Ray Train's DataConfig then
-streams each worker its own disjoint part (see launch.SplitData).
+streams each worker its own disjoint part (see launch.SplitData). Every epoch is a new Ray Data
+execution, so what it costs to start one is paid every epoch (see read_shards).
 """
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ def transform_block(block: dict, size, augment: Augment | None = None):
     Taking the block whole (map_batches with batch_size=None) lets Ray fuse this map into the
     Parquet read task; with a batch_size, Ray 2.60 keeps read and map apart and every encoded block
     takes an extra trip through the object store and an extra task (half the images/s on 2 CPUs).
-    Yielding small batches keeps a task's memory bounded and its output streaming.
+    Small batches bound the decoding's scratch memory. Ray still packs what a task yields into
+    blocks of up to DataContext.target_max_block_size (128 MiB): one block per task here, which is
+    what we want, as each block is a round trip to the driver (16-row blocks: ~15% fewer images/s).
     """
     for start in range(0, len(block["id"]), ROWS_PER_TASK):
         rows = {name: column[start : start + ROWS_PER_TASK] for name, column in block.items()}
@@ -40,17 +43,28 @@ def read_shards(paths: list[str], *, shuffle: bool) -> ray.data.Dataset:
     Ray 2.60's default Parquet reader (DataSourceV2) packs small files into few read tasks, and
     each block is then decoded by a single task: measured on 2 CPUs, one task did all the work
     and listing the files took seconds every epoch. The V1 reader with a block per file streams
-    from the first file and keeps every CPU decoding (benchmarks/ingest.py).
+    from the first file and keeps every CPU decoding (benchmarks/ingest.py). A task still costs
+    its worker ~20 ms of hand-over; 16 MiB tasks of several files reached 1.14-1.25x a DataLoader
+    there, but a task's one block comes at its end, so each epoch's first batch came 0.4-0.8 s
+    later, which a model-bound Ray Train epoch pays in full (7-10% slower, one worker): not worth it.
+
+    Ray Data's per-operator resource allocator is off for these datasets. It takes its CPU budget
+    from Ray's autoscaling coordinator, which answers a new execution only after about a second;
+    until then it ran one task at a time, so the first second of every epoch decoded on one CPU
+    (benchmarks/ingest.py: 0.67-0.70 of a DataLoader's images/s with it, 1.00-1.06 without).
+    Without it, Ray core's CPU slots still bound the tasks, and the executor's output backpressure
+    the object store (a consumer at 53 images/s: at most 0.45 GiB held with it, 0.48 GiB without).
     """
     context = ray.data.DataContext.get_current()
-    default_reader = context.use_datasource_v2
-    context.use_datasource_v2 = False  # read at plan time: the dataset keeps the V1 read
+    saved = context.use_datasource_v2, context.op_resource_reservation_enabled
+    # A dataset keeps the context it was made with: the V1 read at plan time, no allocator when run.
+    context.use_datasource_v2, context.op_resource_reservation_enabled = False, False
     try:
         return ray.data.read_parquet(
             paths, shuffle="files" if shuffle else None, override_num_blocks=max(1, len(paths))
         ).select_columns(COLUMNS)
     finally:
-        context.use_datasource_v2 = default_reader
+        context.use_datasource_v2, context.op_resource_reservation_enabled = saved
 
 
 def build_datasets(config: Config) -> dict[str, ray.data.Dataset]:

@@ -42,41 +42,36 @@ def test_constant_and_cosine_midpoint():
     assert lr_factor("cosine", 50, 100) == pytest.approx(0.5)
 
 
-def test_scheduler_steps_every_batch_and_resumes_from_a_checkpoint(tiny_shards, tmp_path):
-    config = tiny_config(tiny_shards, tmp_path, **{"optim.schedule": "cosine", "train.epochs": 2})
+def optimiser_after(config, steps: int, steps_per_epoch: int = 5):
+    """A fresh simple model's (model, optimizer, scheduler) after `steps` batches of `config`'s schedule."""
     model = create_model("simple")
     optimizer = create_optimizer(config, model.parameters())
-    scheduler = create_scheduler(config, optimizer, steps_per_epoch=5)
-    for _ in range(5):
+    scheduler = create_scheduler(config, optimizer, steps_per_epoch=steps_per_epoch)
+    for _ in range(steps):
         optimizer.step()
         scheduler.step()
+    return model, optimizer, scheduler
+
+
+def test_scheduler_steps_every_batch_and_resumes_from_a_checkpoint(tiny_shards, tmp_path):
+    config = tiny_config(tiny_shards, tmp_path, **{"optim.schedule": "cosine", "train.epochs": 2})
+    model, optimizer, scheduler = optimiser_after(config, 5)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(config.optim.lr * 0.5)  # half-way down a cosine
     save_checkpoint(tmp_path / "ckpt", model, optimizer, scheduler, 1, config, {"val_iou": 0.5})
 
-    fresh = create_model("simple")
-    fresh_optimizer = create_optimizer(config, fresh.parameters())
-    fresh_scheduler = create_scheduler(config, fresh_optimizer, steps_per_epoch=5)
+    fresh, fresh_optimizer, fresh_scheduler = optimiser_after(config, 0)
     assert restore_train_state(tmp_path / "ckpt", fresh, fresh_optimizer, fresh_scheduler) == 1
     assert fresh_optimizer.param_groups[0]["lr"] == pytest.approx(optimizer.param_groups[0]["lr"])
     assert fresh_scheduler.last_epoch == 5
 
 
-
 def test_a_checkpoint_from_another_config_takes_this_configs_lr_at_the_same_point_of_the_schedule(tiny_shards, tmp_path):
     """PBT: a trial continues from a better trial's checkpoint with its own, perturbed lr and weight decay."""
     source = tiny_config(tiny_shards, tmp_path, **{"optim.schedule": "cosine", "optim.lr": 1e-3, "train.epochs": 2})
-    model = create_model("simple")
-    optimizer = create_optimizer(source, model.parameters())
-    scheduler = create_scheduler(source, optimizer, steps_per_epoch=5)
-    for _ in range(5):
-        optimizer.step()
-        scheduler.step()
-    save_checkpoint(tmp_path / "ckpt", model, optimizer, scheduler, 1, source, {"val_iou": 0.5})
+    save_checkpoint(tmp_path / "ckpt", *optimiser_after(source, 5), 1, source, {"val_iou": 0.5})
 
     target = source.with_overrides({"optim.lr": 4e-3, "optim.weight_decay": 0.01})
-    fresh = create_model("simple")
-    fresh_optimizer = create_optimizer(target, fresh.parameters())
-    fresh_scheduler = create_scheduler(target, fresh_optimizer, steps_per_epoch=5)
+    fresh, fresh_optimizer, fresh_scheduler = optimiser_after(target, 0)
     restore_train_state(tmp_path / "ckpt", fresh, fresh_optimizer, fresh_scheduler)
     assert fresh_optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5)  # the state's own lr, until told
     use_optim_settings(target, fresh_optimizer, fresh_scheduler)
@@ -85,6 +80,7 @@ def test_a_checkpoint_from_another_config_takes_this_configs_lr_at_the_same_poin
     fresh_optimizer.step()
     fresh_scheduler.step()
     assert fresh_optimizer.param_groups[0]["lr"] == pytest.approx(4e-3 * lr_factor("cosine", 6, 10))
+
 
 def test_precision_is_fp32_on_cpu_unless_asked():
     cpu = torch.device("cpu")

@@ -52,7 +52,8 @@ def storage_root(config: Config) -> str:
 
 def local_cpus(config: Config, *, search: bool) -> int:
     """Logical CPUs for a local cluster: the machine's, or enough for one run (a search: its concurrent
-    trials), each with a CPU for Ray Data, whichever is more. Threads then share the cores."""
+    trials; pbt: the whole population), each with a CPU for Ray Data, whichever is more. Threads then
+    share the cores."""
     per_run = config.train.num_workers * config.train.cpus_per_worker
     concurrent = config.search.num_trials if config.search.scheduler.name == "pbt" else config.search.max_concurrent_trials
     runs = (concurrent or 1) if search else 1
@@ -265,23 +266,12 @@ def _run_trial(params: dict, base: dict) -> None:
     context = ray.tune.get_context()
     trial_path = f"{storage_root(config)}/{context.get_experiment_name()}/{_trial_dirname(context.get_trial_id())}"
     start = ray.tune.get_checkpoint()  # pbt: Tune's copy of the checkpoint this trial continues from
-    if start is not None and _epoch_of(start) >= config.train.epochs:
-        return  # the copy is at or past this trial's last epoch: nothing is left to train
     # A new Train run for each start, named after it: a run of an existing name carries on from its
     # own last checkpoint (right when the same start is retried, wrong for a new one).
     name = TRAIN_RUN_NAME if start is None else f"{TRAIN_RUN_NAME}_from_{Path(start.path).parent.name}_{Path(start.path).name}"
     scheduler = config.search.scheduler
     relay = _RelayToTune(scheduler.perturbation_interval if scheduler.name == "pbt" else None, config.train.epochs)
     relay.fit_and_report(make_trainer(config, storage_path=trial_path, name=name, callbacks=[relay], initial_checkpoint=start))
-
-
-def _epoch_of(checkpoint: ray.train.Checkpoint) -> int:
-    import json
-
-    from raytrain.checkpoints import METRICS_FILE
-
-    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{METRICS_FILE}") as stream:
-        return int(json.loads(stream.read())["epoch"])
 
 
 def _trial_dirname(trial_id: str) -> str:

@@ -61,12 +61,13 @@ def test_training_resumes_from_its_last_checkpoint_after_losing_a_node(run_scena
     assert len(restart) == 2 and killed["node"] not in {w["node"] for w in restart}
     resumed_from = {w["resumed_from"] for w in restart}
     assert len(resumed_from) == 1 and resumed_from.pop() >= killed["registered_epoch_before"] >= 1
-    # Every epoch checkpointed; only an epoch in progress at the kill (its checkpoint not yet
-    # registered) may have been trained twice.
+    # Every epoch checkpointed; only epochs after the one it resumed from may have been trained twice:
+    # those whose checkpoints were written but not yet registered when the node died. Workers report
+    # without waiting for the controller, so with short epochs that can be more than one.
     epochs_seen = result["checkpoint_epochs"]
     assert sorted(set(epochs_seen)) == list(range(1, epochs + 1))
     repeated = [e for e in set(epochs_seen) if epochs_seen.count(e) > 1]
-    assert all(e > restart[0]["resumed_from"] for e in repeated) and len(repeated) <= 1
+    assert all(e > restart[0]["resumed_from"] for e in repeated)
 
 
 def test_search_keeps_finished_trials_and_completes_after_losing_a_node(run_scenario):

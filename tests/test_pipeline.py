@@ -1,8 +1,10 @@
 """Shards of every format -> the Ray Data pipeline -> the batches the training loop reads."""
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from raytrain.data.formats import IGNORE_INDEX
-from raytrain.data.pipeline import build_datasets, read_shards
+from raytrain.data.pipeline import build_datasets, execution_index, read_shards
 from raytrain.data.shards import read_manifest, shard_paths, write_shards
 from tests.conftest import tiny_config
 from tests.test_formats import PALETTE_MAP, _folder, _kitti_with_lanes, _palette_mask, _write_yaml, camvid_tree  # noqa: F401
@@ -85,3 +87,40 @@ def test_decoding_runs_inside_the_read_tasks(ray_cluster, tiny_shards, tmp_path)
     train = build_datasets(tiny_config(tiny_shards, tmp_path))["train"]
     assert sum(len(batch["id"]) for batch in train.iter_batches(batch_size=4)) == len(_ids(tiny_shards, "train"))
     assert "ReadParquet->MapBatches(transform_block)" in train.stats()
+
+
+def _ordered_ids(dataset, epochs=2):
+    """Each execution's ids in the dataset's own order (not in the order its tasks finish)."""
+    dataset.context.execution_options.preserve_order = True
+    return [[str(i) for batch in dataset.iter_batches(batch_size=None) for i in batch["id"]] for _ in range(epochs)]
+
+
+def test_seeded_file_order_changes_every_epoch_and_repeats_across_datasets(ray_cluster, tiny_shards):
+    paths = shard_paths(tiny_shards, "train")
+    first, again, other = (_ordered_ids(read_shards(paths, shuffle=True, seed=seed)) for seed in (0, 0, 1))
+    assert sorted(first[0]) == sorted(first[1]) == _ids(tiny_shards, "train")
+    assert first == again
+    assert first[0] != first[1]
+    assert first != other
+
+
+def test_tasks_see_each_execution_of_a_new_dataset_as_epoch_0_1(ray_cluster, tiny_shards):
+    """execution_index reads a private Ray counter: pin its behaviour, in the driver and behind the
+    streaming_split coordinator that Ray Train uses, for a dataset made after others were run."""
+    paths = shard_paths(tiny_shards, "train")
+
+    def tagged():
+        def tag(block):
+            return {"id": block["id"], "epoch": np.full(len(block["id"]), execution_index())}
+
+        return read_shards(paths, shuffle=True, seed=0).map_batches(tag, batch_size=None)
+
+    def epochs_seen(iterator):
+        return [{int(e) for batch in iterator.iter_batches(batch_size=None) for e in batch["epoch"]} for _ in range(2)]
+
+    assert epochs_seen(tagged()) == [{0}, {1}]
+    assert epochs_seen(tagged()) == [{0}, {1}]  # the earlier executions did not leak into this one
+    splits = tagged().streaming_split(2, equal=True)
+    with ThreadPoolExecutor(2) as pool:  # each epoch starts when every split asks for it
+        per_split = list(pool.map(epochs_seen, splits))
+    assert per_split == [[{0}, {1}]] * 2

@@ -97,3 +97,37 @@ def test_flip_scale_crop_and_jitter_keep_every_pixel_aligned():
         assert np.all(decided | border | padding)
     assert flipped_or_zoomed >= 30
     assert np.mean(checked) > 0.4  # most pixels are checked: the test has teeth
+
+
+def encoded_batch(ids, seed=0):
+    images, masks = zip(*(block_pattern(seed + n) for n in range(len(ids))))
+    return {"id": np.array(ids), "image": np.array([encode(i) for i in images], dtype=object),
+            "mask": np.array([encode(m) for m in masks], dtype=object)}
+
+
+def by_id(batch):
+    return {str(i): (image, mask) for i, image, mask in zip(batch["id"], batch["image"], batch["mask"])}
+
+
+def test_seeded_augmentation_depends_on_seed_epoch_and_id_only():
+    """Not on which task or batch a sample lands in, nor on its neighbours: only (seed, epoch, id)."""
+    augment = Augment(hflip=0.5, scale=(0.7, 1.5), color_jitter=0.3)
+    whole = encoded_batch(["a", "b", "c", "d"])
+    out = by_id(transform_batch(whole, (80, 40), augment, seed=7, epoch=3))
+    # The same samples split differently and reordered.
+    parts = [{k: v[[3, 1]] for k, v in whole.items()}, {k: v[[2, 0]] for k, v in whole.items()}]
+    for part in parts:
+        for key, (image, mask) in by_id(transform_batch(part, (80, 40), augment, seed=7, epoch=3)).items():
+            assert np.array_equal(image, out[key][0]) and np.array_equal(mask, out[key][1]), key
+    for other in ({"seed": 7, "epoch": 4}, {"seed": 8, "epoch": 3}):
+        changed = by_id(transform_batch(whole, (80, 40), augment, **other))
+        assert all(not np.array_equal(changed[key][0], out[key][0]) for key in out), other
+
+
+def test_unseeded_batches_and_validation_still_work_without_a_seed():
+    augment = Augment(hflip=0.5, scale=(0.7, 1.5), color_jitter=0.3)
+    batch = encoded_batch(["a", "b"])
+    assert transform_batch(batch, (80, 40), augment)["image"].shape == (2, 40, 80, 3)
+    # Validation (no augment) ignores seed and epoch.
+    plain = transform_batch(batch, (80, 40))
+    assert np.array_equal(plain["image"], transform_batch(batch, (80, 40), seed=1, epoch=5)["image"])

@@ -22,7 +22,7 @@ def augment_of(config: Config) -> Augment | None:
     return Augment(data.hflip, tuple(data.scale), data.color_jitter) if data.augment else None
 
 
-def transform_block(block: dict, size, augment: Augment | None = None):
+def transform_block(block: dict, size, augment: Augment | None = None, seed: int | None = None):
     """A whole read block -> transformed batches of ROWS_PER_TASK rows, yielded one at a time.
 
     Taking the block whole (map_batches with batch_size=None) lets Ray fuse this map into the
@@ -31,14 +31,30 @@ def transform_block(block: dict, size, augment: Augment | None = None):
     Small batches bound the decoding's scratch memory. Ray still packs what a task yields into
     blocks of up to DataContext.target_max_block_size (128 MiB): one block per task here, which is
     what we want, as each block is a round trip to the driver (16-row blocks: ~15% fewer images/s).
+    With a seed, each sample's augmentation depends on (seed, epoch, its id) only.
     """
+    epoch = execution_index() if augment is not None and seed is not None else 0
     for start in range(0, len(block["id"]), ROWS_PER_TASK):
         rows = {name: column[start : start + ROWS_PER_TASK] for name, column in block.items()}
-        yield transform_batch(rows, size, augment)
+        yield transform_batch(rows, size, augment, seed=seed, epoch=epoch)
 
 
-def read_shards(paths: list[str], *, shuffle: bool) -> ray.data.Dataset:
-    """One read task (and one block) per shard file, files in a new random order each epoch if `shuffle`.
+def execution_index() -> int:
+    """In a Ray Data task: which execution of its dataset this is, from 0. Every epoch of a Ray Train
+    run executes the dataset anew, so this is the epoch (counted from the run's or the restarted
+    worker group's start).
+
+    Ray has no public API for it. Ray 2.60's ExecutionIdxUpdateCallback increments the private
+    DataContext._execution_idx after each successful execution, and map tasks run under their
+    operator's DataContext; FileShuffleConfig reseeds from the same counter. It is private, which is
+    one reason pyproject.toml pins Ray below the next minor version (tests/test_pipeline.py checks it).
+    """
+    return ray.data.DataContext.get_current()._execution_idx
+
+
+def read_shards(paths: list[str], *, shuffle: bool, seed: int | None = None) -> ray.data.Dataset:
+    """One read task (and one block) per shard file, files in a new random order each epoch if `shuffle`:
+    with a seed, an order drawn from (seed, epoch), the same in every run.
 
     Ray 2.60's default Parquet reader (DataSourceV2) packs small files into few read tasks, and
     each block is then decoded by a single task: measured on 2 CPUs, one task did all the work
@@ -60,17 +76,19 @@ def read_shards(paths: list[str], *, shuffle: bool) -> ray.data.Dataset:
     # A dataset keeps the context it was made with: the V1 read at plan time, no allocator when run.
     context.use_datasource_v2, context.op_resource_reservation_enabled = False, False
     try:
-        return ray.data.read_parquet(
-            paths, shuffle="files" if shuffle else None, override_num_blocks=max(1, len(paths))
-        ).select_columns(COLUMNS)
+        # Reseeded from (seed, execution index) every execution. The new dataset copies the driver's
+        # DataContext, whose index stays 0: executions advance only their own dataset's copy.
+        order = ray.data.FileShuffleConfig(seed=seed) if shuffle else None
+        return ray.data.read_parquet(paths, shuffle=order, override_num_blocks=max(1, len(paths))).select_columns(COLUMNS)
     finally:
         context.use_datasource_v2, context.op_resource_reservation_enabled = saved
 
 
 def build_datasets(config: Config) -> dict[str, ray.data.Dataset]:
     data = config.data
-    train = read_shards(shard_paths(data.path, "train"), shuffle=True).map_batches(
-        transform_block, fn_kwargs={"size": data.size, "augment": augment_of(config)}, batch_size=None
+    seed = config.train.seed
+    train = read_shards(shard_paths(data.path, "train"), shuffle=True, seed=seed).map_batches(
+        transform_block, fn_kwargs={"size": data.size, "augment": augment_of(config), "seed": seed}, batch_size=None
     )
     val = read_shards(shard_paths(data.path, "val"), shuffle=False).map_batches(
         transform_block, fn_kwargs={"size": data.size}, batch_size=None

@@ -7,6 +7,8 @@ Masks are resized with nearest neighbour so class indices (and IGNORE_INDEX) are
 from __future__ import annotations
 
 import io
+import itertools
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,10 +87,26 @@ def transform_sample(image_bytes, mask_bytes, size, augment: Augment | None, rng
     return np.ascontiguousarray(image), np.ascontiguousarray(mask)
 
 
-def transform_batch(batch: dict[str, np.ndarray], size, augment: Augment | None = None) -> dict[str, np.ndarray]:
-    """A batch of encoded rows -> {"id", "image": (N, H, W, 3) uint8, "mask": (N, H, W) uint8}."""
-    rng = np.random.default_rng()
-    pairs = [transform_sample(i, m, size, augment, rng) for i, m in zip(batch["image"], batch["mask"])]
+def sample_rng(seed: int, epoch: int, sample_id) -> np.random.Generator:
+    """The random stream of one sample in one epoch: the same whichever task or batch it lands in."""
+    key = sample_id if isinstance(sample_id, bytes) else str(sample_id).encode()
+    # SeedSequence takes non-negative integers only; the modulus keeps negative seeds distinct.
+    return np.random.default_rng([seed % 2**64, epoch, zlib.crc32(key)])
+
+
+def transform_batch(
+    batch: dict[str, np.ndarray], size, augment: Augment | None = None, *, seed: int | None = None, epoch: int = 0
+) -> dict[str, np.ndarray]:
+    """A batch of encoded rows -> {"id", "image": (N, H, W, 3) uint8, "mask": (N, H, W) uint8}.
+
+    With a seed, each sample is augmented from sample_rng(seed, epoch, its id), so a run can be
+    repeated; without one, from fresh OS entropy.
+    """
+    if augment is None or seed is None:
+        rngs = itertools.repeat(np.random.default_rng())
+    else:
+        rngs = (sample_rng(seed, epoch, i) for i in batch["id"])
+    pairs = [transform_sample(i, m, size, augment, r) for i, m, r in zip(batch["image"], batch["mask"], rngs)]
     return {
         "id": batch["id"],
         "image": np.stack([image for image, _ in pairs]),

@@ -1,0 +1,32 @@
+"""The same seed gives the same run on CPU: weights, file order, shuffle buffer and augmentation."""
+import math
+
+from tests.conftest import tiny_config
+
+KEYS = ("train_loss", "val_loss", "val_iou")
+
+
+def run_metrics(shards, tmp_path, name, seed):
+    """{epoch: {key: value}} of a 2-epoch, 2-worker run with augmentation and a shuffle buffer."""
+    from raytrain.api import train
+
+    # Its own name and storage: a second run with the same ones could continue the first.
+    config = tiny_config(shards, tmp_path / name, **{
+        "name": name, "train.seed": seed, "train.epochs": 2, "train.checkpoints_to_keep": 2,
+        "data.augment": True, "data.shuffle_buffer": 8,
+    })
+    result = train(config)
+    assert result.error is None
+    epochs = {metrics["epoch"]: {key: metrics[key] for key in KEYS} for _, metrics in result.best_checkpoints}
+    assert sorted(epochs) == [1, 2]
+    return epochs
+
+
+def test_same_seed_same_metrics_other_seed_other_metrics(ray_cluster, tiny_shards, tmp_path):
+    first = run_metrics(tiny_shards, tmp_path, "seed0_a", seed=0)
+    again = run_metrics(tiny_shards, tmp_path, "seed0_b", seed=0)
+    other = run_metrics(tiny_shards, tmp_path, "seed1", seed=1)
+    for epoch in (1, 2):
+        for key in KEYS:
+            assert math.isclose(first[epoch][key], again[epoch][key], rel_tol=0, abs_tol=1e-9), (epoch, key)
+    assert any(abs(first[epoch]["train_loss"] - other[epoch]["train_loss"]) > 1e-6 for epoch in (1, 2))

@@ -13,8 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-# The quickstart's data, as `raytrain quickstart` makes it (raytrain/cli.py).
-from raytrain.cli import QUICKSTART_COUNT, QUICKSTART_SEED, QUICKSTART_SIZE  # noqa: E402
+# The quickstart's data, as `raytrain quickstart` makes it (raytrain/api.py).
+from raytrain.api import QUICKSTART_COUNT, QUICKSTART_SEED, QUICKSTART_SIZE  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,7 +93,7 @@ def synthetic_shards(root: Path, count: int = QUICKSTART_COUNT, size=QUICKSTART_
                      rows_per_shard: int = 64) -> Path:
     """Synthetic KITTI-layout scenes sharded to Parquet under root; returns the shards' directory."""
     from raytrain.data.shards import write_shards
-    from raytrain.data.synth import write_synthetic_kitti
+    from raytrain.data.synthetic import write_synthetic_kitti
 
     raw = write_synthetic_kitti(root / "synthetic", count, seed=seed, size=tuple(size))
     return Path(write_shards(raw, "kitti", root / "shards", rows_per_shard=rows_per_shard) and root / "shards")

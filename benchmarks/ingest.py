@@ -2,7 +2,7 @@
 
     python benchmarks/ingest.py [--images 320] [--size 384x128] [--cpus N] [--repeats 3]
 
-Both read the SAME Parquet shards (made here with raytrain.data.synth + write_shards), apply the
+Both read the SAME Parquet shards (made here with raytrain.data.synthetic + write_shards), apply the
 SAME transforms (transform_batch with augmentation: decode, scale/crop, flip, jitter) and use the
 SAME CPUs (Ray gets --cpus logical CPUs; the DataLoader --cpus worker processes). Each epoch is
 consumed as raytrain/loop.py does (iter_torch_batches, then to_model_input) by a trivial consumer.
@@ -27,7 +27,7 @@ from common import emit, header  # noqa: E402  (the JSON header; stdout kept for
 from raytrain.config import load_config, parse_size  # noqa: E402
 from raytrain.data.pipeline import COLUMNS, ROWS_PER_TASK, augment_of, build_datasets  # noqa: E402
 from raytrain.data.shards import shard_paths, write_shards  # noqa: E402
-from raytrain.data.synth import write_synthetic_kitti  # noqa: E402
+from raytrain.data.synthetic import write_synthetic_kitti  # noqa: E402
 from raytrain.data.transforms import to_model_input, transform_batch  # noqa: E402
 from raytrain.loop import to_tensors  # noqa: E402
 

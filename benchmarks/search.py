@@ -2,7 +2,7 @@
 
     python benchmarks/search.py [--samples 8] [--epochs 6] [--count 200]
 
-Both searches run raytrain.launch.tune on the same tiny synthetic data (96x32 scenes, a U-Net of
+Both searches run raytrain.tune on the same tiny synthetic data (96x32 scenes, a U-Net of
 4 base channels and depth 3, batch 4, 1-worker trials, 2 trials at a time) and sample the same
 trials (search.seed = train.seed). The target is FIFO's best val IoU over every epoch of every
 trial, less 0.01. Every trial-epoch (one reported epoch of one trial) is ordered by the time it was
@@ -19,6 +19,7 @@ from pathlib import Path
 
 from common import NOISE_NOTE, emit, header, log, scratch_dir, synthetic_shards
 
+import raytrain
 from raytrain import launch
 from raytrain.config import load_config
 
@@ -83,7 +84,7 @@ def main() -> int:
         config = search_config(shards, scratch / "ray_results", scheduler, args.samples, args.epochs)
         log(f"{scheduler}: {args.samples} trials x up to {args.epochs} epochs ...")
         started = time.time()
-        grid = launch.tune(config, num_cpus=num_cpus)
+        grid = raytrain.tune(config, num_cpus=num_cpus)
         searches[scheduler] = {"rows": trial_epochs(grid), "started": started, "wall_s": time.time() - started,
                                "errors": len(grid.errors)}
         log(f"  {len(searches[scheduler]['rows'])} trial-epochs in {searches[scheduler]['wall_s']:.0f}s")

@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import PIL  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from raytrain.data.synth import write_synthetic_kitti  # noqa: E402
+from raytrain.data.synthetic import write_synthetic_kitti  # noqa: E402
 
 GOAL_IMAGES_PER_S = 50
 

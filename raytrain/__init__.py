@@ -1,24 +1,30 @@
 """raytrain: road-segmentation training and hyperparameter search on Ray.
 
-    raytrain.train(config)                      one DDP run on Ray Train
-    raytrain.tune(config)                       a Ray Tune search of such runs
-    raytrain.best_checkpoint(experiment_path)   .path, .config, .metrics of the best checkpoint
+    raytrain.train(config)                      one DDP run on Ray Train, in a new experiment directory
+    raytrain.tune(config)                       a Ray Tune search of such runs, in a new experiment directory
+    raytrain.runs(storage)                      the experiments in a storage folder, newest first
+    raytrain.best_checkpoint(experiment)        .path, .config, .metrics of an experiment's best checkpoint
     raytrain.load_model(checkpoint)             the torch module, eval mode, no Ray needed
     raytrain.predict(model, images)             probabilities at each image's own size
+    raytrain.evaluate / export / report / shard / synth / quickstart / list_configs / show_config
+
+Every `raytrain` command has its twin here, with the same arguments (raytrain.api).
 """
 import importlib
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Imported on first use: Ray Data tasks import raytrain.data.* and must not pay for torch and smp.
 _EXPORTS = {
-    "train": "raytrain.api",
-    "tune": "raytrain.api",
-    "best_checkpoint": "raytrain.api",
-    "load_model": "raytrain.api",
-    "predict": "raytrain.api",
+    **dict.fromkeys(
+        ["train", "tune", "runs", "best_checkpoint", "load_model", "predict", "evaluate", "export", "report",
+         "shard", "synth", "quickstart", "list_configs", "show_config"],
+        "raytrain.api",
+    ),
     "Config": "raytrain.config",
     "load_config": "raytrain.config",
+    "CheckpointInfo": "raytrain.checkpoints",
+    "RaytrainError": "raytrain.errors",
 }
 __all__ = sorted(_EXPORTS)
 

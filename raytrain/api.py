@@ -1,119 +1,163 @@
-"""The Python API: train, tune, find the best checkpoint, load it, predict. No Ray needed to load."""
+"""The Python API: one function for each `raytrain` command, with the same arguments.
+
+A thin facade: the work is done in experiments, launch, inference, reporting and data.
+"""
 from __future__ import annotations
 
-import math
 import os
-import re
-from typing import Any, Sequence
+import time
+from pathlib import Path
+from typing import Any
 
-import numpy as np
-import pyarrow.fs as pafs
-import torch
-import torch.nn.functional as F
-from PIL import Image
+from raytrain import experiments
+from raytrain.checkpoints import CheckpointInfo, cache_dir
+from raytrain.config import Config, load_config, shipped_configs
+from raytrain.console import EPOCH_LINES, QUIET
+from raytrain.errors import RaytrainError
+# The quickstart's synthetic set: small enough to make, shard and learn on 2 CPU cores in minutes.
+QUICKSTART_COUNT, QUICKSTART_SIZE, QUICKSTART_SEED = 400, (192, 64), 0
 
-from raytrain.checkpoints import METRICS_FILE, MODEL_FILE, CheckpointInfo, read_checkpoint, read_metrics
-from raytrain.data.location import filesystem_of, is_uri
-from raytrain.config import Config, load_config
-from raytrain.data.transforms import to_model_input
-from raytrain.errors import CheckpointError
-from raytrain.models import create_model, to_probabilities
+ConfigSource = str | os.PathLike | dict | Config
+Overrides = dict[str, Any] | list[str] | None
 
 
-def train(config: str | os.PathLike | dict | Config, overrides: dict[str, Any] | None = None):
-    """One Ray Train run; returns Ray's Result (its .checkpoint and .metrics)."""
+def train(config: ConfigSource, overrides: Overrides = None, *, resume: bool | str | os.PathLike = False,
+          dry_run: bool = False, num_cpus: int | None = None, verbosity: int = QUIET):
+    """One DDP training run in a new experiment directory; returns Ray's Result (`.path` is the
+    experiment, `.metrics`, `.checkpoint`). resume=True continues the latest run of the config's name,
+    resume=PATH that experiment. dry_run=True checks everything, starts nothing and returns the plan."""
+    return _launch("train", config, overrides, resume, dry_run, num_cpus, verbosity)
+
+
+def tune(config: ConfigSource, overrides: Overrides = None, *, resume: bool | str | os.PathLike = False,
+         dry_run: bool = False, num_cpus: int | None = None, verbosity: int = QUIET):
+    """A Ray Tune search over config.search.space in a new experiment directory; returns Ray's
+    ResultGrid (`.experiment_path`). resume and dry_run as for train."""
+    return _launch("tune", config, overrides, resume, dry_run, num_cpus, verbosity)
+
+
+def _launch(kind, source, overrides, resume, dry_run, num_cpus, verbosity):
+    config = load_config(source, overrides)
+    if resume:
+        experiment = experiments.to_resume(config, kind, resume)
+        # The run goes on as it started: its own config, with this call's overrides on top.
+        started = experiments.experiment_config(experiment)
+        config = load_config(started, overrides)
+        experiments.check_resumable(experiment, extended=kind == "train" and config.train.epochs > started.train.epochs)
+    from raytrain.preflight import check_ready, local_cluster_cpus, plan
+
+    if dry_run:
+        where = experiment if resume else f"{experiments.name_folder(config)}/{time.strftime(experiments.STAMP)}"
+        return {**plan(config, kind, num_cpus), "experiment": where, "resume": bool(resume)}
+    check_ready(config, local_cluster_cpus(config, kind, num_cpus), search=kind == "tune")  # before anything is written
     from raytrain import launch
 
-    return launch.train(load_config(config, overrides))
-
-
-def tune(config: str | os.PathLike | dict | Config, overrides: dict[str, Any] | None = None, *, resume: bool = False):
-    """A Ray Tune search over config.search.space; returns Ray's ResultGrid."""
-    from raytrain import launch
-
-    return launch.tune(load_config(config, overrides), resume=resume)
-
-
-def list_checkpoints(experiment_path: str | os.PathLike) -> list[str]:
-    """Every checkpoint directory below an experiment (or a single run) directory, local or at a
-    URI (s3://...); returned as locations of the same kind."""
-    filesystem, root = filesystem_of(experiment_path)
-    if filesystem.get_file_info(root).type != pafs.FileType.Directory:
-        raise CheckpointError(f"{experiment_path}: experiment directory not found")
-    files = {info.path for info in filesystem.get_file_info(pafs.FileSelector(root, recursive=True))}
-    directories = sorted(
-        path[: -len(METRICS_FILE) - 1] for path in files
-        if path.endswith(f"/{METRICS_FILE}") and f"{path[: -len(METRICS_FILE) - 1]}/{MODEL_FILE}" in files
-    )
-    if not is_uri(experiment_path):
-        return directories
-    prefix = os.fspath(experiment_path).rstrip("/")  # keep the URI's scheme and options
-    return [prefix + directory[len(root.rstrip("/")) :] for directory in directories]
-
-
-def best_checkpoint(experiment_path: str | os.PathLike, metric: str = "val_iou", mode: str = "max") -> CheckpointInfo:
-    """The checkpoint with the best `metric` among all trials and epochs kept in the experiment."""
-    if mode not in ("min", "max"):
-        raise CheckpointError(f"mode must be 'min' or 'max', not {mode!r}")
-    scored = []
-    for path in list_checkpoints(experiment_path):
-        value = read_metrics(path).get(metric)
-        if isinstance(value, (int, float)) and not math.isnan(value):
-            scored.append((value, path))
-    if not scored:
-        raise CheckpointError(f"{experiment_path}: no checkpoint reports {metric!r}")
-    # On a tie, the Train run's own checkpoint (Tune's copies for PBT, checkpoint_000001, are deleted
-    # after a few more), then the first in path order.
-    ranked = sorted(scored, key=lambda item: (item[0] if mode == "max" else -item[0], not _is_tune_copy(item[1])), reverse=True)
-    return read_checkpoint(ranked[0][1])
-
-
-def _is_tune_copy(path: str) -> bool:
-    return re.fullmatch(r"checkpoint_\d{6}", os.path.basename(os.fspath(path).rstrip("/"))) is not None
-
-
-def load_model(checkpoint: str | os.PathLike | CheckpointInfo, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """The trained module in eval mode on `device`; its config rides along as `.raytrain_config`."""
-    info = checkpoint if isinstance(checkpoint, CheckpointInfo) else read_checkpoint(checkpoint)
-    config = info.config
-    model = create_model(config.model.name, num_classes=config.num_classes, **config.model.kwargs())
+    if resume:
+        experiments.mark(experiment, experiments.RUNNING)
+    else:
+        experiment = experiments.create_experiment(config, kind)
+    if verbosity >= EPOCH_LINES:
+        print(f"experiment: {experiment}", flush=True)
+    run = launch.train if kind == "train" else launch.tune
+    extra = {"resume": bool(resume)} if kind == "tune" else {}
     try:
-        model.load_state_dict(torch.load(info.path / MODEL_FILE, map_location="cpu", weights_only=True))
-    except Exception as err:  # truncated file, foreign pickle, or weights of another architecture
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
-        raise CheckpointError(f"{info.path / MODEL_FILE}: cannot load the weights ({reason})") from None
-    model.raytrain_config = config
-    return model.to(device).eval()
+        result = run(config, experiment, num_cpus=num_cpus, verbosity=verbosity, **extra)
+    except KeyboardInterrupt:
+        experiments.mark(experiment, experiments.INTERRUPTED)
+        raise
+    except BaseException:
+        experiments.mark(experiment, experiments.FAILED)
+        raise
+    errors = len(result.errors) if kind == "tune" else 0
+    experiments.mark(experiment, experiments.FINISHED, failed_trials=errors)
+    return result
 
 
-def _as_array(image) -> np.ndarray:
-    if isinstance(image, (str, os.PathLike)):
-        with Image.open(image) as opened:
-            return np.asarray(opened.convert("RGB"))
-    return np.asarray(image)
+best_checkpoint = experiments.best_checkpoint
+runs = experiments.runs
 
 
-@torch.no_grad()
-def predict(model: torch.nn.Module, images: Sequence, *, masks: bool = False, batch_size: int = 8) -> list[np.ndarray]:
-    """Road probability (H, W) -- or class probabilities (C, H, W) -- at each image's own size.
+def load_model(checkpoint: str | os.PathLike | CheckpointInfo, device: str = "cpu"):
+    """The trained torch module in eval mode on `device`; no Ray needed."""
+    from raytrain.inference import load_model as load
 
-    images: paths or uint8 RGB arrays (H, W, 3), of any sizes. With masks=True the result is the
-    predicted class index per pixel instead (road: probability > 0.5; multi-class: argmax).
-    """
-    config: Config = model.raytrain_config
-    device = next(model.parameters()).device
-    width, height = config.data.size
-    arrays = [_as_array(image) for image in images]
-    outputs = []
-    for start in range(0, len(arrays), batch_size):
-        chunk = arrays[start : start + batch_size]
-        resized = np.stack([np.asarray(Image.fromarray(a).resize((width, height), Image.BILINEAR)) for a in chunk])
-        probabilities = to_probabilities(model(to_model_input(torch.from_numpy(resized), device)))
-        for array, probs in zip(chunk, probabilities):
-            probs = F.interpolate(probs[None], size=array.shape[:2], mode="bilinear", align_corners=False)[0]
-            if masks:
-                result = (probs[0] > 0.5).to(torch.uint8) if probs.shape[0] == 1 else probs.argmax(0).to(torch.uint8)
-            else:
-                result = probs[0] if probs.shape[0] == 1 else probs
-            outputs.append(result.cpu().numpy())
-    return outputs
+    return load(checkpoint, device)
+
+
+def predict(model, images, *, masks: bool = False, batch_size: int = 8):
+    """Road probability (H, W), or class probabilities (C, H, W), at each image's own size;
+    masks=True gives the class index per pixel. images: paths or uint8 RGB arrays."""
+    from raytrain.inference import predict as run
+
+    return run(model, images, masks=masks, batch_size=batch_size)
+
+
+def evaluate(checkpoint: str | os.PathLike | CheckpointInfo, data: str | os.PathLike, *, split: str = "val",
+             device: str = "cpu") -> dict:
+    """Every metric of a checkpoint on one split of a sharded dataset, at each image's own size."""
+    from raytrain.inference import evaluate_checkpoint
+
+    return evaluate_checkpoint(checkpoint, data, split=split, device=device)
+
+
+def export(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None, *, format: str = "torchscript") -> Path:
+    """The checkpoint as a file that loads with torch alone; returns its path."""
+    from raytrain.inference import export_model
+
+    default = "model.torchscript.pt" if format == "torchscript" else "model.pt2"
+    return export_model(checkpoint, out or Path(checkpoint) / default, format)
+
+
+def report(experiment: str | os.PathLike, out: str | os.PathLike, *, metric: str = "val_iou", mode: str = "max") -> Path:
+    """Plots, the best model's overlays and index.html of an experiment; returns index.html's path."""
+    from raytrain.reporting import write_report
+
+    return write_report(experiment, out, metric, mode)
+
+
+def shard(src: str | os.PathLike, format: str, out: str | os.PathLike, *, classes: list[str] | None = None,
+          val_fraction: float = 0.2, seed: int = 0, skip_bad: bool = False, on_skip=None) -> dict:
+    """Validate a dataset and write Parquet shards with manifest.json; returns the manifest."""
+    from raytrain.data.shards import write_shards
+
+    return write_shards(src, format, out, val_fraction=val_fraction, seed=seed, skip_bad=skip_bad,
+                        classes=classes, on_skip=on_skip)
+
+
+def synth(out: str | os.PathLike, count: int = 200, *, seed: int = 0, size: tuple[int, int] = (384, 128)) -> Path:
+    """Synthetic road scenes in the KITTI road layout; returns the folder."""
+    from raytrain.data.synthetic import write_synthetic_kitti
+
+    try:
+        return write_synthetic_kitti(out, count, seed=seed, size=size)
+    except FileExistsError:
+        raise RaytrainError(f"{out}: already exists and is not empty") from None
+
+
+def quickstart(data_dir: str | os.PathLike | None = None, overrides: Overrides = None, *,
+               num_cpus: int | None = None, verbosity: int = QUIET) -> CheckpointInfo:
+    """Synthetic scenes -> shards -> the quickstart search; returns its best checkpoint
+    (`.experiment` is the search's directory). Data already made in data_dir is reused."""
+    from raytrain.data.shards import MANIFEST
+
+    data_dir = Path(data_dir or cache_dir()).expanduser()
+    raw, shards = data_dir / "synthetic", data_dir / "synthetic_shards"
+    if not (shards / MANIFEST).is_file():
+        if not (raw.is_dir() and any(raw.iterdir())):
+            if verbosity >= EPOCH_LINES:
+                print(f"making {QUICKSTART_COUNT} synthetic road scenes in {raw}", flush=True)
+            synth(raw, QUICKSTART_COUNT, seed=QUICKSTART_SEED, size=QUICKSTART_SIZE)
+        shard(raw, "kitti", shards)
+    config = load_config(load_config("quickstart", {"data.path": str(shards)}), overrides)
+    grid = tune(config, num_cpus=num_cpus, verbosity=verbosity)
+    return best_checkpoint(grid.experiment_path, config.search.metric, config.search.mode)
+
+
+def list_configs() -> list[str]:
+    """The names of the configs shipped with raytrain (usable wherever a config path is)."""
+    return list(shipped_configs())
+
+
+def show_config(config: ConfigSource, overrides: Overrides = None) -> str:
+    """The fully resolved config as YAML, overrides applied."""
+    return load_config(config, overrides).to_yaml()

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ import torch
 import yaml
 
 from raytrain.config import Config, load_config
+from raytrain.data.location import filesystem_of, is_uri
 from raytrain.errors import CheckpointError
 
 MODEL_FILE = "model.pt"
@@ -70,6 +73,7 @@ class CheckpointInfo:
     config: Config
     metrics: dict
     classes: list[str]
+    experiment: str | None = None  # the experiment it was found in, when found by best_checkpoint
 
 
 def fetch_checkpoint(filesystem: pafs.FileSystem, path: str, cache: Path) -> Path:
@@ -87,18 +91,20 @@ def fetch_checkpoint(filesystem: pafs.FileSystem, path: str, cache: Path) -> Pat
     return target
 
 
+def cache_dir() -> Path:
+    """raytrain's cache: fetched checkpoints, the quickstart's data."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "raytrain"
+
+
 def local_checkpoint(location: str | os.PathLike) -> Path:
     """A local directory for a checkpoint given as a path or URI; s3://, gs://, ... are fetched into
     ~/.cache/raytrain/checkpoints."""
-    from raytrain.data.location import filesystem_of, is_uri
-
     if not is_uri(location):
         return Path(location).expanduser()
     filesystem, path = filesystem_of(location)
     if isinstance(filesystem, pafs.LocalFileSystem):
         return Path(path)
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "raytrain" / "checkpoints"
-    return fetch_checkpoint(filesystem, path, cache)
+    return fetch_checkpoint(filesystem, path, cache_dir() / "checkpoints")
 
 
 def read_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
@@ -115,8 +121,6 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
 
 def read_metrics(location: str | os.PathLike) -> dict:
     """A checkpoint's metrics.json, local or at a URI (without fetching the weights)."""
-    from raytrain.data.location import filesystem_of, is_uri
-
     filesystem, path = filesystem_of(location)
     file = f"{os.fspath(location).rstrip('/')}/{METRICS_FILE}" if is_uri(location) else Path(path) / METRICS_FILE
     try:
@@ -129,3 +133,47 @@ def read_metrics(location: str | os.PathLike) -> dict:
     if not isinstance(metrics, dict):
         raise CheckpointError(f"{file}: expected a JSON object of metrics, got {type(metrics).__name__}")
     return metrics
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[str]:
+    """Every checkpoint directory below `directory` (an experiment, a trial or a run), local or at a
+    URI (s3://...); returned as locations of the same kind."""
+    filesystem, root = filesystem_of(directory)
+    if filesystem.get_file_info(root).type != pafs.FileType.Directory:
+        raise CheckpointError(f"{directory}: experiment directory not found")
+    files = {info.path for info in filesystem.get_file_info(pafs.FileSelector(root, recursive=True))}
+    directories = sorted(
+        path[: -len(METRICS_FILE) - 1] for path in files
+        if path.endswith(f"/{METRICS_FILE}") and f"{path[: -len(METRICS_FILE) - 1]}/{MODEL_FILE}" in files
+    )
+    if not is_uri(directory):
+        return directories
+    prefix = os.fspath(directory).rstrip("/")  # keep the URI's scheme and options
+    return [prefix + path[len(root.rstrip("/")) :] for path in directories]
+
+
+def scored_checkpoints(directory: str | os.PathLike, metric: str) -> list[tuple[float, str]]:
+    """(value of `metric`, location) of every checkpoint below `directory` that reports it."""
+    scored = []
+    for path in list_checkpoints(directory):
+        value = read_metrics(path).get(metric)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value):
+            scored.append((value, path))
+    return scored
+
+
+def best_checkpoint_in(directory: str | os.PathLike, metric: str = "val_iou", mode: str = "max") -> CheckpointInfo:
+    """The checkpoint with the best `metric` among all trials and epochs kept below `directory`."""
+    if mode not in ("min", "max"):
+        raise CheckpointError(f"mode must be 'min' or 'max', not {mode!r}")
+    scored = scored_checkpoints(directory, metric)
+    if not scored:
+        raise CheckpointError(f"{directory}: no checkpoint reports {metric!r}")
+    # On a tie, the Train run's own checkpoint (Tune's copies for PBT, checkpoint_000001, are deleted
+    # after a few more), then the first in path order.
+    ranked = sorted(scored, key=lambda item: (item[0] if mode == "max" else -item[0], not _is_tune_copy(item[1])), reverse=True)
+    return read_checkpoint(ranked[0][1])
+
+
+def _is_tune_copy(path: str) -> bool:
+    return re.fullmatch(r"checkpoint_\d{6}", os.path.basename(os.fspath(path).rstrip("/"))) is not None

@@ -9,157 +9,152 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 from raytrain.errors import RaytrainError
 
-REPO_CONFIGS = Path(__file__).resolve().parent.parent / "tune_configs"
-# The quickstart's synthetic set: small enough to make, shard and learn on 2 CPU cores in minutes.
-QUICKSTART_COUNT, QUICKSTART_SIZE, QUICKSTART_SEED = 400, (192, 64), 0
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "raytrain"
-
 
 def _synth(args) -> None:
+    from raytrain import api
     from raytrain.config import parse_size
-    from raytrain.data.synth import write_synthetic_kitti
 
     try:
         size = parse_size(args.size)
     except ValueError as err:
         raise RaytrainError(f"--size: {err}") from None
     started = time.perf_counter()
-    try:
-        out = write_synthetic_kitti(args.out, args.count, seed=args.seed, size=size)
-    except FileExistsError:
-        raise RaytrainError(f"{args.out}: already exists and is not empty") from None
+    out = api.synth(args.out, args.count, seed=args.seed, size=size)
     print(f"wrote {args.count} scenes ({size[0]}x{size[1]}) to {out} in {time.perf_counter() - started:.1f}s")
 
 
 def _shard(args) -> None:
-    from raytrain.data.shards import write_shards
+    from raytrain import api
 
     def on_skip(message: str) -> None:
         print(f"skipped: {message}", file=sys.stderr)
 
-    manifest = write_shards(
-        args.src, args.format, args.out, val_fraction=args.val_fraction, seed=args.seed,
-        skip_bad=args.skip_bad, classes=args.classes, on_skip=on_skip,
-    )
+    manifest = api.shard(args.src, args.format, args.out, classes=args.classes, val_fraction=args.val_fraction,
+                         seed=args.seed, skip_bad=args.skip_bad, on_skip=on_skip)
     counts = manifest["num_samples"]
     print(f"wrote {counts['train']} train and {counts['val']} val samples to {args.out}")
 
 
-def _load(args):
-    from raytrain.config import load_config
-
-    return load_config(args.config, args.set)
-
-
 def _verbosity(args) -> int:
-    from raytrain import launch
+    from raytrain.console import EPOCH_LINES, QUIET, RAY_LOGS
 
-    return launch.QUIET if args.quiet else launch.RAY_LOGS if args.verbose else launch.EPOCH_LINES
+    return QUIET if args.quiet else RAY_LOGS if args.verbose else EPOCH_LINES
+
+
+def _launch(args, kind: str):
+    from raytrain import api
+
+    run = api.train if kind == "train" else api.tune
+    result = run(args.config, args.set, resume=args.resume, dry_run=args.dry_run, num_cpus=args.num_cpus,
+                 verbosity=_verbosity(args))
+    if args.dry_run:
+        _print_plan(result)
+    return result
+
+
+def _print_plan(plan: dict) -> None:
+    print("dry run: nothing started")
+    for key, value in plan.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
+        print(f"{key + ':':<22} {value}")
 
 
 def _train(args) -> None:
-    config = _load(args)  # before importing Ray and torch: a bad config fails in a blink
-    from raytrain import launch
-
-    result = launch.train(config, num_cpus=args.num_cpus, verbosity=_verbosity(args))
-    print(json.dumps({k: v for k, v in result.metrics.items() if k.startswith(("val_", "train_", "epoch"))}, indent=2))
+    result = _launch(args, "train")
+    if args.dry_run:
+        return
+    print(json.dumps({k: v for k, v in (result.metrics or {}).items() if k.startswith(("val_", "train_", "epoch"))}, indent=2))
     print(f"checkpoint: {result.checkpoint.path if result.checkpoint else None}")
-
-
-def print_trials(grid, config) -> None:
-    """One row per trial, best first: searched values, val_f1, val_iou, epochs run."""
-    metric, mode = config.search.metric, config.search.mode
-    rows = []
-    for result in grid:
-        if not result.metrics:
-            continue
-        history = result.metrics_dataframe
-        best = history.loc[history[metric].idxmax() if mode == "max" else history[metric].idxmin()]
-        params = result.config.get("search", {})
-        rows.append((best[metric], params, best.get("val_f1"), best.get("val_iou"), int(history["epoch"].max())))
-    rows.sort(key=lambda row: row[0], reverse=(mode == "max"))
-    keys = list(config.search.space)
-    header = ["#", *keys, "val_f1", "val_iou", "epochs"]
-    table = [
-        [str(i), *(_short(params.get(k)) for k in keys), f"{f1:.4f}", f"{iou:.4f}", str(epochs)]
-        for i, (_, params, f1, iou, epochs) in enumerate(rows, start=1)
-    ]
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *table)]
-    for line in [header, *table]:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)))
-
-
-def _short(value) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
+    print(f"experiment: {result.path}")
 
 
 def _tune(args) -> None:
-    config = _load(args)  # before importing Ray and torch: a bad config fails in a blink
-    from raytrain import launch
-    from raytrain.api import best_checkpoint
+    grid = _launch(args, "tune")
+    if args.dry_run:
+        return
+    from raytrain.config import load_config
 
-    grid = launch.tune(config, resume=args.resume, num_cpus=args.num_cpus, verbosity=_verbosity(args))
-    if grid.errors and len(grid.errors) == len(grid):
-        raise grid.errors[0]  # every trial failed: main() prints the first one's cause in one line
-    print_trials(grid, config)
-    best = best_checkpoint(f"{launch.storage_root(config)}/{config.name}", config.search.metric, config.search.mode)
-    print(f"best {config.search.metric}: {best.metrics[config.search.metric]:.4f}")
+    _print_search(grid.experiment_path, load_config(args.config, args.set).search)
+
+
+def _print_search(experiment: str, search) -> None:
+    from raytrain.checkpoints import best_checkpoint_in
+    from raytrain.reporting import trials_table
+
+    print(trials_table(experiment, search.metric, search.mode))
+    best = best_checkpoint_in(experiment, search.metric, search.mode)
+    print(f"best {search.metric}: {best.metrics[search.metric]:.4f} (val_f1 {best.metrics.get('val_f1', float('nan')):.4f})")
     print(f"best checkpoint: {best.path}")
+    print(f"experiment: {experiment}")
 
 
 def _quickstart(args) -> None:
-    from raytrain import launch
-    from raytrain.api import best_checkpoint
-    from raytrain.config import load_config
-    from raytrain.data.shards import MANIFEST, write_shards
-    from raytrain.data.synth import write_synthetic_kitti
+    from raytrain import api
 
     started = time.perf_counter()
-    data_dir = Path(args.data_dir).expanduser()
-    raw, shards = data_dir / "synthetic", data_dir / "synthetic_shards"
-    if not (shards / MANIFEST).is_file():
-        if not raw.is_dir():
-            print(f"making {QUICKSTART_COUNT} synthetic road scenes in {raw}")
-            write_synthetic_kitti(raw, QUICKSTART_COUNT, seed=QUICKSTART_SEED, size=QUICKSTART_SIZE)
-        write_shards(raw, "kitti", shards)
-    config = load_config(REPO_CONFIGS / "quickstart.yaml", [f"data.path={shards}", *args.set])
-    search = config.search
-    grid = launch.tune(config, num_cpus=args.num_cpus, verbosity=_verbosity(args))
-    print_trials(grid, config)
-    best = best_checkpoint(f"{launch.storage_root(config)}/{config.name}", search.metric, search.mode)
-    print(f"best {search.metric}: {best.metrics[search.metric]:.4f} (val_f1 {best.metrics['val_f1']:.4f})")
-    print(f"best checkpoint: {best.path}")
+    best = api.quickstart(args.data_dir, args.set, num_cpus=args.num_cpus, verbosity=_verbosity(args))
+    _print_search(best.experiment, best.config.search)
     print(f"quickstart took {time.perf_counter() - started:.0f}s")
 
 
 def _best(args) -> None:
-    from raytrain.api import best_checkpoint
+    import warnings
 
-    best = best_checkpoint(args.experiment, args.metric, args.mode)
+    from raytrain import api
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        best = api.best_checkpoint(args.experiment, args.metric, args.mode)
+    for warning in caught:
+        print(f"raytrain: note: {warning.message}", file=sys.stderr)
     if args.json:
-        print(json.dumps({"path": str(best.path), "metrics": best.metrics, "config": best.config.model_dump(mode="json")}))
+        print(json.dumps({"path": str(best.path), "experiment": best.experiment, "metrics": best.metrics,
+                          "config": best.config.model_dump(mode="json")}))
     else:
         print(best.path)
 
 
-def _report(args) -> None:
-    from raytrain.report import write_report
+def _runs(args) -> None:
+    from raytrain import api
 
-    print(write_report(args.experiment, args.out, args.metric, args.mode))
+    found = api.runs(args.storage)
+    if args.json:
+        print(json.dumps([run.to_dict() for run in found], indent=2))
+        return
+    header = ["name", "created", "kind", "trials", "status", "best", "path"]
+    rows = [[run.name, run.created, run.kind, str(run.trials), run.status,
+             f"{run.metric} {run.best:.4f}" if run.best is not None else "-", run.path] for run in found]
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+    for line in [header, *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+
+
+def _configs(args) -> None:
+    from raytrain import api
+
+    print("\n".join(api.list_configs()))
+
+
+def _config_show(args) -> None:
+    from raytrain import api
+
+    print(api.show_config(args.config, args.set), end="")
+
+
+def _report(args) -> None:
+    from raytrain import api
+
+    print(api.report(args.experiment, args.out, metric=args.metric, mode=args.mode))
 
 
 def _evaluate(args) -> None:
-    from raytrain.predict import evaluate_checkpoint
+    from raytrain import api
 
-    metrics = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, device=args.device)
+    metrics = api.evaluate(args.checkpoint, args.data, split=args.split, device=args.device)
     if args.json:
         print(json.dumps(metrics))
         return
@@ -167,31 +162,18 @@ def _evaluate(args) -> None:
         print(f"{key:<16} {value:.4f}" if isinstance(value, float) else f"{key:<16} {value}")
 
 
-def _progress_bar(label: str):
-    """A one-line progress bar on stderr when it is a terminal; silence in logs and pipes."""
-    if not sys.stderr.isatty():
-        return None
-
-    def show(done: int, total: int) -> None:
-        filled = int(30 * done / max(total, 1))
-        end = "\n" if done >= total else ""
-        print(f"\r{label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}", end=end, file=sys.stderr, flush=True)
-
-    return show
-
-
 def _predict(args) -> None:
-    from raytrain.predict import predict_files
+    from raytrain.console import progress_bar
+    from raytrain.inference import predict_files
 
-    written = predict_files(args.checkpoint, args.inputs, args.out, device=args.device, progress=_progress_bar("predict"))
+    written = predict_files(args.checkpoint, args.inputs, args.out, device=args.device, progress=progress_bar("predict"))
     print(f"wrote {len(written) // 2} masks and overlays to {args.out}")
 
 
 def _export(args) -> None:
-    from raytrain.predict import export_model
+    from raytrain import api
 
-    default = "model.torchscript.pt" if args.format == "torchscript" else "model.pt2"
-    print(export_model(args.checkpoint, args.out or Path(args.checkpoint) / default, args.format))
+    print(api.export(args.checkpoint, args.out, format=args.format))
 
 
 def _positive_int(text: str) -> int:
@@ -207,7 +189,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from raytrain import __version__
+
     parser = _Parser(prog="raytrain", description="Road segmentation on Ray: train, search, predict.")
+    parser.add_argument("--version", action="version", version=f"raytrain {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def with_output(sub):
@@ -216,14 +201,19 @@ def build_parser() -> argparse.ArgumentParser:
         loudness.add_argument("-v", "--verbose", action="store_true", help="also print Ray's own logs and tables")
         return sub
 
-    def with_config(sub):
-        sub.add_argument("config", help="YAML config (see tune_configs/)")
+    def with_config(sub, kind):
+        sub.add_argument("config", help="a YAML file, or the name of a shipped config (raytrain configs)")
         sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a dotted config key")
         sub.add_argument("--num-cpus", type=_positive_int, help="logical CPUs of a local Ray cluster (ignored with RAY_ADDRESS)")
+        sub.add_argument(
+            "--resume", nargs="?", const=True, default=False, metavar="EXPERIMENT",
+            help=f"continue the latest {kind} of the config's name, or the given experiment directory",
+        )
+        sub.add_argument("--dry-run", action="store_true", help="check everything, print what would run, start nothing")
         return with_output(sub)
 
     quick = commands.add_parser("quickstart", help="synthetic data -> shards -> a small search, end to end")
-    quick.add_argument("--data-dir", default=str(_cache_dir()), help="where the synthetic data goes (default: %(default)s)")
+    quick.add_argument("--data-dir", help="where the synthetic data goes (default: ~/.cache/raytrain)")
     quick.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     quick.add_argument("--num-cpus", type=_positive_int)
     with_output(quick).set_defaults(func=_quickstart)
@@ -248,13 +238,23 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--skip-bad", action="store_true", help="skip bad samples (listed) instead of stopping")
     shard.set_defaults(func=_shard)
 
-    with_config(commands.add_parser("train", help="one DDP training run")).set_defaults(func=_train)
-    tune = with_config(commands.add_parser("tune", help="a hyperparameter search"))
-    tune.add_argument("--resume", action="store_true", help="continue an interrupted search")
-    tune.set_defaults(func=_tune)
+    with_config(commands.add_parser("train", help="one DDP training run, in a new experiment directory"), "train").set_defaults(func=_train)
+    with_config(commands.add_parser("tune", help="a hyperparameter search, in a new experiment directory"), "tune").set_defaults(func=_tune)
+
+    runs = commands.add_parser("runs", help="the experiments in a storage folder, newest first")
+    runs.add_argument("storage", nargs="?", help="default: the config default train.storage_path, ~/raytrain_results")
+    runs.add_argument("--json", action="store_true")
+    runs.set_defaults(func=_runs)
+
+    commands.add_parser("configs", help="the configs shipped with raytrain").set_defaults(func=_configs)
+    config = commands.add_parser("config", help="show a resolved config").add_subparsers(dest="config_command", required=True)
+    show = config.add_parser("show", help="the fully resolved config as YAML")
+    show.add_argument("config", help="a YAML file or a shipped config's name")
+    show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    show.set_defaults(func=_config_show)
 
     best = commands.add_parser("best", help="the best checkpoint of an experiment")
-    best.add_argument("experiment")
+    best.add_argument("experiment", help="an experiment directory, or a name's folder (its latest experiment)")
     best.add_argument("--metric", default="val_iou")
     best.add_argument("--mode", default="max", choices=["min", "max"])
     best.add_argument("--json", action="store_true")
@@ -282,30 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default="cpu")
     predict.set_defaults(func=_predict)
 
-    export = commands.add_parser("export", help="a checkpoint as a TorchScript file")
+    export = commands.add_parser("export", help="a checkpoint as a TorchScript or torch.export file")
     export.add_argument("checkpoint")
     export.add_argument("--format", default="torchscript", choices=["torchscript", "torch.export"])
     export.add_argument("--out", help="default: CHECKPOINT/model.torchscript.pt (or model.pt2)")
     export.set_defaults(func=_export)
     return parser
-
-
-def _user_error_inside(err: BaseException) -> RaytrainError | None:
-    """The RaytrainError behind `err`: itself, or the one a Ray Train worker or Tune trial raised,
-    which reaches the driver wrapped (TrainingFailedError's worker_failures, RayTaskError's cause)."""
-    pending, seen = [err], set()
-    while pending:
-        current = pending.pop(0)
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        # RayTaskError.cause; Ray Train's UserExceptionWithTraceback keeps the worker's exception in _base_exc.
-        wrapped = getattr(current, "cause", None) or getattr(current, "_base_exc", None)
-        if isinstance(current, RaytrainError) and wrapped is None:
-            return current
-        pending += [wrapped, getattr(current, "controller_failure", None), *getattr(current, "worker_failures", {}).values()]
-        pending += [current.__cause__, current.__context__]
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -316,11 +298,8 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.setdefault(name, value)
     try:
         args.func(args)
-    except Exception as err:
-        user_error = _user_error_inside(err)
-        if user_error is None:
-            raise  # a bug, not the user's input: keep the traceback
-        print(f"raytrain: error: {user_error}", file=sys.stderr)
+    except RaytrainError as err:  # the user's input; anything else is a bug and keeps its traceback
+        print(f"raytrain: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("raytrain: interrupted", file=sys.stderr)

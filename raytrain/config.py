@@ -1,6 +1,7 @@
 """The one typed config that every part of raytrain reads.
 
-A run is described by a YAML file (see `tune_configs/`) validated against `Config`. Any field can be
+A run is described by a YAML file validated against `Config`: a path, or the name of a config
+shipped in the package (`raytrain/tune_configs/`, listed by `shipped_configs()`). Any field can be
 overridden with dotted keys, `--set train.epochs=3` on the CLI or `{"train.epochs": 3}` from Python,
 and `search.space` uses the same dotted keys. The fully resolved config travels inside every
 checkpoint, so a checkpoint says exactly how it was made.
@@ -10,10 +11,12 @@ from __future__ import annotations
 import copy
 import math
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from raytrain.data.location import is_uri
 from raytrain.errors import ConfigError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -51,7 +54,7 @@ class DataConfig(_Section):
     @classmethod
     def _absolute(cls, path: str) -> str:
         # Ray workers run in other directories: a relative path means the one the user typed it in.
-        return path if "://" in path else str(Path(path).expanduser().resolve())
+        return path if is_uri(path) else str(Path(path).expanduser().resolve())
 
 
 class ModelConfig(_Section):
@@ -100,7 +103,15 @@ class TrainConfig(_Section):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(1, gt=0, description="used when use_gpu is true; fractions allowed")
-    seed: int = Field(0, description="seeds weights, shuffling, augmentation and search sampling")
+    seed: int = Field(
+        0,
+        description=(
+            "seeds weight init, each epoch's file order, the local shuffle buffer, each sample's augmentation "
+            "(from seed, epoch and sample id) and search sampling: the same seed, data and config give the same "
+            "run on CPU. Not covered: GPU kernels' nondeterminism; and a run that restarts from a checkpoint "
+            "(worker-group restart, resume, PBT) counts epochs from 0 again for file order and augmentation"
+        ),
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on GPUs that have it (else fp16), fp32 on CPU"
     )
@@ -111,6 +122,34 @@ class TrainConfig(_Section):
     checkpoints_to_keep: int = Field(2, ge=1, description="best K checkpoints kept, by search.metric")
     max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint")
     storage_path: str = Field("~/raytrain_results", description="local directory or URI (s3://...)")
+    tracking: Literal["none", "mlflow"] = Field(
+        "none", description="mlflow: params, per-epoch metrics and the best checkpoint of each run or trial "
+        "(pip install 'raytrain[mlflow]')"
+    )
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; default sqlite:///EXPERIMENT/mlflow.db, a database in each experiment"
+    )
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _absolute_store(cls, uri: str | None) -> str | None:
+        # Ray Train's controller runs in another directory: a relative store means the one the user typed it in.
+        if uri is None:
+            return None
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).expanduser().resolve()}"
+        return uri if "://" in uri else str(Path(uri).expanduser().resolve())
+
+    @model_validator(mode="after")
+    def _tracking_store(self) -> "TrainConfig":
+        # The default store is a SQLite file inside the experiment, which needs a local experiment directory.
+        remote = is_uri(self.storage_path) and not self.storage_path.startswith("file://")
+        if self.tracking == "mlflow" and self.tracking_uri is None and remote:
+            raise ValueError(
+                f"tracking mlflow with storage_path {self.storage_path}: set train.tracking_uri "
+                "(an MLflow server, or sqlite:///PATH on this machine)"
+            )
+        return self
 
 
 SearchKind = Literal["choice", "grid", "uniform", "loguniform", "randint"]
@@ -213,6 +252,16 @@ class Config(_Section):
         return 1 if len(self.classes) == 1 else len(self.classes)
 
     @model_validator(mode="after")
+    def _grace_within_epochs(self) -> "Config":
+        scheduler = self.search.scheduler
+        if scheduler.name in ("asha", "hyperband") and scheduler.grace_period > self.train.epochs:
+            raise ValueError(
+                f"search.scheduler.grace_period {scheduler.grace_period} is more than train.epochs {self.train.epochs}: "
+                "no trial could be stopped early; lower grace_period or use scheduler fifo"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _space_keys_exist(self) -> "Config":
         for key in self.search.space:
             if key.startswith("search."):
@@ -289,6 +338,25 @@ def _validate(data: Any, source: str) -> Config:
         raise ConfigError(_format_validation_error(err, source)) from None
 
 
+def shipped_configs() -> dict[str, resources.abc.Traversable]:
+    """The configs that ship inside the package, by name (file name without .yaml)."""
+    folder = resources.files("raytrain") / "tune_configs"
+    return {entry.name.removesuffix(".yaml"): entry for entry in sorted(folder.iterdir(), key=lambda e: e.name)
+            if entry.name.endswith(".yaml")}
+
+
+def config_file(source: str | os.PathLike):
+    """A config's file: the path itself when it is a file, else the shipped config of that name."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    name = os.fspath(source).removesuffix(".yaml")
+    if name in shipped:
+        return shipped[name]
+    raise ConfigError(f"{source}: config file not found, nor a config shipped with raytrain ({', '.join(shipped)})")
+
+
 def load_config(source: str | os.PathLike | dict | Config, overrides: dict[str, Any] | list[str] | None = None) -> Config:
     """A config from a YAML path, a dict or a Config, with dotted overrides applied.
 
@@ -300,10 +368,8 @@ def load_config(source: str | os.PathLike | dict | Config, overrides: dict[str, 
     elif isinstance(source, dict):
         config, name = _validate(copy.deepcopy(source), "config"), "config"
     else:
-        path = Path(source)
-        name = str(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
+        path = config_file(source)
+        name = str(source)
         try:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:

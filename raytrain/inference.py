@@ -1,6 +1,5 @@
-"""What a trained checkpoint is for: evaluate it on a sharded dataset, predict files, export it.
-
-No Ray: a checkpoint loads with torch and raytrain alone (raytrain.api.load_model).
+"""What a trained checkpoint is for: load it, predict images, evaluate it on a sharded dataset,
+predict files, export it. No Ray: a checkpoint loads with torch and raytrain alone.
 """
 from __future__ import annotations
 
@@ -14,16 +13,66 @@ from typing import Sequence
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from raytrain.api import load_model, predict
-from raytrain.checkpoints import CheckpointInfo, read_checkpoint
+from raytrain.checkpoints import MODEL_FILE, CheckpointInfo, read_checkpoint
+from raytrain.config import Config
+from raytrain.data.transforms import to_model_input
 from raytrain.data.formats import IGNORE_INDEX
 from raytrain.data.shards import read_manifest, shard_paths
 from raytrain.errors import CheckpointError, DataError
 from raytrain.metrics import SegmentationMetrics
+from raytrain.models import create_model, to_probabilities
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".ppm"}
+
+
+def load_model(checkpoint: str | os.PathLike | CheckpointInfo, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The trained module in eval mode on `device`; its config rides along as `.raytrain_config`."""
+    info = checkpoint if isinstance(checkpoint, CheckpointInfo) else read_checkpoint(checkpoint)
+    config = info.config
+    model = create_model(config.model.name, num_classes=config.num_classes, **config.model.kwargs())
+    try:
+        model.load_state_dict(torch.load(info.path / MODEL_FILE, map_location="cpu", weights_only=True))
+    except Exception as err:  # truncated file, foreign pickle, or weights of another architecture
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+        raise CheckpointError(f"{info.path / MODEL_FILE}: cannot load the weights ({reason})") from None
+    model.raytrain_config = config
+    return model.to(device).eval()
+
+
+def _as_array(image) -> np.ndarray:
+    if isinstance(image, (str, os.PathLike)):
+        with Image.open(image) as opened:
+            return np.asarray(opened.convert("RGB"))
+    return np.asarray(image)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, images: Sequence, *, masks: bool = False, batch_size: int = 8) -> list[np.ndarray]:
+    """Road probability (H, W) -- or class probabilities (C, H, W) -- at each image's own size.
+
+    images: paths or uint8 RGB arrays (H, W, 3), of any sizes. With masks=True the result is the
+    predicted class index per pixel instead (road: probability > 0.5; multi-class: argmax).
+    """
+    config: Config = model.raytrain_config
+    device = next(model.parameters()).device
+    width, height = config.data.size
+    arrays = [_as_array(image) for image in images]
+    outputs = []
+    for start in range(0, len(arrays), batch_size):
+        chunk = arrays[start : start + batch_size]
+        resized = np.stack([np.asarray(Image.fromarray(a).resize((width, height), Image.BILINEAR)) for a in chunk])
+        probabilities = to_probabilities(model(to_model_input(torch.from_numpy(resized), device)))
+        for array, probs in zip(chunk, probabilities):
+            probs = F.interpolate(probs[None], size=array.shape[:2], mode="bilinear", align_corners=False)[0]
+            if masks:
+                result = (probs[0] > 0.5).to(torch.uint8) if probs.shape[0] == 1 else probs.argmax(0).to(torch.uint8)
+            else:
+                result = probs[0] if probs.shape[0] == 1 else probs
+            outputs.append(result.cpu().numpy())
+    return outputs
 
 
 def evaluate_checkpoint(

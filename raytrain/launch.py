@@ -1,11 +1,11 @@
 """The only place that builds Ray Train trainers and Ray Tune tuners.
 
-    train(config): one TorchTrainer run of N DDP workers.
-    tune(config):  a Tuner whose every trial is such a run, over config.search.space.
+    train(config, experiment): one TorchTrainer run of N DDP workers, in the experiment directory.
+    tune(config, experiment):  a Tuner whose every trial is such a run, over config.search.space.
 """
 from __future__ import annotations
 
-import math
+import contextlib
 import os
 import threading
 from pathlib import Path
@@ -17,47 +17,39 @@ import ray.tune
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from raytrain import tracking
 from raytrain.config import Config
+from raytrain.console import EPOCH_LINES, QUIET, RAY_LOGS, epoch_line
 from raytrain.errors import RaytrainError
 from raytrain.data.pipeline import build_datasets
 from raytrain.loop import train_worker
-from raytrain.preflight import check_ready
+from raytrain.preflight import TRIAL_DRIVER_CPUS, local_cpus
 
 TRAIN_RUN_NAME = "train"  # inside a trial directory: EXPERIMENT/<trial>/train/checkpoint_*
 TUNE_CHECKPOINTS_TO_KEEP = 4  # pbt: copies a trial can still be cloned from while the others move on
 TENSORBOARD_DIR = "tensorboard"  # inside a run directory, written by rank 0
 
-# How much a run prints: 0 only the results, 1 one line per epoch, 2 also Ray's own logs and tables.
-QUIET, EPOCH_LINES, RAY_LOGS = 0, 1, 2
 
 
 class SplitData(DataConfig):
     """Train is split into equal parts (DDP needs the same number of steps on every worker);
-    val is split unevenly so that every val sample is evaluated exactly once per epoch."""
+    val is split unevenly so that every val sample is evaluated exactly once per epoch.
+
+    Blocks keep the dataset's order (preserve_order), not the order their tasks finish in, and the
+    splitter then ignores locality and hands each block to the split with the fewest rows so far:
+    which worker sees which samples in which order is the same in every run with the same seed.
+    """
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         output = [{} for _ in range(world_size)]
         for name, dataset in datasets.items():
             dataset = dataset.copy(dataset)
-            dataset.context.execution_options = self._resolve_execution_options(name)
+            options = self._resolve_execution_options(name)  # a copy: the driver's stay as they are
+            options.preserve_order = True
+            dataset.context.execution_options = options
             for rank, split in enumerate(dataset.streaming_split(world_size, equal=(name == "train"))):
                 output[rank][name] = split
         return output
-
-
-def storage_root(config: Config) -> str:
-    path = config.train.storage_path
-    return path if "://" in path else str(Path(path).expanduser().resolve())
-
-
-def local_cpus(config: Config, *, search: bool) -> int:
-    """Logical CPUs for a local cluster: the machine's, or enough for one run (a search: its concurrent
-    trials; pbt: the whole population), each with a CPU for Ray Data, whichever is more. Threads then
-    share the cores."""
-    per_run = config.train.num_workers * config.train.cpus_per_worker
-    concurrent = config.search.num_trials if config.search.scheduler.name == "pbt" else config.search.max_concurrent_trials
-    runs = (concurrent or 1) if search else 1
-    return max(os.cpu_count() or 1, math.ceil(runs * (per_run + 1)))
 
 
 def ensure_ray(num_cpus: int | None = None, verbosity: int = EPOCH_LINES) -> None:
@@ -68,21 +60,29 @@ def ensure_ray(num_cpus: int | None = None, verbosity: int = EPOCH_LINES) -> Non
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=log_to_driver)
         return
-    # Ray starts its workers at nice 15, so on a busy machine training yields to every other
-    # process (benchmarks/overhead.py: Ray/plain images/s 0.88 at nice 15, 1.01 at 0). Ray's own
-    # job submission runs at 0 too; a RAY_worker_niceness the user set still wins.
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    # Every process of this cluster is told its own address. Ray Train frees the CPUs of a stopped run
-    # (a trial that ASHA stops, that PBT pauses) from a helper that looks "the" cluster up on this
-    # machine; with a second cluster running (another search, a test) the lookup fails and those CPUs
-    # stay taken for good: later trials wait forever.
     port = _free_port()
-    saved = {name: os.environ.get(name) for name in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
-    os.environ.update(RAY_ADDRESS=f"{ray.util.get_node_ip_address()}:{port}", RAY_GCS_SERVER_PORT=str(port))
-    try:
+    with environment(
+        # Every process of this cluster is told its own address. Ray Train frees the CPUs of a stopped
+        # run (a trial that ASHA stops, that PBT pauses) from a helper that looks "the" cluster up on
+        # this machine; with a second cluster running (another search, a test) the lookup fails and
+        # those CPUs stay taken for good: later trials wait forever.
+        RAY_ADDRESS=f"{ray.util.get_node_ip_address()}:{port}", RAY_GCS_SERVER_PORT=str(port),
+        # Ray starts its workers at nice 15, so on a busy machine training yields to every other
+        # process; Ray's own job submission runs at 0 too. A RAY_worker_niceness the user set wins.
+        RAY_worker_niceness=os.environ.get("RAY_worker_niceness", "0"),
+    ):
         # The dashboard stays on: its State API is how Ray Train frees the workers of stopped trials.
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), log_to_driver=log_to_driver)
-    finally:  # this process keeps its own environment: after ray.shutdown() a new cluster may start
+
+
+@contextlib.contextmanager
+def environment(**values: str):
+    """Set environment variables for what runs inside, then restore the caller's environment."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
         for name, value in saved.items():
             os.environ.pop(name, None) if value is None else os.environ.update({name: value})
 
@@ -93,22 +93,6 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("", 0))
         return probe.getsockname()[1]
-
-
-def epoch_line(label: str, metrics: dict, epochs: int) -> str:
-    """One progress line: who, epoch, train loss, val F1 and IoU, images/s, time left for this run."""
-    epoch = int(metrics.get("epoch", 0))
-    seconds_left = (epochs - epoch) * (metrics.get("epoch_s") or 0.0)
-    minutes, seconds = divmod(int(round(seconds_left)), 60)
-
-    def number(key: str, digits: int = 4) -> str:
-        value = metrics.get(key)
-        return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
-
-    return (
-        f"{label}  epoch {epoch}/{epochs}  loss {number('train_loss')}  val_f1 {number('val_f1')}  "
-        f"val_iou {number('val_iou')}  {number('images_per_s', 1)} img/s  ETA {minutes}m{seconds:02d}s"
-    )
 
 
 class _EpochLinesTrain(ray.train.UserCallback):
@@ -199,24 +183,36 @@ def make_trainer(
     )
 
 
-def _starts_local_cluster() -> bool:
-    return not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+def _start(config: Config, num_cpus: int | None, search: bool, verbosity: int) -> None:
+    """Ray: joined, or a local cluster of the right size. (raytrain.api has made preflight's checks.)"""
+    ensure_ray(num_cpus or local_cpus(config, search=search), verbosity=verbosity)
 
 
-def train(config: Config, *, num_cpus: int | None = None, verbosity: int = QUIET) -> ray.train.Result:
-    cpus = num_cpus or local_cpus(config, search=False)
-    check_ready(config, cpus if _starts_local_cluster() else None)
-    ensure_ray(cpus, verbosity=verbosity)
-    if verbosity < EPOCH_LINES:
-        return make_trainer(config, storage_path=storage_root(config), name=config.name).fit()
-    lines = _EpochLinesTrain(config.name, config.train.epochs)
+def _split_location(experiment: str) -> tuple[str, str]:
+    """(storage path, name) as Ray Train and Tune take an experiment directory."""
+    parent, name = experiment.rstrip("/").rsplit("/", 1)
+    return parent, name
+
+
+def train(config: Config, experiment: str, *, num_cpus: int | None = None, verbosity: int = QUIET) -> ray.train.Result:
+    """One run into `experiment` (a new directory, or one to continue from its last checkpoint)."""
+    _start(config, num_cpus, search=False, verbosity=verbosity)
+    storage_path, name = _split_location(experiment)
+    lines = _EpochLinesTrain(config.name, config.train.epochs) if verbosity >= EPOCH_LINES else None
     done = threading.Event()
-    printer = lines.print_lines_until(done)
+    printer = lines.print_lines_until(done) if lines else None
     try:
-        return make_trainer(config, storage_path=storage_root(config), name=config.name, callbacks=[lines]).fit()
+        callbacks = [*([lines] if lines else []), *tracking.train_callbacks(config, experiment)]
+        return make_trainer(config, storage_path=storage_path, name=name, callbacks=callbacks or None).fit()
+    except Exception as err:
+        user_error = user_error_inside(err)
+        if user_error is None:
+            raise
+        raise user_error from None
     finally:
         done.set()
-        printer.join(timeout=5)
+        if printer:
+            printer.join(timeout=5)
 
 
 class _RelayToTune(ray.train.UserCallback):
@@ -260,11 +256,10 @@ class _RelayToTune(ray.train.UserCallback):
             raise failure[0]
 
 
-def _run_trial(params: dict, base: dict) -> None:
+def _run_trial(params: dict, base: dict, experiment: str) -> None:
     """One Tune trial: the base config with this trial's sampled values, trained by Ray Train."""
     config = Config.model_validate(base).with_overrides(params.get("search", {}))
-    context = ray.tune.get_context()
-    trial_path = f"{storage_root(config)}/{context.get_experiment_name()}/{_trial_dirname(context.get_trial_id())}"
+    trial_path = f"{experiment}/{_trial_dirname(ray.tune.get_context().get_trial_id())}"
     start = ray.tune.get_checkpoint()  # pbt: Tune's copy of the checkpoint this trial continues from
     # A new Train run for each start, named after it: a run of an existing name carries on from its
     # own last checkpoint (right when the same start is retried, wrong for a new one).
@@ -351,21 +346,17 @@ def _search_algorithm(config: Config):
     return ray.tune.search.BasicVariantGenerator(random_state=config.train.seed, max_concurrent=config.search.max_concurrent_trials or 0)
 
 
-def tune(config: Config, *, resume: bool = False, num_cpus: int | None = None, verbosity: int = QUIET) -> ray.tune.ResultGrid:
-    cpus = num_cpus or local_cpus(config, search=True)
-    check_ready(config, cpus if _starts_local_cluster() else None)
-    ensure_ray(cpus, verbosity=verbosity)
-    if verbosity < RAY_LOGS:
-        # Tune's new console output prints its header box even at verbose=0; the legacy one is silent.
-        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    trainable = ray.tune.with_parameters(_run_trial, base=config.model_dump(mode="json"))
-    # The trial function only drives a Train run and the workers ask for their own resources;
-    # Tune cannot schedule a trial that asks for nothing, so it takes a token share of a CPU.
-    trainable = ray.tune.with_resources(trainable, {"CPU": 0.01})
-    experiment = f"{storage_root(config)}/{config.name}"
+def tune(config: Config, experiment: str, *, resume: bool = False, num_cpus: int | None = None,
+         verbosity: int = QUIET) -> ray.tune.ResultGrid:
+    """A search into `experiment` (a new directory, or one whose search to continue with `resume`).
+    Raises the first trial's error when every trial failed."""
+    _start(config, num_cpus, search=True, verbosity=verbosity)
+    trainable = ray.tune.with_parameters(_run_trial, base=config.model_dump(mode="json"), experiment=experiment)
+    trainable = ray.tune.with_resources(trainable, {"CPU": TRIAL_DRIVER_CPUS})
     if resume:
         tuner = ray.tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
     else:
+        storage_path, name = _split_location(experiment)
         tuner = ray.tune.Tuner(
             trainable,
             param_space={"search": _search_space(config)},
@@ -379,13 +370,37 @@ def tune(config: Config, *, resume: bool = False, num_cpus: int | None = None, v
                 trial_dirname_creator=_trial_dirname_of,
             ),
             run_config=ray.tune.RunConfig(
-                name=config.name,
-                storage_path=storage_root(config),
+                name=name,
+                storage_path=storage_path,
                 # A trial whose node is lost is rerun; finished trials are kept in the experiment state.
                 failure_config=ray.tune.FailureConfig(max_failures=config.train.max_failures),
                 checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=TUNE_CHECKPOINTS_TO_KEEP),
-                callbacks=[_EpochLinesTune(config.train.epochs)] if verbosity >= EPOCH_LINES else None,
+                callbacks=[*([_EpochLinesTune(config.train.epochs)] if verbosity >= EPOCH_LINES else []),
+                           *tracking.tune_callbacks(config, experiment)] or None,
                 verbose=2 if verbosity >= RAY_LOGS else 0,
             ),
         )
-    return tuner.fit()
+    # Tune's new console output prints its header box even at verbose=0; the legacy one is silent.
+    with environment(RAY_AIR_NEW_OUTPUT=os.environ.get("RAY_AIR_NEW_OUTPUT", "1" if verbosity >= RAY_LOGS else "0")):
+        grid = tuner.fit()
+    if grid.errors and len(grid.errors) == len(grid):
+        raise user_error_inside(grid.errors[0]) or grid.errors[0]
+    return grid
+
+
+def user_error_inside(err: BaseException) -> RaytrainError | None:
+    """The RaytrainError behind `err`: itself, or the one a Ray Train worker or Tune trial raised,
+    which reaches the driver wrapped (TrainingFailedError's worker_failures, RayTaskError's cause)."""
+    pending, seen = [err], set()
+    while pending:
+        current = pending.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        # RayTaskError.cause; Ray Train's UserExceptionWithTraceback keeps the worker's exception in _base_exc.
+        wrapped = getattr(current, "cause", None) or getattr(current, "_base_exc", None)
+        if isinstance(current, RaytrainError) and wrapped is None:
+            return current
+        pending += [wrapped, getattr(current, "controller_failure", None), *getattr(current, "worker_failures", {}).values()]
+        pending += [current.__cause__, current.__context__]
+    return None

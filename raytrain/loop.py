@@ -22,7 +22,7 @@ from raytrain.config import Config
 from raytrain.data.shards import read_manifest
 from raytrain.data.transforms import to_model_input
 from raytrain.errors import RaytrainError
-from raytrain.losses import create_loss
+from raytrain.losses import create_loss, loss_class_weights
 from raytrain.metrics import SegmentationMetrics
 from raytrain.models import create_model, to_probabilities
 
@@ -41,17 +41,6 @@ class ToTensors(NumpyBatchCollateFn):
 
 
 to_tensors = ToTensors()
-
-
-def loss_class_weights(config: Config) -> list[float] | None:
-    """The configured weights, or inverse pixel frequencies from the manifest (mean 1)."""
-    weights = config.loss.class_weights
-    if weights != "inverse_frequency":
-        return weights
-    frequencies = read_manifest(config.data.path)["pixel_frequencies"]
-    names = ["background", *config.classes] if config.num_classes == 1 else config.classes
-    inverse = [1.0 / max(frequencies[name], 1e-6) for name in names]
-    return [w * len(inverse) / sum(inverse) for w in inverse]
 
 
 def create_optimizer(config: Config, params) -> torch.optim.Optimizer:

@@ -2,17 +2,25 @@
 Plain functions of the config and the dataset: no Ray cluster needed to run or test them."""
 from __future__ import annotations
 
+import importlib.util
 import itertools
+import math
+import os
+import sys
 
 from raytrain.config import Config
 from raytrain.data.shards import read_manifest
 from raytrain.errors import ConfigError, DataError, RaytrainError
-from raytrain.losses import create_loss
-from raytrain.loop import loss_class_weights
+from raytrain.losses import create_loss, loss_class_weights
 from raytrain.models import create_model
 
 
-def check_ready(config: Config, local_cpus: int | None) -> None:
+# A Tune trial's own process only drives a Train run; Tune cannot schedule a trial that asks for
+# nothing, so it takes a token share of a CPU, which a local cluster must have room for too.
+TRIAL_DRIVER_CPUS = 0.01
+
+
+def check_ready(config: Config, local_cpus: int | None, *, search: bool = False) -> None:
     """Fail before Ray starts on what would otherwise fail in every worker, or wait forever: a local
     cluster too small for one run, the dataset and its classes, the model and loss of every trial.
 
@@ -20,11 +28,15 @@ def check_ready(config: Config, local_cpus: int | None) -> None:
     running or remote (it may grow).
     """
     train = config.train
-    needed = train.num_workers * train.cpus_per_worker + 1  # Ray Data's read and decode tasks need a CPU too
+    if train.tracking == "mlflow" and importlib.util.find_spec("mlflow") is None:
+        raise RaytrainError("train.tracking mlflow needs MLflow: pip install 'raytrain[mlflow]'")
+    # Ray Data's read and decode tasks need a whole CPU beside the workers (and a trial's driver).
+    needed = train.num_workers * train.cpus_per_worker + 1 + (TRIAL_DRIVER_CPUS if search else 0)
     if local_cpus is not None and needed > local_cpus:
         raise ConfigError(
-            f"train.num_workers={train.num_workers} x train.cpus_per_worker={train.cpus_per_worker:g} needs {needed:g} CPUs "
-            f"(one more for Ray Data), but the local cluster has {local_cpus}: lower train.num_workers or raise --num-cpus"
+            f"train.num_workers={train.num_workers} x train.cpus_per_worker={train.cpus_per_worker:g} needs {math.ceil(needed)} CPUs "
+            f"(one more for Ray Data{', and a share for the trial' if search else ''}), but the local cluster has "
+            f"{local_cpus}: lower train.num_workers or raise --num-cpus"
         )
     checked = set()
     for overrides in _trial_variants(config):
@@ -70,3 +82,48 @@ def _trial_variants(config: Config) -> list[dict]:
     keys = list(config.search.space)
     values = [next(iter(config.search.space[key].values())) for key in keys]
     return [dict(zip(keys, combination)) for combination in itertools.product(*values)]
+
+
+def local_cpus(config: Config, *, search: bool) -> int:
+    """Logical CPUs for a local cluster: the machine's, or enough for one run (a search: its concurrent
+    trials; pbt: the whole population), each with a CPU for Ray Data, whichever is more. Threads then
+    share the cores."""
+    per_run = config.train.num_workers * config.train.cpus_per_worker
+    concurrent = config.search.num_trials if config.search.scheduler.name == "pbt" else config.search.max_concurrent_trials
+    runs = (concurrent or 1) if search else 1
+    return max(os.cpu_count() or 1, math.ceil(runs * (per_run + 1 + (TRIAL_DRIVER_CPUS if search else 0))))
+
+
+def local_cluster_cpus(config: Config, kind: str, num_cpus: int | None = None) -> int | None:
+    """The CPUs of the local cluster that `raytrain train|tune` would start, or None when it joins a
+    running one (RAY_ADDRESS, or Ray already started in this process)."""
+    ray = sys.modules.get("ray")
+    if os.environ.get("RAY_ADDRESS") or (ray is not None and ray.is_initialized()):
+        return None
+    return num_cpus or local_cpus(config, search=kind == "tune")
+
+
+def plan(config: Config, kind: str, num_cpus: int | None = None) -> dict:
+    """What `raytrain train|tune` would run, after every check it makes before Ray starts; starts nothing."""
+    search = kind == "tune"
+    cpus = local_cluster_cpus(config, kind, num_cpus)
+    check_ready(config, cpus, search=search)
+    train, space = config.train, config.search.space
+    counts = read_manifest(config.data.path)["num_samples"]
+    return {
+        "kind": kind,
+        "name": config.name,
+        "trials": config.search.num_trials if search else 1,
+        "max_concurrent_trials": (config.search.max_concurrent_trials or config.search.num_trials) if search else 1,
+        "scheduler": config.search.scheduler.name if search else None,
+        "search_space": {key: spec for key, spec in space.items()} if search else {},
+        "epochs": train.epochs,
+        "workers_per_trial": train.num_workers,
+        "cpus_per_trial": train.num_workers * train.cpus_per_worker,
+        "gpus_per_trial": train.num_workers * train.gpus_per_worker if train.use_gpu else 0,
+        "cluster": f"local, {cpus} logical CPUs" if cpus else "the running cluster",
+        "data": {"path": config.data.path, "train": counts.get("train", 0), "val": counts.get("val", 0),
+                 "size": "x".join(map(str, config.data.size)), "classes": config.classes},
+        "model": config.model.name,
+        "loss": config.loss.name,
+    }

@@ -3,7 +3,7 @@
 Histories come from the files Ray Tune leaves in every trial directory (result.json: one JSON line
 per reported epoch; params.json: the sampled values); a plain `raytrain train` run has no Tune
 files, so its history is the metrics.json of the checkpoints it kept. The best checkpoint is found
-with `raytrain.api.best_checkpoint` and run on the val split of its own config's data.
+with `raytrain.best_checkpoint` and run on the val split of its own config's data.
 """
 from __future__ import annotations
 
@@ -21,11 +21,12 @@ from matplotlib.figure import Figure  # a Figure without pyplot: no GUI backend,
 from matplotlib.ticker import NullFormatter
 from PIL import Image
 
-from raytrain.api import best_checkpoint, load_model, predict
-from raytrain.checkpoints import METRICS_FILE, CheckpointInfo
+from raytrain.checkpoints import METRICS_FILE, CheckpointInfo, best_checkpoint_in
 from raytrain.data.shards import shard_paths
 from raytrain.data.transforms import decode_image, decode_mask, resize
 from raytrain.errors import CheckpointError
+from raytrain.experiments import resolve_experiment
+from raytrain.inference import load_model, predict
 from raytrain.metrics import SegmentationMetrics, kitti_precision_recall
 from raytrain.viz import overlay_grid
 
@@ -220,22 +221,37 @@ def plot_pr_curve(histogram, out_dir: Path) -> tuple[Path, float]:
 # --- the report --------------------------------------------------------------------------------
 
 
-def _results_table(trials: list[Trial], best: Trial, metric: str, mode: str) -> str:
+def results_rows(trials: list[Trial], metric: str, mode: str) -> tuple[list[str], list[tuple[Trial, list[str]]]]:
+    """(header, [(trial, cells)]) of the results table, best trial first, unscored trials last."""
     keys = list(dict.fromkeys(key for trial in trials for key in trial.params))
     ranked = [(trial, trial.best(metric, mode)) for trial in trials]
     sign = -1 if mode == "max" else 1
-    ranked.sort(key=lambda item: (item[1] is None, sign * item[1][metric] if item[1] else 0))  # unscored last
+    ranked.sort(key=lambda item: (item[1] is None, sign * item[1][metric] if item[1] else 0))
     scores = [metric, *(key for key in ("val_f1", "val_iou") if key != metric)]
     header = ["#", "trial", *keys, *scores, "best epoch", "epochs"]
-    lines = ["<table>", "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
+    rows = []
     for rank, (trial, row) in enumerate(ranked, start=1):
         def score(key):
             value = _number(row.get(key)) if row else None
             return "" if value is None else f"{value:.4f}"
 
-        cells = [str(rank), trial.name, *(_short(trial.params.get(key, "")) for key in keys),
-                 *(score(key) for key in scores),
-                 str(row["epoch"]) if row else "", str(len(trial.history))]
+        rows.append((trial, [str(rank), trial.name, *(_short(trial.params.get(key, "")) for key in keys),
+                             *(score(key) for key in scores), str(row["epoch"]) if row else "", str(len(trial.history))]))
+    return header, rows
+
+
+def trials_table(experiment_path: str | os.PathLike, metric: str = "val_iou", mode: str = "max") -> str:
+    """The results table as aligned plain text: what `raytrain tune` prints at the end."""
+    header, rows = results_rows(read_trials(experiment_path), metric, mode)
+    table = [header, *(cells for _, cells in rows)]
+    widths = [max(len(cell) for cell in column) for column in zip(*table)]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in table)
+
+
+def _results_table(trials: list[Trial], best: Trial, metric: str, mode: str) -> str:
+    header, rows = results_rows(trials, metric, mode)
+    lines = ["<table>", "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
+    for trial, cells in rows:
         style = ' class="best"' if trial is best else ""
         lines.append(f"<tr{style}>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in cells) + "</tr>")
     lines.append("</table>")
@@ -271,9 +287,9 @@ def write_report(experiment_path: str | os.PathLike, out_dir: str | os.PathLike,
 
     Everything is read and computed before `out_dir` is touched, so bad input leaves nothing behind.
     """
-    root = Path(experiment_path).expanduser()
+    root = Path(resolve_experiment(experiment_path))
     trials = read_trials(root)
-    checkpoint = best_checkpoint(root, metric, mode)
+    checkpoint = best_checkpoint_in(root, metric, mode)
     best = _trial_of(checkpoint, root, trials)
     images, masks = val_samples(checkpoint)
     binary = checkpoint.config.num_classes == 1
@@ -297,7 +313,7 @@ def write_report(experiment_path: str | os.PathLike, out_dir: str | os.PathLike,
         legend = "road: probability > 0.5 in red" if binary else "classes in their palette colours"
         figures.append((f"best model on val images: prediction | ground truth ({legend})", path))
     index = out / "index.html"
-    title = f"raytrain report: {root.resolve().name}"
+    title = f"raytrain report: {root.parent.name}/{root.name}"
     index.write_text(_html(title, _results_table(trials, best, metric, mode), checkpoint.path, figures))
     return index
 

@@ -6,6 +6,14 @@ import time
 import pytest
 
 
+def pytest_collection_modifyitems(items):
+    """Every test on the session's Ray cluster is marked `ray`: `pytest -m "not ray"` is the quick tier.
+    (Tests that start Ray in a subprocess carry the mark themselves.)"""
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     import ray
@@ -21,7 +29,7 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def synthetic_kitti(tmp_path_factory):
     """24 synthetic scenes at 64x32 in the KITTI road layout."""
-    from raytrain.data.synth import write_synthetic_kitti
+    from raytrain.data.synthetic import write_synthetic_kitti
 
     return write_synthetic_kitti(tmp_path_factory.mktemp("synth") / "kitti", 24, seed=1, size=(64, 32))
 
@@ -52,7 +60,7 @@ def tiny_config(shards, storage, **overrides):
 @pytest.fixture(scope="session")
 def trained_run(ray_cluster, tiny_shards, tmp_path_factory):
     """(config, Ray Result) of a finished 2-epoch, 2-worker run on the tiny shards."""
-    from raytrain.launch import train
+    from raytrain.api import train
 
     storage = tmp_path_factory.mktemp("train")
     config = tiny_config(tiny_shards, storage, **{"train.epochs": 2})

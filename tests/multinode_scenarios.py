@@ -21,10 +21,10 @@ import ray
 import ray.train
 from ray.cluster_utils import Cluster
 
-from raytrain import launch
+from raytrain import experiments, launch
 from raytrain.checkpoints import METRICS_FILE
 from raytrain.data.shards import write_shards
-from raytrain.data.synth import write_synthetic_kitti
+from raytrain.data.synthetic import write_synthetic_kitti
 from raytrain.loop import train_worker
 from tests.conftest import tiny_config, wait_for
 
@@ -173,7 +173,7 @@ def search_node_loss(workdir: Path) -> dict:
         "train.checkpoints_to_keep": 10, "search.scheduler.name": "fifo", "search.max_concurrent_trials": 1,
         "search.space": {"optim.lr": {"grid": [1e-3, 3e-3]}},
     })
-    experiment = storage / "search"
+    experiment = Path(experiments.create_experiment(config, "tune"))
 
     def finished_and_running_trials():
         progress = {t.name: registered_epoch(t / launch.TRAIN_RUN_NAME) for t in experiment.glob("trial_*")}
@@ -191,7 +191,7 @@ def search_node_loss(workdir: Path) -> dict:
         return {"node": victim, "finished_trials": finished, "running_trials": running, "finished_files": files}
 
     kill = in_background(kill_a_node_of_a_later_trial)
-    grid = launch.tune(config)
+    grid = launch.tune(config, str(experiment))
     kill["thread"].join(timeout=TIMEOUT_S)
     killed = kill.get("value") or {}
     files_after = {path: Path(path).stat().st_size for path in killed.get("finished_files", {}) if Path(path).is_file()}

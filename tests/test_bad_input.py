@@ -23,7 +23,7 @@ from PIL import Image
 def shards(tmp: Path) -> Path:
     """A real sharded dataset: 16 synthetic KITTI-layout scenes at 64x32."""
     from raytrain.data.shards import write_shards
-    from raytrain.data.synth import write_synthetic_kitti
+    from raytrain.data.synthetic import write_synthetic_kitti
 
     raw = write_synthetic_kitti(tmp / "raw", 16, seed=0, size=(64, 32))
     write_shards(raw, "kitti", tmp / "shards", val_fraction=0.25)
@@ -55,12 +55,21 @@ def config(tmp: Path, data: Path | str | None = None, **dotted) -> Path:
     return tmp / "c.yaml"
 
 
+def finished_experiment(tmp: Path) -> None:
+    """A finished `raytrain train` experiment of tmp/c.yaml's config."""
+    from raytrain import experiments
+    from raytrain.config import load_config
+
+    experiment = experiments.create_experiment(load_config(config(tmp)), "train")
+    experiments.mark(experiment, experiments.FINISHED)
+
+
 def text_file(name: str, text: str):
     return lambda tmp: (tmp / name).write_text(text)
 
 
 def kitti_folder(tmp: Path) -> Path:
-    from raytrain.data.synth import write_synthetic_kitti
+    from raytrain.data.synthetic import write_synthetic_kitti
 
     return write_synthetic_kitti(tmp / "raw", 4, seed=0, size=(32, 16))
 
@@ -230,10 +239,29 @@ CASES = [
     ),
     pytest.param(["export", "{tmp}/exp/ckpt"], nothing, ["{tmp}/exp/ckpt", "not a raytrain checkpoint"], id="export-missing-checkpoint"),
     pytest.param(["export", "{tmp}/exp/ckpt", "--out", "{tmp}/m.pt"], truncated_weights, ["{tmp}/exp/ckpt/model.pt", "cannot load"], id="export-truncated-weights"),
+    # config names and experiments to resume
+    pytest.param(
+        ["tune", C, "--num-cpus", "3"], lambda t: config(t), ["train.num_workers=2", "needs 4 CPUs", "a share for the trial"],
+        id="search-workers-do-not-fit",
+    ),
+    pytest.param(
+        ["tune", "quickstart", "--set", "train.epochs=1"], nothing,
+        ["search.scheduler.grace_period 3 is more than train.epochs 1"], id="config-grace-period-over-epochs",
+    ),
+    pytest.param(["train", "nosuchconfig"], nothing, ["nosuchconfig", "config file not found", "quickstart"], id="config-unknown-name"),
+    pytest.param(["config", "show", "nosuchconfig"], nothing, ["nosuchconfig", "config file not found"], id="config-show-unknown-name"),
+    pytest.param(["tune", C, "--resume"], lambda t: config(t), ["--resume", "no tune experiment named 'bad'"], id="resume-nothing-to-resume"),
+    pytest.param(
+        ["train", C, "--resume", "{tmp}/exp"], lambda t: (config(t), (t / "exp").mkdir()),
+        ["--resume {tmp}/exp", "not a raytrain experiment"], id="resume-not-an-experiment",
+    ),
+    pytest.param(["train", C, "--resume"], finished_experiment, ["--resume", "finished", "nothing to resume"], id="resume-finished-run"),
+    pytest.param(["tune", C, "--resume"], finished_experiment, ["--resume", "no tune experiment named 'bad'"], id="resume-train-as-tune"),
+    pytest.param(["runs", "{tmp}/nowhere"], nothing, ["{tmp}/nowhere", "not found"], id="runs-storage-missing"),
     # a run that fails inside the Ray Train workers
     pytest.param(
         ["train", C, "--set", "optim.lr=1e30", "--num-cpus", "4"], lambda t: config(t),
-        ["loss is nan at epoch 0, step", "optim.lr"], id="workers-nan-loss",
+        ["loss is nan at epoch 0, step", "optim.lr"], id="workers-nan-loss", marks=pytest.mark.ray,
     ),
 ]
 

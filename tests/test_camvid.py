@@ -35,7 +35,7 @@ def camvid_subset(tmp_path_factory):
     ids=["binary-road", "11-classes"],
 )
 def test_camvid_trains_one_epoch_on_two_workers(ray_cluster, camvid_subset, tmp_path, classes, loss):
-    from raytrain.launch import train
+    from raytrain.api import train
 
     manifest = write_shards(camvid_subset, "camvid", tmp_path / "shards", classes=None if len(classes) > 1 else classes)
     assert manifest["num_samples"] == SUBSET and manifest["skipped"] == []

@@ -10,8 +10,8 @@ from raytrain.checkpoints import MODEL_FILE, fetch_checkpoint, read_checkpoint
 
 
 def test_best_checkpoint_is_the_same_through_a_uri(trained_run):
-    config, result = trained_run
-    experiment = f"{config.train.storage_path}/{config.name}"
+    _, result = trained_run
+    experiment = result.path
     local = raytrain.best_checkpoint(experiment)
     through_uri = raytrain.best_checkpoint(f"file://{experiment}")
     assert through_uri.path == local.path and through_uri.metrics == local.metrics

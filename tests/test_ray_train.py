@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -126,7 +127,7 @@ def test_pbt_trials_continue_from_the_better_trials_checkpoint_with_their_own_lr
     assert len(grid) == 2 and not grid.errors
     assert all(result.metrics["epoch"] == epochs for result in grid)
 
-    experiment = tmp_path / "results" / "pbt"
+    experiment = Path(grid.experiment_path)
     copies = []  # (trial that continued, the checkpoint it continued from)
     for trial in experiment.glob("trial_*"):
         for run in trial.glob("train_from_*"):
@@ -146,6 +147,7 @@ def test_pbt_trials_continue_from_the_better_trials_checkpoint_with_their_own_lr
     assert best.path.parent.name.startswith("train")  # the Train run's own, not Tune's short-lived copy
 
 
+@pytest.mark.ray
 def test_a_local_cluster_finds_itself_beside_another_one(tmp_path):
     """Ray Train frees a stopped run's CPUs from a helper that looks the cluster up with the State API;
     with a second cluster on the machine that lookup fails unless each process knows its own address."""

@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import IMAGES, SCALA
 from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 
 from raytrain.api import best_checkpoint, load_model, predict
-from raytrain.report import write_report
+from raytrain.reporting import write_report
 from raytrain.viz import GRID_GAP
 from tests.conftest import tiny_config
 
@@ -22,20 +22,16 @@ CURVE_PNGS = {"loss.png", "accuracy.png", "f1.png", "iou.png"}
 
 
 @pytest.fixture(scope="module")
-def train_run(ray_cluster, tiny_shards, tmp_path_factory):
-    """A finished 2-worker `raytrain train` run: <storage>/plain."""
-    from raytrain.launch import train
-
-    storage = tmp_path_factory.mktemp("report_train")
-    result = train(tiny_config(tiny_shards, storage, name="plain", **{"train.epochs": EPOCHS}))
-    assert result.error is None
-    return storage / "plain"
+def train_run(trained_run):
+    """The experiment directory of conftest's finished 2-epoch, 2-worker `raytrain train` run."""
+    assert trained_run[0].train.epochs == EPOCHS
+    return Path(trained_run[1].path)
 
 
 @pytest.fixture(scope="module")
 def experiment(ray_cluster, tiny_shards, tmp_path_factory):
     """A finished 2-trial search (one worker per trial, so both trials fit beside Ray Data's tasks)."""
-    from raytrain.launch import tune
+    from raytrain.api import tune
 
     storage = tmp_path_factory.mktemp("report_tune")
     config = tiny_config(tiny_shards, storage, name="search", **{
@@ -44,7 +40,7 @@ def experiment(ray_cluster, tiny_shards, tmp_path_factory):
     })
     grid = tune(config)
     assert not grid.errors
-    return storage / "search"
+    return Path(grid.experiment_path)
 
 
 def _accumulator(run_dir: Path) -> EventAccumulator:
@@ -113,7 +109,7 @@ def test_report_of_a_search(experiment, tmp_path):
 
 
 def test_report_overlay_shows_the_best_models_predictions(experiment, tmp_path):
-    from raytrain.report import OVERLAY_SAMPLES, val_samples
+    from raytrain.reporting import OVERLAY_SAMPLES, val_samples
 
     write_report(experiment, tmp_path)
     grid = np.asarray(Image.open(tmp_path / "overlays.png").convert("RGB"))
@@ -155,7 +151,7 @@ def test_report_of_a_multiclass_run_shows_the_palette_and_no_pr_curve(tiny_shard
 
     from raytrain.checkpoints import save_checkpoint
     from raytrain.models import create_model
-    from raytrain.report import val_samples
+    from raytrain.reporting import val_samples
     from raytrain.viz import overlay
 
     config = tiny_config(tiny_shards, tmp_path, name="two_classes", classes=["background", "road"])

@@ -123,7 +123,7 @@ def test_empty_input_and_existing_output_are_errors(tmp_path, tiny_shards):
 
 
 def test_inverse_frequency_class_weights_come_from_the_manifest(tiny_shards, tmp_path):
-    from raytrain.loop import loss_class_weights
+    from raytrain.losses import loss_class_weights
     from tests.conftest import tiny_config
 
     frequencies = read_manifest(tiny_shards)["pixel_frequencies"]

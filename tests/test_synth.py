@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from raytrain.data.formats import IGNORE_INDEX, decode_kitti_gt, encode_kitti_gt
-from raytrain.data.synth import render_scene, write_synthetic_kitti
+from raytrain.data.synthetic import render_scene, write_synthetic_kitti
 
 SIZE = (96, 32)  # width, height
 
@@ -79,7 +79,7 @@ def test_road_fraction_is_a_minority_but_never_empty():
 
 def test_cars_hide_road_but_shadows_keep_it(monkeypatch):
     """Watch the painters: car pixels on the road surface are not road; shadowed road stays road."""
-    import raytrain.data.synth as synth
+    import raytrain.data.synthetic as synth
 
     seen = {}
     real_ground, real_shadows, real_cars = synth._ground, synth._shadows, synth._cars
@@ -125,7 +125,7 @@ def test_write_is_atomic(tmp_path):
 
 
 def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
-    import raytrain.data.synth as synth
+    import raytrain.data.synthetic as synth
 
     calls = []
 

@@ -162,17 +162,25 @@ def scored_checkpoints(directory: str | os.PathLike, metric: str) -> list[tuple[
     return scored
 
 
-def best_checkpoint_in(directory: str | os.PathLike, metric: str = "val_iou", mode: str = "max") -> CheckpointInfo:
-    """The checkpoint with the best `metric` among all trials and epochs kept below `directory`."""
+def best_location(directory: str | os.PathLike, metric: str = "val_iou", mode: str = "max") -> str | None:
+    """Where the checkpoint with the best `metric` below `directory` is (nothing fetched), or None."""
     if mode not in ("min", "max"):
         raise CheckpointError(f"mode must be 'min' or 'max', not {mode!r}")
     scored = scored_checkpoints(directory, metric)
     if not scored:
-        raise CheckpointError(f"{directory}: no checkpoint reports {metric!r}")
+        return None
     # On a tie, the Train run's own checkpoint (Tune's copies for PBT, checkpoint_000001, are deleted
     # after a few more), then the first in path order.
-    ranked = sorted(scored, key=lambda item: (item[0] if mode == "max" else -item[0], not _is_tune_copy(item[1])), reverse=True)
-    return read_checkpoint(ranked[0][1])
+    sign = 1 if mode == "max" else -1
+    return max(scored, key=lambda item: (sign * item[0], not _is_tune_copy(item[1])))[1]
+
+
+def best_checkpoint_in(directory: str | os.PathLike, metric: str = "val_iou", mode: str = "max") -> CheckpointInfo:
+    """The checkpoint with the best `metric` among all trials and epochs kept below `directory`."""
+    best = best_location(directory, metric, mode)
+    if best is None:
+        raise CheckpointError(f"{directory}: no checkpoint reports {metric!r}")
+    return read_checkpoint(best)
 
 
 def _is_tune_copy(path: str) -> bool:

@@ -1,0 +1,96 @@
+"""train.tracking: mlflow, read back with MLflow's own client from the store a real run wrote."""
+import json
+from pathlib import Path
+
+import pytest
+
+from raytrain.errors import ConfigError, RaytrainError
+from tests.conftest import tiny_config
+
+mlflow = pytest.importorskip("mlflow")
+
+
+def mlflow_runs(experiment: str, name: str = "tiny"):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{experiment}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    return client, runs
+
+
+def check_run(client, run, metric: str = "val_iou") -> list[float]:
+    """Two epochs of history, and the best_checkpoint tag on an existing checkpoint with the best value."""
+    history = sorted(client.get_metric_history(run.info.run_id, metric), key=lambda m: m.step)
+    assert [m.step for m in history] == [1, 2]
+    assert {"train_loss", "val_loss", "val_f1", "lr"} <= set(run.data.metrics)
+    assert not {"training_iteration", "time_total_s", "epoch"} & set(run.data.metrics)  # Tune's bookkeeping
+    best = Path(run.data.tags["best_checkpoint"])
+    assert (best / "model.pt").is_file()
+    assert json.loads((best / "metrics.json").read_text())[metric] == pytest.approx(max(m.value for m in history))
+    assert run.info.status == "FINISHED"
+    return [m.value for m in history]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_train_run_logs_params_metrics_and_its_best_checkpoint(ray_cluster, tiny_shards, tmp_path):
+    import raytrain
+
+    config = tiny_config(tiny_shards, tmp_path, **{"train.tracking": "mlflow", "train.epochs": 2})
+    result = raytrain.train(config)
+
+    client, runs = mlflow_runs(result.path)
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.params["optim.lr"] == "0.003" and run.data.params["train.epochs"] == "2"
+    assert run.data.params["model.name"] == "unet" and run.data.tags["raytrain.run"] == result.path
+    check_run(client, run)
+    assert Path(run.data.tags["best_checkpoint"]) == raytrain.best_checkpoint(result.path).path
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_search_logs_one_run_per_trial(ray_cluster, tiny_shards, tmp_path):
+    import raytrain
+
+    config = tiny_config(tiny_shards, tmp_path, **{
+        "train.tracking": "mlflow", "train.epochs": 2, "train.num_workers": 1,
+        "search.space": {"optim.lr": {"grid": [1e-3, 3e-3]}},
+        "search.scheduler.name": "fifo", "search.max_concurrent_trials": 1,
+    })
+    grid = raytrain.tune(config)
+
+    client, runs = mlflow_runs(grid.experiment_path)
+    assert len(runs) == 2
+    assert sorted(float(run.data.params["optim.lr"]) for run in runs) == [1e-3, 3e-3]
+    for run in runs:
+        assert run.data.params["train.num_workers"] == "1"  # the base config too, not only the searched key
+        trial = Path(grid.experiment_path) / run.info.run_name
+        assert run.data.tags["raytrain.run"] == str(trial)
+        assert Path(run.data.tags["best_checkpoint"]).is_relative_to(trial)
+        check_run(client, run)
+
+
+def test_tracking_off_adds_no_callbacks(tiny_shards, tmp_path):
+    from raytrain import tracking
+
+    config = tiny_config(tiny_shards, tmp_path)
+    assert tracking.train_callbacks(config, str(tmp_path)) == []
+    assert tracking.tune_callbacks(config, str(tmp_path)) == []
+
+
+def test_remote_storage_needs_a_tracking_uri(tiny_shards, tmp_path):
+    with pytest.raises(ConfigError, match="set train.tracking_uri"):
+        tiny_config(tiny_shards, tmp_path, **{"train.tracking": "mlflow", "train.storage_path": "s3://bucket/runs"})
+    config = tiny_config(tiny_shards, tmp_path, **{
+        "train.tracking": "mlflow", "train.storage_path": "s3://bucket/runs", "train.tracking_uri": "sqlite:///runs.db",
+    })
+    assert config.train.tracking_uri == f"sqlite:///{Path('runs.db').resolve()}"  # the controller runs elsewhere
+
+
+def test_an_unusable_tracking_uri_is_one_line_before_training(tiny_shards, tmp_path):
+    from raytrain import tracking
+
+    config = tiny_config(tiny_shards, tmp_path, **{"train.tracking": "mlflow", "train.tracking_uri": "nosuch://x"})
+    with pytest.raises(RaytrainError, match="train.tracking_uri nosuch://x"):
+        tracking.train_callbacks(config, str(tmp_path))

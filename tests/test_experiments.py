@@ -141,28 +141,8 @@ def test_runs_lists_newest_first_and_a_killed_run_as_interrupted(tmp_path):
 
 
 @pytest.mark.ray
-def test_each_search_gets_its_own_directory_and_its_own_best(ray_cluster, tiny_shards, tmp_path):
-    grids = []
-    for lrs in ([1e-3], [1e-2]):  # one trial each: which search a checkpoint came from shows in its lr
-        config = tiny_config(tiny_shards, tmp_path / "results", **{
-            "name": "search", "train.epochs": 1, "train.num_workers": 1, "search.scheduler.name": "fifo",
-            "search.max_concurrent_trials": 1, "search.space": {"optim.lr": {"grid": lrs}}})
-        grids.append((lrs, raytrain.tune(config)))
-    paths = [grid.experiment_path for _, grid in grids]
-    assert len(set(paths)) == 2 and all(Path(p).parent == tmp_path / "results" / "search" for p in paths)
-    for lrs, grid in grids:
-        best = raytrain.best_checkpoint(grid.experiment_path)
-        assert best.path.is_relative_to(grid.experiment_path) and best.config.optim.lr in lrs
-        assert len(list(Path(grid.experiment_path).glob("trial_*"))) == 1
-
-    runs = raytrain.runs(tmp_path / "results")
-    assert [run.path for run in runs] == paths[::-1]  # newest first
-    assert all((run.kind, run.trials, run.status) == ("tune", 1, "finished") for run in runs)
-
-
-@pytest.mark.ray
 def test_train_twice_gives_two_fresh_runs_and_resume_continues_the_latest(ray_cluster, tiny_shards, tmp_path):
-    config = tiny_config(tiny_shards, tmp_path / "results", **{"name": "twice", "train.epochs": 1})
+    config = tiny_config(tiny_shards, tmp_path / "results", **{"name": "twice", "train.epochs": 1, "train.num_workers": 1})
     first, second = raytrain.train(config), raytrain.train(config.with_overrides({"optim.lr": 1e-2}))
     assert first.path != second.path
     for result in (first, second):  # each trained its own epoch 1, from scratch
@@ -183,7 +163,8 @@ def test_train_twice_gives_two_fresh_runs_and_resume_continues_the_latest(ray_cl
 @pytest.mark.ray
 @pytest.mark.slow
 def test_quickstart_command_twice_gives_two_searches(tmp_path):
-    """The README's first command, small, run twice: the data is made once, each search is new."""
+    """The README's first command, small, run twice: the data is made once, each search is new and
+    keeps its own best checkpoint."""
     args = ["quickstart", "--data-dir", str(tmp_path / "data"),
             "--set", f"train.storage_path={tmp_path / 'results'}", "--set", "train.epochs=1",
             "--set", "search.num_samples=1", "--set", "search.scheduler.grace_period=1", "--set", "search.space={optim.lr: {choice: [0.003]}}",
@@ -198,9 +179,13 @@ def test_quickstart_command_twice_gives_two_searches(tmp_path):
     found = [[line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("experiment: ")] for out in outputs]
     assert found[0][0] == found[0][-1] and found[1][0] == found[1][-1]  # printed at the start and at the end
     assert found[0][0] != found[1][0]
-    for out, (experiment, *_) in zip(outputs, found):
+    for out, (experiment, *_) in zip(outputs, found):  # each search's best is its own
         best = [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("best checkpoint: ")]
         assert best and Path(best[0]).is_relative_to(experiment)
+        assert raytrain.best_checkpoint(experiment).path == Path(best[0])
+    runs = raytrain.runs(tmp_path / "results")
+    assert [run.path for run in runs] == [found[1][0], found[0][0]]  # newest first
+    assert all((run.kind, run.trials, run.status) == ("tune", 1, "finished") for run in runs)
 
 
 def test_the_wheel_ships_its_configs_and_runs_away_from_the_source_tree(tmp_path, tiny_shards):

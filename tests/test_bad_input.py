@@ -81,7 +81,7 @@ def corrupt_image(tmp: Path) -> None:
 
 def mask_of_other_size(tmp: Path) -> None:
     mask = kitti_folder(tmp) / "training/gt_image_2/um_road_000002.png"
-    Image.open(mask).resize((30, 16)).save(mask)
+    Image.open(mask).resize((30, 16), Image.NEAREST).save(mask)  # nearest: still KITTI colours
 
 
 def image_without_mask(tmp: Path) -> None:
@@ -96,6 +96,32 @@ def mask_value_outside_class_map(tmp: Path) -> None:
     for i in range(2):
         Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(root / f"images/{i}.png")
         Image.fromarray(np.full((8, 8), 7 if i else 1, np.uint8)).save(root / f"masks/{i}.png")
+
+
+def kitti_gt_as(change):
+    """A KITTI folder whose first road mask is replaced by change(RGB array) -> PIL image."""
+
+    def setup(tmp: Path) -> None:
+        gt = kitti_folder(tmp) / "training/gt_image_2/um_road_000000.png"
+        change(np.asarray(Image.open(gt).convert("RGB"))).save(gt)
+
+    return setup
+
+
+def with_colour(rgb: np.ndarray) -> Image.Image:
+    rgb = rgb.copy()
+    rgb[3, 5] = (0, 255, 0)
+    return Image.fromarray(rgb)
+
+
+def image_16bit(tmp: Path) -> None:
+    image = kitti_folder(tmp) / "training/image_2/um_000001.png"
+    Image.fromarray(np.full((16, 32), 40000, np.uint16)).save(image)
+
+
+def same_stem_png_and_jpg(tmp: Path) -> None:
+    mask_value_outside_class_map(tmp)
+    Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(tmp / "raw/images/0.jpg")
 
 
 def checkpoint(tmp: Path, name: str = "ckpt", metrics: dict | None = None) -> Path:
@@ -147,6 +173,7 @@ def nothing(tmp: Path) -> None:
 # ---------------------------------------------------------------- the table
 
 C = "{tmp}/c.yaml"
+SHARD = ["data", "shard", "{tmp}/raw", "--format", "kitti", "--out", "{tmp}/out"]
 TRAIN = ["train", C, "--num-cpus", "4"]  # enough CPUs: the rows below fail on their own fault
 CASES = [
     # config files
@@ -213,6 +240,28 @@ CASES = [
         ["data", "shard", "{tmp}/raw", "--format", "folder", "--out", "{tmp}/out"], mask_value_outside_class_map,
         ["{tmp}/raw/masks/1.png", "mask values [7]"], id="data-mask-value-outside-class-map",
     ),
+    pytest.param(
+        SHARD, kitti_gt_as(lambda rgb: Image.fromarray(rgb).convert("L")),
+        ["{tmp}/raw/training/gt_image_2/um_road_000000.png", "mode L", "8-bit RGB"], id="data-kitti-mask-grayscale",
+    ),
+    pytest.param(
+        SHARD, kitti_gt_as(lambda rgb: Image.fromarray(rgb[..., 2].astype(np.uint16) * 257)),
+        ["{tmp}/raw/training/gt_image_2/um_road_000000.png", "mode I;16"], id="data-kitti-mask-16bit",
+    ),
+    pytest.param(
+        SHARD, kitti_gt_as(with_colour),
+        ["{tmp}/raw/training/gt_image_2/um_road_000000.png", "colour [0, 255, 0] at x=5, y=3", "not a KITTI colour"],
+        id="data-kitti-mask-other-colour",
+    ),
+    pytest.param(SHARD, image_16bit, ["{tmp}/raw/training/image_2/um_000001.png", "mode I;16"], id="data-image-16bit"),
+    pytest.param(
+        ["data", "shard", "{tmp}/raw", "--format", "folder", "--out", "{tmp}/out"], same_stem_png_and_jpg,
+        ["{tmp}/raw/images/0.jpg and {tmp}/raw/images/0.png", "two images of sample '0'"], id="data-same-stem-png-and-jpg",
+    ),
+    pytest.param([*SHARD, "--val-fraction", "nan"], kitti_folder, ["--val-fraction", "'nan'"], id="cli-val-fraction-nan"),
+    pytest.param([*SHARD, "--val-fraction", "-1"], kitti_folder, ["--val-fraction", "'-1'"], id="cli-val-fraction-negative"),
+    pytest.param([*SHARD, "--val-fraction", "1"], kitti_folder, ["--val-fraction", "'1'"], id="cli-val-fraction-one"),
+    pytest.param([*SHARD, "--val-fraction", "0.01"], kitti_folder, ["0 val samples", "--val-fraction"], id="data-shard-empty-val-split"),
     # checkpoint and experiment paths
     pytest.param(["best", "{tmp}/exp"], nothing, ["{tmp}/exp", "not found"], id="best-missing-dir"),
     pytest.param(["best", "{tmp}/exp"], lambda t: (t / "exp").mkdir(), ["{tmp}/exp", "no checkpoint"], id="best-no-checkpoints"),

@@ -77,7 +77,7 @@ def _truncate(root):
 
 def _resize_mask(root):
     path = root / "training/gt_image_2/um_road_000007.png"
-    Image.open(path).resize((60, 32)).save(path)
+    Image.open(path).resize((60, 32), Image.NEAREST).save(path)
     return path
 
 

@@ -143,10 +143,7 @@ def write_shards(
         raise DataError(f"{src}: dataset folder not found")
     dataset_format = get_format(fmt, classes, root=src_path, class_map=class_map)
     filesystem, out_path = filesystem_of(out)
-    out_type = filesystem.get_file_info(out_path).type
-    if out_type == pafs.FileType.File or (
-        out_type == pafs.FileType.Directory and filesystem.get_file_info(pafs.FileSelector(out_path))
-    ):
+    if _has_files(filesystem, out_path):
         raise DataError(f"{out}: already exists; choose another --out or remove it")
     samples = dataset_format.list_samples(src_path)
     if not samples:
@@ -167,29 +164,40 @@ def write_shards(
         manifest["source"] = str(src_path)
         with filesystem.open_output_stream(f"{tmp}/{MANIFEST}") as stream:
             stream.write(json.dumps(manifest, indent=2).encode())
-        _publish(filesystem, tmp, out_path.rstrip("/"))
+        _publish(filesystem, tmp, out_path.rstrip("/"), str(out))
     finally:
         if filesystem.get_file_info(tmp).type != pafs.FileType.NotFound:
             filesystem.delete_dir(tmp)
     return manifest
 
 
-def _publish(filesystem: pafs.FileSystem, tmp: str, out: str) -> None:
-    """Move the finished `tmp` folder to `out`: one rename where the filesystem can (local, HDFS);
-    object stores cannot move folders, so there each file moves and manifest.json comes last."""
-    if filesystem.get_file_info(out).type == pafs.FileType.Directory:
-        filesystem.delete_dir(out)  # checked empty above; a rename cannot portably replace it
+def _publish(filesystem: pafs.FileSystem, tmp: str, out: str, shown: str) -> None:
+    """Move the finished `tmp` folder to `out` without ever deleting anything there.
+
+    One rename where the filesystem can (local, HDFS): POSIX renames a folder onto an empty one and
+    refuses a non-empty one, so a file that appeared in `out` while sharding survives. Object stores
+    cannot move folders: there each file moves, manifest.json last, into an `out` still empty.
+    """
     try:
         filesystem.move(tmp, out)
         return
     except (NotImplementedError, OSError):
-        if filesystem.get_file_info(out).type != pafs.FileType.NotFound:
-            raise
+        if _has_files(filesystem, out):
+            raise DataError(f"{shown}: files appeared in it while sharding; left them alone and published nothing") from None
+        if filesystem.get_file_info(out).type == pafs.FileType.NotFound and isinstance(filesystem, pafs.LocalFileSystem):
+            raise  # a local rename onto nothing failed: a real I/O problem, not a folder move it cannot do
     names = sorted(info.base_name for info in filesystem.get_file_info(pafs.FileSelector(tmp)))
     names.sort(key=lambda name: name == MANIFEST)
     filesystem.create_dir(out)
     for name in names:
         filesystem.move(f"{tmp}/{name}", f"{out}/{name}")
+
+
+def _has_files(filesystem: pafs.FileSystem, path: str) -> bool:
+    kind = filesystem.get_file_info(path).type
+    if kind == pafs.FileType.Directory:
+        return bool(filesystem.get_file_info(pafs.FileSelector(path)))
+    return kind != pafs.FileType.NotFound
 
 
 def _write(samples, fmt, filesystem, tmp, val_fraction, seed, rows_per_shard, skip_bad, on_skip, progress) -> dict:

@@ -21,6 +21,33 @@ from raytrain.errors import ConfigError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader without aliases: `*name` repeats a node by reference, so a few lines of nested
+    aliases expand to billions of entries once validated, dumped or copied. raytrain's YAML never needs them."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise _AliasRefused(None, None, "YAML aliases (*name) are not allowed", self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
+class _AliasRefused(yaml.composer.ComposerError):
+    pass
+
+
+def load_yaml(text: str, source: Any, error: type[Exception] = ConfigError) -> Any:
+    """Parse YAML that raytrain reads (configs, --set values, class maps, saved configs) safely and
+    without aliases; any problem is `error` naming `source` and the line."""
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}:" if mark else ""
+        problem = getattr(err, "problem", None) or " ".join(str(err).split())
+        what = problem if isinstance(err, _AliasRefused) else f"not valid YAML ({problem})"
+        raise error(f"{source}:{where} {what}") from None
+
+
 class _Section(BaseModel):
     # Unknown keys are errors: a typo must never silently fall back to a default.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -308,7 +335,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set train.epochs=3")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=_NoAliasLoader) if raw.strip() else ""  # noqa: S506 - a SafeLoader subclass
+    except _AliasRefused:
+        raise ConfigError(f"--set {text!r}: YAML aliases (*name) are not allowed") from None
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -370,13 +399,7 @@ def load_config(source: str | os.PathLike | dict | Config, overrides: dict[str, 
     else:
         path = config_file(source)
         name = str(source)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}:{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
-        config = _validate(data, name)
+        config = _validate(load_yaml(path.read_text(), path), name)
     if overrides:
         if isinstance(overrides, list):
             overrides = dict(parse_override(o) for o in overrides)

@@ -64,6 +64,20 @@ def finished_experiment(tmp: Path) -> None:
     experiments.mark(experiment, experiments.FINISHED)
 
 
+# Nine levels of nine references: 387 million strings once expanded, from a few hundred bytes.
+ALIAS_BOMB = "a0: &a0 [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 9)
+)
+
+
+def folder_with_class_map(text: str):
+    def setup(tmp: Path) -> None:
+        mask_value_outside_class_map(tmp)
+        (tmp / "raw/classes.yaml").write_text(text)
+
+    return setup
+
+
 def text_file(name: str, text: str):
     return lambda tmp: (tmp / name).write_text(text)
 
@@ -199,6 +213,11 @@ CASES = [
         ["tune", C, "--num-cpus", "4"], lambda t: config(t, **{"search.space": {"model.name": {"grid": ["unet", "resnet"]}}}),
         ["search.space model.name='resnet'", "unknown model 'resnet'"], id="search-value-unknown-model",
     ),
+    pytest.param(["train", C], text_file("c.yaml", ALIAS_BOMB), ["{tmp}/c.yaml", "line 2", "YAML aliases"], id="config-yaml-alias"),
+    pytest.param(
+        ["train", C, "--set", "search.space=[&a [1, 1], [*a, *a]]"], lambda t: config(t, "d"),
+        ["--set", "search.space", "YAML aliases"], id="set-yaml-alias",
+    ),
     pytest.param(["train", C, "--set", "train.epochs"], lambda t: config(t, "d"), ["--set", "train.epochs", "key=value"], id="set-without-equals"),
     pytest.param(["train", C, "--set", "train.epocs=3"], lambda t: config(t, "d"), ["{tmp}/c.yaml", "train.epocs", "unknown key"], id="set-unknown-key"),
     pytest.param(["train", C, "--set", "train.epochs.max=3"], lambda t: config(t, "d"), ["train.epochs", "not a section"], id="set-into-non-section"),
@@ -262,6 +281,11 @@ CASES = [
     pytest.param([*SHARD, "--val-fraction", "-1"], kitti_folder, ["--val-fraction", "'-1'"], id="cli-val-fraction-negative"),
     pytest.param([*SHARD, "--val-fraction", "1"], kitti_folder, ["--val-fraction", "'1'"], id="cli-val-fraction-one"),
     pytest.param([*SHARD, "--val-fraction", "0.01"], kitti_folder, ["0 val samples", "--val-fraction"], id="data-shard-empty-val-split"),
+    pytest.param(
+        ["data", "shard", "{tmp}/raw", "--format", "folder", "--out", "{tmp}/out"],
+        folder_with_class_map("classes: &c [{name: road, index: 1}]\nmore: *c\n"),
+        ["{tmp}/raw/classes.yaml", "line 2", "YAML aliases"], id="data-class-map-yaml-alias",
+    ),
     # checkpoint and experiment paths
     pytest.param(["best", "{tmp}/exp"], nothing, ["{tmp}/exp", "not found"], id="best-missing-dir"),
     pytest.param(["best", "{tmp}/exp"], lambda t: (t / "exp").mkdir(), ["{tmp}/exp", "no checkpoint"], id="best-no-checkpoints"),
@@ -272,6 +296,10 @@ CASES = [
     pytest.param(
         ["evaluate", "{tmp}/exp/ckpt", "{tmp}/shards"], lambda t: (checkpoint_with("config.yaml", "model: [\n")(t), shards(t)),
         ["{tmp}/exp/ckpt/config.yaml", "unreadable"], id="evaluate-corrupt-config",
+    ),
+    pytest.param(
+        ["evaluate", "{tmp}/exp/ckpt", "{tmp}/shards"], lambda t: (checkpoint_with("config.yaml", ALIAS_BOMB)(t), shards(t)),
+        ["{tmp}/exp/ckpt/config.yaml", "YAML aliases"], id="evaluate-config-yaml-alias",
     ),
     pytest.param(["evaluate", "{tmp}/exp/ckpt", "{tmp}/nowhere"], checkpoint, ["{tmp}/nowhere"], id="evaluate-data-not-sharded"),
     pytest.param(

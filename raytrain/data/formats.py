@@ -289,14 +289,11 @@ def _color(value, where: str) -> tuple[int, int, int]:
 
 
 def _read_class_map(path: Path) -> dict:
-    import yaml
+    from raytrain.config import load_yaml
 
     if not path.is_file():
         raise DataError(f"{path}: class map not found (folder format needs {CLASS_MAP} or class_map=)")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise DataError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+    data = load_yaml(path.read_text(), path, DataError)
     entries = data.get("classes") if isinstance(data, dict) else None
     if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
         raise DataError(f"{path}: expected `classes:` with a list of {{name, color}} or {{name, index}} entries")

@@ -8,8 +8,10 @@ and the fragments its one-line message must contain.
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -352,23 +354,120 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
 
 
-@pytest.mark.parametrize("args, setup, fragments", CASES)
-def test_bad_input_is_one_line_exit_2_and_nothing_written(request, tmp_path, args, setup, fragments):
-    setup(tmp_path)
-    before = snapshot(tmp_path)
+# Runs the CLI and writes its max RSS to the fd in argv[1]. A small parent of its own: Linux keeps a
+# process's RSS high-water mark across exec, so a child forked straight from pytest would count pytest's.
+MEASURE = """
+import os, resource, subprocess, sys
+code = subprocess.run(sys.argv[2:]).returncode
+os.write(int(sys.argv[1]), str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss).encode())
+sys.exit(code)
+"""
+
+
+def run_raytrain(args: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess, int]:
+    """`python -m raytrain.cli ARGS` and the most memory it held (max RSS in bytes)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local cluster of --num-cpus, never a shared one
-    run = subprocess.run(
-        [sys.executable, "-m", "raytrain.cli", *(a.format(tmp=tmp_path) for a in args)],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env,
-    )
+    read, write = os.pipe()
+    try:
+        run = subprocess.run(
+            [sys.executable, "-c", MEASURE, str(write), sys.executable, "-m", "raytrain.cli", *args],
+            capture_output=True, text=True, timeout=600, cwd=cwd, env=env, pass_fds=(write,),
+        )
+        os.close(write)
+        write = None
+        max_rss_kib = int(os.read(read, 64) or 0)
+    finally:
+        os.close(read)
+        if write is not None:
+            os.close(write)
+    return run, max_rss_kib * 1024
+
+
+def assert_one_line_error(run: subprocess.CompletedProcess, fragments: list[str], tmp: Path) -> None:
     assert "Traceback" not in run.stdout + run.stderr, run.stderr
     assert run.returncode == 2, run.stderr
     lines = run.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("raytrain: error: "), run.stderr
     for fragment in fragments:
-        assert fragment.format(tmp=tmp_path) in lines[0]
+        assert fragment.format(tmp=tmp) in lines[0]
+
+
+@pytest.mark.parametrize("args, setup, fragments", CASES)
+def test_bad_input_is_one_line_exit_2_and_nothing_written(request, tmp_path, args, setup, fragments):
+    setup(tmp_path)
+    before = snapshot(tmp_path)
+    run, _ = run_raytrain([a.format(tmp=tmp_path) for a in args], tmp_path)
+    assert_one_line_error(run, fragments, tmp_path)
     after = snapshot(tmp_path)
     if request.node.callspec.id in REACH_RAY:
         assert not [p for p in after if "checkpoint_" in p]
         after = {p: s for p, s in after.items() if not p.startswith("results")}
     assert after == before
+
+
+# ---------------------------------------------------------------- decompression bombs
+
+
+def big_png(path: Path, colour=(0, 0, 0)) -> None:
+    """A real 12000x12000 RGB PNG of about 420 KB: 144 megapixels, 432 MB once decoded."""
+    Image.new("RGB", (12000, 12000), colour).save(path)
+
+
+def big_kitti_sample(tmp: Path) -> None:
+    """A 12000x12000 image with its mask: before the limit, `data shard` took 3 GB on them and exit 0."""
+    root = kitti_folder(tmp) / "training"
+    big_png(root / "image_2/um_000001.png")
+    big_png(root / "gt_image_2/um_road_000001.png", (255, 0, 0))
+
+
+def png_header(path: Path, width: int, height: int) -> None:
+    """A PNG whose header claims width x height (no pixel data): enough for Image.open."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IEND", b""))
+
+
+def street(make):
+    def setup(tmp: Path) -> None:
+        checkpoint(tmp)
+        make(tmp / "street.png")
+
+    return setup
+
+
+BOMBS = [
+    pytest.param(
+        SHARD, big_kitti_sample,
+        ["{tmp}/raw/training/image_2/um_000001.png", "12000x12000", "RAYTRAIN_MAX_PIXELS"], id="shard-image-144-megapixels",
+    ),
+    pytest.param(
+        SHARD, lambda t: big_png(kitti_folder(t) / "training/gt_image_2/um_road_000000.png"),
+        ["{tmp}/raw/training/gt_image_2/um_road_000000.png", "12000x12000", "RAYTRAIN_MAX_PIXELS"], id="shard-mask-144-megapixels",
+    ),
+    pytest.param(
+        SHARD, lambda t: png_header(kitti_folder(t) / "training/image_2/um_000002.png", 100000, 100000),
+        ["{tmp}/raw/training/image_2/um_000002.png", "10000000000 pixels", "RAYTRAIN_MAX_PIXELS"], id="shard-header-100000x100000",
+    ),
+    pytest.param(
+        ["predict", "{tmp}/exp/ckpt", "{tmp}/street.png", "--out", "{tmp}/out"], street(big_png),
+        ["{tmp}/street.png", "12000x12000", "RAYTRAIN_MAX_PIXELS"], id="predict-144-megapixels",
+    ),
+    pytest.param(
+        ["predict", "{tmp}/exp/ckpt", "{tmp}/street.png", "--out", "{tmp}/out"], street(lambda p: png_header(p, 100000, 100000)),
+        ["{tmp}/street.png", "10000000000 pixels", "RAYTRAIN_MAX_PIXELS"], id="predict-header-100000x100000",
+    ),
+]
+
+
+@pytest.mark.parametrize("args, setup, fragments", BOMBS)
+def test_decompression_bomb_is_refused_from_its_header(tmp_path, args, setup, fragments):
+    """An image past the pixel limit is a one-line error before it is decoded: the process stays
+    under 1 GiB (the CLI alone holds about 700 MiB; one such image decoded as RGB adds 432 MB) (an address-space limit cannot be used: torch's
+    libraries alone map more than 3 GiB)."""
+    setup(tmp_path)
+    before = snapshot(tmp_path)
+    run, max_rss = run_raytrain([a.format(tmp=tmp_path) for a in args], tmp_path)
+    assert_one_line_error(run, fragments, tmp_path)
+    assert snapshot(tmp_path) == before
+    assert max_rss < 2**30, f"max RSS {max_rss / 2**20:.0f} MiB"

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import math
 import os
+import types
+import typing
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -49,8 +51,27 @@ def load_yaml(text: str, source: Any, error: type[Exception] = ConfigError) -> A
 
 
 class _Section(BaseModel):
-    # Unknown keys are errors: a typo must never silently fall back to a default.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Unknown keys are errors: a typo must never silently fall back to a default. So are inf and nan.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value: Any, info) -> Any:
+        # pydantic reads true as 1 for an int or float field: `epochs: true` must not train one epoch.
+        accepted = _types(cls.model_fields[info.field_name].annotation)
+        if isinstance(value, bool) and bool not in accepted and accepted & {int, float}:
+            raise ValueError(f"expected a number, not {str(value).lower()}")
+        return value
+
+
+def _types(annotation: Any) -> set:
+    """The plain types an annotation accepts at its top level: int | None -> {int, NoneType}."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return set().union(*(_types(arg) for arg in args))
+    if typing.get_origin(annotation) is Literal:
+        return {type(arg) for arg in args}
+    return {typing.get_origin(annotation) or annotation}
 
 
 def parse_size(value: Any) -> tuple[int, int]:
@@ -60,7 +81,10 @@ def parse_size(value: Any) -> tuple[int, int]:
         if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
             raise ValueError(f"expected WIDTHxHEIGHT such as 256x128, got {value!r}")
         value = [int(p) for p in parts]
-    width, height = (int(v) for v in value)
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        hint = " (a number: YAML reads text such as 0x64 as hexadecimal)" if isinstance(value, int) and not isinstance(value, bool) else ""
+        raise ValueError(f"expected WIDTHxHEIGHT such as 256x128, got {value!r}{hint}")
+    width, height = value
     if width <= 0 or height <= 0:
         raise ValueError(f"width and height must be positive, got {width}x{height}")
     return width, height
@@ -76,6 +100,13 @@ class DataConfig(_Section):
     shuffle_buffer: int = Field(64, ge=0, description="samples in each worker's local shuffle buffer")
 
     _parse_size = field_validator("size", mode="before")(lambda v: parse_size(v))
+
+    @field_validator("scale")
+    @classmethod
+    def _zoom_range(cls, scale: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < scale[0] <= scale[1]:
+            raise ValueError(f"expected [low, high] with 0 < low <= high, got {list(scale)}")
+        return scale
 
     @field_validator("path")
     @classmethod

@@ -200,6 +200,17 @@ CASES = [
     pytest.param(["train", C], lambda t: config(t, "d", **{"train.epochs": "three"}), ["{tmp}/c.yaml", "train.epochs", "integer"], id="config-wrong-type"),
     pytest.param(["train", C], lambda t: config(t, "d", **{"optim.lr": -0.1}), ["{tmp}/c.yaml", "optim.lr", "greater than 0"], id="config-out-of-range"),
     pytest.param(["train", C], lambda t: config(t, "d", **{"data.size": "64by32"}), ["{tmp}/c.yaml", "data.size", "WIDTHxHEIGHT"], id="config-bad-size"),
+    pytest.param(["train", C], lambda t: config(t, "d", **{"optim.lr": float("inf")}), ["{tmp}/c.yaml", "optim.lr", "finite"], id="config-lr-inf"),
+    pytest.param(["train", C], lambda t: config(t, "d", **{"train.epochs": True}), ["{tmp}/c.yaml", "train.epochs", "not true"], id="config-epochs-true"),
+    pytest.param(
+        ["train", C], lambda t: config(t, "d", **{"data.scale": [-1, 0]}), ["{tmp}/c.yaml", "data.scale", "0 < low <= high"], id="config-scale-negative",
+    ),
+    pytest.param(
+        ["train", C, "--set", "data.size=100"], lambda t: config(t, "d"), ["{tmp}/c.yaml", "data.size", "WIDTHxHEIGHT", "100"], id="set-size-a-number",
+    ),
+    pytest.param(
+        ["train", C, "--set", "data.size=0x64"], lambda t: config(t, "d"), ["{tmp}/c.yaml", "data.size", "hexadecimal"], id="set-size-hexadecimal",
+    ),
     pytest.param(TRAIN, lambda t: config(t, **{"model.name": "resnet"}), ["model", "unknown model 'resnet'", "unet"], id="config-unknown-model"),
     pytest.param(TRAIN, lambda t: config(t, **{"loss.name": "focall"}), ["loss", "unknown loss 'focall'", "focal"], id="config-unknown-loss"),
     pytest.param(TRAIN, lambda t: config(t, **{"model.name": "simple"}), ["model 'simple' does not take 'base_channels'"], id="config-model-option"),

@@ -22,9 +22,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import torch
-import yaml
 
-from raytrain.config import Config, load_config
+from raytrain.config import Config, load_config, load_yaml
 from raytrain.data.location import filesystem_of, is_uri
 from raytrain.errors import CheckpointError
 
@@ -113,7 +112,7 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
     if not path.is_dir() or missing:
         raise CheckpointError(f"{path}: not a raytrain checkpoint (missing {', '.join(missing) or 'directory'})")
     try:
-        config = load_config(yaml.safe_load((path / CONFIG_FILE).read_text()))
+        config = load_config(load_yaml((path / CONFIG_FILE).read_text(), CONFIG_FILE))
     except Exception as err:
         raise CheckpointError(f"{path / CONFIG_FILE}: unreadable checkpoint config ({' '.join(str(err).split())})") from None
     return CheckpointInfo(path, config, read_metrics(path), list(config.classes))

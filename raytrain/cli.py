@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -182,6 +183,17 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    # 0 asks for no val split on purpose (all train); nan fails both comparisons.
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 up to (not including) 1, got {text!r}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         # One line like every other raytrain error, instead of argparse's usage block; subcommands inherit it.
@@ -233,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated target classes: one (e.g. road; kitti: road or lane) for a binary mask; default all classes",
     )
     shard.add_argument("--out", required=True, help="output folder, local or a URI; written atomically")
-    shard.add_argument("--val-fraction", type=float, default=0.2)
+    shard.add_argument("--val-fraction", type=_fraction, default=0.2, help="share of samples in val: 0 (no val split) up to, not including, 1")
     shard.add_argument("--seed", type=int, default=0)
     shard.add_argument("--skip-bad", action="store_true", help="skip bad samples (listed) instead of stopping")
     shard.set_defaults(func=_shard)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import math
 import os
+import types
+import typing
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -21,9 +23,55 @@ from raytrain.errors import ConfigError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader without aliases: `*name` repeats a node by reference, so a few lines of nested
+    aliases expand to billions of entries once validated, dumped or copied. raytrain's YAML never needs them."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise _AliasRefused(None, None, "YAML aliases (*name) are not allowed", self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
+class _AliasRefused(yaml.composer.ComposerError):
+    pass
+
+
+def load_yaml(text: str, source: Any, error: type[Exception] = ConfigError) -> Any:
+    """Parse YAML that raytrain reads (configs, --set values, class maps, saved configs) safely and
+    without aliases; any problem is `error` naming `source` and the line."""
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}:" if mark else ""
+        problem = getattr(err, "problem", None) or " ".join(str(err).split())
+        what = problem if isinstance(err, _AliasRefused) else f"not valid YAML ({problem})"
+        raise error(f"{source}:{where} {what}") from None
+
+
 class _Section(BaseModel):
-    # Unknown keys are errors: a typo must never silently fall back to a default.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Unknown keys are errors: a typo must never silently fall back to a default. So are inf and nan.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value: Any, info) -> Any:
+        # pydantic reads true as 1 for an int or float field: `epochs: true` must not train one epoch.
+        accepted = _types(cls.model_fields[info.field_name].annotation)
+        if isinstance(value, bool) and bool not in accepted and accepted & {int, float}:
+            raise ValueError(f"expected a number, not {str(value).lower()}")
+        return value
+
+
+def _types(annotation: Any) -> set:
+    """The plain types an annotation accepts at its top level: int | None -> {int, NoneType}."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return set().union(*(_types(arg) for arg in args))
+    if typing.get_origin(annotation) is Literal:
+        return {type(arg) for arg in args}
+    return {typing.get_origin(annotation) or annotation}
 
 
 def parse_size(value: Any) -> tuple[int, int]:
@@ -33,7 +81,10 @@ def parse_size(value: Any) -> tuple[int, int]:
         if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
             raise ValueError(f"expected WIDTHxHEIGHT such as 256x128, got {value!r}")
         value = [int(p) for p in parts]
-    width, height = (int(v) for v in value)
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        hint = " (a number: YAML reads text such as 0x64 as hexadecimal)" if isinstance(value, int) and not isinstance(value, bool) else ""
+        raise ValueError(f"expected WIDTHxHEIGHT such as 256x128, got {value!r}{hint}")
+    width, height = value
     if width <= 0 or height <= 0:
         raise ValueError(f"width and height must be positive, got {width}x{height}")
     return width, height
@@ -49,6 +100,13 @@ class DataConfig(_Section):
     shuffle_buffer: int = Field(64, ge=0, description="samples in each worker's local shuffle buffer")
 
     _parse_size = field_validator("size", mode="before")(lambda v: parse_size(v))
+
+    @field_validator("scale")
+    @classmethod
+    def _zoom_range(cls, scale: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < scale[0] <= scale[1]:
+            raise ValueError(f"expected [low, high] with 0 < low <= high, got {list(scale)}")
+        return scale
 
     @field_validator("path")
     @classmethod
@@ -308,7 +366,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set train.epochs=3")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=_NoAliasLoader) if raw.strip() else ""  # noqa: S506 - a SafeLoader subclass
+    except _AliasRefused:
+        raise ConfigError(f"--set {text!r}: YAML aliases (*name) are not allowed") from None
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -370,13 +430,7 @@ def load_config(source: str | os.PathLike | dict | Config, overrides: dict[str, 
     else:
         path = config_file(source)
         name = str(source)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}:{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
-        config = _validate(data, name)
+        config = _validate(load_yaml(path.read_text(), path), name)
     if overrides:
         if isinstance(overrides, list):
             overrides = dict(parse_override(o) for o in overrides)

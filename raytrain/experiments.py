@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from raytrain.config import Config, load_config
+from raytrain.config import Config, load_config, load_yaml
 from raytrain.data.location import filesystem_of, is_uri, join
 from raytrain.errors import CheckpointError, ConfigError
 
@@ -139,10 +139,8 @@ def experiment_config(experiment: str) -> Config:
             text = stream.read().decode()
     except (FileNotFoundError, OSError):
         raise CheckpointError(f"{join(experiment, CONFIG_FILE)}: not found") from None
-    import yaml
-
     try:
-        return load_config(yaml.safe_load(text))
+        return load_config(load_yaml(text, CONFIG_FILE))
     except Exception as err:  # noqa: BLE001 - any damage to the file is the same one-line error
         raise CheckpointError(f"{join(experiment, CONFIG_FILE)}: unreadable ({' '.join(str(err).split())})") from None
 

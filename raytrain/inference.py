@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from raytrain.checkpoints import MODEL_FILE, CheckpointInfo, read_checkpoint
 from raytrain.config import Config
 from raytrain.data.transforms import to_model_input
-from raytrain.data.formats import IGNORE_INDEX
+from raytrain.data.formats import IGNORE_INDEX, check_8bit, open_checked
 from raytrain.data.shards import read_manifest, shard_paths
 from raytrain.errors import CheckpointError, DataError
 from raytrain.metrics import SegmentationMetrics
@@ -44,7 +44,8 @@ def load_model(checkpoint: str | os.PathLike | CheckpointInfo, device: str | tor
 
 def _as_array(image) -> np.ndarray:
     if isinstance(image, (str, os.PathLike)):
-        with Image.open(image) as opened:
+        with open_checked(image, image) as opened:
+            check_8bit(opened, image)
             return np.asarray(opened.convert("RGB"))
     return np.asarray(image)
 
@@ -127,7 +128,8 @@ def read_images(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path, np.ndar
     images = []
     for path in files:
         try:
-            with Image.open(path) as image:
+            with open_checked(path, path) as image:
+                check_8bit(image, path)
                 images.append((path, np.asarray(image.convert("RGB"))))
         except (UnidentifiedImageError, OSError) as err:
             raise DataError(f"{path}: not a readable image ({err.__class__.__name__})") from None

@@ -8,8 +8,10 @@ and the fragments its one-line message must contain.
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +66,20 @@ def finished_experiment(tmp: Path) -> None:
     experiments.mark(experiment, experiments.FINISHED)
 
 
+# Nine levels of nine references: 387 million strings once expanded, from a few hundred bytes.
+ALIAS_BOMB = "a0: &a0 [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 9)
+)
+
+
+def folder_with_class_map(text: str):
+    def setup(tmp: Path) -> None:
+        mask_value_outside_class_map(tmp)
+        (tmp / "raw/classes.yaml").write_text(text)
+
+    return setup
+
+
 def text_file(name: str, text: str):
     return lambda tmp: (tmp / name).write_text(text)
 
@@ -81,7 +97,7 @@ def corrupt_image(tmp: Path) -> None:
 
 def mask_of_other_size(tmp: Path) -> None:
     mask = kitti_folder(tmp) / "training/gt_image_2/um_road_000002.png"
-    Image.open(mask).resize((30, 16)).save(mask)
+    Image.open(mask).resize((30, 16), Image.NEAREST).save(mask)  # nearest: still KITTI colours
 
 
 def image_without_mask(tmp: Path) -> None:
@@ -96,6 +112,32 @@ def mask_value_outside_class_map(tmp: Path) -> None:
     for i in range(2):
         Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(root / f"images/{i}.png")
         Image.fromarray(np.full((8, 8), 7 if i else 1, np.uint8)).save(root / f"masks/{i}.png")
+
+
+def kitti_gt_as(change):
+    """A KITTI folder whose first road mask is replaced by change(RGB array) -> PIL image."""
+
+    def setup(tmp: Path) -> None:
+        gt = kitti_folder(tmp) / "training/gt_image_2/um_road_000000.png"
+        change(np.asarray(Image.open(gt).convert("RGB"))).save(gt)
+
+    return setup
+
+
+def with_colour(rgb: np.ndarray) -> Image.Image:
+    rgb = rgb.copy()
+    rgb[3, 5] = (0, 255, 0)
+    return Image.fromarray(rgb)
+
+
+def image_16bit(tmp: Path) -> None:
+    image = kitti_folder(tmp) / "training/image_2/um_000001.png"
+    Image.fromarray(np.full((16, 32), 40000, np.uint16)).save(image)
+
+
+def same_stem_png_and_jpg(tmp: Path) -> None:
+    mask_value_outside_class_map(tmp)
+    Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(tmp / "raw/images/0.jpg")
 
 
 def checkpoint(tmp: Path, name: str = "ckpt", metrics: dict | None = None) -> Path:
@@ -147,6 +189,7 @@ def nothing(tmp: Path) -> None:
 # ---------------------------------------------------------------- the table
 
 C = "{tmp}/c.yaml"
+SHARD = ["data", "shard", "{tmp}/raw", "--format", "kitti", "--out", "{tmp}/out"]
 TRAIN = ["train", C, "--num-cpus", "4"]  # enough CPUs: the rows below fail on their own fault
 CASES = [
     # config files
@@ -157,6 +200,17 @@ CASES = [
     pytest.param(["train", C], lambda t: config(t, "d", **{"train.epochs": "three"}), ["{tmp}/c.yaml", "train.epochs", "integer"], id="config-wrong-type"),
     pytest.param(["train", C], lambda t: config(t, "d", **{"optim.lr": -0.1}), ["{tmp}/c.yaml", "optim.lr", "greater than 0"], id="config-out-of-range"),
     pytest.param(["train", C], lambda t: config(t, "d", **{"data.size": "64by32"}), ["{tmp}/c.yaml", "data.size", "WIDTHxHEIGHT"], id="config-bad-size"),
+    pytest.param(["train", C], lambda t: config(t, "d", **{"optim.lr": float("inf")}), ["{tmp}/c.yaml", "optim.lr", "finite"], id="config-lr-inf"),
+    pytest.param(["train", C], lambda t: config(t, "d", **{"train.epochs": True}), ["{tmp}/c.yaml", "train.epochs", "not true"], id="config-epochs-true"),
+    pytest.param(
+        ["train", C], lambda t: config(t, "d", **{"data.scale": [-1, 0]}), ["{tmp}/c.yaml", "data.scale", "0 < low <= high"], id="config-scale-negative",
+    ),
+    pytest.param(
+        ["train", C, "--set", "data.size=100"], lambda t: config(t, "d"), ["{tmp}/c.yaml", "data.size", "WIDTHxHEIGHT", "100"], id="set-size-a-number",
+    ),
+    pytest.param(
+        ["train", C, "--set", "data.size=0x64"], lambda t: config(t, "d"), ["{tmp}/c.yaml", "data.size", "hexadecimal"], id="set-size-hexadecimal",
+    ),
     pytest.param(TRAIN, lambda t: config(t, **{"model.name": "resnet"}), ["model", "unknown model 'resnet'", "unet"], id="config-unknown-model"),
     pytest.param(TRAIN, lambda t: config(t, **{"loss.name": "focall"}), ["loss", "unknown loss 'focall'", "focal"], id="config-unknown-loss"),
     pytest.param(TRAIN, lambda t: config(t, **{"model.name": "simple"}), ["model 'simple' does not take 'base_channels'"], id="config-model-option"),
@@ -171,6 +225,11 @@ CASES = [
     pytest.param(
         ["tune", C, "--num-cpus", "4"], lambda t: config(t, **{"search.space": {"model.name": {"grid": ["unet", "resnet"]}}}),
         ["search.space model.name='resnet'", "unknown model 'resnet'"], id="search-value-unknown-model",
+    ),
+    pytest.param(["train", C], text_file("c.yaml", ALIAS_BOMB), ["{tmp}/c.yaml", "line 2", "YAML aliases"], id="config-yaml-alias"),
+    pytest.param(
+        ["train", C, "--set", "search.space=[&a [1, 1], [*a, *a]]"], lambda t: config(t, "d"),
+        ["--set", "search.space", "YAML aliases"], id="set-yaml-alias",
     ),
     pytest.param(["train", C, "--set", "train.epochs"], lambda t: config(t, "d"), ["--set", "train.epochs", "key=value"], id="set-without-equals"),
     pytest.param(["train", C, "--set", "train.epocs=3"], lambda t: config(t, "d"), ["{tmp}/c.yaml", "train.epocs", "unknown key"], id="set-unknown-key"),
@@ -213,6 +272,33 @@ CASES = [
         ["data", "shard", "{tmp}/raw", "--format", "folder", "--out", "{tmp}/out"], mask_value_outside_class_map,
         ["{tmp}/raw/masks/1.png", "mask values [7]"], id="data-mask-value-outside-class-map",
     ),
+    pytest.param(
+        SHARD, kitti_gt_as(lambda rgb: Image.fromarray(rgb).convert("L")),
+        ["{tmp}/raw/training/gt_image_2/um_road_000000.png", "mode L", "8-bit RGB"], id="data-kitti-mask-grayscale",
+    ),
+    pytest.param(
+        SHARD, kitti_gt_as(lambda rgb: Image.fromarray(rgb[..., 2].astype(np.uint16) * 257)),
+        ["{tmp}/raw/training/gt_image_2/um_road_000000.png", "mode I;16"], id="data-kitti-mask-16bit",
+    ),
+    pytest.param(
+        SHARD, kitti_gt_as(with_colour),
+        ["{tmp}/raw/training/gt_image_2/um_road_000000.png", "colour [0, 255, 0] at x=5, y=3", "not a KITTI colour"],
+        id="data-kitti-mask-other-colour",
+    ),
+    pytest.param(SHARD, image_16bit, ["{tmp}/raw/training/image_2/um_000001.png", "mode I;16"], id="data-image-16bit"),
+    pytest.param(
+        ["data", "shard", "{tmp}/raw", "--format", "folder", "--out", "{tmp}/out"], same_stem_png_and_jpg,
+        ["{tmp}/raw/images/0.jpg and {tmp}/raw/images/0.png", "two images of sample '0'"], id="data-same-stem-png-and-jpg",
+    ),
+    pytest.param([*SHARD, "--val-fraction", "nan"], kitti_folder, ["--val-fraction", "'nan'"], id="cli-val-fraction-nan"),
+    pytest.param([*SHARD, "--val-fraction", "-1"], kitti_folder, ["--val-fraction", "'-1'"], id="cli-val-fraction-negative"),
+    pytest.param([*SHARD, "--val-fraction", "1"], kitti_folder, ["--val-fraction", "'1'"], id="cli-val-fraction-one"),
+    pytest.param([*SHARD, "--val-fraction", "0.01"], kitti_folder, ["0 val samples", "--val-fraction"], id="data-shard-empty-val-split"),
+    pytest.param(
+        ["data", "shard", "{tmp}/raw", "--format", "folder", "--out", "{tmp}/out"],
+        folder_with_class_map("classes: &c [{name: road, index: 1}]\nmore: *c\n"),
+        ["{tmp}/raw/classes.yaml", "line 2", "YAML aliases"], id="data-class-map-yaml-alias",
+    ),
     # checkpoint and experiment paths
     pytest.param(["best", "{tmp}/exp"], nothing, ["{tmp}/exp", "not found"], id="best-missing-dir"),
     pytest.param(["best", "{tmp}/exp"], lambda t: (t / "exp").mkdir(), ["{tmp}/exp", "no checkpoint"], id="best-no-checkpoints"),
@@ -223,6 +309,10 @@ CASES = [
     pytest.param(
         ["evaluate", "{tmp}/exp/ckpt", "{tmp}/shards"], lambda t: (checkpoint_with("config.yaml", "model: [\n")(t), shards(t)),
         ["{tmp}/exp/ckpt/config.yaml", "unreadable"], id="evaluate-corrupt-config",
+    ),
+    pytest.param(
+        ["evaluate", "{tmp}/exp/ckpt", "{tmp}/shards"], lambda t: (checkpoint_with("config.yaml", ALIAS_BOMB)(t), shards(t)),
+        ["{tmp}/exp/ckpt/config.yaml", "YAML aliases"], id="evaluate-config-yaml-alias",
     ),
     pytest.param(["evaluate", "{tmp}/exp/ckpt", "{tmp}/nowhere"], checkpoint, ["{tmp}/nowhere"], id="evaluate-data-not-sharded"),
     pytest.param(
@@ -275,23 +365,120 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
 
 
-@pytest.mark.parametrize("args, setup, fragments", CASES)
-def test_bad_input_is_one_line_exit_2_and_nothing_written(request, tmp_path, args, setup, fragments):
-    setup(tmp_path)
-    before = snapshot(tmp_path)
+# Runs the CLI and writes its max RSS to the fd in argv[1]. A small parent of its own: Linux keeps a
+# process's RSS high-water mark across exec, so a child forked straight from pytest would count pytest's.
+MEASURE = """
+import os, resource, subprocess, sys
+code = subprocess.run(sys.argv[2:]).returncode
+os.write(int(sys.argv[1]), str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss).encode())
+sys.exit(code)
+"""
+
+
+def run_raytrain(args: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess, int]:
+    """`python -m raytrain.cli ARGS` and the most memory it held (max RSS in bytes)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local cluster of --num-cpus, never a shared one
-    run = subprocess.run(
-        [sys.executable, "-m", "raytrain.cli", *(a.format(tmp=tmp_path) for a in args)],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env,
-    )
+    read, write = os.pipe()
+    try:
+        run = subprocess.run(
+            [sys.executable, "-c", MEASURE, str(write), sys.executable, "-m", "raytrain.cli", *args],
+            capture_output=True, text=True, timeout=600, cwd=cwd, env=env, pass_fds=(write,),
+        )
+        os.close(write)
+        write = None
+        max_rss_kib = int(os.read(read, 64) or 0)
+    finally:
+        os.close(read)
+        if write is not None:
+            os.close(write)
+    return run, max_rss_kib * 1024
+
+
+def assert_one_line_error(run: subprocess.CompletedProcess, fragments: list[str], tmp: Path) -> None:
     assert "Traceback" not in run.stdout + run.stderr, run.stderr
     assert run.returncode == 2, run.stderr
     lines = run.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("raytrain: error: "), run.stderr
     for fragment in fragments:
-        assert fragment.format(tmp=tmp_path) in lines[0]
+        assert fragment.format(tmp=tmp) in lines[0]
+
+
+@pytest.mark.parametrize("args, setup, fragments", CASES)
+def test_bad_input_is_one_line_exit_2_and_nothing_written(request, tmp_path, args, setup, fragments):
+    setup(tmp_path)
+    before = snapshot(tmp_path)
+    run, _ = run_raytrain([a.format(tmp=tmp_path) for a in args], tmp_path)
+    assert_one_line_error(run, fragments, tmp_path)
     after = snapshot(tmp_path)
     if request.node.callspec.id in REACH_RAY:
         assert not [p for p in after if "checkpoint_" in p]
         after = {p: s for p, s in after.items() if not p.startswith("results")}
     assert after == before
+
+
+# ---------------------------------------------------------------- decompression bombs
+
+
+def big_png(path: Path, colour=(0, 0, 0)) -> None:
+    """A real 12000x12000 RGB PNG of about 420 KB: 144 megapixels, 432 MB once decoded."""
+    Image.new("RGB", (12000, 12000), colour).save(path)
+
+
+def big_kitti_sample(tmp: Path) -> None:
+    """A 12000x12000 image with its mask: before the limit, `data shard` took 3 GB on them and exit 0."""
+    root = kitti_folder(tmp) / "training"
+    big_png(root / "image_2/um_000001.png")
+    big_png(root / "gt_image_2/um_road_000001.png", (255, 0, 0))
+
+
+def png_header(path: Path, width: int, height: int) -> None:
+    """A PNG whose header claims width x height (no pixel data): enough for Image.open."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IEND", b""))
+
+
+def street(make):
+    def setup(tmp: Path) -> None:
+        checkpoint(tmp)
+        make(tmp / "street.png")
+
+    return setup
+
+
+BOMBS = [
+    pytest.param(
+        SHARD, big_kitti_sample,
+        ["{tmp}/raw/training/image_2/um_000001.png", "12000x12000", "RAYTRAIN_MAX_PIXELS"], id="shard-image-144-megapixels",
+    ),
+    pytest.param(
+        SHARD, lambda t: big_png(kitti_folder(t) / "training/gt_image_2/um_road_000000.png"),
+        ["{tmp}/raw/training/gt_image_2/um_road_000000.png", "12000x12000", "RAYTRAIN_MAX_PIXELS"], id="shard-mask-144-megapixels",
+    ),
+    pytest.param(
+        SHARD, lambda t: png_header(kitti_folder(t) / "training/image_2/um_000002.png", 100000, 100000),
+        ["{tmp}/raw/training/image_2/um_000002.png", "10000000000 pixels", "RAYTRAIN_MAX_PIXELS"], id="shard-header-100000x100000",
+    ),
+    pytest.param(
+        ["predict", "{tmp}/exp/ckpt", "{tmp}/street.png", "--out", "{tmp}/out"], street(big_png),
+        ["{tmp}/street.png", "12000x12000", "RAYTRAIN_MAX_PIXELS"], id="predict-144-megapixels",
+    ),
+    pytest.param(
+        ["predict", "{tmp}/exp/ckpt", "{tmp}/street.png", "--out", "{tmp}/out"], street(lambda p: png_header(p, 100000, 100000)),
+        ["{tmp}/street.png", "10000000000 pixels", "RAYTRAIN_MAX_PIXELS"], id="predict-header-100000x100000",
+    ),
+]
+
+
+@pytest.mark.parametrize("args, setup, fragments", BOMBS)
+def test_decompression_bomb_is_refused_from_its_header(tmp_path, args, setup, fragments):
+    """An image past the pixel limit is a one-line error before it is decoded: the process stays
+    under 1 GiB (the CLI alone holds about 700 MiB; one such image decoded as RGB adds 432 MB) (an address-space limit cannot be used: torch's
+    libraries alone map more than 3 GiB)."""
+    setup(tmp_path)
+    before = snapshot(tmp_path)
+    run, max_rss = run_raytrain([a.format(tmp=tmp_path) for a in args], tmp_path)
+    assert_one_line_error(run, fragments, tmp_path)
+    assert snapshot(tmp_path) == before
+    assert max_rss < 2**30, f"max RSS {max_rss / 2**20:.0f} MiB"

@@ -314,7 +314,9 @@ def test_cli_mask_values_outside_the_class_map_exit_2(camvid_tree, tmp_path, lay
         bad = root / "masks" / "b.png"
         message = "mask colours [[9, 9, 9]] are not classes of folder"
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "raytrain.cli", "data", "shard", str(root), "--format", layout, "--out", str(out)]
+    # The folder dataset has two samples: after skipping one, no val split can be drawn (an error unless asked for).
+    command = [sys.executable, "-m", "raytrain.cli", "data", "shard", str(root), "--format", layout, "--out", str(out),
+               "--val-fraction", "0"]
     run = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2
     assert run.stderr.startswith(f"raytrain: error: {bad}: {message}") and len(run.stderr.strip().splitlines()) == 1
@@ -324,3 +326,17 @@ def test_cli_mask_values_outside_the_class_map_exit_2(camvid_tree, tmp_path, lay
     assert f"skipped: {bad}: {message}" in run.stderr
     skipped = read_manifest(out)["skipped"]
     assert len(skipped) == 1 and skipped[0].startswith(f"{bad}: {message}")
+
+
+def test_pixel_limit_comes_from_raytrain_max_pixels(tmp_path, monkeypatch):
+    from raytrain.data.synthetic import write_synthetic_kitti
+
+    root = write_synthetic_kitti(tmp_path / "raw", 2, seed=0, size=(32, 16))
+    monkeypatch.setenv("RAYTRAIN_MAX_PIXELS", "511")
+    with pytest.raises(DataError, match=r"um_00000\d.png: image is 32x16, over the limit of 511 pixels \(RAYTRAIN_MAX_PIXELS\)"):
+        write_shards(root, "kitti", tmp_path / "out", val_fraction=0.0)
+    monkeypatch.setenv("RAYTRAIN_MAX_PIXELS", "512")
+    assert write_shards(root, "kitti", tmp_path / "out", val_fraction=0.0)["num_samples"]["train"] == 2
+    monkeypatch.setenv("RAYTRAIN_MAX_PIXELS", "lots")
+    with pytest.raises(DataError, match="RAYTRAIN_MAX_PIXELS='lots': expected a positive number of pixels"):
+        write_shards(root, "kitti", tmp_path / "out2", val_fraction=0.0)

@@ -77,7 +77,7 @@ def _truncate(root):
 
 def _resize_mask(root):
     path = root / "training/gt_image_2/um_road_000007.png"
-    Image.open(path).resize((60, 32)).save(path)
+    Image.open(path).resize((60, 32), Image.NEAREST).save(path)
     return path
 
 
@@ -246,3 +246,25 @@ def test_sigkill_mid_write_leaves_no_dataset(tmp_path):
     run = _shard_cli(root, "--format", "kitti", "--out", out)
     assert run.returncode == 0, run.stderr
     assert sum(read_manifest(out)["num_samples"].values()) == 700
+
+
+def test_a_file_that_appears_in_out_while_sharding_survives(tmp_path):
+    """Publishing never deletes what it did not write: a rename onto a folder that is no longer empty fails."""
+    from raytrain.data.synthetic import write_synthetic_kitti
+
+    src = write_synthetic_kitti(tmp_path / "raw", 4, seed=0, size=(32, 16))
+    out = tmp_path / "out"
+    out.mkdir()  # empty: allowed as --out
+
+    def progress(done: int, total: int) -> None:
+        if done == total:  # after the emptiness check, before the shards are published
+            (out / "notes.txt").write_text("mine")
+
+    with pytest.raises(DataError, match=rf"^{out}: files appeared in it while sharding"):
+        write_shards(src, "kitti", out, val_fraction=0.5, progress=progress)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+    assert not list(tmp_path.glob(".out.tmp-*"))
+    # Into an empty folder, publishing still works.
+    (out / "notes.txt").unlink()
+    assert write_shards(src, "kitti", out, val_fraction=0.5)["num_samples"]["train"] > 0
+    assert (out / "manifest.json").is_file()

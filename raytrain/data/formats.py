@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -145,14 +147,71 @@ def _kitti_lister(target: str) -> Callable[[Path], list[Sample]]:
     return list_samples
 
 
+MAX_PIXELS_ENV = "RAYTRAIN_MAX_PIXELS"
+DEFAULT_MAX_PIXELS = 50_000_000  # road images are a few megapixels; a small PNG can claim gigabytes
+
+
+def max_pixels() -> int:
+    raw = os.environ.get(MAX_PIXELS_ENV, "")
+    if not raw.strip():
+        return DEFAULT_MAX_PIXELS
+    if not raw.strip().isdigit() or int(raw) <= 0:
+        raise DataError(f"{MAX_PIXELS_ENV}={raw!r}: expected a positive number of pixels")
+    return int(raw)
+
+
+def open_checked(source, path) -> Image.Image:
+    """Image.open (which reads only the header) with raytrain's pixel limit checked before any decode.
+
+    Pillow's own bomb check warns on stderr from 89 megapixels and raises past 179: our limit
+    replaces the warning, and its error becomes the same one-line DataError.
+    """
+    limit = max_pixels()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(source)
+        except Image.DecompressionBombError as err:
+            found = re.search(r"\((\d+) pixels\)", str(err))
+            size = f"{found.group(1)} pixels" if found else "too many pixels"
+            raise DataError(f"{path}: image of {size} is over the limit of {limit} pixels ({MAX_PIXELS_ENV})") from None
+    width, height = image.size
+    if width * height > limit:
+        image.close()
+        raise DataError(f"{path}: image is {width}x{height}, over the limit of {limit} pixels ({MAX_PIXELS_ENV})")
+    return image
+
+
 def open_image(path: Path) -> Image.Image:
-    """Open an image file, local or on a remote filesystem (a RemotePath)."""
-    return Image.open(io.BytesIO(path.read_bytes()))
+    """Open an image file, local or on a remote filesystem (a RemotePath), within the pixel limit."""
+    return open_checked(io.BytesIO(path.read_bytes()), path)
+
+
+# Pillow modes with 8 bits per channel: a 16-bit or float image converted to RGB clips to white.
+EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr")
+
+
+def check_8bit(image: Image.Image, path: Path, what: str = "image") -> None:
+    if image.mode not in EIGHT_BIT_MODES:
+        raise DataError(f"{path}: {what} is Pillow mode {image.mode} (16-bit or float), expected 8 bits per channel")
 
 
 def _load_kitti_mask(path: Path) -> np.ndarray:
     with open_image(path) as gt:
-        return decode_kitti_gt(np.asarray(gt.convert("RGB")))
+        # Only what KITTI defines: anything else (grayscale, 16-bit, other colours) would decode as road.
+        if gt.mode != "RGB":
+            raise DataError(f"{path}: KITTI mask is Pillow mode {gt.mode}, expected 8-bit RGB in the KITTI colours")
+        rgb = np.asarray(gt)
+    code = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
+    palette = [(r << 16) | (g << 8) | b for r, g, b in (KITTI_ROAD_RGB, KITTI_NON_ROAD_RGB, KITTI_INVALID_RGB)]
+    unknown = ~np.isin(code, palette)
+    if unknown.any():
+        y, x = np.argwhere(unknown)[0]
+        raise DataError(
+            f"{path}: colour {list(map(int, rgb[y, x]))} at x={x}, y={y} is not a KITTI colour "
+            f"(road {list(KITTI_ROAD_RGB)}, not road {list(KITTI_NON_ROAD_RGB)}, invalid {list(KITTI_INVALID_RGB)})"
+        )
+    return decode_kitti_gt(rgb)
 
 
 # --- CamVid (SegNet's 11-class version) --------------------------------------------------------
@@ -230,14 +289,11 @@ def _color(value, where: str) -> tuple[int, int, int]:
 
 
 def _read_class_map(path: Path) -> dict:
-    import yaml
+    from raytrain.config import load_yaml
 
     if not path.is_file():
         raise DataError(f"{path}: class map not found (folder format needs {CLASS_MAP} or class_map=)")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise DataError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+    data = load_yaml(path.read_text(), path, DataError)
     entries = data.get("classes") if isinstance(data, dict) else None
     if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
         raise DataError(f"{path}: expected `classes:` with a list of {{name, color}} or {{name, index}} entries")
@@ -272,6 +328,7 @@ def _resolve_folder(root: Path | None, class_map: Path | None) -> DatasetFormat:
 
         def load_mask(mask_path: Path) -> np.ndarray:
             with open_image(mask_path) as mask:
+                check_8bit(mask, mask_path, "mask")
                 rgb = np.asarray(mask.convert("RGB")).astype(np.int64)
             code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
             out = np.full(code.shape, IGNORE_INDEX, dtype=np.uint8)

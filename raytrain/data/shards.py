@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import posixpath
 import uuid
@@ -22,7 +23,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
 
-from raytrain.data.formats import FORMATS, IGNORE_INDEX, DatasetFormat, Sample, get_format
+from raytrain.data.formats import FORMATS, IGNORE_INDEX, DatasetFormat, Sample, check_8bit, get_format, open_checked
 from raytrain.data.location import as_path, filesystem_of, join
 from raytrain.errors import DataError
 
@@ -75,9 +76,12 @@ def _read_sample(sample: Sample, fmt: DatasetFormat) -> tuple[dict, np.ndarray]:
         raise DataError(f"{sample.image_path}: image has no mask")
     image_bytes = sample.image_path.read_bytes()
     try:
-        with Image.open(io.BytesIO(image_bytes)) as image:
+        with open_checked(io.BytesIO(image_bytes), sample.image_path) as image:
+            check_8bit(image, sample.image_path)
             image.load()  # a full decode: truncated files only fail here
             width, height = image.size
+    except DataError:
+        raise
     except Exception as err:
         raise DataError(f"{sample.image_path}: unreadable image ({_reason(err)})") from None
     try:
@@ -131,19 +135,24 @@ def write_shards(
     """
     if fmt not in FORMATS:
         get_format(fmt)  # raises: unknown format
+    # 0 is allowed from Python (all samples train; tests and CamVid, whose splits are its own, use it).
+    if not (isinstance(val_fraction, (int, float)) and math.isfinite(val_fraction) and 0 <= val_fraction < 1):
+        raise DataError(f"val_fraction {val_fraction!r}: expected a number from 0 up to (not including) 1")
     src_path = as_path(src)
     if not src_path.is_dir():
         raise DataError(f"{src}: dataset folder not found")
     dataset_format = get_format(fmt, classes, root=src_path, class_map=class_map)
     filesystem, out_path = filesystem_of(out)
-    out_type = filesystem.get_file_info(out_path).type
-    if out_type == pafs.FileType.File or (
-        out_type == pafs.FileType.Directory and filesystem.get_file_info(pafs.FileSelector(out_path))
-    ):
+    if _has_files(filesystem, out_path):
         raise DataError(f"{out}: already exists; choose another --out or remove it")
     samples = dataset_format.list_samples(src_path)
     if not samples:
         raise DataError(f"{src}: no samples found in the {fmt} layout")
+    seen: dict[str, Sample] = {}
+    for sample in samples:
+        if sample.id in seen:  # one id, two files (a.png and a.jpg): one would silently be trained twice
+            raise DataError(f"{seen[sample.id].image_path} and {sample.image_path}: two images of sample {sample.id!r}; keep one")
+        seen[sample.id] = sample
 
     parent, name = posixpath.split(out_path.rstrip("/"))
     tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -155,29 +164,40 @@ def write_shards(
         manifest["source"] = str(src_path)
         with filesystem.open_output_stream(f"{tmp}/{MANIFEST}") as stream:
             stream.write(json.dumps(manifest, indent=2).encode())
-        _publish(filesystem, tmp, out_path.rstrip("/"))
+        _publish(filesystem, tmp, out_path.rstrip("/"), str(out))
     finally:
         if filesystem.get_file_info(tmp).type != pafs.FileType.NotFound:
             filesystem.delete_dir(tmp)
     return manifest
 
 
-def _publish(filesystem: pafs.FileSystem, tmp: str, out: str) -> None:
-    """Move the finished `tmp` folder to `out`: one rename where the filesystem can (local, HDFS);
-    object stores cannot move folders, so there each file moves and manifest.json comes last."""
-    if filesystem.get_file_info(out).type == pafs.FileType.Directory:
-        filesystem.delete_dir(out)  # checked empty above; a rename cannot portably replace it
+def _publish(filesystem: pafs.FileSystem, tmp: str, out: str, shown: str) -> None:
+    """Move the finished `tmp` folder to `out` without ever deleting anything there.
+
+    One rename where the filesystem can (local, HDFS): POSIX renames a folder onto an empty one and
+    refuses a non-empty one, so a file that appeared in `out` while sharding survives. Object stores
+    cannot move folders: there each file moves, manifest.json last, into an `out` still empty.
+    """
     try:
         filesystem.move(tmp, out)
         return
     except (NotImplementedError, OSError):
-        if filesystem.get_file_info(out).type != pafs.FileType.NotFound:
-            raise
+        if _has_files(filesystem, out):
+            raise DataError(f"{shown}: files appeared in it while sharding; left them alone and published nothing") from None
+        if filesystem.get_file_info(out).type == pafs.FileType.NotFound and isinstance(filesystem, pafs.LocalFileSystem):
+            raise  # a local rename onto nothing failed: a real I/O problem, not a folder move it cannot do
     names = sorted(info.base_name for info in filesystem.get_file_info(pafs.FileSelector(tmp)))
     names.sort(key=lambda name: name == MANIFEST)
     filesystem.create_dir(out)
     for name in names:
         filesystem.move(f"{tmp}/{name}", f"{out}/{name}")
+
+
+def _has_files(filesystem: pafs.FileSystem, path: str) -> bool:
+    kind = filesystem.get_file_info(path).type
+    if kind == pafs.FileType.Directory:
+        return bool(filesystem.get_file_info(pafs.FileSelector(path)))
+    return kind != pafs.FileType.NotFound
 
 
 def _write(samples, fmt, filesystem, tmp, val_fraction, seed, rows_per_shard, skip_bad, on_skip, progress) -> dict:
@@ -216,6 +236,12 @@ def _write(samples, fmt, filesystem, tmp, val_fraction, seed, rows_per_shard, sk
             flush(split)
     if counts["train"] == 0:
         raise DataError(f"{fmt.name}: no training samples left after the split (val_fraction={val_fraction})")
+    # Only a split made here by val_fraction; a dataset's own splits (CamVid) are what they are.
+    if counts["val"] == 0 and val_fraction > 0 and not any(sample.split for sample in samples):
+        raise DataError(
+            f"{fmt.name}: 0 val samples after the split (val_fraction={val_fraction}, {counts['train']} samples); "
+            "raise --val-fraction or add samples"
+        )
 
     names = ["background", *fmt.classes] if num_classes == 1 else list(fmt.classes)
     return {

@@ -17,22 +17,6 @@ import raytrain
 from raytrain import launch
 
 
-def with_order(preserve: bool):
-    """SplitData.configure as in launch.py, with preserve_order set to `preserve`."""
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        output = [{} for _ in range(world_size)]
-        for name, dataset in datasets.items():
-            dataset = dataset.copy(dataset)
-            options = self._resolve_execution_options(name)
-            options.preserve_order = preserve
-            dataset.context.execution_options = options
-            for rank, split in enumerate(dataset.streaming_split(world_size, equal=(name == "train"))):
-                output[rank][name] = split
-        return output
-
-    return configure
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=2)
@@ -43,7 +27,7 @@ def main() -> None:
     figures = {"preserve_order": [], "any_order": []}
     for repeat in range(args.repeats):
         for preserve in (True, False):
-            launch.SplitData.configure = with_order(preserve)
+            launch.SplitData.preserve_order = preserve
             result = raytrain.train("quickstart", {
                 "data.path": str(shards), "train.storage_path": str(scratch / "results"), "train.epochs": args.epochs})
             images_per_s = float(result.metrics["images_per_s"])

@@ -40,12 +40,14 @@ class SplitData(DataConfig):
     which worker sees which samples in which order is the same in every run with the same seed.
     """
 
+    preserve_order = True  # benchmarks/order.py measures what it costs
+
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         output = [{} for _ in range(world_size)]
         for name, dataset in datasets.items():
             dataset = dataset.copy(dataset)
             options = self._resolve_execution_options(name)  # a copy: the driver's stay as they are
-            options.preserve_order = True
+            options.preserve_order = self.preserve_order
             dataset.context.execution_options = options
             for rank, split in enumerate(dataset.streaming_split(world_size, equal=(name == "train"))):
                 output[rank][name] = split

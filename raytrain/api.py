@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from raytrain import experiments
+from raytrain import experiments, inference
 from raytrain.checkpoints import CheckpointInfo, cache_dir
 from raytrain.config import Config, load_config, shipped_configs
 from raytrain.console import EPOCH_LINES, QUIET
@@ -75,37 +75,20 @@ def _launch(kind, source, overrides, resume, dry_run, num_cpus, verbosity):
 
 best_checkpoint = experiments.best_checkpoint
 runs = experiments.runs
-
-
-def load_model(checkpoint: str | os.PathLike | CheckpointInfo, device: str = "cpu"):
-    """The trained torch module in eval mode on `device`; no Ray needed."""
-    from raytrain.inference import load_model as load
-
-    return load(checkpoint, device)
-
-
-def predict(model, images, *, masks: bool = False, batch_size: int = 8):
-    """Road probability (H, W), or class probabilities (C, H, W), at each image's own size;
-    masks=True gives the class index per pixel. images: paths or uint8 RGB arrays."""
-    from raytrain.inference import predict as run
-
-    return run(model, images, masks=masks, batch_size=batch_size)
+# The trained module in eval mode (no Ray needed), and probabilities at each image's own size.
+load_model, predict = inference.load_model, inference.predict
 
 
 def evaluate(checkpoint: str | os.PathLike | CheckpointInfo, data: str | os.PathLike, *, split: str = "val",
              device: str = "cpu") -> dict:
     """Every metric of a checkpoint on one split of a sharded dataset, at each image's own size."""
-    from raytrain.inference import evaluate_checkpoint
-
-    return evaluate_checkpoint(checkpoint, data, split=split, device=device)
+    return inference.evaluate_checkpoint(checkpoint, data, split=split, device=device)
 
 
 def export(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None, *, format: str = "torchscript") -> Path:
     """The checkpoint as a file that loads with torch alone; returns its path."""
-    from raytrain.inference import export_model
-
     default = "model.torchscript.pt" if format == "torchscript" else "model.pt2"
-    return export_model(checkpoint, out or Path(checkpoint) / default, format)
+    return inference.export_model(checkpoint, out or Path(checkpoint) / default, format)
 
 
 def report(experiment: str | os.PathLike, out: str | os.PathLike, *, metric: str = "val_iou", mode: str = "max") -> Path:

@@ -156,8 +156,9 @@ def to_resume(config: Config, kind: str, resume: bool | str | os.PathLike) -> st
         experiment = os.fspath(resume) if is_uri(resume) else str(Path(resume).expanduser().resolve())
         if not is_experiment(experiment):
             raise CheckpointError(f"--resume {resume}: not a raytrain experiment directory (no {MARKER})")
-        if _kind(experiment) != kind:
-            raise CheckpointError(f"--resume {resume}: a {_kind(experiment)} experiment; resume it with raytrain {_kind(experiment)}")
+        found_kind = _kind(experiment)
+        if found_kind != kind:
+            raise CheckpointError(f"--resume {resume}: a {found_kind} experiment; resume it with raytrain {found_kind}")
     return experiment
 
 

@@ -1,9 +1,27 @@
 """Shared fixtures: one local Ray cluster for the session, and tiny real datasets on disk."""
 from __future__ import annotations
 
+import socket
 import time
+from pathlib import Path
 
 import pytest
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def read_events(log_dir: Path | str):
+    """Every scalar and image in a TensorBoard log folder, loaded."""
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, SCALARS, EventAccumulator
+
+    accumulator = EventAccumulator(str(log_dir), size_guidance={SCALARS: 0, IMAGES: 0})
+    accumulator.Reload()
+    return accumulator
 
 
 def pytest_collection_modifyitems(items):

@@ -11,7 +11,6 @@ set to a private directory so that this cluster is invisible to other Ray driver
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import threading
 import time
@@ -26,7 +25,7 @@ from raytrain.checkpoints import METRICS_FILE
 from raytrain.data.shards import write_shards
 from raytrain.data.synthetic import write_synthetic_kitti
 from raytrain.loop import train_worker
-from tests.conftest import tiny_config, wait_for
+from tests.conftest import free_port, tiny_config, wait_for
 
 TIMEOUT_S = 480  # a guard against hanging, not a speed goal
 
@@ -38,12 +37,6 @@ def start_cluster(node_names: list[str], cpus_per_node: int = 2) -> tuple[Cluste
     cluster.wait_for_nodes()
     cluster.connect()
     return cluster, nodes
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def node_names_by_id(names: list[str]) -> dict[str, str]:

@@ -1,5 +1,4 @@
 import math
-import socket
 
 import numpy as np
 import pytest
@@ -9,6 +8,7 @@ import torch.multiprocessing as mp
 from sklearn.metrics import accuracy_score, f1_score, jaccard_score, precision_score, recall_score
 
 from raytrain.metrics import SegmentationMetrics
+from tests.conftest import free_port
 
 IGNORE = 255
 
@@ -209,12 +209,6 @@ def test_target_out_of_range_raises():
 # ---------------------------------------------------------------- DDP: counts are summed over ranks
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, port, cases):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
@@ -236,4 +230,4 @@ def test_all_reduced_metrics_equal_single_process_metrics():
         cases.append((num_classes, scores, target, expected))
     # the halves really differ, so the test fails unless the counts are summed
     assert _computed(SegmentationMetrics(1), cases[0][1][:2], cases[0][2][:2]) != pytest.approx(cases[0][3])
-    mp.spawn(_ddp_worker, args=(_free_port(), cases), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(free_port(), cases), nprocs=2, join=True)

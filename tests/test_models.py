@@ -1,5 +1,3 @@
-import socket
-
 import pytest
 import segmentation_models_pytorch as smp
 import torch
@@ -9,6 +7,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from raytrain.models import allowed_depths, count_parameters, create_model, list_models, to_probabilities
+from tests.conftest import free_port
 
 SMALL_ENCODER = "resnet18"
 
@@ -145,12 +144,6 @@ def test_depth_outside_allowed_range(name, depth):
 # ---------------------------------------------------------------- DDP with real gloo processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, port: int, names: list[str]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
@@ -174,4 +167,4 @@ def _ddp_worker(rank: int, port: int, names: list[str]) -> None:
 
 
 def test_ddp_step_for_every_architecture_at_its_smallest_depth():
-    mp.spawn(_ddp_worker, args=(_free_port(), list_models()), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(free_port(), list_models()), nprocs=2, join=True)

@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from tensorboard.backend.event_processing.event_accumulator import IMAGES, SCALARS, EventAccumulator
+from tensorboard.backend.event_processing.event_accumulator import IMAGES, SCALARS
 from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 
 from raytrain.api import best_checkpoint, load_model, predict
 from raytrain.reporting import write_report
 from raytrain.viz import GRID_GAP
-from tests.conftest import tiny_config
+from tests.conftest import read_events, tiny_config
 
 EPOCHS = 2
 CURVE_PNGS = {"loss.png", "accuracy.png", "f1.png", "iou.png"}
@@ -43,15 +43,9 @@ def experiment(ray_cluster, tiny_shards, tmp_path_factory):
     return Path(grid.experiment_path)
 
 
-def _accumulator(run_dir: Path) -> EventAccumulator:
-    accumulator = EventAccumulator(str(run_dir), size_guidance={SCALARS: 0, IMAGES: 0})
-    accumulator.Reload()
-    return accumulator
-
-
 def test_train_run_writes_tensorboard_scalars_and_overlays_from_rank_0(train_run):
     log_dir = train_run / "tensorboard"
-    train, val = _accumulator(log_dir / "train"), _accumulator(log_dir / "val")
+    train, val = read_events(log_dir / "train"), read_events(log_dir / "val")
     steps = list(range(1, EPOCHS + 1))
     for tag in ("loss", "lr", "images_per_s"):
         assert [event.step for event in train.Scalars(tag)] == steps

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import IMAGES, SCALARS, EventAccumulator
 
 from raytrain.data.formats import CAMVID_CLASSES, CAMVID_COLORS, IGNORE_INDEX
 from raytrain.viz import GRID_GAP, TensorBoardLogger, mask_overlay, overlay, overlay_grid, palette
+from tests.conftest import read_events
 
 
 def _image(rng, height=12, width=20):
@@ -93,14 +93,8 @@ def _write_two_epochs(log_dir):
     logger.close()
 
 
-def _read(run_dir):
-    accumulator = EventAccumulator(str(run_dir), size_guidance={SCALARS: 0, IMAGES: 0})
-    accumulator.Reload()
-    return accumulator
-
-
 def _check_event_files(log_dir):
-    train, val = _read(log_dir / "train"), _read(log_dir / "val")
+    train, val = read_events(log_dir / "train"), read_events(log_dir / "val")
     assert set(train.Tags()["scalars"]) == {"loss", "lr", "images_per_s"}
     assert set(val.Tags()["scalars"]) == {"loss", "f1"}  # None and NaN are skipped
     assert [(e.step, round(e.value, 6)) for e in train.Scalars("loss")] == [(1, 1.0), (2, 0.5)]

@@ -27,9 +27,25 @@ def check_ready(config: Config, local_cpus: int | None, *, search: bool = False)
     local_cpus: the CPUs of the local cluster about to start, or None for a cluster that is already
     running or remote (it may grow).
     """
-    train = config.train
-    if train.tracking == "mlflow" and importlib.util.find_spec("mlflow") is None:
+    if config.train.tracking == "mlflow" and importlib.util.find_spec("mlflow") is None:
         raise RaytrainError("train.tracking mlflow needs MLflow: pip install 'raytrain[mlflow]'")
+    _check_cluster_fits(config.train, local_cpus, search)
+    checked = set()  # each dataset and model once, however many trials share it
+    for overrides in _trial_variants(config):
+        where = "".join(f"search.space {key}={value!r}: " for key, value in overrides.items())
+        try:
+            variant = config.with_overrides(overrides)
+            for key, check in [(("data", variant.data.path, tuple(variant.classes)), _check_data),
+                               (("model", variant.model.name, variant.num_classes, tuple(sorted(variant.model.kwargs().items()))), _check_model)]:
+                if key not in checked:
+                    check(variant)
+                    checked.add(key)
+            _check_loss(variant)
+        except RaytrainError as err:
+            raise type(err)(f"{where}{err}") from None
+
+
+def _check_cluster_fits(train, local_cpus: int | None, search: bool) -> None:
     # Ray Data's read and decode tasks need a whole CPU beside the workers (and a trial's driver).
     needed = train.num_workers * train.cpus_per_worker + 1 + (TRIAL_DRIVER_CPUS if search else 0)
     if local_cpus is not None and needed > local_cpus:
@@ -38,43 +54,40 @@ def check_ready(config: Config, local_cpus: int | None, *, search: bool = False)
             f"(one more for Ray Data{', and a share for the trial' if search else ''}), but the local cluster has "
             f"{local_cpus}: lower train.num_workers or raise --num-cpus"
         )
-    checked = set()
-    for overrides in _trial_variants(config):
-        where = "".join(f"search.space {key}={value!r}: " for key, value in overrides.items())
-        try:
-            variant = config.with_overrides(overrides)
-            if ("data", variant.data.path, tuple(variant.classes)) not in checked:
-                try:
-                    manifest = read_manifest(variant.data.path)
-                except DataError as err:
-                    raise DataError(f"data.path: {err}") from None
-                counts = manifest["num_samples"]
-                if counts.get("train", 0) < variant.train.num_workers or not counts.get("val"):
-                    raise DataError(
-                        f"data.path {variant.data.path}: {counts.get('train', 0)} train and {counts.get('val', 0)} val "
-                        f"samples; {variant.train.num_workers} workers need at least one train sample each, and "
-                        "validation at least one sample (shard with --val-fraction above 0)"
-                    )
-                names = [entry["name"] for entry in manifest["classes"]]
-                if names != variant.classes:
-                    raise ConfigError(
-                        f"classes {variant.classes} do not match the classes {names} of the dataset in data.path "
-                        f"{variant.data.path}"
-                    )
-                checked.add(("data", variant.data.path, tuple(variant.classes)))
-            model_key = ("model", variant.model.name, variant.num_classes, tuple(sorted(variant.model.kwargs().items())))
-            if model_key not in checked:
-                try:
-                    create_model(variant.model.name, num_classes=variant.num_classes, **variant.model.kwargs())
-                except (ValueError, KeyError) as err:
-                    raise ConfigError(f"model: {err.args[0] if err.args else err}") from None  # KeyError's str() adds quotes
-                checked.add(model_key)
-            try:
-                create_loss(variant.loss.name, num_classes=variant.num_classes, class_weights=loss_class_weights(variant))
-            except ValueError as err:
-                raise ConfigError(f"loss: {err}") from None
-        except RaytrainError as err:
-            raise type(err)(f"{where}{err}") from None
+
+
+def _check_data(variant: Config) -> None:
+    try:
+        manifest = read_manifest(variant.data.path)
+    except DataError as err:
+        raise DataError(f"data.path: {err}") from None
+    counts = manifest["num_samples"]
+    if counts.get("train", 0) < variant.train.num_workers or not counts.get("val"):
+        raise DataError(
+            f"data.path {variant.data.path}: {counts.get('train', 0)} train and {counts.get('val', 0)} val "
+            f"samples; {variant.train.num_workers} workers need at least one train sample each, and "
+            "validation at least one sample (shard with --val-fraction above 0)"
+        )
+    names = [entry["name"] for entry in manifest["classes"]]
+    if names != variant.classes:
+        raise ConfigError(
+            f"classes {variant.classes} do not match the classes {names} of the dataset in data.path "
+            f"{variant.data.path}"
+        )
+
+
+def _check_model(variant: Config) -> None:
+    try:
+        create_model(variant.model.name, num_classes=variant.num_classes, **variant.model.kwargs())
+    except (ValueError, KeyError) as err:
+        raise ConfigError(f"model: {err.args[0] if err.args else err}") from None  # KeyError's str() adds quotes
+
+
+def _check_loss(variant: Config) -> None:
+    try:
+        create_loss(variant.loss.name, num_classes=variant.num_classes, class_weights=loss_class_weights(variant))
+    except ValueError as err:
+        raise ConfigError(f"loss: {err}") from None
 
 
 def _trial_variants(config: Config) -> list[dict]:

@@ -1,11 +1,13 @@
-"""cluster.yaml and the KubeRay RayJob: valid for the tools that read them, and they run this package."""
+"""cluster.yaml and the KubeRay RayJob: valid for the tools that read them, they run this package,
+and the RayJob is locked down by default (README "Security of a deployment")."""
+import re
 import shlex
 from pathlib import Path
 
 import pytest
 import yaml
 
-from raytrain.config import load_config
+from raytrain.config import load_config, shipped_configs
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_INSTANCE_FAMILIES = ("g4dn", "g5", "g6", "g6e", "p3", "p4d", "p4de", "p5")
@@ -17,8 +19,18 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def rayjob():
-    return yaml.safe_load((REPO / "deploy/kuberay-rayjob.yaml").read_text())
+def k8s_objects():
+    """Every object in deploy/kuberay-rayjob.yaml, by kind (a list per kind)."""
+    objects = {}
+    for document in yaml.safe_load_all((REPO / "deploy/kuberay-rayjob.yaml").read_text()):
+        objects.setdefault(document["kind"], []).append(document)
+    return objects
+
+
+@pytest.fixture(scope="module")
+def rayjob(k8s_objects):
+    (job,) = k8s_objects["RayJob"]
+    return job
 
 
 def test_cluster_yaml_passes_the_autoscalers_own_validation(cluster):
@@ -100,12 +112,128 @@ def test_rayjob_has_a_cpu_head_and_an_autoscaling_gpu_group(rayjob):
     assert cluster["rayVersion"] in images.pop()
 
 
-def test_rayjob_installs_this_package_and_its_entrypoint_config_loads(rayjob):
-    runtime_env = yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"])
-    assert runtime_env["working_dir"]
-    assert any(requirement.startswith("raytrain") for requirement in runtime_env["pip"])
+
+def _ray_pod_templates(rayjob):
+    """(template, labels KubeRay adds) for the head and every worker group of the RayJob's cluster."""
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    yield cluster["headGroupSpec"]["template"], {"ray.io/node-type": "head"}
+    for group in cluster["workerGroupSpecs"]:
+        yield group["template"], {"ray.io/node-type": "worker"}
+
+
+def _pod_labels(template, added):
+    return {**template.get("metadata", {}).get("labels", {}), **added}
+
+
+def _selects(selector, labels):
+    """Whether a Kubernetes label selector (matchLabels only: this file uses nothing else) matches."""
+    assert set(selector) <= {"matchLabels"}, f"unsupported selector {selector}"
+    return all(labels.get(key) == value for key, value in selector.get("matchLabels", {}).items())
+
+
+def test_rayjob_runs_the_package_from_its_image(rayjob):
+    """The entrypoint's config ships inside the package, so the image alone runs the job."""
     args = shlex.split(rayjob["spec"]["entrypoint"])
     assert args[:2] == ["raytrain", "tune"]
+    assert args[2] in shipped_configs()
     overrides = [args[i + 1] for i, arg in enumerate(args) if arg == "--set"]
-    config = load_config(REPO / args[2], overrides)
-    assert config.train.storage_path.startswith("s3://")
+    config = load_config(args[2], overrides)
+    assert config.train.storage_path.startswith("s3://") and config.data.path.startswith("s3://")
+
+
+def test_rayjob_downloads_no_code_and_pins_its_image(rayjob):
+    """No branch zip or pip install at run time: the code is an image referenced by digest."""
+    runtime_env = yaml.safe_load(rayjob["spec"].get("runtimeEnvYAML") or "{}") or {}
+    assert not {"working_dir", "py_modules", "pip", "uv", "conda", "container", "image_uri"} & set(runtime_env)
+    ray_version = rayjob["spec"]["rayClusterSpec"]["rayVersion"]
+    for template, _ in _ray_pod_templates(rayjob):
+        for container in template["spec"]["containers"]:
+            image = container["image"]
+            assert "@sha256:" in image, f"{image}: not pinned by digest"
+            assert not image.split("@")[0].endswith(":latest")
+    # The image is built from this repository with the same Ray.
+    dockerfile = (REPO / "deploy/Dockerfile").read_text()
+    assert re.search(rf"^ARG RAY_IMAGE=rayproject/ray:{re.escape(ray_version)}-", dockerfile, re.M)
+    assert re.search(rf'pip install .*/tmp/raytrain-src "ray\[[a-z,]+\]=={re.escape(ray_version)}"', dockerfile)
+    assert re.search(r"^COPY .*raytrain /tmp/raytrain-src/raytrain$", dockerfile, re.M)
+    assert "http" not in "".join(line for line in dockerfile.splitlines() if line.startswith(("RUN", "ADD", "    ")))
+
+
+def test_rayjob_enables_ray_token_authentication(rayjob):
+    """KubeRay (>= 1.5.1) makes a token Secret and sets RAY_AUTH_MODE=token and RAY_AUTH_TOKEN in every
+    Ray container and the submitter; Ray >= 2.52 then refuses requests without it."""
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    assert cluster["authOptions"]["mode"] == "token"
+    assert tuple(int(part) for part in cluster["rayVersion"].split(".")[:2]) >= (2, 52)
+    # The Ray installed here has the mode that the cluster is told to use.
+    from ray._private.authentication.authentication_token_setup import AUTH_MODE_ENV_VAR
+    from ray._raylet import AuthenticationMode
+
+    assert AUTH_MODE_ENV_VAR == "RAY_AUTH_MODE" and hasattr(AuthenticationMode, "TOKEN")
+
+
+def test_network_policies_admit_only_this_jobs_pods_and_the_job_api_clients(k8s_objects, rayjob):
+    policies = k8s_objects.get("NetworkPolicy", [])
+    assert policies, "no NetworkPolicy: every pod of the Kubernetes cluster reaches the Ray ports"
+    own_labels = None
+    for template, added in _ray_pod_templates(rayjob):
+        labels = _pod_labels(template, added)
+        selecting = [p for p in policies if _selects(p["spec"]["podSelector"], labels)]
+        assert selecting, f"no NetworkPolicy selects the Ray pods labelled {labels}"
+        assert all("Ingress" in p["spec"]["policyTypes"] for p in selecting)
+        for policy in selecting:
+            for rule in policy["spec"].get("ingress", []):
+                assert rule.get("from"), f"{policy['metadata']['name']}: a rule without `from` admits every pod"
+                for peer in rule["from"]:
+                    assert "ipBlock" not in peer
+                    assert peer.get("podSelector", {}).get("matchLabels"), f"{peer}: admits a whole namespace"
+                    if "namespaceSelector" in peer:
+                        assert peer["namespaceSelector"].get("matchLabels"), f"{peer}: any namespace"
+                    if _selects(peer["podSelector"], labels) and "namespaceSelector" not in peer:
+                        own_labels = peer["podSelector"]["matchLabels"]
+                        continue  # the job's own Ray pods: any port
+                    # Anyone else: the head's dashboard/job API only.
+                    assert added["ray.io/node-type"] == "head", f"{policy['metadata']['name']} admits {peer} to workers"
+                    assert rule.get("ports") == [{"protocol": "TCP", "port": 8265}], rule
+    assert own_labels, "the Ray pods do not admit each other"
+    # The own-pods selector is specific to this job, not every Ray pod of the namespace.
+    assert "ray.io/is-ray-node" not in own_labels and set(own_labels) - {"ray.io/node-type"}
+    # The two outside clients: the submitter Job (named after the RayJob) and the operator.
+    peers = [peer for p in policies for rule in p["spec"].get("ingress", []) for peer in rule["from"]]
+    submitter = {"batch.kubernetes.io/job-name": rayjob["metadata"]["name"]}
+    assert any(peer["podSelector"]["matchLabels"] == submitter for peer in peers)
+    assert any(peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "kuberay-operator"}
+               and "namespaceSelector" in peer for peer in peers)
+
+
+def test_head_does_not_expose_the_ray_client_port(rayjob):
+    head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]
+    ports = {port["containerPort"] for c in _containers(head) for port in c.get("ports", [])}
+    assert 10001 not in ports
+
+
+def test_ray_pods_get_s3_through_an_irsa_service_account(k8s_objects, rayjob):
+    (account,) = k8s_objects["ServiceAccount"]
+    role = account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
+    assert re.fullmatch(r"arn:aws:iam::[A-Z0-9_]+:role/[\w+=,.@-]+", role), role
+    for template, added in _ray_pod_templates(rayjob):
+        assert template["spec"].get("serviceAccountName") == account["metadata"]["name"], added
+        if added["ray.io/node-type"] == "worker":  # only the head's autoscaler calls the Kubernetes API
+            assert template["spec"].get("automountServiceAccountToken") is False
+
+
+def test_ray_pods_run_unprivileged(rayjob):
+    for template, added in _ray_pod_templates(rayjob):
+        pod = template["spec"].get("securityContext", {})
+        assert pod.get("runAsNonRoot") is True and pod.get("runAsUser", 0) != 0, added
+        assert pod.get("seccompProfile", {}).get("type") == "RuntimeDefault", added
+        for container in template["spec"]["containers"]:
+            context = container.get("securityContext", {})
+            assert context.get("allowPrivilegeEscalation") is False, container["name"]
+            assert context.get("capabilities", {}).get("drop") == ["ALL"], container["name"]
+            assert not context.get("privileged", False)
+            assert not context.get("capabilities", {}).get("add")
+    autoscaler = rayjob["spec"]["rayClusterSpec"]["autoscalerOptions"]["securityContext"]
+    assert autoscaler["allowPrivilegeEscalation"] is False and autoscaler["capabilities"]["drop"] == ["ALL"]
+    # The image's own user is numeric and not root, as runAsNonRoot checks.
+    assert re.search(r"^USER 1000(:\d+)?$", (REPO / "deploy/Dockerfile").read_text(), re.M)

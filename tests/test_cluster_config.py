@@ -1,7 +1,12 @@
 """cluster.yaml and the KubeRay RayJob: valid for the tools that read them, they run this package,
-and the RayJob is locked down by default (README "Security of a deployment")."""
+and they are locked down by default (README "Security of a deployment")."""
+import json
+import os
 import re
 import shlex
+import subprocess
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -237,3 +242,132 @@ def test_ray_pods_run_unprivileged(rayjob):
     assert autoscaler["allowPrivilegeEscalation"] is False and autoscaler["capabilities"]["drop"] == ["ALL"]
     # The image's own user is numeric and not root, as runAsNonRoot checks.
     assert re.search(r"^USER 1000(:\d+)?$", (REPO / "deploy/Dockerfile").read_text(), re.M)
+
+
+# cluster.yaml: what `ray up` would do in AWS, without calling AWS.
+
+@pytest.fixture
+def aws_config(monkeypatch):
+    """Ray's AWS bootstrap module (ray.autoscaler._private.aws.config), what `ray up` runs first.
+
+    It imports boto3, which raytrain does not need: where boto3 is missing, empty stand-ins take
+    its place. The steps tested here return before any AWS call, and the ones that would call AWS
+    are replaced by `_fail_if_called`, so the stand-ins are never used.
+    """
+    try:
+        import boto3  # noqa: F401
+    except ImportError:
+        for name in ("boto3", "boto3.exceptions", "boto3.resources", "boto3.resources.base",
+                     "botocore", "botocore.client", "botocore.config", "botocore.exceptions"):
+            module = types.ModuleType(name)
+            module.__getattr__ = lambda attribute: type(attribute, (Exception,), {})
+            module.__version__ = "1.40.0"  # config.py checks boto3 >= 1.4.8 on import
+            monkeypatch.setitem(sys.modules, name, module)
+        before = set(sys.modules)
+        yield __import__("ray.autoscaler._private.aws.config", fromlist=["config"])
+        for name in set(sys.modules) - before:  # modules bound to the stand-ins go with them
+            del sys.modules[name]
+    else:
+        from ray.autoscaler._private.aws import config
+
+        yield config
+
+
+def _fail_if_called(name):
+    def called(*args, **kwargs):
+        raise AssertionError(f"`ray up` would call {name}")
+    return called
+
+
+def test_ray_up_creates_no_security_group_and_no_open_ssh_rule(cluster, aws_config, monkeypatch):
+    """Ray's own group allows SSH from 0.0.0.0/0 (and provider.security_group.IpPermissions only add
+    rules to it). With SecurityGroupIds on every node type, Ray neither creates nor changes a group."""
+    from ray.autoscaler._private.util import prepare_config
+
+    assert {"CidrIp": "0.0.0.0/0"} in aws_config._create_default_ssh_inbound_rules()[0]["IpRanges"]
+    monkeypatch.setattr(aws_config, "_upsert_security_groups", _fail_if_called("_upsert_security_groups"))
+    configured = aws_config._configure_security_group(prepare_config(cluster))
+    groups = {tuple(t["node_config"]["SecurityGroupIds"]) for t in configured["available_node_types"].values()}
+    assert len(groups) == 1  # one group: the nodes reach each other through its self-referencing rule
+    assert "0.0.0.0/0" not in json.dumps(cluster.get("provider", {}).get("security_group", {}))
+
+
+def _run_security_group_script(tmp_path, *args):
+    """deploy/aws/security-group.sh with a stand-in `aws` that records its arguments."""
+    fake_aws = tmp_path / "bin" / "aws"
+    fake_aws.parent.mkdir(exist_ok=True)
+    fake_aws.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" >> "$AWS_CALLS"; echo "---" >> "$AWS_CALLS"\n'
+                        '[[ $2 == create-security-group ]] && echo sg-0123456789abcdef0; exit 0\n')
+    fake_aws.chmod(0o755)
+    calls = tmp_path / "calls"
+    env = {**os.environ, "PATH": f"{fake_aws.parent}:{os.environ['PATH']}", "AWS_CALLS": str(calls)}
+    result = subprocess.run(["bash", str(REPO / "deploy/aws/security-group.sh"), *args],
+                            env=env, capture_output=True, text=True)
+    recorded = calls.read_text().split("---\n")[:-1] if calls.exists() else []
+    return result, [call.splitlines() for call in recorded]
+
+
+def test_security_group_script_opens_ssh_to_the_given_cidr_only(tmp_path):
+    result, calls = _run_security_group_script(tmp_path, "vpc-0abc", "203.0.113.7/32")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "sg-0123456789abcdef0"
+    (create, authorize) = calls
+    assert create[:2] == ["ec2", "create-security-group"]
+    assert authorize[:2] == ["ec2", "authorize-security-group-ingress"]
+    rules = authorize[authorize.index("--ip-permissions") + 1:]
+    assert rules == [
+        "IpProtocol=-1,UserIdGroupPairs=[{GroupId=sg-0123456789abcdef0,Description=between-the-cluster-nodes}]",
+        "IpProtocol=tcp,FromPort=22,ToPort=22,IpRanges=[{CidrIp=203.0.113.7/32,Description=ssh-for-ray-up}]",
+    ]
+    for i, too_wide in enumerate(["0.0.0.0/0", "10.0.0.0/4", "not-a-cidr"]):
+        (tmp_path / str(i)).mkdir()
+        result, calls = _run_security_group_script(tmp_path / str(i), "vpc-0abc", too_wide)
+        assert result.returncode != 0 and calls == [], too_wide
+
+
+def test_no_node_gets_ray_autoscaler_v1(cluster, aws_config, monkeypatch):
+    """Without a head profile Ray creates ray-autoscaler-v1 (AmazonEC2FullAccess and AmazonS3FullAccess).
+    Here each node type names its own profile: the head's for the autoscaler, the workers' for S3."""
+    from ray.autoscaler._private.util import prepare_config
+
+    for name in ("_get_instance_profile", "_get_role", "_client", "_resource"):
+        monkeypatch.setattr(aws_config, name, _fail_if_called(name))
+    aws_config._configure_iam_role(prepare_config(cluster))
+    profiles = {name: spec["node_config"]["IamInstanceProfile"]["Arn"]
+                for name, spec in cluster["available_node_types"].items()}
+    assert not any("ray-autoscaler" in arn for arn in profiles.values()), profiles
+    head = profiles.pop(cluster["head_node_type"])
+    assert head not in profiles.values()  # workers do not get the autoscaler's EC2 rights
+
+
+def _statements(path):
+    return json.loads((REPO / path).read_text())["Statement"]
+
+
+def _as_list(value):
+    return value if isinstance(value, list) else [value]
+
+
+def test_the_worker_policy_is_the_bucket_and_nothing_else():
+    statements = _statements("deploy/aws/s3-bucket-policy.json")
+    for statement in statements:
+        assert statement["Effect"] == "Allow"
+        for action in _as_list(statement["Action"]):
+            assert action.startswith("s3:") and "*" not in action, action
+        for resource in _as_list(statement["Resource"]):
+            assert resource in ("arn:aws:s3:::YOUR_BUCKET", "arn:aws:s3:::YOUR_BUCKET/*"), resource
+
+
+def test_the_head_policy_is_what_the_autoscaler_calls(cluster):
+    statements = _statements("deploy/aws/ray-head-policy.json")
+    actions = {action for s in statements for action in _as_list(s["Action"])}
+    assert not any(action.endswith("*") for action in actions), actions
+    # The EC2 calls AWSNodeProvider makes with cache_stopped_nodes false (no stop/start), and PassRole.
+    assert cluster["provider"]["cache_stopped_nodes"] is False
+    assert actions == {"ec2:DescribeInstances", "ec2:DescribeImages", "ec2:RunInstances", "ec2:CreateTags",
+                       "ec2:TerminateInstances", "iam:PassRole"}
+    (terminate,) = [s for s in statements if "ec2:TerminateInstances" in _as_list(s["Action"])]
+    assert terminate["Condition"]["StringEquals"] == {"aws:ResourceTag/ray-cluster-name": cluster["cluster_name"]}
+    (pass_role,) = [s for s in statements if s["Action"] == "iam:PassRole"]
+    worker_profile = cluster["available_node_types"]["gpu_worker"]["node_config"]["IamInstanceProfile"]["Arn"]
+    assert pass_role["Resource"].rsplit("/", 1)[1] == worker_profile.rsplit("/", 1)[1]  # role named as its profile

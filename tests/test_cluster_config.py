@@ -371,3 +371,13 @@ def test_the_head_policy_is_what_the_autoscaler_calls(cluster):
     (pass_role,) = [s for s in statements if s["Action"] == "iam:PassRole"]
     worker_profile = cluster["available_node_types"]["gpu_worker"]["node_config"]["IamInstanceProfile"]["Arn"]
     assert pass_role["Resource"].rsplit("/", 1)[1] == worker_profile.rsplit("/", 1)[1]  # role named as its profile
+
+
+def test_every_node_starts_ray_with_token_authentication(cluster):
+    starts = [c for key in ("head_start_ray_commands", "worker_start_ray_commands") for c in cluster[key]
+              if "ray start" in c]
+    assert len(starts) == 2
+    assert all("RAY_AUTH_MODE=token ray start" in command for command in starts), starts
+    # The token reaches every node where Ray looks for it (the head copies file_mounts to the workers).
+    assert cluster["file_mounts"]["/home/ubuntu/.ray/auth_token"] == "~/.ray/auth_token"
+    assert cluster["auth"]["ssh_user"] == "ubuntu"

@@ -5,8 +5,6 @@ import os
 import re
 import shlex
 import subprocess
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -247,30 +245,13 @@ def test_ray_pods_run_unprivileged(rayjob):
 # cluster.yaml: what `ray up` would do in AWS, without calling AWS.
 
 @pytest.fixture
-def aws_config(monkeypatch):
+def aws_config():
     """Ray's AWS bootstrap module (ray.autoscaler._private.aws.config), what `ray up` runs first.
+    The steps tested here return before any AWS call; the ones that would call AWS are replaced by
+    `_fail_if_called`."""
+    from ray.autoscaler._private.aws import config
 
-    It imports boto3, which raytrain does not need: where boto3 is missing, empty stand-ins take
-    its place. The steps tested here return before any AWS call, and the ones that would call AWS
-    are replaced by `_fail_if_called`, so the stand-ins are never used.
-    """
-    try:
-        import boto3  # noqa: F401
-    except ImportError:
-        for name in ("boto3", "boto3.exceptions", "boto3.resources", "boto3.resources.base",
-                     "botocore", "botocore.client", "botocore.config", "botocore.exceptions"):
-            module = types.ModuleType(name)
-            module.__getattr__ = lambda attribute: type(attribute, (Exception,), {})
-            module.__version__ = "1.40.0"  # config.py checks boto3 >= 1.4.8 on import
-            monkeypatch.setitem(sys.modules, name, module)
-        before = set(sys.modules)
-        yield __import__("ray.autoscaler._private.aws.config", fromlist=["config"])
-        for name in set(sys.modules) - before:  # modules bound to the stand-ins go with them
-            del sys.modules[name]
-    else:
-        from ray.autoscaler._private.aws import config
-
-        yield config
+    return config
 
 
 def _fail_if_called(name):

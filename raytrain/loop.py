@@ -4,7 +4,6 @@ Ray appears only where the loop meets the cluster: its dataset shard, its checkp
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import tempfile
@@ -120,6 +119,35 @@ def model_input(images: torch.Tensor, device, channels_last: bool) -> torch.Tens
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
+def autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    """The one mixed-precision context for training and evaluation; disabled in fp32."""
+    return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+
+def grad_scaler(device: torch.device, amp_dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """Scales the loss in fp16 only, so small gradients do not underflow; elsewhere it passes through."""
+    return torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+
+def forward(model, loss_fn, batch: dict, device, precision, channels_last: bool):
+    """The batch to the device, then the model and loss under `precision`: (logits, masks, loss)."""
+    images, masks = model_input(batch["image"], device, channels_last), batch["mask"].to(device).long()
+    with precision:
+        logits = model(images)
+        loss = loss_fn(logits, masks)
+    return logits, masks, loss
+
+
+def train_step(model, loss: torch.Tensor, optimizer, scaler: torch.amp.GradScaler, grad_clip: float | None) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
+    scaler.update()
+
+
 def train_one_epoch(
     model, batches, loss_fn, optimizer, device, epoch: int, *,
     scheduler=None, scaler: torch.amp.GradScaler | None = None, amp_dtype: torch.dtype | None = None,
@@ -127,31 +155,18 @@ def train_one_epoch(
 ) -> tuple[float, int]:
     """One pass over this worker's training shard; returns (summed loss, images seen)."""
     model.train()
+    scaler = grad_scaler(device, amp_dtype) if scaler is None else scaler
+    precision = autocast(device, amp_dtype)
     total_loss, seen = 0.0, 0
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     for step, batch in enumerate(batches):
-        images, masks = model_input(batch["image"], device, channels_last), batch["mask"].to(device).long()
-        with autocast:
-            loss = loss_fn(model(images), masks)
+        _, masks, loss = forward(model, loss_fn, batch, device, precision, channels_last)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"loss is {loss.item()} at epoch {epoch}, step {step}: lower optim.lr or check the data")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:  # fp16: scale the loss so small gradients do not underflow
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        train_step(model, loss, optimizer, scaler, grad_clip)
         if scheduler is not None:
             scheduler.step()
-        total_loss += loss.item() * len(images)
-        seen += len(images)
+        total_loss += loss.item() * len(masks)
+        seen += len(masks)
     return total_loss, seen
 
 
@@ -165,15 +180,13 @@ def evaluate(
     Returns (summed loss, images seen, the first `keep` images with their masks and probabilities).
     """
     model.eval()
+    precision = autocast(device, amp_dtype)
     total_loss, seen, samples = 0.0, 0, None
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     for batch in batches:
-        images, masks = model_input(batch["image"], device, channels_last), batch["mask"].to(device).long()
-        with autocast:
-            logits = model(images)
-            total_loss += loss_fn(logits, masks).item() * len(images)
+        logits, masks, loss = forward(model, loss_fn, batch, device, precision, channels_last)
+        total_loss += loss.item() * len(masks)
+        seen += len(masks)
         logits = logits.float()
-        seen += len(images)
         metrics.update(logits, masks)
         if keep and samples is None:
             samples = {
@@ -227,7 +240,7 @@ def train_worker(loop_config: dict) -> None:
     loss_fn = create_loss(config.loss.name, num_classes=config.num_classes, class_weights=loss_class_weights(config))
     optimizer = create_optimizer(config, model.parameters())
     scheduler = create_scheduler(config, optimizer, steps_per_epoch(config, context.get_world_size()))
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    scaler = grad_scaler(device, amp_dtype)
 
     start_epoch = 0
     # This run's own latest (a restarted worker group, a resumed run), else where it was told to start.

@@ -13,6 +13,7 @@ from raytrain.loop import (
     autocast_dtype,
     create_optimizer,
     create_scheduler,
+    grad_scaler,
     lr_factor,
     train_one_epoch,
     train_worker,
@@ -118,6 +119,20 @@ def test_bf16_autocast_trains_on_cpu():
         model, batches(), create_loss("bce", 1), optimizer, torch.device("cpu"), 0, amp_dtype=torch.bfloat16
     )
     assert seen == 6 and math.isfinite(loss)
+
+
+def test_fp16_autocast_trains_on_cpu_through_the_grad_scaler():
+    torch.manual_seed(0)
+    model = create_model("simple")
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scaler = grad_scaler(torch.device("cpu"), torch.float16)
+    loss, seen = train_one_epoch(
+        model, batches(), create_loss("bce", 1), optimizer, torch.device("cpu"), 0, scaler=scaler, amp_dtype=torch.float16
+    )
+    assert scaler.is_enabled() and not grad_scaler(torch.device("cpu"), torch.bfloat16).is_enabled()
+    assert seen == 6 and math.isfinite(loss)
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
 def test_a_nan_loss_names_the_epoch_and_step():

@@ -26,6 +26,7 @@ from raytrain.metrics import SegmentationMetrics
 from raytrain.models import create_model, to_probabilities
 
 OVERLAY_SAMPLES = 4  # val images drawn with their predictions in TensorBoard, each epoch
+CHECK_LOSS_EVERY = 50  # training steps between checks that the loss is finite (each waits for the device)
 
 
 class NonFiniteLoss(RaytrainError):
@@ -151,23 +152,37 @@ def train_step(model, loss: torch.Tensor, optimizer, scaler: torch.amp.GradScale
 def train_one_epoch(
     model, batches, loss_fn, optimizer, device, epoch: int, *,
     scheduler=None, scaler: torch.amp.GradScaler | None = None, amp_dtype: torch.dtype | None = None,
-    grad_clip: float | None = None, channels_last: bool = False,
+    grad_clip: float | None = None, channels_last: bool = False, check_every: int = CHECK_LOSS_EVERY,
 ) -> tuple[float, int]:
     """One pass over this worker's training shard; returns (summed loss, images seen)."""
     model.train()
     scaler = grad_scaler(device, amp_dtype) if scaler is None else scaler
     precision = autocast(device, amp_dtype)
-    total_loss, seen = 0.0, 0
+    total_loss, seen, checked, step = loss_sum(device), 0, 0, -1
     for step, batch in enumerate(batches):
         _, masks, loss = forward(model, loss_fn, batch, device, precision, channels_last)
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"loss is {loss.item()} at epoch {epoch}, step {step}: lower optim.lr or check the data")
         train_step(model, loss, optimizer, scaler, grad_clip)
         if scheduler is not None:
             scheduler.step()
-        total_loss += loss.item() * len(masks)
+        total_loss += loss.detach().double() * len(masks)  # stays on the device: no host sync per step
         seen += len(masks)
-    return total_loss, seen
+        if (step + 1) % check_every == 0:
+            check_finite(total_loss, epoch, checked, step)
+            checked = step + 1
+    check_finite(total_loss, epoch, checked, step)
+    return total_loss.item(), seen
+
+
+def loss_sum(device) -> torch.Tensor:
+    """A running sum of batch losses; float64, like the Python float it replaced, so sums stay exact."""
+    return torch.zeros((), dtype=torch.float64, device=device)
+
+
+def check_finite(total_loss: torch.Tensor, epoch: int, first: int, last: int) -> None:
+    """Raise if the running sum went NaN or infinite in steps first..last: once it does, it stays so."""
+    if not torch.isfinite(total_loss):  # the host sync, once per check_every steps
+        steps = f"step {last}" if first == last else f"steps {first} to {last}"
+        raise NonFiniteLoss(f"loss is {total_loss.item()} at epoch {epoch}, {steps}: lower optim.lr or check the data")
 
 
 @torch.no_grad()
@@ -181,10 +196,10 @@ def evaluate(
     """
     model.eval()
     precision = autocast(device, amp_dtype)
-    total_loss, seen, samples = 0.0, 0, None
+    total_loss, seen, samples = loss_sum(device), 0, None
     for batch in batches:
         logits, masks, loss = forward(model, loss_fn, batch, device, precision, channels_last)
-        total_loss += loss.item() * len(masks)
+        total_loss += loss.double() * len(masks)
         seen += len(masks)
         logits = logits.float()
         metrics.update(logits, masks)
@@ -194,7 +209,7 @@ def evaluate(
                 "masks": batch["mask"][:keep].numpy(),
                 "probabilities": to_probabilities(logits[:keep]).cpu().numpy(),
             }
-    return total_loss, seen, samples
+    return total_loss.item(), seen, samples
 
 
 class EarlyStopping:

@@ -135,11 +135,25 @@ def test_fp16_autocast_trains_on_cpu_through_the_grad_scaler():
     assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
-def test_a_nan_loss_names_the_epoch_and_step():
+def test_a_nan_loss_names_the_epoch_and_its_steps():
     model = create_model("simple")
     optimizer = torch.optim.SGD(model.parameters(), lr=1e30)
-    with pytest.raises(NonFiniteLoss, match=r"at epoch 4, step [0-9]+: lower optim.lr"):
+    with pytest.raises(NonFiniteLoss, match=r"loss is nan at epoch 4, steps 0 to 4: lower optim.lr or check the data"):
         train_one_epoch(model, batches(count=5), create_loss("bce", 1), optimizer, torch.device("cpu"), 4)
+
+
+def test_the_loss_is_checked_every_few_steps_and_the_error_names_the_steps_since_the_last_check():
+    bce, calls = create_loss("bce", 1), []
+
+    def nan_at_step_3(logits, masks):
+        calls.append(None)
+        return bce(logits, masks) * (math.nan if len(calls) == 4 else 1.0)
+
+    model = create_model("simple")
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with pytest.raises(NonFiniteLoss, match=r"loss is nan at epoch 1, steps 2 to 3:"):
+        train_one_epoch(model, batches(count=9), nan_at_step_3, optimizer, torch.device("cpu"), 1, check_every=2)
+    assert len(calls) == 4  # stopped at the first check after the NaN, not at the epoch's end
 
 
 def test_early_stopping_waits_for_patience_epochs_without_improvement():

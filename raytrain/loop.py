@@ -36,7 +36,7 @@ CHECK_LOSS_EVERY = 50  # training steps between checks that the loss is finite (
 
 
 class NonFiniteLoss(RaytrainError):
-    pass
+    """The training loss went NaN or infinite: the user's settings or data, so one line, no traceback."""
 
 
 class ToTensors(NumpyBatchCollateFn):

@@ -1,14 +1,16 @@
-"""The training loop that runs inside every DDP worker: read it top to bottom like a script.
+"""The training loop that runs inside every DDP worker. `train_worker` is the table of contents; the
+parts it calls follow, then one epoch in plain torch, then the optimiser, schedule and small helpers.
 
 Ray appears only where the loop meets the cluster: its dataset shard, its checkpoint, its report.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import tempfile
 import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import ray.train
@@ -26,11 +28,15 @@ from raytrain.losses import create_loss, loss_class_weights
 from raytrain.metrics import SegmentationMetrics
 from raytrain.models import create_model, to_probabilities
 
+if TYPE_CHECKING:
+    from raytrain.viz import TensorBoardLogger
+
 OVERLAY_SAMPLES = 4  # val images drawn with their predictions in TensorBoard, each epoch
+CHECK_LOSS_EVERY = 50  # training steps between checks that the loss is finite (each waits for the device)
 
 
 class NonFiniteLoss(RaytrainError):
-    pass
+    """The training loss went NaN or infinite: the user's settings or data, so one line, no traceback."""
 
 
 class ToTensors(NumpyBatchCollateFn):
@@ -41,6 +47,256 @@ class ToTensors(NumpyBatchCollateFn):
 
 
 to_tensors = ToTensors()
+
+
+# ---------------------------------------------------------------- the worker: what Ray Train runs
+
+
+@dataclass
+class Worker:
+    """What a worker sets up once and uses every epoch."""
+
+    config: Config
+    device: torch.device
+    model: torch.nn.Module  # DDP-wrapped: the one to train
+    eval_model: torch.nn.Module  # the plain module (see build_model)
+    loss_fn: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+    start_epoch: int
+    train_shard: ray.data.DataIterator
+    val_shard: ray.data.DataIterator
+    metrics: SegmentationMetrics
+    early_stopping: EarlyStopping
+    logger: TensorBoardLogger | None  # rank 0's, when there is a log_dir
+    is_rank0: bool
+
+
+def train_worker(loop_config: dict) -> None:
+    """loop_config: {"config": the resolved Config as a dict, "log_dir": where rank 0 writes TensorBoard,
+    "initial_checkpoint": a ray.train.Checkpoint to start from, or None}."""
+    worker = setup(loop_config)
+    for epoch in range(worker.start_epoch, worker.config.train.epochs):
+        report, samples = run_epoch(worker, epoch)
+        report_and_checkpoint(worker, epoch, report, samples)
+        # Every worker sees the same all-reduced metrics, so all of them stop at the same epoch.
+        if worker.early_stopping.should_stop(report):
+            break
+    if worker.logger:
+        worker.logger.close()
+
+
+def setup(loop_config: dict) -> Worker:
+    """Seed; build model, loss, optimiser and schedule; restore a checkpoint if there is one."""
+    config = Config.model_validate(loop_config["config"])
+    context, device = ray.train.get_context(), ray.train.torch.get_device()
+    seed_everything(config.train.seed)  # before the model: its initial weights come from the seed
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(config.train.cpus_per_worker)))
+    amp_dtype = autocast_dtype(config.train.precision, device)
+    channels_last = config.train.channels_last if config.train.channels_last is not None else device.type == "cuda"
+    model, eval_model = build_model(config, channels_last)
+    loss_fn = create_loss(config.loss.name, num_classes=config.num_classes, class_weights=loss_class_weights(config))
+    optimizer = create_optimizer(config, model.parameters())
+    scheduler = create_scheduler(config, optimizer, steps_per_epoch(config, context.get_world_size()))
+    start_epoch = restore(config, model, optimizer, scheduler, loop_config.get("initial_checkpoint"))
+    is_rank0 = context.get_world_rank() == 0
+    return Worker(
+        config=config, device=device, model=model, eval_model=eval_model, loss_fn=loss_fn,
+        optimizer=optimizer, scheduler=scheduler, scaler=grad_scaler(device, amp_dtype),
+        amp_dtype=amp_dtype, channels_last=channels_last, start_epoch=start_epoch,
+        train_shard=ray.train.get_dataset_shard("train"), val_shard=ray.train.get_dataset_shard("val"),
+        metrics=SegmentationMetrics(config.num_classes, class_names=config.classes, from_logits=True),
+        early_stopping=EarlyStopping.for_config(config),
+        logger=open_logger(loop_config.get("log_dir"), config) if is_rank0 else None,
+        is_rank0=is_rank0,
+    )
+
+
+def build_model(config: Config, channels_last: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(the model to train, wrapped for DDP; the plain module to evaluate)."""
+    model = create_model(config.model.name, num_classes=config.num_classes, **config.model.kwargs())
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    # Validation runs on the plain module: every worker evaluates a different number of batches,
+    # and DDP's forward would wait for the others.
+    eval_model = unwrap(model)
+    if config.train.compile:
+        return torch.compile(model), torch.compile(eval_model)
+    return model, eval_model
+
+
+def restore(config: Config, model, optimizer, scheduler, initial_checkpoint: ray.train.Checkpoint | None) -> int:
+    """Load a checkpoint's weights and training state; returns the epoch to start from (0 without one)."""
+    # This run's own latest (a restarted worker group, a resumed run), else where it was told to start.
+    checkpoint = ray.train.get_checkpoint() or initial_checkpoint
+    if not checkpoint:
+        return 0
+    with checkpoint.as_directory() as directory:
+        start_epoch = restore_train_state(directory, model, optimizer, scheduler)
+    use_optim_settings(config, optimizer, scheduler)
+    return start_epoch
+
+
+def open_logger(log_dir: str | None, config: Config) -> TensorBoardLogger | None:
+    if not log_dir:
+        return None
+    from raytrain.viz import TensorBoardLogger  # matplotlib and tensorboard load on rank 0 only
+
+    return TensorBoardLogger(log_dir, config.classes)
+
+
+def run_epoch(worker: Worker, epoch: int) -> tuple[dict, dict | None]:
+    """Train, then evaluate; returns the epoch's report, summed over workers, and rank 0's overlay samples."""
+    started = time.perf_counter()
+    train_loss, train_seen = train_one_epoch(
+        worker.model, train_batches(worker, epoch), worker.loss_fn, worker.optimizer, worker.device, epoch,
+        scheduler=worker.scheduler, scaler=worker.scaler, amp_dtype=worker.amp_dtype,
+        grad_clip=worker.config.train.grad_clip, channels_last=worker.channels_last,
+    )
+    train_seconds = time.perf_counter() - started
+    worker.metrics.reset()
+    val_batches = worker.val_shard.iter_torch_batches(batch_size=worker.config.train.batch_size, collate_fn=to_tensors)
+    val_loss, val_seen, samples = evaluate(
+        worker.eval_model, val_batches, worker.loss_fn, worker.metrics, worker.device, amp_dtype=worker.amp_dtype,
+        channels_last=worker.channels_last, keep=OVERLAY_SAMPLES if worker.logger else 0,
+    )
+    train_loss, train_seen, val_loss, val_seen = sum_over_workers(
+        train_loss, train_seen, val_loss, val_seen, device=worker.device
+    )
+    report = {f"val_{key}": value for key, value in worker.metrics.compute().items()}
+    report.update(
+        epoch=epoch + 1,  # epochs completed: what schedulers and checkpoints count
+        train_loss=train_loss / max(train_seen, 1),
+        val_loss=val_loss / max(val_seen, 1),
+        lr=worker.optimizer.param_groups[0]["lr"],
+        images_per_s=train_seen / train_seconds,
+        epoch_s=time.perf_counter() - started,
+    )
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in report.items()}, samples
+
+
+def train_batches(worker: Worker, epoch: int):
+    shuffle_buffer, seed = worker.config.data.shuffle_buffer, worker.config.train.seed
+    return worker.train_shard.iter_torch_batches(
+        batch_size=worker.config.train.batch_size, collate_fn=to_tensors, prefetch_batches=2,
+        local_shuffle_buffer_size=shuffle_buffer or None,
+        local_shuffle_seed=(seed * 10_007 + epoch) if shuffle_buffer else None,  # a new, seeded order each epoch
+    )
+
+
+def report_and_checkpoint(worker: Worker, epoch: int, report: dict, samples: dict | None) -> None:
+    """The epoch's metrics to TensorBoard and Ray, with rank 0's checkpoint: every rank holds the same weights."""
+    if worker.logger:  # scalars every epoch; images when rank 0 had val samples
+        worker.logger.log_epoch(epoch + 1, report, **(samples or {}))
+    with tempfile.TemporaryDirectory() as directory:
+        saved = None
+        if worker.is_rank0:
+            save_checkpoint(directory, worker.model, worker.optimizer, worker.scheduler, epoch + 1, worker.config, report)
+            saved = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(report, checkpoint=saved)
+
+
+# ---------------------------------------------------------------- one epoch, in plain torch
+
+
+def autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    """The one mixed-precision context for training and evaluation; disabled in fp32."""
+    return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+
+def grad_scaler(device: torch.device, amp_dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """Scales the loss in fp16 only, so small gradients do not underflow; elsewhere it passes through."""
+    return torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+
+def forward(model, loss_fn, batch: dict, device, precision, channels_last: bool):
+    """The batch to the device, then the model and loss under `precision`: (logits, masks, loss)."""
+    images, masks = model_input(batch["image"], device, channels_last), batch["mask"].to(device).long()
+    with precision:
+        logits = model(images)
+        loss = loss_fn(logits, masks)
+    return logits, masks, loss
+
+
+def train_step(model, loss: torch.Tensor, optimizer, scaler: torch.amp.GradScaler, grad_clip: float | None) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
+    scaler.update()
+
+
+def train_one_epoch(
+    model, batches, loss_fn, optimizer, device, epoch: int, *,
+    scheduler=None, scaler: torch.amp.GradScaler | None = None, amp_dtype: torch.dtype | None = None,
+    grad_clip: float | None = None, channels_last: bool = False, check_every: int = CHECK_LOSS_EVERY,
+) -> tuple[float, int]:
+    """One pass over this worker's training shard; returns (summed loss, images seen)."""
+    model.train()
+    scaler = grad_scaler(device, amp_dtype) if scaler is None else scaler
+    precision = autocast(device, amp_dtype)
+    total_loss, seen, checked, step = loss_sum(device), 0, 0, -1
+    for step, batch in enumerate(batches):
+        _, masks, loss = forward(model, loss_fn, batch, device, precision, channels_last)
+        train_step(model, loss, optimizer, scaler, grad_clip)
+        if scheduler is not None:
+            scheduler.step()
+        total_loss += loss.detach().double() * len(masks)  # stays on the device: no host sync per step
+        seen += len(masks)
+        if (step + 1) % check_every == 0:
+            check_finite(total_loss, epoch, checked, step)
+            checked = step + 1
+    check_finite(total_loss, epoch, checked, step)
+    return total_loss.item(), seen
+
+
+def loss_sum(device) -> torch.Tensor:
+    """A running sum of batch losses; float64, like the Python float it replaced, so sums stay exact."""
+    return torch.zeros((), dtype=torch.float64, device=device)
+
+
+def check_finite(total_loss: torch.Tensor, epoch: int, first: int, last: int) -> None:
+    """Raise if the running sum went NaN or infinite in steps first..last: once it does, it stays so."""
+    if not torch.isfinite(total_loss):  # the host sync, once per check_every steps
+        steps = f"step {last}" if first == last else f"steps {first} to {last}"
+        raise NonFiniteLoss(f"loss is {total_loss.item()} at epoch {epoch}, {steps}: lower optim.lr or check the data")
+
+
+@torch.no_grad()
+def evaluate(
+    model, batches, loss_fn, metrics: SegmentationMetrics, device, *,
+    amp_dtype: torch.dtype | None = None, channels_last: bool = False, keep: int = 0,
+) -> tuple[float, int, dict | None]:
+    """Accumulate this worker's val shard into `metrics` (all-reduced in compute()).
+
+    Returns (summed loss, images seen, the first `keep` images with their masks and probabilities).
+    """
+    model.eval()
+    precision = autocast(device, amp_dtype)
+    total_loss, seen, samples = loss_sum(device), 0, None
+    for batch in batches:
+        logits, masks, loss = forward(model, loss_fn, batch, device, precision, channels_last)
+        total_loss += loss.double() * len(masks)
+        seen += len(masks)
+        logits = logits.float()
+        metrics.update(logits, masks)
+        if keep and samples is None:
+            samples = {
+                "images": batch["image"][:keep].numpy(),
+                "masks": batch["mask"][:keep].numpy(),
+                "probabilities": to_probabilities(logits[:keep]).cpu().numpy(),
+            }
+    return total_loss.item(), seen, samples
+
+
+# ---------------------------------------------------------------- optimiser, schedule and the small parts
 
 
 def create_optimizer(config: Config, params) -> torch.optim.Optimizer:
@@ -120,76 +376,17 @@ def model_input(images: torch.Tensor, device, channels_last: bool) -> torch.Tens
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
-def train_one_epoch(
-    model, batches, loss_fn, optimizer, device, epoch: int, *,
-    scheduler=None, scaler: torch.amp.GradScaler | None = None, amp_dtype: torch.dtype | None = None,
-    grad_clip: float | None = None, channels_last: bool = False,
-) -> tuple[float, int]:
-    """One pass over this worker's training shard; returns (summed loss, images seen)."""
-    model.train()
-    total_loss, seen = 0.0, 0
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    for step, batch in enumerate(batches):
-        images, masks = model_input(batch["image"], device, channels_last), batch["mask"].to(device).long()
-        with autocast:
-            loss = loss_fn(model(images), masks)
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"loss is {loss.item()} at epoch {epoch}, step {step}: lower optim.lr or check the data")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:  # fp16: scale the loss so small gradients do not underflow
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        total_loss += loss.item() * len(images)
-        seen += len(images)
-    return total_loss, seen
-
-
-@torch.no_grad()
-def evaluate(
-    model, batches, loss_fn, metrics: SegmentationMetrics, device, *,
-    amp_dtype: torch.dtype | None = None, channels_last: bool = False, keep: int = 0,
-) -> tuple[float, int, dict | None]:
-    """Accumulate this worker's val shard into `metrics` (all-reduced in compute()).
-
-    Returns (summed loss, images seen, the first `keep` images with their masks and probabilities).
-    """
-    model.eval()
-    total_loss, seen, samples = 0.0, 0, None
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    for batch in batches:
-        images, masks = model_input(batch["image"], device, channels_last), batch["mask"].to(device).long()
-        with autocast:
-            logits = model(images)
-            total_loss += loss_fn(logits, masks).item() * len(images)
-        logits = logits.float()
-        seen += len(images)
-        metrics.update(logits, masks)
-        if keep and samples is None:
-            samples = {
-                "images": batch["image"][:keep].numpy(),
-                "masks": batch["mask"][:keep].numpy(),
-                "probabilities": to_probabilities(logits[:keep]).cpu().numpy(),
-            }
-    return total_loss, seen, samples
-
-
 class EarlyStopping:
     """Stop when `metric` has not improved by `min_delta` for `patience` epochs."""
 
     def __init__(self, metric: str, mode: str, patience: int | None, min_delta: float = 0.0):
         self.metric, self.sign, self.patience, self.min_delta = metric, (1 if mode == "max" else -1), patience, min_delta
         self.best, self.waited = -math.inf, 0
+
+    @classmethod
+    def for_config(cls, config: Config) -> EarlyStopping:
+        stopping = config.train.early_stopping
+        return cls(stopping.metric or config.search.metric, config.search.mode, stopping.patience, stopping.min_delta)
 
     def should_stop(self, report: dict) -> bool:
         value = report.get(self.metric)
@@ -200,98 +397,3 @@ class EarlyStopping:
         else:
             self.waited += 1
         return self.waited >= self.patience
-
-
-def train_worker(loop_config: dict) -> None:
-    """loop_config: {"config": the resolved Config as a dict, "log_dir": where rank 0 writes TensorBoard,
-    "initial_checkpoint": a ray.train.Checkpoint to start from, or None}."""
-    config = Config.model_validate(loop_config["config"])
-    context = ray.train.get_context()
-    is_rank0 = context.get_world_rank() == 0
-    device = ray.train.torch.get_device()
-    seed_everything(config.train.seed)
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, int(config.train.cpus_per_worker)))
-    amp_dtype = autocast_dtype(config.train.precision, device)
-    channels_last = config.train.channels_last if config.train.channels_last is not None else device.type == "cuda"
-
-    model = create_model(config.model.name, num_classes=config.num_classes, **config.model.kwargs())
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
-    # Validation runs on the plain module: every worker evaluates a different number of batches,
-    # and DDP's forward would wait for the others.
-    eval_model = unwrap(model)
-    if config.train.compile:
-        model, eval_model = torch.compile(model), torch.compile(eval_model)
-    loss_fn = create_loss(config.loss.name, num_classes=config.num_classes, class_weights=loss_class_weights(config))
-    optimizer = create_optimizer(config, model.parameters())
-    scheduler = create_scheduler(config, optimizer, steps_per_epoch(config, context.get_world_size()))
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-
-    start_epoch = 0
-    # This run's own latest (a restarted worker group, a resumed run), else where it was told to start.
-    checkpoint = ray.train.get_checkpoint() or loop_config.get("initial_checkpoint")
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            start_epoch = restore_train_state(directory, model, optimizer, scheduler)
-        use_optim_settings(config, optimizer, scheduler)
-
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-    batch_size = config.train.batch_size
-    metrics = SegmentationMetrics(config.num_classes, class_names=config.classes, from_logits=True)
-    stopping = config.train.early_stopping
-    early_stopping = EarlyStopping(stopping.metric or config.search.metric, config.search.mode, stopping.patience, stopping.min_delta)
-    logger = None
-    if is_rank0 and loop_config.get("log_dir"):
-        from raytrain.viz import TensorBoardLogger  # matplotlib and tensorboard load on rank 0 only
-
-        logger = TensorBoardLogger(loop_config["log_dir"], config.classes)
-
-    for epoch in range(start_epoch, config.train.epochs):
-        started = time.perf_counter()
-        train_batches = train_shard.iter_torch_batches(
-            batch_size=batch_size, collate_fn=to_tensors, prefetch_batches=2,
-            local_shuffle_buffer_size=config.data.shuffle_buffer or None,
-            local_shuffle_seed=(config.train.seed * 10_007 + epoch) if config.data.shuffle_buffer else None,
-        )
-        train_loss, train_seen = train_one_epoch(
-            model, train_batches, loss_fn, optimizer, device, epoch, scheduler=scheduler, scaler=scaler,
-            amp_dtype=amp_dtype, grad_clip=config.train.grad_clip, channels_last=channels_last,
-        )
-        train_seconds = time.perf_counter() - started
-
-        metrics.reset()
-        val_batches = val_shard.iter_torch_batches(batch_size=batch_size, collate_fn=to_tensors)
-        val_loss, val_seen, samples = evaluate(
-            eval_model, val_batches, loss_fn, metrics, device,
-            amp_dtype=amp_dtype, channels_last=channels_last, keep=OVERLAY_SAMPLES if logger else 0,
-        )
-        train_loss, train_seen, val_loss, val_seen = sum_over_workers(
-            train_loss, train_seen, val_loss, val_seen, device=device
-        )
-        report = {f"val_{key}": value for key, value in metrics.compute().items()}
-        report.update(
-            epoch=epoch + 1,  # epochs completed: what schedulers and checkpoints count
-            train_loss=train_loss / max(train_seen, 1),
-            val_loss=val_loss / max(val_seen, 1),
-            lr=optimizer.param_groups[0]["lr"],
-            images_per_s=train_seen / train_seconds,
-            epoch_s=time.perf_counter() - started,
-        )
-        report = {k: (v if not (isinstance(v, float) and math.isnan(v)) else None) for k, v in report.items()}
-        if logger:  # scalars every epoch; images when rank 0 had val samples
-            logger.log_epoch(epoch + 1, report, **(samples or {}))
-
-        with tempfile.TemporaryDirectory() as directory:
-            saved = None
-            if is_rank0:
-                save_checkpoint(directory, model, optimizer, scheduler, epoch + 1, config, report)
-                saved = ray.train.Checkpoint.from_directory(directory)
-            ray.train.report(report, checkpoint=saved)
-        # Every worker sees the same all-reduced metrics, so all of them stop at the same epoch.
-        if early_stopping.should_stop(report):
-            break
-    if logger:
-        logger.close()

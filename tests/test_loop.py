@@ -1,8 +1,6 @@
 """The worker loop's plain parts, without Ray: schedules, precision, clipping, early stopping, resume."""
 import math
-from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,7 +14,6 @@ from raytrain.loop import (
     grad_scaler,
     lr_factor,
     train_one_epoch,
-    train_worker,
     use_optim_settings,
 )
 from raytrain.losses import create_loss
@@ -164,71 +161,3 @@ def test_early_stopping_waits_for_patience_epochs_without_improvement():
     minimise = EarlyStopping("val_loss", "min", patience=1)
     assert [minimise.should_stop({"val_loss": v}) for v in (1.0, 0.5, 0.6)] == [False, False, True]
 
-
-class FakeShard:
-    """Stands in for a Ray Data shard: the same batches, in order, through the loop's own collate_fn."""
-
-    def __init__(self, images, masks):
-        self.images, self.masks = images, masks
-
-    def iter_torch_batches(self, *, batch_size, collate_fn, **_):
-        for start in range(0, len(self.images), batch_size):
-            yield collate_fn({"image": self.images[start : start + batch_size], "mask": self.masks[start : start + batch_size]})
-
-
-def fake_shard(count: int, seed: int) -> FakeShard:
-    """`count` 32x64 images whose road is where the red channel is bright: learnable, so metrics move."""
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, (count, 32, 64, 3), dtype=np.uint8)
-    return FakeShard(images, (images[..., 0] > 127).astype(np.uint8))
-
-
-def run_train_worker_without_ray(monkeypatch, config) -> list[dict]:
-    """train_worker in this process as the only worker, Ray's side faked; returns what it reported."""
-    import ray.train
-    import ray.train.torch
-
-    shards = {"train": fake_shard(18, seed=1), "val": fake_shard(6, seed=2)}  # the manifest's 18 + 6
-    reports = []
-
-    def report(metrics, checkpoint=None):
-        reports.append(dict(metrics, checkpointed=checkpoint is not None))
-
-    monkeypatch.setattr(ray.train, "get_context", lambda: SimpleNamespace(get_world_rank=lambda: 0, get_world_size=lambda: 1))
-    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
-    monkeypatch.setattr(ray.train, "get_dataset_shard", shards.__getitem__)
-    monkeypatch.setattr(ray.train, "report", report)
-    monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
-    monkeypatch.setattr(ray.train.torch, "prepare_model", lambda model: model)
-    threads = torch.get_num_threads()
-    try:
-        train_worker({"config": config.model_dump(mode="json"), "log_dir": None, "initial_checkpoint": None})
-    finally:
-        torch.set_num_threads(threads)  # the worker sets its own thread count
-    return reports
-
-
-# Measured on the loop before its refactor: a refactor must not change a single number.
-PINNED = [  # epochs 1 and 2
-    {
-        "lr": 0.0207402515, "train_loss": 0.6926900678, "val_accuracy": 0.5115559896, "val_ap": 0.5653221322,
-        "val_f1": 0.4675301632, "val_iou": 0.3050827834, "val_loss": 0.6914496024, "val_maxf": 0.6732569634,
-        "val_precision": 0.5115511551, "val_recall": 0.4304852148,
-    },
-    {
-        "lr": 0.0, "train_loss": 0.6788341204, "val_accuracy": 0.6895345052, "val_ap": 0.7632387502,
-        "val_f1": 0.6314365762, "val_iou": 0.4613864182, "val_loss": 0.6601359447, "val_maxf": 0.7295701139,
-        "val_precision": 0.7725768322, "val_recall": 0.5338996896,
-    },
-]
-
-
-def test_a_two_epoch_cpu_run_gives_the_pinned_metrics(tiny_shards, tmp_path, monkeypatch):
-    """The whole worker loop (seeding, model, schedule with warm-up, clipping, eval, metrics, report) on
-    CPU gives the same numbers as before. Pinned on one machine: another CPU's kernels may differ slightly."""
-    overrides = {"optim.lr": 0.03, "optim.schedule": "cosine", "optim.warmup_epochs": 0.5, "train.grad_clip": 1.0}
-    config = tiny_config(tiny_shards, tmp_path, **overrides, **{"train.num_workers": 1})
-    reports = run_train_worker_without_ray(monkeypatch, config)
-    assert [r["epoch"] for r in reports] == [1, 2] and all(r["checkpointed"] for r in reports)
-    for report, pinned in zip(reports, PINNED):
-        assert {key: report[key] for key in pinned} == pytest.approx(pinned, rel=1e-6, abs=1e-6)

@@ -75,14 +75,37 @@ def tiny_config(shards, storage, **overrides):
     return load_config(base, overrides)
 
 
+def _tracking() -> str:
+    """MLflow tracking where it is installed (the dev extra), so the shared runs also test it."""
+    import importlib.util
+
+    return "mlflow" if importlib.util.find_spec("mlflow") else "none"
+
+
 @pytest.fixture(scope="session")
 def trained_run(ray_cluster, tiny_shards, tmp_path_factory):
     """(config, Ray Result) of a finished 2-epoch, 2-worker run on the tiny shards."""
     from raytrain.api import train
 
     storage = tmp_path_factory.mktemp("train")
-    config = tiny_config(tiny_shards, storage, **{"train.epochs": 2})
+    config = tiny_config(tiny_shards, storage, **{"train.epochs": 2, "train.tracking": _tracking()})
     return config, train(config)
+
+
+@pytest.fixture(scope="session")
+def searched_run(ray_cluster, tiny_shards, tmp_path_factory):
+    """(config, Ray ResultGrid) of a finished 2-trial, 2-epoch FIFO search on the tiny shards (one
+    worker per trial, so both trials run at once beside Ray Data's tasks)."""
+    from raytrain.api import tune
+
+    storage = tmp_path_factory.mktemp("tune")
+    config = tiny_config(tiny_shards, storage, name="search", **{
+        "train.epochs": 2, "train.num_workers": 1, "train.tracking": _tracking(),
+        "search.space": {"optim.lr": {"grid": [1e-3, 1e-2]}}, "search.scheduler.name": "fifo",
+    })
+    grid = tune(config)
+    assert not grid.errors
+    return config, grid
 
 
 def wait_for(condition, what: str, timeout: float = 480):

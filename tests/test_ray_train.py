@@ -92,18 +92,13 @@ assert "ray" not in sys.modules or not __import__("ray").is_initialized()
     assert reproduced["f1"] == pytest.approx(result.metrics["val_f1"], abs=1e-6)
 
 
-def test_search_of_two_trials_names_the_best(ray_cluster, tiny_shards, tmp_path):
+def test_search_of_two_trials_names_the_best(searched_run):
     import raytrain
 
-    config = tiny_config(
-        tiny_shards, tmp_path / "results",
-        **{"name": "search", "train.epochs": 2, "search.space": {"optim.lr": {"grid": [1e-3, 1e-2]}},
-           "search.scheduler.name": "fifo", "search.max_concurrent_trials": 1},
-    )
-    grid = raytrain.tune(config)
+    _, grid = searched_run
     assert len(grid) == 2 and not grid.errors
     frame = grid.get_dataframe(filter_metric="val_iou", filter_mode="max")
-    best = raytrain.best_checkpoint(tmp_path / "results" / "search")
+    best = raytrain.best_checkpoint(grid.experiment_path)
     assert best.metrics["val_iou"] == pytest.approx(frame["val_iou"].max())
     best_trial = frame.loc[frame["val_iou"].idxmax(), "trial_id"]
     assert f"trial_{best_trial}" in str(best.path)

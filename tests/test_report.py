@@ -29,18 +29,10 @@ def train_run(trained_run):
 
 
 @pytest.fixture(scope="module")
-def experiment(ray_cluster, tiny_shards, tmp_path_factory):
-    """A finished 2-trial search (one worker per trial, so both trials fit beside Ray Data's tasks)."""
-    from raytrain.api import tune
-
-    storage = tmp_path_factory.mktemp("report_tune")
-    config = tiny_config(tiny_shards, storage, name="search", **{
-        "train.epochs": EPOCHS, "train.num_workers": 1,
-        "search.space": {"optim.lr": {"grid": [1e-3, 1e-2]}}, "search.scheduler.name": "fifo",
-    })
-    grid = tune(config)
-    assert not grid.errors
-    return Path(grid.experiment_path)
+def experiment(searched_run):
+    """The experiment directory of conftest's finished 2-trial, 2-epoch search."""
+    assert searched_run[0].train.epochs == EPOCHS
+    return Path(searched_run[1].experiment_path)
 
 
 def test_train_run_writes_tensorboard_scalars_and_overlays_from_rank_0(train_run):

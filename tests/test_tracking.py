@@ -31,13 +31,11 @@ def check_run(client, run, metric: str = "val_iou") -> list[float]:
     return [m.value for m in history]
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-def test_a_train_run_logs_params_metrics_and_its_best_checkpoint(ray_cluster, tiny_shards, tmp_path):
+def test_a_train_run_logs_params_metrics_and_its_best_checkpoint(trained_run):
     import raytrain
 
-    config = tiny_config(tiny_shards, tmp_path, **{"train.tracking": "mlflow", "train.epochs": 2})
-    result = raytrain.train(config)
+    config, result = trained_run
+    assert config.train.tracking == "mlflow"
 
     client, runs = mlflow_runs(result.path)
     assert len(runs) == 1
@@ -48,21 +46,12 @@ def test_a_train_run_logs_params_metrics_and_its_best_checkpoint(ray_cluster, ti
     assert Path(run.data.tags["best_checkpoint"]) == raytrain.best_checkpoint(result.path).path
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-def test_a_search_logs_one_run_per_trial(ray_cluster, tiny_shards, tmp_path):
-    import raytrain
-
-    config = tiny_config(tiny_shards, tmp_path, **{
-        "train.tracking": "mlflow", "train.epochs": 2, "train.num_workers": 1,
-        "search.space": {"optim.lr": {"grid": [1e-3, 3e-3]}},
-        "search.scheduler.name": "fifo", "search.max_concurrent_trials": 1,
-    })
-    grid = raytrain.tune(config)
-
-    client, runs = mlflow_runs(grid.experiment_path)
+def test_a_search_logs_one_run_per_trial(searched_run):
+    config, grid = searched_run
+    assert config.train.tracking == "mlflow"
+    client, runs = mlflow_runs(grid.experiment_path, config.name)
     assert len(runs) == 2
-    assert sorted(float(run.data.params["optim.lr"]) for run in runs) == [1e-3, 3e-3]
+    assert sorted(float(run.data.params["optim.lr"]) for run in runs) == [1e-3, 1e-2]
     for run in runs:
         assert run.data.params["train.num_workers"] == "1"  # the base config too, not only the searched key
         trial = Path(grid.experiment_path) / run.info.run_name

@@ -201,3 +201,123 @@ def test_bad_checkpoint_or_output_is_one_line_and_nothing_written(tmp_path, args
     run, _ = run_raytrain([a.format(tmp=tmp_path) for a in args], tmp_path)
     assert_one_line_error(run, fragments, tmp_path)
     assert snapshot(tmp_path) == before  # also: no .adir.* or .street_mask.png.* temporary file left
+
+
+# ---------------------------------------------------------------- loading: what the checkpoint asks for is not done
+
+
+def cli(args: list, cwd: Path, umask: int | None = None, timeout: int = 600, **env) -> subprocess.CompletedProcess:
+    environment = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **env}
+    return subprocess.run(
+        [sys.executable, "-m", "raytrain.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=cwd,
+        env=environment, preexec_fn=None if umask is None else (lambda: os.umask(umask)),
+    )
+
+
+def test_encoder_weights_in_the_config_are_never_downloaded(tmp_path):
+    """encoder_weights: imagenet only seeded training; loading takes model.pt's weights and makes no
+    network call (this machine has no network: a download attempt fails the run)."""
+    from raytrain.checkpoints import save_checkpoint
+    from raytrain.config import load_config
+    from raytrain.models import create_model
+
+    options = {"name": "smp:Unet", "encoder": "resnet18", "depth": 2}
+    config = load_config({"data": {"path": str(tmp_path), "size": "32x32"}, "model": {**options, "encoder_weights": "imagenet"}})
+    model = create_model("smp:Unet", encoder="resnet18", depth=2)  # as if from imagenet, then trained
+    save_checkpoint(tmp_path / "ckpt", model, torch.optim.Adam(model.parameters()), None, 1, config, {"val_iou": 0.5})
+    street(tmp_path)
+    home = tmp_path / "home"
+    home.mkdir()
+    run = cli(["predict", tmp_path / "ckpt", tmp_path / "street.png", "--out", tmp_path / "out"], tmp_path,
+              HOME=str(home), TORCH_HOME=str(home / "torch"), HF_HOME=str(home / "hf"), XDG_CACHE_HOME=str(home / "cache"))
+    assert run.returncode == 0, run.stderr
+    assert list(home.rglob("*")) == []  # no pretrained weights fetched into any cache
+    loaded = raytrain.load_model(tmp_path / "ckpt")
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(loaded.module.state_dict()[name], tensor)
+
+
+def test_load_model_gives_the_module_with_its_config(tmp_path):
+    ckpt = checkpoint(tmp_path)
+    model = raytrain.load_model(ckpt)
+    assert isinstance(model, raytrain.LoadedModel) and isinstance(model.module, torch.nn.Module)
+    assert model.config.data.size == (32, 16) and model.classes == ["road"] and model.path == ckpt
+    assert not model.module.training and not hasattr(model.module, "raytrain_config")
+    [probabilities] = raytrain.predict(model, [np.zeros((20, 40, 3), np.uint8)])
+    assert probabilities.shape == (20, 40)
+    with pytest.raises(TypeError, match="what raytrain.load_model returns"):
+        raytrain.predict(model.module, [np.zeros((20, 40, 3), np.uint8)])
+    for device in ("banana", "cuda:7", "meta"):
+        with pytest.raises(RaytrainError, match=f"'{device}'"):
+            raytrain.load_model(ckpt, device)
+
+
+def test_checkpoint_bounds_are_api_errors_too(tmp_path, monkeypatch):
+    ckpt = checkpoint(tmp_path)
+    monkeypatch.setenv("RAYTRAIN_MAX_PARAMETERS", "1000")  # the simple model has 2465
+    with pytest.raises(RaytrainError, match="2465 parameters, over the limit of 1000"):
+        raytrain.load_model(ckpt)
+    monkeypatch.setenv("RAYTRAIN_MAX_PARAMETERS", "lots")
+    with pytest.raises(RaytrainError, match="RAYTRAIN_MAX_PARAMETERS='lots'"):
+        raytrain.load_model(ckpt)
+
+
+# ---------------------------------------------------------------- outputs: where asked, whole, with the umask's mode
+
+
+def test_export_of_a_file_uri_goes_beside_the_checkpoint(tmp_path):
+    ckpt = checkpoint(tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    run = cli(["export", f"file://{ckpt}"], work)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == str(ckpt / "model.torchscript.pt") and (ckpt / "model.torchscript.pt").is_file()
+    assert list(work.rglob("*")) == []  # not ./file:/...
+
+
+def test_predict_and_export_files_have_the_umasks_mode(tmp_path):
+    ckpt = checkpoint(tmp_path)
+    street(tmp_path)
+    assert cli(["predict", ckpt, tmp_path / "street.png", "--out", tmp_path / "out"], tmp_path, umask=0o027).returncode == 0
+    assert cli(["export", ckpt, "--out", tmp_path / "model.ts"], tmp_path, umask=0o027).returncode == 0
+    written = [tmp_path / "out/street_mask.png", tmp_path / "out/street_overlay.png", tmp_path / "model.ts"]
+    assert {path.name: oct(path.stat().st_mode & 0o777) for path in written} == dict.fromkeys(map(lambda p: p.name, written), "0o640")
+    assert not [p for p in tmp_path.rglob(".*") if p.is_file()]  # no temporary file left behind
+
+
+# ---------------------------------------------------------------- best_checkpoint: damage is skipped, named, never wins
+
+
+def damaged_experiment(tmp: Path) -> Path:
+    """checkpoint `good` (val_iou 0.5) among damaged ones that old code either failed on or picked."""
+    checkpoint(tmp, "good")
+    checkpoint(tmp, "corrupt_metrics")
+    (tmp / "exp/corrupt_metrics/metrics.json").write_text("{val_iou: ")
+    for name, text in [("infinite", "Infinity"), ("nan", "NaN"), ("boolean", "true")]:
+        checkpoint(tmp, name)
+        (tmp / f"exp/{name}/metrics.json").write_text(f'{{"val_iou": {text}}}')
+    checkpoint(tmp, "corrupt_config", {"val_iou": 0.9})
+    (tmp / "exp/corrupt_config/config.yaml").write_text("model: [\n")
+    checkpoint(tmp / "elsewhere", "other", {"val_iou": 0.99})  # another experiment's best
+    (tmp / "exp/checkpoint_linked").symlink_to(tmp / "elsewhere/exp/other")
+    (tmp / "exp/checkpoint_root").symlink_to("/")  # old code walked the whole machine
+    return tmp / "exp"
+
+
+DAMAGED = ["corrupt_metrics/metrics.json", "infinite/metrics.json", "nan/metrics.json", "boolean/metrics.json",
+           "corrupt_config/config.yaml"]
+
+
+def test_best_checkpoint_skips_damage_and_names_it(tmp_path):
+    experiment = damaged_experiment(tmp_path)
+    run = cli(["best", experiment], tmp_path, timeout=120)  # a walk of / would take far longer
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == str(experiment / "good")
+    notes = run.stderr.splitlines()
+    assert all(line.startswith("raytrain: note: skipped ") for line in notes) and len(notes) == 5, run.stderr
+    for damaged in DAMAGED:
+        assert sum(str(experiment / damaged) in line for line in notes) == 1, damaged
+    with pytest.warns(UserWarning) as caught:
+        assert raytrain.best_checkpoint(experiment).path == experiment / "good"
+    assert sorted(str(w.message).split(":")[0] for w in caught) == sorted(
+        f"skipped {experiment / damaged}" for damaged in DAMAGED)

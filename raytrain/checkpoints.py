@@ -7,7 +7,9 @@
     classes.json      class names, in output-channel order
 
 Tensors load with torch.load(weights_only=True) and everything else is YAML or JSON, so opening a
-checkpoint from elsewhere cannot run code.
+checkpoint from elsewhere cannot run code. Nor can it cost more memory than its files' size:
+model.pt is memory-mapped and checked against the model config.yaml describes (built on the meta
+device, its parameters bounded) before any tensor is copied (read_weights, inference.load_model).
 """
 from __future__ import annotations
 
@@ -96,7 +98,9 @@ def read_weights(file: Path, expected: dict[str, torch.Tensor]) -> dict[str, tor
             raise _unloadable(file, err) from None
         found = re.search(r"GLOBAL (\S+)", str(err))
         what = found.group(1) if found else "Python objects"
-        raise CheckpointError(f"{file}: refused: not a weights-only checkpoint (it pickles {what}, which could run code)") from None
+        raise CheckpointError(
+            f"{file}: refused: not a weights-only checkpoint (it pickles {what}, which could run code)"
+        ) from None
     except Exception as err:  # noqa: BLE001 - a damaged file fails in many ways; all are the same one-line error
         raise _unloadable(file, err) from None
     _check_names_and_shapes(file, state, expected)

@@ -6,7 +6,6 @@ Real files, real `raytrain` subprocesses (the bad-input table's helpers), real t
 """
 from __future__ import annotations
 
-import json
 import os
 import struct
 import subprocess
@@ -106,7 +105,8 @@ def write_zip(path: Path, entries: dict[str, bytes | tuple[bytes, int, int]]) ->
     for name, data in entries.items():
         method, (payload, crc, size) = (0, (data, zlib.crc32(data), len(data))) if isinstance(data, bytes) else (8, data)
         fields = struct.pack("<HHHHHIIIH", 20, 0, method, 0, 0x21, crc, len(payload), size, len(name))
-        directory += b"PK\x01\x02" + struct.pack("<H", 20) + fields + struct.pack("<HHHHII", 0, 0, 0, 0, 0, len(body)) + name.encode()
+        offset = struct.pack("<HHHHII", 0, 0, 0, 0, 0, len(body))  # no comment, extra or attributes
+        directory += b"PK\x01\x02" + struct.pack("<H", 20) + fields + offset + name.encode()
         body += b"PK\x03\x04" + fields + struct.pack("<H", 0) + name.encode() + payload
     end = b"PK\x05\x06" + struct.pack("<HHHHIIH", 0, 0, len(entries), len(entries), len(directory), len(body), 0)
     path.write_bytes(body + directory + end)
@@ -185,7 +185,8 @@ CASES = [
         ["{tmp}/out", "not a folder"], id="predict-out-is-a-file",
     ),
     pytest.param(
-        [*PREDICT[:-1], "/proc/raytrain-out"], with_config(), ["/proc/raytrain-out", "cannot create"], id="predict-out-cannot-be-made",
+        [*PREDICT[:-1], "/proc/raytrain-out"], with_config(), ["/proc/raytrain-out", "cannot create"],
+        id="predict-out-cannot-be-made",  # even root cannot make a folder in /proc
     ),
     pytest.param(
         PREDICT, read_only_folder, ["{tmp}/out/street_mask.png", "cannot write"], id="predict-out-read-only",
@@ -281,7 +282,7 @@ def test_predict_and_export_files_have_the_umasks_mode(tmp_path):
     assert cli(["predict", ckpt, tmp_path / "street.png", "--out", tmp_path / "out"], tmp_path, umask=0o027).returncode == 0
     assert cli(["export", ckpt, "--out", tmp_path / "model.ts"], tmp_path, umask=0o027).returncode == 0
     written = [tmp_path / "out/street_mask.png", tmp_path / "out/street_overlay.png", tmp_path / "model.ts"]
-    assert {path.name: oct(path.stat().st_mode & 0o777) for path in written} == dict.fromkeys(map(lambda p: p.name, written), "0o640")
+    assert [oct(path.stat().st_mode & 0o777) for path in written] == ["0o640"] * 3  # not mkstemp's 0o600
     assert not [p for p in tmp_path.rglob(".*") if p.is_file()]  # no temporary file left behind
 
 

@@ -4,7 +4,7 @@
     raytrain.tune(config)                       a Ray Tune search of such runs, in a new experiment directory
     raytrain.runs(storage)                      the experiments in a storage folder, newest first
     raytrain.best_checkpoint(experiment)        .path, .config, .metrics of an experiment's best checkpoint
-    raytrain.load_model(checkpoint)             the torch module, eval mode, no Ray needed
+    raytrain.load_model(checkpoint)             a LoadedModel: .module (eval mode), .config, .classes; no Ray needed
     raytrain.predict(model, images)             probabilities at each image's own size
     raytrain.evaluate / export / report / shard / synth / quickstart / list_configs / show_config
 
@@ -24,6 +24,7 @@ _EXPORTS = {
     "Config": "raytrain.config",
     "load_config": "raytrain.config",
     "CheckpointInfo": "raytrain.checkpoints",
+    "LoadedModel": "raytrain.inference",
     "RaytrainError": "raytrain.errors",
 }
 __all__ = sorted(_EXPORTS)

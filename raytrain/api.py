@@ -75,7 +75,8 @@ def _launch(kind, source, overrides, resume, dry_run, num_cpus, verbosity):
 
 best_checkpoint = experiments.best_checkpoint
 runs = experiments.runs
-# The trained module in eval mode (no Ray needed), and probabilities at each image's own size.
+# load_model gives a LoadedModel (the eval-mode module, its config and classes; no Ray needed);
+# predict takes it and gives probabilities at each image's own size.
 load_model, predict = inference.load_model, inference.predict
 
 
@@ -85,10 +86,11 @@ def evaluate(checkpoint: str | os.PathLike | CheckpointInfo, data: str | os.Path
     return inference.evaluate_checkpoint(checkpoint, data, split=split, device=device)
 
 
-def export(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None, *, format: str = "torchscript") -> Path:
-    """The checkpoint as a file that loads with torch alone; returns its path."""
-    default = "model.torchscript.pt" if format == "torchscript" else "model.pt2"
-    return inference.export_model(checkpoint, out or Path(checkpoint) / default, format)
+def export(checkpoint: str | os.PathLike | CheckpointInfo, out: str | os.PathLike | None = None, *,
+           format: str = "torchscript") -> Path:
+    """The checkpoint as a file that loads with torch alone; returns its path. Without `out`, the
+    file goes beside the checkpoint's own (a remote checkpoint needs `out`)."""
+    return inference.export_model(checkpoint, out or inference.default_export_path(checkpoint, format), format)
 
 
 def report(experiment: str | os.PathLike, out: str | os.PathLike, *, metric: str = "val_iou", mode: str = "max") -> Path:

@@ -7,7 +7,9 @@
     classes.json      class names, in output-channel order
 
 Tensors load with torch.load(weights_only=True) and everything else is YAML or JSON, so opening a
-checkpoint from elsewhere cannot run code.
+checkpoint from elsewhere cannot run code. Nor can it cost more memory than its files' size:
+model.pt is memory-mapped and checked against the model config.yaml describes (built on the meta
+device, its parameters bounded) before any tensor is copied (read_weights, inference.load_model).
 """
 from __future__ import annotations
 
@@ -15,8 +17,11 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import re
 import shutil
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +69,80 @@ def restore_train_state(directory, model, optimizer, scheduler=None) -> int:
     if scheduler is not None and "scheduler" in state:
         scheduler.load_state_dict(state["scheduler"])
     return int(state["epoch"])
+
+
+MAX_PARAMETERS_ENV = "RAYTRAIN_MAX_PARAMETERS"
+# 4 GB of float32: well above the segmentation models in use (tens to a few hundred million), far
+# below what a hand-edited config.yaml can ask for (a unet of base_channels 4096: 127 billion).
+DEFAULT_MAX_PARAMETERS = 1_000_000_000
+
+
+def max_parameters() -> int:
+    raw = os.environ.get(MAX_PARAMETERS_ENV, "")
+    if not raw.strip():
+        return DEFAULT_MAX_PARAMETERS
+    if not raw.strip().isdigit() or int(raw) <= 0:
+        raise CheckpointError(f"{MAX_PARAMETERS_ENV}={raw!r}: expected a positive number of parameters")
+    return int(raw)
+
+
+def read_weights(file: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """model.pt's state dict, checked against `expected` (the config's model built on the meta
+    device: names, shapes, dtypes) before a byte of it is copied. Memory-mapped, weights only:
+    loading a file from elsewhere runs no code and costs no more memory than the file's size."""
+    _check_weights_file(file, sum(t.numel() * t.element_size() for t in expected.values()))
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" not in str(err):
+            raise _unloadable(file, err) from None
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        what = found.group(1) if found else "Python objects"
+        raise CheckpointError(
+            f"{file}: refused: not a weights-only checkpoint (it pickles {what}, which could run code)"
+        ) from None
+    except Exception as err:  # noqa: BLE001 - a damaged file fails in many ways; all are the same one-line error
+        raise _unloadable(file, err) from None
+    _check_names_and_shapes(file, state, expected)
+    return state
+
+
+def _check_weights_file(file: Path, needed: int) -> None:
+    """Before torch reads it: big enough to hold the weights the config asks for (so a tiny file
+    cannot make raytrain build a huge model), torch's zip format (what mmap needs), nothing compressed
+    (torch.save stores; a deflated entry of 1 MB can expand to 1 GB)."""
+    size = file.stat().st_size
+    if needed > size:
+        raise _unloadable(file, f"config.yaml's model needs {needed} bytes of weights, the file holds {size}")
+    if not zipfile.is_zipfile(file):
+        raise _unloadable(file, "not in torch's zip format; a legacy torch.save file (torch < 1.6) must be saved again")
+    try:
+        with zipfile.ZipFile(file) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError) as err:
+        raise _unloadable(file, err) from None
+    for entry in entries:
+        if entry.compress_type != zipfile.ZIP_STORED or entry.file_size != entry.compress_size:
+            raise _unloadable(file, f"{entry.filename} is compressed, which torch.save never does")
+
+
+def _check_names_and_shapes(file: Path, state, expected: dict[str, torch.Tensor]) -> None:
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise _unloadable(file, "not a state dict of named tensors")
+    missing, unexpected = [k for k in expected if k not in state], [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise _unloadable(file, f"not the model in config.yaml: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, tensor in state.items():
+        want = expected[name]
+        if tensor.shape != want.shape or tensor.dtype != want.dtype:
+            raise _unloadable(file, f"not the model in config.yaml: {name} is {tuple(tensor.shape)} {tensor.dtype}, "
+                                    f"the model's is {tuple(want.shape)} {want.dtype}")
+
+
+def _unloadable(file: Path, reason) -> CheckpointError:
+    if isinstance(reason, BaseException):
+        reason = str(reason).strip().splitlines()[0] if str(reason).strip() else reason.__class__.__name__
+    return CheckpointError(f"{file}: cannot load the weights ({reason})")
 
 
 @dataclass(frozen=True)
@@ -118,15 +197,24 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
     return CheckpointInfo(path, config, read_metrics(path), list(config.classes))
 
 
+MAX_METRICS_BYTES = 1 << 20  # an epoch's metrics are a few kB; a metrics.json of /dev/zero must not fill memory
+
+
 def read_metrics(location: str | os.PathLike) -> dict:
     """A checkpoint's metrics.json, local or at a URI (without fetching the weights)."""
     filesystem, path = filesystem_of(location)
     file = f"{os.fspath(location).rstrip('/')}/{METRICS_FILE}" if is_uri(location) else Path(path) / METRICS_FILE
     try:
         with filesystem.open_input_stream(f"{path}/{METRICS_FILE}") as stream:
-            metrics = json.loads(stream.read())
+            data = stream.read(MAX_METRICS_BYTES + 1)
     except FileNotFoundError:
         raise CheckpointError(f"{file}: not found") from None
+    except OSError as err:
+        raise CheckpointError(f"{file}: unreadable ({' '.join(str(err).split())})") from None
+    if len(data) > MAX_METRICS_BYTES:
+        raise CheckpointError(f"{file}: over {MAX_METRICS_BYTES} bytes, not an epoch's metrics")
+    try:
+        metrics = json.loads(data)
     except ValueError as err:
         raise CheckpointError(f"{file}: not valid JSON ({err})") from None
     if not isinstance(metrics, dict):
@@ -136,50 +224,96 @@ def read_metrics(location: str | os.PathLike) -> dict:
 
 def list_checkpoints(directory: str | os.PathLike) -> list[str]:
     """Every checkpoint directory below `directory` (an experiment, a trial or a run), local or at a
-    URI (s3://...); returned as locations of the same kind."""
+    URI (s3://...); returned as locations of the same kind. Local symlinks below `directory` are not
+    followed: a checkpoint_* linked to / would walk the whole machine, one linked elsewhere would
+    mix in a checkpoint of another experiment."""
     filesystem, root = filesystem_of(directory)
     if filesystem.get_file_info(root).type != pafs.FileType.Directory:
         raise CheckpointError(f"{directory}: experiment directory not found")
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        return _local_checkpoints(directory, root)
     files = {info.path for info in filesystem.get_file_info(pafs.FileSelector(root, recursive=True))}
     directories = sorted(
         path[: -len(METRICS_FILE) - 1] for path in files
         if path.endswith(f"/{METRICS_FILE}") and f"{path[: -len(METRICS_FILE) - 1]}/{MODEL_FILE}" in files
     )
-    if not is_uri(directory):
-        return directories
     prefix = os.fspath(directory).rstrip("/")  # keep the URI's scheme and options
     return [prefix + path[len(root.rstrip("/")) :] for path in directories]
 
 
-def scored_checkpoints(directory: str | os.PathLike, metric: str) -> list[tuple[float, str]]:
-    """(value of `metric`, location) of every checkpoint below `directory` that reports it."""
+def _local_checkpoints(directory: str | os.PathLike, root: str) -> list[str]:
+    found = []
+    for folder, _, files in os.walk(root, followlinks=False):  # symlinked folders are listed, never entered
+        if METRICS_FILE in files and MODEL_FILE in files and not any(
+            os.path.islink(os.path.join(folder, name)) for name in (METRICS_FILE, MODEL_FILE)
+        ):
+            found.append(folder)
+    if not is_uri(directory):
+        return sorted(found)
+    prefix = os.fspath(directory).rstrip("/")  # file:// stays file://
+    return sorted(prefix + folder[len(root.rstrip("/")) :] for folder in found)
+
+
+def _real_number(value) -> bool:
+    """JSON's Infinity, NaN and true are not scores: none of them may win a comparison."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def scored_checkpoints(directory: str | os.PathLike, metric: str, skipped: list[str] | None = None) -> list[tuple[float, str]]:
+    """(value of `metric`, location) of every checkpoint below `directory` that reports it as a real
+    number. A checkpoint whose metrics.json is unreadable or whose value is not a real number is left
+    out; why is appended to `skipped` when given, so one damaged file never hides the others."""
     scored = []
     for path in list_checkpoints(directory):
-        value = read_metrics(path).get(metric)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value):
+        try:
+            metrics = read_metrics(path)
+        except CheckpointError as err:
+            if skipped is not None:
+                skipped.append(str(err))
+            continue
+        value = metrics.get(metric)
+        if _real_number(value):
             scored.append((value, path))
+        elif value is not None and skipped is not None:
+            skipped.append(f"{path}/{METRICS_FILE}: {metric} is {json.dumps(value)}, not a real number")
     return scored
+
+
+def ranked_locations(directory: str | os.PathLike, metric: str = "val_iou", mode: str = "max",
+                     skipped: list[str] | None = None) -> list[str]:
+    """The checkpoints below `directory` that report `metric`, best first (nothing fetched)."""
+    if mode not in ("min", "max"):
+        raise CheckpointError(f"mode must be 'min' or 'max', not {mode!r}")
+    scored = scored_checkpoints(directory, metric, skipped)
+    # On a tie, the Train run's own checkpoint (Tune's copies for PBT, checkpoint_000001, are deleted
+    # after a few more), then the first in path order (sorted is stable).
+    sign = 1 if mode == "max" else -1
+    return [path for _, path in sorted(scored, key=lambda item: (-sign * item[0], _is_tune_copy(item[1])))]
 
 
 def best_location(directory: str | os.PathLike, metric: str = "val_iou", mode: str = "max") -> str | None:
     """Where the checkpoint with the best `metric` below `directory` is (nothing fetched), or None."""
-    if mode not in ("min", "max"):
-        raise CheckpointError(f"mode must be 'min' or 'max', not {mode!r}")
-    scored = scored_checkpoints(directory, metric)
-    if not scored:
-        return None
-    # On a tie, the Train run's own checkpoint (Tune's copies for PBT, checkpoint_000001, are deleted
-    # after a few more), then the first in path order.
-    sign = 1 if mode == "max" else -1
-    return max(scored, key=lambda item: (sign * item[0], not _is_tune_copy(item[1])))[1]
+    ranked = ranked_locations(directory, metric, mode)
+    return ranked[0] if ranked else None
 
 
 def best_checkpoint_in(directory: str | os.PathLike, metric: str = "val_iou", mode: str = "max") -> CheckpointInfo:
-    """The checkpoint with the best `metric` among all trials and epochs kept below `directory`."""
-    best = best_location(directory, metric, mode)
-    if best is None:
-        raise CheckpointError(f"{directory}: no checkpoint reports {metric!r}")
-    return read_checkpoint(best)
+    """The checkpoint with the best `metric` among all trials and epochs kept below `directory`.
+
+    A checkpoint with a damaged metrics.json or config.yaml is passed over with a warning naming
+    the file; only when none is left is it an error (which then names the first damage)."""
+    skipped: list[str] = []
+    for location in ranked_locations(directory, metric, mode, skipped):
+        try:
+            best = read_checkpoint(location)
+        except CheckpointError as err:
+            skipped.append(str(err))
+            continue
+        for reason in skipped:
+            warnings.warn(f"skipped {reason}", stacklevel=2)
+        return best
+    because = f" (skipped {len(skipped)}; first: {skipped[0]})" if skipped else ""
+    raise CheckpointError(f"{directory}: no checkpoint reports {metric!r}{because}")
 
 
 def _is_tune_copy(path: str) -> bool:

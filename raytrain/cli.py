@@ -177,6 +177,18 @@ def _export(args) -> None:
     print(api.export(args.checkpoint, args.out, format=args.format))
 
 
+def _device(text: str) -> str:
+    if text == "cpu":  # the default: no torch import just to parse the command line
+        return text
+    from raytrain.inference import check_device
+
+    try:
+        check_device(text)
+    except RaytrainError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
 def _positive_int(text: str) -> int:
     if not text.strip().isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
@@ -283,21 +295,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("checkpoint")
     evaluate.add_argument("data", help="a sharded dataset (the folder or URI with manifest.json)")
     evaluate.add_argument("--split", default="val", choices=["train", "val"])
-    evaluate.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    evaluate.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ...")
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(func=_evaluate)
 
     predict = commands.add_parser("predict", help="mask PNGs and red overlays at each image's own size")
     predict.add_argument("checkpoint")
     predict.add_argument("inputs", nargs="+", help="image files or folders of images")
-    predict.add_argument("--out", required=True)
-    predict.add_argument("--device", default="cpu")
+    predict.add_argument("--out", required=True, help="folder for the PNGs (created if missing)")
+    predict.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ...")
     predict.set_defaults(func=_predict)
 
     export = commands.add_parser("export", help="a checkpoint as a TorchScript or torch.export file")
     export.add_argument("checkpoint")
     export.add_argument("--format", default="torchscript", choices=["torchscript", "torch.export"])
-    export.add_argument("--out", help="default: CHECKPOINT/model.torchscript.pt (or model.pt2)")
+    export.add_argument("--out", help="default: CHECKPOINT/model.torchscript.pt (or model.pt2); required for a remote CHECKPOINT")
     export.set_defaults(func=_export)
     return parser
 

@@ -3,43 +3,110 @@ predict files, export it. No Ray: a checkpoint loads with torch and raytrain alo
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from raytrain.checkpoints import MODEL_FILE, CheckpointInfo, read_checkpoint
+from raytrain.checkpoints import (
+    CONFIG_FILE, MAX_PARAMETERS_ENV, MODEL_FILE, CheckpointInfo, max_parameters, read_checkpoint, read_weights,
+)
 from raytrain.config import Config
+from raytrain.data.location import filesystem_of, is_uri
 from raytrain.data.transforms import to_model_input
-from raytrain.data.formats import IGNORE_INDEX, check_8bit, open_checked
+from raytrain.data.formats import IGNORE_INDEX, MAX_PIXELS_ENV, check_8bit, max_pixels, open_checked
 from raytrain.data.shards import read_manifest, shard_paths
-from raytrain.errors import CheckpointError, DataError
+from raytrain.errors import CheckpointError, DataError, RaytrainError
 from raytrain.metrics import SegmentationMetrics
 from raytrain.models import create_model, to_probabilities
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".ppm"}
 
 
-def load_model(checkpoint: str | os.PathLike | CheckpointInfo, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """The trained module in eval mode on `device`; its config rides along as `.raytrain_config`."""
-    info = checkpoint if isinstance(checkpoint, CheckpointInfo) else read_checkpoint(checkpoint)
-    config = info.config
-    model = create_model(config.model.name, num_classes=config.num_classes, **config.model.kwargs())
+@dataclass(frozen=True)
+class LoadedModel:
+    """A trained module with the config it was trained under. predict, evaluate and export read
+    the training size and the classes from here; nothing rides along on the module itself."""
+
+    module: torch.nn.Module
+    config: Config
+    path: Path | None = None  # the checkpoint it came from
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.config.classes)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device that exists on this machine, or a one-line RaytrainError."""
     try:
-        model.load_state_dict(torch.load(info.path / MODEL_FILE, map_location="cpu", weights_only=True))
-    except Exception as err:  # truncated file, foreign pickle, or weights of another architecture
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise RaytrainError(f"{device!r} is not a device (expected cpu, cuda, cuda:N or mps)") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0 or (parsed.index or 0) >= count:
+            raise RaytrainError(f"{device!r}: no such device (this machine has {count} CUDA device{'s' * (count != 1)})")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise RaytrainError(f"{device!r}: no such device (MPS is not available here)")
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        raise RaytrainError(f"{device!r}: not a device to run a model on (expected cpu, cuda, cuda:N or mps)")
+    return parsed
+
+
+def load_model(checkpoint: str | os.PathLike | CheckpointInfo, device: str | torch.device = "cpu") -> LoadedModel:
+    """The trained module in eval mode on `device`, with its config: pass it to predict.
+
+    A checkpoint is not trusted: its config is bounded (data.size, parameter count) and its weights
+    are checked against the config's model, built on the meta device, before any real tensor is
+    made; pretrained encoder weights are never downloaded (the weights are model.pt's)."""
+    info = checkpoint if isinstance(checkpoint, CheckpointInfo) else read_checkpoint(checkpoint)
+    target = check_device(device)
+    state = read_weights(info.path / MODEL_FILE, _expected_state(info))
+    module = _build(info.config, info.path / CONFIG_FILE)
+    module.load_state_dict(state)
+    return LoadedModel(module.to(target).eval(), info.config, info.path)
+
+
+def _expected_state(info: CheckpointInfo) -> dict[str, torch.Tensor]:
+    """The state dict the config's model has, as meta tensors (no memory), once its sizes are bounded."""
+    file, config = info.path / CONFIG_FILE, info.config
+    width, height = config.data.size
+    if width * height > max_pixels():  # predict resizes every image to data.size
+        raise CheckpointError(f"{file}: data.size {width}x{height} is over the limit of {max_pixels()} pixels ({MAX_PIXELS_ENV})")
+    state = _build(config, file, "meta").state_dict()
+    count, limit = sum(t.numel() for t in state.values()), max_parameters()
+    if count > limit:
+        raise CheckpointError(f"{file}: model {config.model.name} with these options has {count} parameters, "
+                              f"over the limit of {limit} ({MAX_PARAMETERS_ENV})")
+    return state
+
+
+def _build(config: Config, file: Path, device: str = "cpu") -> torch.nn.Module:
+    # encoder_weights is dropped: pretrained weights only seed training; loading takes model.pt's,
+    # and must not reach for the network because a config says so.
+    options = {k: v for k, v in config.model.kwargs().items() if k != "encoder_weights"}
+    try:
+        with torch.device(device):
+            return create_model(config.model.name, num_classes=config.num_classes, **options)
+    except Exception as err:  # noqa: BLE001 - the config is untrusted input; any failure to build is its fault
         reason = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
-        raise CheckpointError(f"{info.path / MODEL_FILE}: cannot load the weights ({reason})") from None
-    model.raytrain_config = config
-    return model.to(device).eval()
+        raise CheckpointError(f"{file}: cannot build its model ({reason})") from None
 
 
 def _as_array(image) -> np.ndarray:
@@ -51,21 +118,23 @@ def _as_array(image) -> np.ndarray:
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, images: Sequence, *, masks: bool = False, batch_size: int = 8) -> list[np.ndarray]:
+def predict(model: LoadedModel, images: Sequence, *, masks: bool = False, batch_size: int = 8) -> list[np.ndarray]:
     """Road probability (H, W) -- or class probabilities (C, H, W) -- at each image's own size.
 
-    images: paths or uint8 RGB arrays (H, W, 3), of any sizes. With masks=True the result is the
-    predicted class index per pixel instead (road: probability > 0.5; multi-class: argmax).
+    model: what load_model returns. images: paths or uint8 RGB arrays (H, W, 3), of any sizes.
+    With masks=True the result is the predicted class index per pixel instead (road: probability
+    > 0.5; multi-class: argmax).
     """
-    config: Config = model.raytrain_config
-    device = next(model.parameters()).device
-    width, height = config.data.size
+    if not isinstance(model, LoadedModel):
+        raise TypeError(f"predict takes what raytrain.load_model returns, not {type(model).__name__}")
+    device = model.device
+    width, height = model.config.data.size
     arrays = [_as_array(image) for image in images]
     outputs = []
     for start in range(0, len(arrays), batch_size):
         chunk = arrays[start : start + batch_size]
         resized = np.stack([np.asarray(Image.fromarray(a).resize((width, height), Image.BILINEAR)) for a in chunk])
-        probabilities = to_probabilities(model(to_model_input(torch.from_numpy(resized), device)))
+        probabilities = to_probabilities(model.module(to_model_input(torch.from_numpy(resized), device)))
         for array, probs in zip(chunk, probabilities):
             probs = F.interpolate(probs[None], size=array.shape[:2], mode="bilinear", align_corners=False)[0]
             if masks:
@@ -93,7 +162,7 @@ def evaluate_checkpoint(
     if not paths:
         raise DataError(f"{dataset}: no {split!r} shards")
     model = load_model(info, device)
-    metrics = SegmentationMetrics(model.raytrain_config.num_classes, ignore_index=IGNORE_INDEX, class_names=info.classes)
+    metrics = SegmentationMetrics(model.config.num_classes, ignore_index=IGNORE_INDEX, class_names=info.classes)
     count = 0
     for path in paths:
         table = pq.read_table(path, columns=["image", "mask"]).to_pydict()
@@ -147,14 +216,18 @@ def predict_files(
     """
     from raytrain.viz import overlay
 
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():  # checked first: a wrong --out must not cost a model load
+        raise DataError(f"{out}: exists and is not a folder (--out takes the folder for the masks)")
     model = load_model(checkpoint, device)
-    classes = model.raytrain_config.classes
     images = read_images(inputs)
     names = [path.stem for path, _ in images]
     if len(set(names)) != len(names):
         raise DataError("two inputs share a file name; predict them into separate --out folders")
-    out = Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"{out}: cannot create the output folder ({err.strerror or err})") from None
     written = []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
@@ -162,20 +235,67 @@ def predict_files(
         for (path, array), probabilities in zip(chunk, predict(model, arrays, batch_size=batch_size)):
             labels = (probabilities > 0.5) if probabilities.ndim == 2 else probabilities.argmax(0)
             written.append(_save_png(labels.astype(np.uint8), out / f"{path.stem}_mask.png"))
-            written.append(_save_png(overlay(array, probabilities, classes), out / f"{path.stem}_overlay.png"))
+            written.append(_save_png(overlay(array, probabilities, model.classes), out / f"{path.stem}_overlay.png"))
         if progress:
             progress(min(start + batch_size, len(images)), len(images))
     return written
 
 
 def _save_png(array: np.ndarray, path: Path) -> Path:
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".png", delete=False) as tmp:
-        Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp.name, path)
+    return write_atomically(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+
+
+def _umask() -> int:
+    """The process's umask; /proc reads it without the brief os.umask() change other threads could see."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_atomically(path: Path, write) -> Path:
+    """write(temporary path) beside `path`, then rename: the file appears whole or not at all, with
+    the permissions open() would give it (mkstemp makes 0600). A failure leaves no temporary file
+    and is a one-line RaytrainError naming `path`."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+        os.close(fd)
+    except OSError as err:
+        raise RaytrainError(f"{path}: cannot write ({err.strerror or err})") from None
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise RaytrainError(f"{path}: cannot write ({err.strerror or err})") from None
+        raise
     return path
 
 
 EXPORT_FORMATS = ("torchscript", "torch.export")
+EXPORT_NAMES = {"torchscript": "model.torchscript.pt", "torch.export": "model.pt2"}
+
+
+def default_export_path(checkpoint: str | os.PathLike | CheckpointInfo, format: str) -> Path:
+    """Beside the checkpoint's own files (a file:// URI is a local path); a remote checkpoint
+    needs --out, since the export is always written locally."""
+    if isinstance(checkpoint, CheckpointInfo):
+        return checkpoint.path / EXPORT_NAMES.get(format, "model")
+    if is_uri(checkpoint):
+        filesystem, path = filesystem_of(checkpoint)
+        if not isinstance(filesystem, pafs.LocalFileSystem):
+            raise CheckpointError(f"{checkpoint}: a remote checkpoint; give --out, the local file to export to")
+        return Path(path) / EXPORT_NAMES.get(format, "model")
+    return Path(checkpoint).expanduser() / EXPORT_NAMES.get(format, "model")
 
 
 def export_model(checkpoint: str | os.PathLike | CheckpointInfo, out: str | os.PathLike, format: str = "torchscript") -> Path:
@@ -184,23 +304,34 @@ def export_model(checkpoint: str | os.PathLike | CheckpointInfo, out: str | os.P
     format PyTorch now recommends). Traced at the training size."""
     if format not in EXPORT_FORMATS:
         raise CheckpointError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, not {format!r}")
+    out = Path(out).expanduser()
+    if out.is_dir():  # checked first: a wrong --out must not cost a model load and a trace
+        raise CheckpointError(f"{out}: is a folder; --out takes the file to export to")
     model = load_model(checkpoint, "cpu")
-    width, height = model.raytrain_config.data.size
+    exported = _trace(model, format)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CheckpointError(f"{out.parent}: cannot create the output folder ({err.strerror or err})") from None
+
+    def save(tmp: str) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.jit.save(exported, tmp) if format == "torchscript" else torch.export.save(exported, tmp)
+
+    return write_atomically(out, save)
+
+
+def _trace(model: LoadedModel, format: str):
+    width, height = model.config.data.size
     example = torch.zeros(2, 3, height, width)  # batch 2: torch.export would fix a batch of 1 as a constant
     batch = ({0: torch.export.Dim("batch")},)
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch 2.9+ marks TorchScript deprecated; it still works
-            exported = torch.jit.trace(model, example, check_trace=False) if format == "torchscript" else torch.export.export(model, (example,), dynamic_shapes=batch)
+            if format == "torchscript":
+                return torch.jit.trace(model.module, example, check_trace=False)
+            return torch.export.export(model.module, (example,), dynamic_shapes=batch)
     except Exception as err:  # export failures are model-specific; say which model
         reason = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
-        raise CheckpointError(f"{model.raytrain_config.model.name}: cannot be exported as {format} ({reason})") from None
-    out = Path(out).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.stem}.", suffix=out.suffix, delete=False) as tmp:
-        pass
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.save(exported, tmp.name) if format == "torchscript" else torch.export.save(exported, tmp.name)
-    os.replace(tmp.name, out)
-    return out
+        raise CheckpointError(f"{model.config.model.name}: cannot be exported as {format} ({reason})") from None

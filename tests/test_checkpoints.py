@@ -36,4 +36,4 @@ def test_a_remote_checkpoint_is_fetched_once_whole_and_loads(trained_run, tmp_pa
     original, fetched = raytrain.load_model(source), raytrain.load_model(read_checkpoint(copy))
     batch = torch.randn(2, 3, 32, 64)
     with torch.no_grad():
-        torch.testing.assert_close(fetched(batch), original(batch))
+        torch.testing.assert_close(fetched.module(batch), original.module(batch))

@@ -81,4 +81,4 @@ def test_export_runs_without_raytrain_and_matches_the_model(checkpoint, tmp_path
     model = raytrain.load_model(checkpoint)
     batch = torch.randn(3, 3, 32, 64)
     with torch.no_grad():
-        torch.testing.assert_close(exported(batch), model(batch))
+        torch.testing.assert_close(exported(batch), model.module(batch))

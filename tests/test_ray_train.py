@@ -73,7 +73,7 @@ import raytrain
 from raytrain.data.shards import shard_paths
 from raytrain.metrics import SegmentationMetrics
 model = raytrain.load_model({result.checkpoint.path!r})
-assert not model.training
+assert not model.module.training
 images, masks = [], []
 for path in shard_paths({str(tiny_shards)!r}, "val"):
     table = pq.read_table(path).to_pydict()

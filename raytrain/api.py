@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from raytrain import experiments, inference
+from raytrain import experiments
 from raytrain.checkpoints import CheckpointInfo, cache_dir
 from raytrain.config import Config, load_config, shipped_configs
 from raytrain.console import EPOCH_LINES, QUIET
@@ -75,14 +75,24 @@ def _launch(kind, source, overrides, resume, dry_run, num_cpus, verbosity):
 
 best_checkpoint = experiments.best_checkpoint
 runs = experiments.runs
-# load_model gives a LoadedModel (the eval-mode module, its config and classes; no Ray needed);
-# predict takes it and gives probabilities at each image's own size.
-load_model, predict = inference.load_model, inference.predict
+
+
+def __getattr__(name):
+    """load_model (a LoadedModel: the eval-mode module, its config and classes; no Ray needed) and
+    predict (probabilities at each image's own size), straight from inference. Imported on first use:
+    inference imports torch, which takes seconds, and a bad config at the CLI is answered without it."""
+    if name in ("load_model", "predict"):
+        from raytrain import inference
+
+        return getattr(inference, name)
+    raise AttributeError(f"module 'raytrain.api' has no attribute {name!r}")
 
 
 def evaluate(checkpoint: str | os.PathLike | CheckpointInfo, data: str | os.PathLike, *, split: str = "val",
              device: str = "cpu") -> dict:
     """Every metric of a checkpoint on one split of a sharded dataset, at each image's own size."""
+    from raytrain import inference
+
     return inference.evaluate_checkpoint(checkpoint, data, split=split, device=device)
 
 
@@ -90,6 +100,8 @@ def export(checkpoint: str | os.PathLike | CheckpointInfo, out: str | os.PathLik
            format: str = "torchscript") -> Path:
     """The checkpoint as a file that loads with torch alone; returns its path. Without `out`, the
     file goes beside the checkpoint's own (a remote checkpoint needs `out`)."""
+    from raytrain import inference
+
     return inference.export_model(checkpoint, out or inference.default_export_path(checkpoint, format), format)
 
 

@@ -24,13 +24,19 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow.fs as pafs
-import torch
 
 from raytrain.config import Config, load_config, load_yaml
 from raytrain.data.location import filesystem_of, is_uri
 from raytrain.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the functions that read or write tensors: finding checkpoints and reading
+# their metrics (`raytrain runs`, a config error at the CLI) should not wait for it.
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
@@ -47,6 +53,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def save_checkpoint(directory, model, optimizer, scheduler, epoch: int, config: Config, metrics: dict) -> Path:
     """Save after `epoch` epochs are complete (1-based, as reported)."""
+    import torch
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(unwrap(model).state_dict(), directory / MODEL_FILE)
@@ -62,6 +70,8 @@ def save_checkpoint(directory, model, optimizer, scheduler, epoch: int, config: 
 
 def restore_train_state(directory, model, optimizer, scheduler=None) -> int:
     """Load weights and optimiser state into the given objects; return the epochs completed."""
+    import torch
+
     directory = Path(directory)
     unwrap(model).load_state_dict(torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True))
     state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
@@ -90,6 +100,8 @@ def read_weights(file: Path, expected: dict[str, torch.Tensor]) -> dict[str, tor
     """model.pt's state dict, checked against `expected` (the config's model built on the meta
     device: names, shapes, dtypes) before a byte of it is copied. Memory-mapped, weights only:
     loading a file from elsewhere runs no code and costs no more memory than the file's size."""
+    import torch
+
     _check_weights_file(file, sum(t.numel() * t.element_size() for t in expected.values()))
     try:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
@@ -127,6 +139,8 @@ def _check_weights_file(file: Path, needed: int) -> None:
 
 
 def _check_names_and_shapes(file: Path, state, expected: dict[str, torch.Tensor]) -> None:
+    import torch
+
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise _unloadable(file, "not a state dict of named tensors")
     missing, unexpected = [k for k in expected if k not in state], [k for k in state if k not in expected]

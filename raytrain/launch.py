@@ -40,7 +40,7 @@ class SplitData(DataConfig):
     which worker sees which samples in which order is the same in every run with the same seed.
     """
 
-    preserve_order = True  # benchmarks/order.py measures what it costs
+    preserve_order = True  # no measurable cost: docs/decisions.md (benchmarks/order.py)
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         output = [{} for _ in range(world_size)]
@@ -220,7 +220,7 @@ def train(config: Config, experiment: str, *, num_cpus: int | None = None, verbo
 class _RelayToTune(ray.train.UserCallback):
     """Runs in Ray Train's controller: hands each epoch's metrics, and on PBT's epochs the checkpoint,
     to the trial function, which reports them to Tune. (Ray's TuneReportCallback relays metrics only,
-    and PBT clones trials by their Tune checkpoints.)"""
+    and PBT clones trials by their Tune checkpoints: docs/decisions.md.)"""
 
     def __init__(self, checkpoint_every: int | None, epochs: int):
         from ray.util.queue import Queue

@@ -46,7 +46,7 @@ def palette(classes: Sequence[str]) -> np.ndarray:
 def _paint(image: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> np.ndarray:
     """Binary: label 1 in the palette's red, opaque. Multi-class: each label blended with its colour.
     Other labels (0 when binary, IGNORE_INDEX) untouched."""
-    image = np.asarray(image, dtype=np.uint8)
+    image = np.array(image, dtype=np.uint8)  # a copy: torch warns on read-only arrays (decoded images)
     if labels.shape != image.shape[:2]:
         raise ValueError(f"labels {labels.shape} do not match image {image.shape[:2]}")
     binary = len(classes) == 1

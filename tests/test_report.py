@@ -40,6 +40,8 @@ def experiment(ray_cluster, tiny_shards, tmp_path_factory):
     })
     grid = tune(config)
     assert not grid.errors
+    # Tune's result files stay (its TensorBoard logger is off): ResultGrid reads every epoch from them
+    assert [len(result.metrics_dataframe) for result in grid] == [EPOCHS, EPOCHS]
     return Path(grid.experiment_path)
 
 
@@ -77,6 +79,9 @@ def test_tensorboard_logdir_of_a_search_shows_every_trial(experiment):
         assert "loss" in runs[train]["scalars"] and "loss" in runs[val]["scalars"]
         assert runs[val]["images"] == ["val/overlay"]
         assert len(multiplexer.Scalars(val, "iou")) == EPOCHS
+        assert (experiment / trial / "result.json").is_file() and (experiment / trial / "progress.csv").is_file()
+    # one copy of the curves: rank 0's, not Tune's too (it would add a run per trial of ray/tune/* tags)
+    assert set(runs) == {f"{trial}/train/tensorboard/{run}" for trial in trials for run in ("train", "val")}
 
 
 def _check_report(out: Path, index: Path, expected_pngs: set[str]):

@@ -16,6 +16,7 @@ import ray.train
 import ray.tune
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from raytrain import tracking
 from raytrain.config import Config
@@ -40,7 +41,7 @@ class SplitData(DataConfig):
     which worker sees which samples in which order is the same in every run with the same seed.
     """
 
-    preserve_order = True  # benchmarks/order.py measures what it costs
+    preserve_order = True  # no measurable cost: docs/decisions.md (benchmarks/order.py)
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         output = [{} for _ in range(world_size)]
@@ -220,7 +221,7 @@ def train(config: Config, experiment: str, *, num_cpus: int | None = None, verbo
 class _RelayToTune(ray.train.UserCallback):
     """Runs in Ray Train's controller: hands each epoch's metrics, and on PBT's epochs the checkpoint,
     to the trial function, which reports them to Tune. (Ray's TuneReportCallback relays metrics only,
-    and PBT clones trials by their Tune checkpoints.)"""
+    and PBT clones trials by their Tune checkpoints: docs/decisions.md.)"""
 
     def __init__(self, checkpoint_every: int | None, epochs: int):
         from ray.util.queue import Queue
@@ -377,13 +378,18 @@ def tune(config: Config, experiment: str, *, resume: bool = False, num_cpus: int
                 # A trial whose node is lost is rerun; finished trials are kept in the experiment state.
                 failure_config=ray.tune.FailureConfig(max_failures=config.train.max_failures),
                 checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=TUNE_CHECKPOINTS_TO_KEEP),
+                # Tune's result files (progress.csv, result.json), which ResultGrid and `raytrain report`
+                # read, named here because Tune's automatic loggers are off (see below).
                 callbacks=[*([_EpochLinesTune(config.train.epochs)] if verbosity >= EPOCH_LINES else []),
-                           *tracking.tune_callbacks(config, experiment)] or None,
+                           *tracking.tune_callbacks(config, experiment), CSVLoggerCallback(), JsonLoggerCallback()],
                 verbose=2 if verbosity >= RAY_LOGS else 0,
             ),
         )
     # Tune's new console output prints its header box even at verbose=0; the legacy one is silent.
-    with environment(RAY_AIR_NEW_OUTPUT=os.environ.get("RAY_AIR_NEW_OUTPUT", "1" if verbosity >= RAY_LOGS else "0")):
+    # No automatic loggers: Tune's TensorBoard one would copy every curve rank 0 already writes
+    # (docs/decisions.md); the CSV and JSON ones are in the callbacks above.
+    with environment(RAY_AIR_NEW_OUTPUT=os.environ.get("RAY_AIR_NEW_OUTPUT", "1" if verbosity >= RAY_LOGS else "0"),
+                     TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1"):
         grid = tuner.fit()
     if grid.errors and len(grid.errors) == len(grid):
         raise user_error_inside(grid.errors[0]) or grid.errors[0]

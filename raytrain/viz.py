@@ -1,9 +1,11 @@
 """What the model sees: prediction overlays, overlay grids and TensorBoard logging. No Ray here.
 
-Binary road: every pixel whose road probability is > threshold is painted pure red (255, 0, 0), so
-the overlay shows exactly the pixels counted as road by the metrics. Multi-class: the argmax class
-of every pixel is blended with its palette colour (CamVid's own colours for CamVid class names).
-Ground truth is drawn the same way; IGNORE_INDEX pixels are left as the image has them.
+Drawing is torchvision's (draw_segmentation_masks, make_grid), with one palette for every task:
+palette(classes). Binary road: every pixel whose road probability is > threshold is painted pure
+red (255, 0, 0), opaque, so the overlay shows exactly the pixels counted as road by the metrics.
+Multi-class: the argmax class of every pixel is blended with its palette colour (CamVid's own
+colours for CamVid class names). Ground truth is drawn the same way; IGNORE_INDEX pixels are left
+as the image has them.
 """
 from __future__ import annotations
 
@@ -14,10 +16,12 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
+from torchvision.utils import draw_segmentation_masks, make_grid
 
 from raytrain.data.formats import CAMVID_CLASSES, CAMVID_COLORS
 
-ROAD_RGB = (255, 0, 0)
+ROAD_RGB = (255, 0, 0)  # the one class of a binary task, whatever its name
 BLEND = 0.5  # weight of the class colour in a multi-class overlay
 GRID_GAP = 2  # white pixels between the tiles of an overlay grid
 # matplotlib's tab20, for class names that have no CamVid colour
@@ -30,26 +34,28 @@ FALLBACK_PALETTE = (
 
 
 def palette(classes: Sequence[str]) -> np.ndarray:
-    """(C, 3) uint8: CamVid's colour for a CamVid class name, else a fixed colour by index."""
+    """(C, 3) uint8, one colour per class: red for a binary task's one class; otherwise CamVid's colour
+    for a CamVid class name, else a fixed colour by index."""
+    if len(classes) == 1:
+        return np.array([ROAD_RGB], dtype=np.uint8)
     camvid = dict(zip(CAMVID_CLASSES, CAMVID_COLORS))
     colours = [camvid.get(name, FALLBACK_PALETTE[i % len(FALLBACK_PALETTE)]) for i, name in enumerate(classes)]
     return np.array(colours, dtype=np.uint8)
 
 
 def _paint(image: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> np.ndarray:
-    """Binary: label 1 pure red. Multi-class: each label blended with its colour. Others untouched."""
-    image = np.asarray(image, dtype=np.uint8)
+    """Binary: label 1 in the palette's red, opaque. Multi-class: each label blended with its colour.
+    Other labels (0 when binary, IGNORE_INDEX) untouched."""
+    image = np.array(image, dtype=np.uint8)  # a copy: torch warns on read-only arrays (decoded images)
     if labels.shape != image.shape[:2]:
         raise ValueError(f"labels {labels.shape} do not match image {image.shape[:2]}")
-    out = image.copy()
-    if len(classes) == 1:
-        out[labels == 1] = ROAD_RGB
-        return out
-    colours = palette(classes)
-    known = labels < len(classes)
-    blended = (1 - BLEND) * image[known].astype(np.float32) + BLEND * colours[labels[known]].astype(np.float32)
-    out[known] = np.round(blended).astype(np.uint8)
-    return out
+    binary = len(classes) == 1
+    # Opaque for binary: the red pixels are exactly the road pixels, whatever the image has there.
+    values, alpha = ((1,), 1.0) if binary else (range(len(classes)), BLEND)
+    masks = torch.from_numpy(np.stack([labels == value for value in values]))
+    colours = [tuple(int(v) for v in colour) for colour in palette(classes)]
+    painted = draw_segmentation_masks(torch.from_numpy(image).permute(2, 0, 1), masks, alpha=alpha, colors=colours)
+    return np.ascontiguousarray(painted.permute(1, 2, 0).numpy())
 
 
 def overlay(image: np.ndarray, probabilities: np.ndarray, classes: Sequence[str], threshold: float = 0.5) -> np.ndarray:
@@ -76,18 +82,15 @@ def overlay_grid(images, masks, probabilities, classes: Sequence[str], gap: int 
 
     images (N, H, W, 3) uint8, masks (N, H, W), probabilities (N, C, H, W) -> (N*H + (N-1)*gap, 2*W + gap, 3).
     """
-    rows = []
+    tiles = []
     for image, mask, probs in zip(images, masks, probabilities, strict=True):
-        prediction, truth = overlay(image, probs, classes), mask_overlay(image, mask, classes)
-        separator = np.full((image.shape[0], gap, 3), 255, dtype=np.uint8)
-        rows.append(np.concatenate([prediction, separator, truth], axis=1))
-    if not rows:
+        tiles += [overlay(image, probs, classes), mask_overlay(image, mask, classes)]
+    if not tiles:
         raise ValueError("overlay_grid needs at least one image")
-    separator = np.full((gap, rows[0].shape[1], 3), 255, dtype=np.uint8)
-    stacked = [rows[0]]
-    for row in rows[1:]:
-        stacked += [separator, row]
-    return np.concatenate(stacked, axis=0)
+    batch = torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2)
+    grid = make_grid(batch, nrow=2, padding=gap, pad_value=255)
+    # make_grid also pads the outer border; only the gaps between tiles are kept
+    return np.ascontiguousarray(grid[:, gap : grid.shape[1] - gap, gap : grid.shape[2] - gap].permute(1, 2, 0).numpy())
 
 
 def _run_and_tag(key: str) -> tuple[str, str] | None:

@@ -1,3 +1,11 @@
+<<<<<<< HEAD
+=======
+import importlib
+import pkgutil
+import socket
+import types
+
+>>>>>>> h-models
 import pytest
 import segmentation_models_pytorch as smp
 import torch
@@ -6,6 +14,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+import raytrain.models
 from raytrain.models import allowed_depths, count_parameters, create_model, list_models, to_probabilities
 from tests.conftest import free_port
 
@@ -31,6 +40,16 @@ def _forward_backward(model: nn.Module, num_classes: int, size: int = 64) -> tor
 
 def _without_gradient(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+
+
+def test_the_package_exports_names_no_module_shadows():
+    modules = {m.name for m in pkgutil.iter_modules(raytrain.models.__path__)}
+    assert {"registry", "lab", "smp_adapter", "pruning"} <= modules
+    for name in modules:
+        importlib.import_module(f"raytrain.models.{name}")
+    for name in raytrain.models.__all__:
+        assert name not in modules, name
+        assert not isinstance(getattr(raytrain.models, name), types.ModuleType), name
 
 
 def test_registry_names():

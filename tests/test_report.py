@@ -31,8 +31,11 @@ def train_run(trained_run):
 @pytest.fixture(scope="module")
 def experiment(searched_run):
     """The experiment directory of conftest's finished 2-trial, 2-epoch search."""
-    assert searched_run[0].train.epochs == EPOCHS
-    return Path(searched_run[1].experiment_path)
+    config, grid = searched_run
+    assert config.train.epochs == EPOCHS
+    # Tune's result files stay (its TensorBoard logger is off): ResultGrid reads every epoch from them
+    assert [len(result.metrics_dataframe) for result in grid] == [EPOCHS, EPOCHS]
+    return Path(grid.experiment_path)
 
 
 def test_train_run_writes_tensorboard_scalars_and_overlays_from_rank_0(train_run):
@@ -63,6 +66,9 @@ def test_tensorboard_logdir_of_a_search_shows_every_trial(experiment):
         assert "loss" in runs[train]["scalars"] and "loss" in runs[val]["scalars"]
         assert runs[val]["images"] == ["val/overlay"]
         assert len(multiplexer.Scalars(val, "iou")) == EPOCHS
+        assert (experiment / trial / "result.json").is_file() and (experiment / trial / "progress.csv").is_file()
+    # one copy of the curves: rank 0's, not Tune's too (it would add a run per trial of ray/tune/* tags)
+    assert set(runs) == {f"{trial}/train/tensorboard/{run}" for trial in trials for run in ("train", "val")}
 
 
 def _check_report(out: Path, index: Path, expected_pngs: set[str]):

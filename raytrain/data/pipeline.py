@@ -2,7 +2,7 @@
 
 Decoding runs in Ray Data tasks, not in the training processes; Ray Train's DataConfig then
 streams each worker its own disjoint part (see launch.SplitData). Every epoch is a new Ray Data
-execution, so what it costs to start one is paid every epoch (see read_shards).
+execution, so what it costs to start one is paid every epoch (docs/decisions.md).
 """
 from __future__ import annotations
 
@@ -25,12 +25,9 @@ def augment_of(config: Config) -> Augment | None:
 def transform_block(block: dict, size, augment: Augment | None = None, seed: int | None = None):
     """A whole read block -> transformed batches of ROWS_PER_TASK rows, yielded one at a time.
 
-    Taking the block whole (map_batches with batch_size=None) lets Ray fuse this map into the
-    Parquet read task; with a batch_size, Ray 2.60 keeps read and map apart and every encoded block
-    takes an extra trip through the object store and an extra task (half the images/s on 2 CPUs).
-    Small batches bound the decoding's scratch memory. Ray still packs what a task yields into
-    blocks of up to DataContext.target_max_block_size (128 MiB): one block per task here, which is
-    what we want, as each block is a round trip to the driver (16-row blocks: ~15% fewer images/s).
+    Taken whole (map_batches with batch_size=None) so that Ray fuses this map into the Parquet read
+    task; the small batches bound the decoding's scratch memory, and Ray still packs what a task
+    yields into one block per task. Why both: docs/decisions.md ("Decode inside the read task").
     With a seed, each sample's augmentation depends on (seed, epoch, its id) only.
     """
     epoch = execution_index() if augment is not None and seed is not None else 0
@@ -56,20 +53,10 @@ def read_shards(paths: list[str], *, shuffle: bool, seed: int | None = None) -> 
     """One read task (and one block) per shard file, files in a new random order each epoch if `shuffle`:
     with a seed, an order drawn from (seed, epoch), the same in every run.
 
-    Ray 2.60's default Parquet reader (DataSourceV2) packs small files into few read tasks, and
-    each block is then decoded by a single task: measured on 2 CPUs, one task did all the work
-    and listing the files took seconds every epoch. The V1 reader with a block per file streams
-    from the first file and keeps every CPU decoding (benchmarks/ingest.py). A task still costs
-    its worker ~20 ms of hand-over; 16 MiB tasks of several files reached 1.14-1.25x a DataLoader
-    there, but a task's one block comes at its end, so each epoch's first batch came 0.4-0.8 s
-    later, which a model-bound Ray Train epoch pays in full (7-10% slower, one worker): not worth it.
-
-    Ray Data's per-operator resource allocator is off for these datasets. It takes its CPU budget
-    from Ray's autoscaling coordinator, which answers a new execution only after about a second;
-    until then it ran one task at a time, so the first second of every epoch decoded on one CPU
-    (benchmarks/ingest.py: 0.67-0.70 of a DataLoader's images/s with it, 1.00-1.06 without).
-    Without it, Ray core's CPU slots still bound the tasks, and the executor's output backpressure
-    the object store (a consumer at 53 images/s: at most 0.45 GiB held with it, 0.48 GiB without).
+    The read is Ray Data's V1 Parquet reader, and Ray Data's per-operator resource allocator is off
+    for these datasets: Ray core's CPU slots still bound the tasks, and the executor's output
+    backpressure the object store. Why, with the measurements: docs/decisions.md ("V1 Parquet reader,
+    one task per file" and "Ray Data's resource allocator off").
     """
     context = ray.data.DataContext.get_current()
     saved = context.use_datasource_v2, context.op_resource_reservation_enabled

@@ -1,11 +1,7 @@
-<<<<<<< HEAD
-=======
 import importlib
 import pkgutil
-import socket
 import types
 
->>>>>>> h-models
 import pytest
 import segmentation_models_pytorch as smp
 import torch

@@ -196,7 +196,7 @@ class TrainConfig(_Section):
             return None
         if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
             return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).expanduser().resolve()}"
-        return uri if "://" in uri else str(Path(uri).expanduser().resolve())
+        return uri if is_uri(uri) else str(Path(uri).expanduser().resolve())
 
     @model_validator(mode="after")
     def _tracking_store(self) -> "TrainConfig":

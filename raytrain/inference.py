@@ -28,7 +28,7 @@ from raytrain.data.transforms import to_model_input
 from raytrain.data.formats import IGNORE_INDEX, MAX_PIXELS_ENV, check_8bit, max_pixels, open_checked
 from raytrain.data.shards import read_manifest, shard_paths
 from raytrain.errors import CheckpointError, DataError, RaytrainError
-from raytrain.metrics import SegmentationMetrics
+from raytrain.metrics import SegmentationMetrics, to_labels
 from raytrain.models import create_model, to_probabilities
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".ppm"}
@@ -138,7 +138,7 @@ def predict(model: LoadedModel, images: Sequence, *, masks: bool = False, batch_
         for array, probs in zip(chunk, probabilities):
             probs = F.interpolate(probs[None], size=array.shape[:2], mode="bilinear", align_corners=False)[0]
             if masks:
-                result = (probs[0] > 0.5).to(torch.uint8) if probs.shape[0] == 1 else probs.argmax(0).to(torch.uint8)
+                result = to_labels(probs)
             else:
                 result = probs[0] if probs.shape[0] == 1 else probs
             outputs.append(result.cpu().numpy())
@@ -233,8 +233,8 @@ def predict_files(
         chunk = images[start : start + batch_size]
         arrays = [array for _, array in chunk]
         for (path, array), probabilities in zip(chunk, predict(model, arrays, batch_size=batch_size)):
-            labels = (probabilities > 0.5) if probabilities.ndim == 2 else probabilities.argmax(0)
-            written.append(_save_png(labels.astype(np.uint8), out / f"{path.stem}_mask.png"))
+            labels = to_labels(probabilities[None] if probabilities.ndim == 2 else probabilities)
+            written.append(_save_png(labels, out / f"{path.stem}_mask.png"))
             written.append(_save_png(overlay(array, probabilities, model.classes), out / f"{path.stem}_overlay.png"))
         if progress:
             progress(min(start + batch_size, len(images)), len(images))

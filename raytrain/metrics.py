@@ -23,11 +23,21 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
+ROAD_THRESHOLD = 0.5  # road where its probability is above this
 KITTI_THRESHOLDS = torch.arange(256, dtype=torch.float64) / 255.0
 _HISTOGRAM_BINS = len(KITTI_THRESHOLDS) + 1  # bin b: probability in [t_(b-1), t_b), with t_-1 = -inf, t_256 = inf
+
+
+def to_labels(probabilities):
+    """The class index per pixel (uint8, H x W) of (C, H, W) probabilities, numpy or torch: with one
+    channel, road where its probability is above ROAD_THRESHOLD; else the most probable class. The
+    metrics, predict's masks and the overlays all count the same pixels this way."""
+    labels = probabilities[0] > ROAD_THRESHOLD if len(probabilities) == 1 else probabilities.argmax(0)
+    return labels.astype(np.uint8) if isinstance(labels, np.ndarray) else labels.to(torch.uint8)
 
 
 class SegmentationMetrics:
@@ -82,7 +92,7 @@ class SegmentationMetrics:
             if self.from_logits:
                 probability = probability.sigmoid()
             probability = probability[valid]
-            predicted = (probability > 0.5).long()
+            predicted = (probability > ROAD_THRESHOLD).long()
             # number of thresholds <= p: road at threshold i iff bin > i (KITTI's p >= t_i, in float64)
             bins = torch.bucketize(probability.double(), KITTI_THRESHOLDS.to(scores.device), right=True)
             self.histogram += self._bincount(truth * _HISTOGRAM_BINS + bins, 2 * _HISTOGRAM_BINS).view(2, -1)

@@ -1,7 +1,7 @@
 """What the model sees: prediction overlays, overlay grids and TensorBoard logging. No Ray here.
 
 Drawing is torchvision's (draw_segmentation_masks, make_grid), with one palette for every task:
-palette(classes). Binary road: every pixel whose road probability is > threshold is painted pure
+palette(classes). Binary road: every pixel whose road probability is > 0.5 (metrics.to_labels) is painted pure
 red (255, 0, 0), opaque, so the overlay shows exactly the pixels counted as road by the metrics.
 Multi-class: the argmax class of every pixel is blended with its palette colour (CamVid's own
 colours for CamVid class names). Ground truth is drawn the same way; IGNORE_INDEX pixels are left
@@ -20,6 +20,8 @@ import torch
 from torchvision.utils import draw_segmentation_masks, make_grid
 
 from raytrain.data.formats import CAMVID_CLASSES, CAMVID_COLORS
+from raytrain.data.location import is_uri
+from raytrain.metrics import to_labels
 
 ROAD_RGB = (255, 0, 0)  # the one class of a binary task, whatever its name
 BLEND = 0.5  # weight of the class colour in a multi-class overlay
@@ -58,7 +60,7 @@ def _paint(image: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> np.
     return np.ascontiguousarray(painted.permute(1, 2, 0).numpy())
 
 
-def overlay(image: np.ndarray, probabilities: np.ndarray, classes: Sequence[str], threshold: float = 0.5) -> np.ndarray:
+def overlay(image: np.ndarray, probabilities: np.ndarray, classes: Sequence[str]) -> np.ndarray:
     """The prediction painted on an RGB image (H, W, 3) uint8.
 
     probabilities: (H, W) or (1, H, W) road probabilities, or (C, H, W) class probabilities.
@@ -66,10 +68,10 @@ def overlay(image: np.ndarray, probabilities: np.ndarray, classes: Sequence[str]
     probabilities = np.asarray(probabilities)
     if len(classes) == 1:
         road = probabilities[0] if probabilities.ndim == 3 else probabilities
-        return _paint(image, (road > threshold).astype(np.uint8), classes)
+        return _paint(image, to_labels(road[None]), classes)
     if probabilities.ndim != 3 or probabilities.shape[0] != len(classes):
         raise ValueError(f"expected ({len(classes)}, H, W) probabilities, got {probabilities.shape}")
-    return _paint(image, probabilities.argmax(0), classes)
+    return _paint(image, to_labels(probabilities), classes)
 
 
 def mask_overlay(image: np.ndarray, mask: np.ndarray, classes: Sequence[str]) -> np.ndarray:
@@ -117,7 +119,7 @@ class TensorBoardLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         self.classes = list(classes)
-        self.remote = log_dir if "://" in log_dir else None
+        self.remote = log_dir if is_uri(log_dir) else None
         self._local = Path(tempfile.mkdtemp(prefix="raytrain-tb-")) if self.remote else Path(log_dir)
         self.writers = {run: SummaryWriter(str(self._local / run)) for run in ("train", "val")}
 

@@ -218,30 +218,56 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="raytrain", description="Road segmentation on Ray: train, search, predict.")
     parser.add_argument("--version", action="version", version=f"raytrain {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    for add_commands in (_add_run_commands, _add_data_commands, _add_result_commands):
+        add_commands(commands)
+    return parser
 
-    def with_output(sub):
-        loudness = sub.add_mutually_exclusive_group()
-        loudness.add_argument("-q", "--quiet", action="store_true", help="print only the results")
-        loudness.add_argument("-v", "--verbose", action="store_true", help="also print Ray's own logs and tables")
-        return sub
 
-    def with_config(sub, kind):
-        sub.add_argument("config", help="a YAML file, or the name of a shipped config (raytrain configs)")
-        sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a dotted config key")
-        sub.add_argument("--num-cpus", type=_positive_int, help="logical CPUs of a local Ray cluster (ignored with RAY_ADDRESS)")
-        sub.add_argument(
-            "--resume", nargs="?", const=True, default=False, metavar="EXPERIMENT",
-            help=f"continue the latest {kind} of the config's name, or the given experiment directory",
-        )
-        sub.add_argument("--dry-run", action="store_true", help="check everything, print what would run, start nothing")
-        return with_output(sub)
+def _with_output(sub):
+    loudness = sub.add_mutually_exclusive_group()
+    loudness.add_argument("-q", "--quiet", action="store_true", help="print only the results")
+    loudness.add_argument("-v", "--verbose", action="store_true", help="also print Ray's own logs and tables")
+    return sub
 
+
+def _with_config(sub, kind):
+    sub.add_argument("config", help="a YAML file, or the name of a shipped config (raytrain configs)")
+    sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a dotted config key")
+    sub.add_argument("--num-cpus", type=_positive_int, help="logical CPUs of a local Ray cluster (ignored with RAY_ADDRESS)")
+    sub.add_argument(
+        "--resume", nargs="?", const=True, default=False, metavar="EXPERIMENT",
+        help=f"continue the latest {kind} of the config's name, or the given experiment directory",
+    )
+    sub.add_argument("--dry-run", action="store_true", help="check everything, print what would run, start nothing")
+    return _with_output(sub)
+
+
+def _add_run_commands(commands) -> None:
+    """quickstart, train, tune, runs, configs, config show."""
     quick = commands.add_parser("quickstart", help="synthetic data -> shards -> a small search, end to end")
     quick.add_argument("--data-dir", help="where the synthetic data goes (default: ~/.cache/raytrain)")
     quick.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     quick.add_argument("--num-cpus", type=_positive_int)
-    with_output(quick).set_defaults(func=_quickstart)
+    _with_output(quick).set_defaults(func=_quickstart)
 
+    _with_config(commands.add_parser("train", help="one DDP training run, in a new experiment directory"), "train").set_defaults(func=_train)
+    _with_config(commands.add_parser("tune", help="a hyperparameter search, in a new experiment directory"), "tune").set_defaults(func=_tune)
+
+    runs = commands.add_parser("runs", help="the experiments in a storage folder, newest first")
+    runs.add_argument("storage", nargs="?", help="default: the config default train.storage_path, ~/raytrain_results")
+    runs.add_argument("--json", action="store_true")
+    runs.set_defaults(func=_runs)
+
+    commands.add_parser("configs", help="the configs shipped with raytrain").set_defaults(func=_configs)
+    config = commands.add_parser("config", help="show a resolved config").add_subparsers(dest="config_command", required=True)
+    show = config.add_parser("show", help="the fully resolved config as YAML")
+    show.add_argument("config", help="a YAML file or a shipped config's name")
+    show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    show.set_defaults(func=_config_show)
+
+
+def _add_data_commands(commands) -> None:
+    """data synth, data shard."""
     data = commands.add_parser("data", help="make and shard datasets").add_subparsers(dest="data_command", required=True)
     synth = data.add_parser("synth", help="write synthetic road scenes in the KITTI road layout")
     synth.add_argument("--out", required=True)
@@ -262,21 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--skip-bad", action="store_true", help="skip bad samples (listed) instead of stopping")
     shard.set_defaults(func=_shard)
 
-    with_config(commands.add_parser("train", help="one DDP training run, in a new experiment directory"), "train").set_defaults(func=_train)
-    with_config(commands.add_parser("tune", help="a hyperparameter search, in a new experiment directory"), "tune").set_defaults(func=_tune)
 
-    runs = commands.add_parser("runs", help="the experiments in a storage folder, newest first")
-    runs.add_argument("storage", nargs="?", help="default: the config default train.storage_path, ~/raytrain_results")
-    runs.add_argument("--json", action="store_true")
-    runs.set_defaults(func=_runs)
-
-    commands.add_parser("configs", help="the configs shipped with raytrain").set_defaults(func=_configs)
-    config = commands.add_parser("config", help="show a resolved config").add_subparsers(dest="config_command", required=True)
-    show = config.add_parser("show", help="the fully resolved config as YAML")
-    show.add_argument("config", help="a YAML file or a shipped config's name")
-    show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    show.set_defaults(func=_config_show)
-
+def _add_result_commands(commands) -> None:
+    """best, report, evaluate, predict, export: what a finished run gives."""
     best = commands.add_parser("best", help="the best checkpoint of an experiment")
     best.add_argument("experiment", help="an experiment directory, or a name's folder (its latest experiment)")
     best.add_argument("--metric", default="val_iou")
@@ -311,7 +325,6 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", default="torchscript", choices=["torchscript", "torch.export"])
     export.add_argument("--out", help="default: CHECKPOINT/model.torchscript.pt (or model.pt2); required for a remote CHECKPOINT")
     export.set_defaults(func=_export)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

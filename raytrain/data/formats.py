@@ -6,10 +6,12 @@ CamVid's void). Shards, the pipeline, losses and metrics only ever see that conv
 """
 from __future__ import annotations
 
+import errno
 import io
 import os
 import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -45,6 +47,37 @@ def decode_kitti_gt(rgb: np.ndarray) -> np.ndarray:
     labels = (rgb[..., 2] > 0).astype(np.uint8)
     labels[rgb[..., 0] == 0] = IGNORE_INDEX
     return labels
+
+
+def file_problem(path, err: OSError) -> str:
+    """Why `path` could not be read, in words, for what a dataset folder really holds: broken links,
+    link loops, folders named like images, files without read permission."""
+    if err.errno == errno.ELOOP:
+        return "symbolic link loop"
+    if err.errno == errno.EISDIR:
+        return "a folder, not a file"
+    if err.errno == errno.ENOENT and isinstance(path, Path) and path.is_symlink():
+        return f"broken symbolic link to {os.readlink(path)}"
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    return err.strerror or " ".join(str(err).split()) or type(err).__name__
+
+
+@contextmanager
+def os_errors_named(fallback, what: str):
+    """Turn an OSError into a one-line DataError naming the file it is about (else `fallback`)."""
+    try:
+        yield
+    except OSError as err:
+        path = err.filename if err.filename is not None else fallback
+        if isinstance(path, bytes):
+            path = os.fsdecode(path)
+        raise DataError(f"{path}: {what} ({file_problem(Path(path) if isinstance(path, str) else path, err)})") from None
+
+
+def present(path) -> bool:
+    """Whether anything is at `path`, a broken link included (it is then an error, not a missing file)."""
+    return path.exists() or (isinstance(path, Path) and path.is_symlink())
 
 
 @dataclass(frozen=True)
@@ -141,7 +174,7 @@ def _kitti_lister(target: str) -> Callable[[Path], list[Sample]]:
             if categories is not None and category not in categories:
                 continue
             mask_path = gt_dir / f"{category}_{target}_{number}.png"
-            samples.append(Sample(image_path.stem, image_path, mask_path if mask_path.exists() else None))
+            samples.append(Sample(image_path.stem, image_path, mask_path if present(mask_path) else None))
         return samples
 
     return list_samples
@@ -230,7 +263,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    # Not only files: a folder or broken link named like an image is an error naming it when read,
+    # not a sample silently left out.
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def _list_camvid(root: Path) -> list[Sample]:
@@ -242,7 +277,7 @@ def _list_camvid(root: Path) -> list[Sample]:
             continue
         for image_path in _images(root / split):
             mask_path = root / f"{split}annot" / f"{image_path.stem}.png"
-            samples.append(Sample(image_path.stem, image_path, mask_path if mask_path.exists() else None, split))
+            samples.append(Sample(image_path.stem, image_path, mask_path if present(mask_path) else None, split))
     return samples
 
 
@@ -274,7 +309,7 @@ def _list_folder(root: Path) -> list[Sample]:
     samples = []
     for image_path in _images(image_dir):
         mask_path = mask_dir / f"{image_path.stem}.png"
-        samples.append(Sample(image_path.stem, image_path, mask_path if mask_path.exists() else None))
+        samples.append(Sample(image_path.stem, image_path, mask_path if present(mask_path) else None))
     return samples
 
 
@@ -289,11 +324,11 @@ def _color(value, where: str) -> tuple[int, int, int]:
 
 
 def _read_class_map(path: Path) -> dict:
-    from raytrain.config import load_yaml
+    from raytrain.config import load_yaml_file
 
     if not path.is_file():
         raise DataError(f"{path}: class map not found (folder format needs {CLASS_MAP} or class_map=)")
-    data = load_yaml(path.read_text(), path, DataError)
+    data = load_yaml_file(path, DataError)
     entries = data.get("classes") if isinstance(data, dict) else None
     if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
         raise DataError(f"{path}: expected `classes:` with a list of {{name, color}} or {{name, index}} entries")

@@ -60,7 +60,8 @@ def load_yaml_file(path: Any, error: type[Exception] = ConfigError) -> Any:
     try:
         text = data.decode("utf-8-sig")  # a UTF-8 byte order mark is harmless, so allowed
     except UnicodeDecodeError as err:
-        raise error(f"{path}: not UTF-8 text (byte {err.start} is {data[err.start]:#04x}); raytrain reads YAML in UTF-8") from None
+        utf16 = " (it is UTF-16)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise error(f"{path}: not UTF-8 text{utf16}, byte {err.start} is {data[err.start]:#04x}; raytrain reads YAML in UTF-8") from None
     return load_yaml(text, path, error)
 
 

@@ -7,6 +7,7 @@ CamVid's void). Shards, the pipeline, losses and metrics only ever see that conv
 from __future__ import annotations
 
 import errno
+import fnmatch
 import io
 import os
 import re
@@ -155,6 +156,11 @@ class DatasetFormat:
         return replace(self, classes=keep, colors=colors, load_mask=lambda path: lut[load(path)])
 
 
+def _glob(folder: Path, pattern: str) -> list[Path]:
+    # Not Path.glob: it answers an unreadable folder with no files, where this raises PermissionError.
+    return [path for path in folder.iterdir() if fnmatch.fnmatchcase(path.name, pattern)]
+
+
 def _kitti_lister(target: str) -> Callable[[Path], list[Sample]]:
     """Samples of the KITTI road layout with `target` ground truth: "road" or "lane" (ego lane)."""
 
@@ -165,10 +171,10 @@ def _kitti_lister(target: str) -> Callable[[Path], list[Sample]]:
         # Only some categories (um) have lane ground truth; images of the others are not lane samples.
         categories = None
         if target != "road":
-            found = gt_dir.glob(f"*_{target}_*.png") if gt_dir.is_dir() else []
+            found = _glob(gt_dir, f"*_{target}_*.png") if gt_dir.is_dir() else []
             categories = {path.stem.rsplit(f"_{target}_", 1)[0] for path in found}
         samples = []
-        for image_path in sorted(image_dir.glob("*.png")):
+        for image_path in sorted(_glob(image_dir, "*.png")):
             # um_000000.png -> gt_image_2/um_road_000000.png (or um_lane_000000.png)
             category, _, number = image_path.stem.rpartition("_")
             if categories is not None and category not in categories:
@@ -349,35 +355,45 @@ def _resolve_folder(root: Path | None, class_map: Path | None) -> DatasetFormat:
     if len(names) > 254:
         raise DataError(f"{path}: at most 254 classes, got {len(names)}")
     # Indices when every class has one (a `color` then only names its display colour), else palette colours.
-    if not all("index" in e for e in entries):
-        if not all("color" in e for e in entries):
-            raise DataError(f"{path}: give every class a `color` (RGB masks) or every class an `index` (index masks)")
-        colors = tuple(_color(e["color"], f"{path}: class {n}") for e, n in zip(entries, names))
-        ignore = data.get("ignore_color")
-        ignore = _color(ignore, f"{path}: ignore_color") if ignore is not None else None
-        if len(set(colors)) != len(colors) or ignore in colors:
-            raise DataError(f"{path}: class colours (and ignore_color) must all differ")
-        codes = np.array([(r << 16) | (g << 8) | b for r, g, b in colors], dtype=np.int64)
-        order = np.argsort(codes)
-        ignore_code = None if ignore is None else (ignore[0] << 16) | (ignore[1] << 8) | ignore[2]
+    if all("index" in e for e in entries):
+        return _index_folder(path, data, names)
+    if not all("color" in e for e in entries):
+        raise DataError(f"{path}: give every class a `color` (RGB masks) or every class an `index` (index masks)")
+    return _color_folder(path, data, names)
 
-        def load_mask(mask_path: Path) -> np.ndarray:
-            with open_image(mask_path) as mask:
-                check_8bit(mask, mask_path, "mask")
-                rgb = np.asarray(mask.convert("RGB")).astype(np.int64)
-            code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
-            out = np.full(code.shape, IGNORE_INDEX, dtype=np.uint8)
-            pos = np.clip(np.searchsorted(codes, code, sorter=order), 0, len(codes) - 1)
-            found = codes[order][pos] == code
-            out[found] = order[pos[found]]
-            unknown = ~found if ignore_code is None else ~found & (code != ignore_code)
-            if unknown.any():
-                bad = [[(c >> 16) & 255, (c >> 8) & 255, c & 255] for c in np.unique(code[unknown])[:5].tolist()]
-                raise DataError(f"{mask_path}: mask colours {bad} are not classes of folder (class map {path})")
-            return out
 
-        return replace(FOLDER, classes=tuple(names), colors=colors, load_mask=load_mask, resolve=None)
+def _color_folder(path: Path, data: dict, names: list[str]) -> DatasetFormat:
+    """The folder format for RGB masks: each class is one colour of the class map."""
+    colors = tuple(_color(e["color"], f"{path}: class {n}") for e, n in zip(data["classes"], names))
+    ignore = data.get("ignore_color")
+    ignore = _color(ignore, f"{path}: ignore_color") if ignore is not None else None
+    if len(set(colors)) != len(colors) or ignore in colors:
+        raise DataError(f"{path}: class colours (and ignore_color) must all differ")
+    codes = np.array([(r << 16) | (g << 8) | b for r, g, b in colors], dtype=np.int64)
+    order = np.argsort(codes)
+    ignore_code = None if ignore is None else (ignore[0] << 16) | (ignore[1] << 8) | ignore[2]
 
+    def load_mask(mask_path: Path) -> np.ndarray:
+        with open_image(mask_path) as mask:
+            check_8bit(mask, mask_path, "mask")
+            rgb = np.asarray(mask.convert("RGB")).astype(np.int64)
+        code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+        out = np.full(code.shape, IGNORE_INDEX, dtype=np.uint8)
+        pos = np.clip(np.searchsorted(codes, code, sorter=order), 0, len(codes) - 1)
+        found = codes[order][pos] == code
+        out[found] = order[pos[found]]
+        unknown = ~found if ignore_code is None else ~found & (code != ignore_code)
+        if unknown.any():
+            bad = [[(c >> 16) & 255, (c >> 8) & 255, c & 255] for c in np.unique(code[unknown])[:5].tolist()]
+            raise DataError(f"{mask_path}: mask colours {bad} are not classes of folder (class map {path})")
+        return out
+
+    return replace(FOLDER, classes=tuple(names), colors=colors, load_mask=load_mask, resolve=None)
+
+
+def _index_folder(path: Path, data: dict, names: list[str]) -> DatasetFormat:
+    """The folder format for index masks: each class is one pixel value of the class map."""
+    entries = data["classes"]
     indices = [e["index"] for e in entries]
     ignore_index = data.get("ignore_index")
     if not all(isinstance(i, int) and 0 <= i <= 255 for i in [*indices, *([ignore_index] if ignore_index is not None else [])]):

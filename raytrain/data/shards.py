@@ -12,7 +12,6 @@ import io
 import json
 import math
 import os
-import posixpath
 from pathlib import Path, PurePosixPath
 from typing import Callable, Sequence
 
@@ -72,13 +71,17 @@ def _reason(err: Exception) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
+def _check_name(path) -> None:
+    try:  # ids and paths are stored as UTF-8 text: a name in another encoding has no faithful copy there
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"{path}: file name is not valid UTF-8; rename the file") from None
+
+
 def _read_sample(sample: Sample, fmt: DatasetFormat) -> tuple[dict, np.ndarray]:
     """Decode and check one sample; raise DataError naming the file on any problem."""
     for path in (sample.image_path, sample.mask_path):
-        try:  # ids and paths are stored as UTF-8 text: a name in another encoding has no faithful copy there
-            str(path).encode("utf-8")
-        except UnicodeEncodeError:
-            raise DataError(f"{path}: file name is not valid UTF-8; rename the file") from None
+        _check_name(path)
     if sample.mask_path is None:
         raise DataError(f"{sample.image_path}: image has no mask")
     try:
@@ -228,7 +231,6 @@ def _has_files(filesystem: pafs.FileSystem, path: str) -> bool:
 
 
 def _write(samples, fmt, filesystem, tmp, val_fraction, seed, rows_per_shard, skip_bad, on_skip, progress) -> dict:
-    num_classes = len(fmt.classes)
     pixel_counts = np.zeros(_mask_values(fmt), dtype=np.int64)
     buffers: dict[str, list[dict]] = {split: [] for split in SPLITS}
     files: dict[str, list[str]] = {split: [] for split in SPLITS}
@@ -261,15 +263,23 @@ def _write(samples, fmt, filesystem, tmp, val_fraction, seed, rows_per_shard, sk
     for split in SPLITS:
         if buffers[split]:
             flush(split)
+    _check_split(fmt, counts, val_fraction, own_splits=any(sample.split for sample in samples))
+    return _manifest(fmt, counts, files, val_fraction, seed, pixel_counts, skipped)
+
+
+def _check_split(fmt: DatasetFormat, counts: dict[str, int], val_fraction: float, own_splits: bool) -> None:
     if counts["train"] == 0:
         raise DataError(f"{fmt.name}: no training samples left after the split (val_fraction={val_fraction})")
     # Only a split made here by val_fraction; a dataset's own splits (CamVid) are what they are.
-    if counts["val"] == 0 and val_fraction > 0 and not any(sample.split for sample in samples):
+    if counts["val"] == 0 and val_fraction > 0 and not own_splits:
         raise DataError(
             f"{fmt.name}: 0 val samples after the split (val_fraction={val_fraction}, {counts['train']} samples); "
             "raise --val-fraction or add samples"
         )
 
+
+def _manifest(fmt: DatasetFormat, counts, files, val_fraction, seed, pixel_counts: np.ndarray, skipped: list[str]) -> dict:
+    num_classes = len(fmt.classes)
     names = ["background", *fmt.classes] if num_classes == 1 else list(fmt.classes)
     return {
         "schema_version": SCHEMA_VERSION,

@@ -27,7 +27,8 @@ def _synth(args) -> None:
     except ValueError as err:
         raise RaytrainError(f"--size: {err}") from None
     started = time.perf_counter()
-    out = api.synth(args.out, args.count, seed=args.seed, size=size)
+    with _notes():  # leftovers of interrupted runs: removed, or where they are
+        out = api.synth(args.out, args.count, seed=args.seed, size=size)
     print(f"wrote {args.count} scenes ({size[0]}x{size[1]}) to {out} in {time.perf_counter() - started:.1f}s")
 
 

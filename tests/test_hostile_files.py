@@ -218,6 +218,10 @@ CASES = [
         id="shard-out-under-a-file",
     ),
     pytest.param(
+        ["data", "synth", "--out", "{tmp}/f/out", "--count", "2"], file_as_parent,
+        ["{tmp}/f/out", "cannot create the output folder", "{tmp}/f is a file"], id="synth-out-under-a-file",
+    ),
+    pytest.param(
         FOLDER_SHARD, folder_with(lambda root: (root / "classes.yaml").write_bytes(RANDOM_BYTES)),
         ["{tmp}/raw/classes.yaml", "not UTF-8"], id="shard-class-map-binary",
     ),

@@ -27,6 +27,7 @@ from tests.test_bad_input import (
     assert_one_line_error,
     checkpoint,
     config,
+    finished_experiment,
     kitti_folder,
     mask_value_outside_class_map,
     run_raytrain,
@@ -144,6 +145,15 @@ def unreadable_config(tmp: Path) -> None:
     (tmp / "c.yaml").chmod(0)
 
 
+def experiment_config_bytes(content: bytes):
+    def setup(tmp: Path) -> None:
+        finished_experiment(tmp)
+        [saved] = tmp.glob("results/bad/*/config.yaml")
+        saved.write_bytes(content)
+
+    return setup
+
+
 def checkpoint_and_manifest(change):
     """A checkpoint, shards, and other shards beside them; change(manifest, tmp) edits the manifest."""
 
@@ -238,6 +248,10 @@ CASES = [
     ),
     pytest.param(
         ["config", "show", C, "--set", "data.size=0x64"], lambda t: config(t, "d"), ["data.size", "hexadecimal"], id="config-show-size-hexadecimal",
+    ),
+    pytest.param(
+        ["train", C, "--resume"], experiment_config_bytes(RANDOM_BYTES), ["{tmp}/results/bad/", "config.yaml", "unreadable"],
+        id="resume-experiment-config-binary",
     ),
     # manifests of sharded datasets
     pytest.param(

@@ -131,6 +131,12 @@ def read_only_parent(tmp: Path) -> None:
     (tmp / "ro").chmod(0o555)
 
 
+def locked_parent(tmp: Path) -> None:
+    kitti_folder(tmp)
+    (tmp / "locked").mkdir()
+    (tmp / "locked").chmod(0)
+
+
 def file_as_parent(tmp: Path) -> None:
     kitti_folder(tmp)
     (tmp / "f").write_text("a file, not a folder")
@@ -270,13 +276,21 @@ CASES = [
     pytest.param(EVALUATE, manifest_bytes(b"[1, 2]"), ["{tmp}/shards/manifest.json", "expected a JSON object"], id="evaluate-manifest-a-list"),
     # permissions (root reads and writes everything, so these run only as another user)
     pytest.param(
-        SHARD, unreadable(f"{IMAGES}/um_000001.png"), [f"{{tmp}}/{IMAGES}/um_000001.png", "permission denied"],
+        SHARD, unreadable(f"{IMAGES}/um_000001.png"), [f"{{tmp}}/{IMAGES}/um_000001.png", "Permission denied"],
         id="shard-image-unreadable", marks=NEEDS_PERMISSIONS,
     ),
-    pytest.param(SHARD, unreadable(IMAGES), [f"{{tmp}}/{IMAGES}", "permission denied"], id="shard-folder-unreadable", marks=NEEDS_PERMISSIONS),
+    pytest.param(SHARD, unreadable(IMAGES), [f"{{tmp}}/{IMAGES}", "Permission denied"], id="shard-folder-unreadable", marks=NEEDS_PERMISSIONS),
     pytest.param(
         [*SHARD[:-1], "{tmp}/ro/out"], read_only_parent, ["{tmp}/ro/out", "cannot create the output folder", "Permission denied"],
         id="shard-out-parent-read-only", marks=NEEDS_PERMISSIONS,
+    ),
+    pytest.param(
+        [*SHARD[:-1], "{tmp}/locked/out"], locked_parent, ["{tmp}/locked/out", "cannot use it as the output folder", "Permission denied"],
+        id="shard-out-in-locked-folder", marks=NEEDS_PERMISSIONS,
+    ),
+    pytest.param(
+        ["data", "synth", "--out", "{tmp}/ro/out", "--count", "2"], read_only_parent,
+        ["{tmp}/ro/out", "cannot create the output folder", "Permission denied"], id="synth-out-parent-read-only", marks=NEEDS_PERMISSIONS,
     ),
     pytest.param(["train", C], unreadable_config, ["{tmp}/c.yaml", "cannot read it", "Permission denied"], id="config-unreadable", marks=NEEDS_PERMISSIONS),
     pytest.param(

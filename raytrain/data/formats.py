@@ -52,15 +52,13 @@ def decode_kitti_gt(rgb: np.ndarray) -> np.ndarray:
 
 def file_problem(path, err: OSError) -> str:
     """Why `path` could not be read, in words, for what a dataset folder really holds: broken links,
-    link loops, folders named like images, files without read permission."""
+    link loops, folders named like images; else the system's reason (Permission denied)."""
     if err.errno == errno.ELOOP:
         return "symbolic link loop"
     if err.errno == errno.EISDIR:
         return "a folder, not a file"
     if err.errno == errno.ENOENT and isinstance(path, Path) and path.is_symlink():
         return f"broken symbolic link to {os.readlink(path)}"
-    if err.errno in (errno.EACCES, errno.EPERM):
-        return "permission denied"
     return err.strerror or " ".join(str(err).split()) or type(err).__name__
 
 

@@ -152,7 +152,11 @@ def write_shards(
     src_path, dataset_format = _source(src, fmt, val_fraction, classes, class_map)
     filesystem, out_path = filesystem_of(out)
     out_path = out_path.rstrip("/")
-    if _has_files(filesystem, out_path):
+    try:
+        occupied = _has_files(filesystem, out_path)
+    except OSError as err:  # a folder on the way that cannot be searched or listed
+        raise DataError(f"{out}: cannot use it as the output folder ({os.strerror(err.errno) if err.errno else err})") from None
+    if occupied:
         raise DataError(f"{out}: already exists; choose another --out or remove it")
     samples = _samples(src, src_path, dataset_format)
     tmp = leftovers.make_temp_dir(filesystem, out_path, str(out))

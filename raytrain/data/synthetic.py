@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 from PIL import Image
 
 from raytrain.data import leftovers
-from raytrain.data.formats import encode_kitti_gt
+from raytrain.data.formats import encode_kitti_gt, os_errors_named
 
 F32 = np.float32
 
@@ -304,7 +304,9 @@ def write_synthetic_kitti(
     never leaves a folder that looks complete. Raises FileExistsError if `out` already exists and is non-empty.
     Scene i is drawn from np.random.default_rng([seed, i]), so it does not depend on count."""
     out = pathlib.Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    with os_errors_named(out, "cannot use it as the output folder"):
+        occupied = out.exists() and (not out.is_dir() or any(out.iterdir()))
+    if occupied:
         raise FileExistsError(f"{out} already exists and is not empty")
     # A temp folder the next run can prove is its own, and remove, should this one be killed.
     tmp = pathlib.Path(leftovers.make_temp_dir(pafs.LocalFileSystem(), str(out.absolute()), str(out)))

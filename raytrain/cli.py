@@ -5,11 +5,15 @@ Errors in the user's input print as one line, `raytrain: error: ...`, with exit 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
+import warnings
 
 from raytrain.errors import RaytrainError
 
@@ -23,7 +27,8 @@ def _synth(args) -> None:
     except ValueError as err:
         raise RaytrainError(f"--size: {err}") from None
     started = time.perf_counter()
-    out = api.synth(args.out, args.count, seed=args.seed, size=size)
+    with _notes():  # leftovers of interrupted runs: removed, or where they are
+        out = api.synth(args.out, args.count, seed=args.seed, size=size)
     print(f"wrote {args.count} scenes ({size[0]}x{size[1]}) to {out} in {time.perf_counter() - started:.1f}s")
 
 
@@ -31,10 +36,11 @@ def _shard(args) -> None:
     from raytrain import api
 
     def on_skip(message: str) -> None:
-        print(f"skipped: {message}", file=sys.stderr)
+        print(f"skipped: {one_line(message)}", file=sys.stderr)
 
-    manifest = api.shard(args.src, args.format, args.out, classes=args.classes, val_fraction=args.val_fraction,
-                         seed=args.seed, skip_bad=args.skip_bad, on_skip=on_skip)
+    with _notes():  # leftovers of interrupted runs: removed, or where they are
+        manifest = api.shard(args.src, args.format, args.out, classes=args.classes, val_fraction=args.val_fraction,
+                             seed=args.seed, skip_bad=args.skip_bad, on_skip=on_skip)
     counts = manifest["num_samples"]
     print(f"wrote {counts['train']} train and {counts['val']} val samples to {args.out}")
 
@@ -102,16 +108,22 @@ def _quickstart(args) -> None:
     print(f"quickstart took {time.perf_counter() - started:.0f}s")
 
 
-def _best(args) -> None:
-    import warnings
-
-    from raytrain import api
-
+@contextlib.contextmanager
+def _notes():
+    """Warnings raised inside, printed as `raytrain: note: ...` lines once it succeeds (an error
+    stays the one line on stderr)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        best = api.best_checkpoint(args.experiment, args.metric, args.mode)
+        yield
     for warning in caught:
-        print(f"raytrain: note: {warning.message}", file=sys.stderr)
+        print(f"raytrain: note: {one_line(warning.message)}", file=sys.stderr)
+
+
+def _best(args) -> None:
+    from raytrain import api
+
+    with _notes():
+        best = api.best_checkpoint(args.experiment, args.metric, args.mode)
     if args.json:
         print(json.dumps({"path": str(best.path), "experiment": best.experiment, "metrics": best.metrics,
                           "config": best.config.model_dump(mode="json")}))
@@ -327,20 +339,47 @@ def _add_result_commands(commands) -> None:
     export.set_defaults(func=_export)
 
 
+def one_line(message: object) -> str:
+    """`message` as one printable line: a file name may hold newlines, control characters or bytes
+    that are not UTF-8 (surrogates in Python), which would break the line or the encoder."""
+    text = str(message).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that every cleanup path for Ctrl-C runs for it too."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not getattr(args, "verbose", False):
         # Read when Ray is imported: no start-up chatter, Ray Data INFO lines or progress bars on stderr.
         for name, value in {"RAY_LOGGER_LEVEL": "error", "RAY_DATA_LOG_LEVEL": "WARNING", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}.items():
             os.environ.setdefault(name, value)
+    # Only over the default handler, in the main thread, and only while the command runs: a program
+    # that embeds main() keeps its own SIGTERM handling.
+    own_sigterm = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    if own_sigterm:
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         args.func(args)
     except RaytrainError as err:  # the user's input; anything else is a bug and keeps its traceback
-        print(f"raytrain: error: {err}", file=sys.stderr)
+        print(f"raytrain: error: {one_line(err)}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("raytrain: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("raytrain: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if own_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
     return 0
 
 

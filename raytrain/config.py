@@ -50,6 +50,21 @@ def load_yaml(text: str, source: Any, error: type[Exception] = ConfigError) -> A
         raise error(f"{source}:{where} {what}") from None
 
 
+def load_yaml_file(path: Any, error: type[Exception] = ConfigError) -> Any:
+    """`load_yaml` of a file: one that cannot be read, or is not UTF-8 text (a binary file, UTF-16),
+    is `error` naming it, like a YAML mistake."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise error(f"{path}: cannot read it ({err.strerror or ' '.join(str(err).split())})") from None
+    try:
+        text = data.decode("utf-8-sig")  # a UTF-8 byte order mark is harmless, so allowed
+    except UnicodeDecodeError as err:
+        utf16 = " (it is UTF-16)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise error(f"{path}: not UTF-8 text{utf16}, byte {err.start} is {data[err.start]:#04x}; raytrain reads YAML in UTF-8") from None
+    return load_yaml(text, path, error)
+
+
 class _Section(BaseModel):
     # Unknown keys are errors: a typo must never silently fall back to a default. So are inf and nan.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
@@ -408,8 +423,11 @@ def shipped_configs() -> dict[str, resources.abc.Traversable]:
 def config_file(source: str | os.PathLike):
     """A config's file: the path itself when it is a file, else the shipped config of that name."""
     path = Path(source).expanduser()
-    if path.is_file():
-        return path
+    try:
+        if path.is_file():
+            return path
+    except OSError as err:  # a folder on the way that cannot be searched
+        raise ConfigError(f"{source}: cannot read it ({err.strerror or err})") from None
     shipped = shipped_configs()
     name = os.fspath(source).removesuffix(".yaml")
     if name in shipped:
@@ -430,7 +448,7 @@ def load_config(source: str | os.PathLike | dict | Config, overrides: dict[str, 
     else:
         path = config_file(source)
         name = str(source)
-        config = _validate(load_yaml(path.read_text(), path), name)
+        config = _validate(load_yaml_file(path), name)
     if overrides:
         if isinstance(overrides, list):
             overrides = dict(parse_override(o) for o in overrides)

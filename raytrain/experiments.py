@@ -136,11 +136,11 @@ def experiment_config(experiment: str) -> Config:
     filesystem, path = filesystem_of(experiment)
     try:
         with filesystem.open_input_stream(f"{path}/{CONFIG_FILE}") as stream:
-            text = stream.read().decode()
+            data = stream.read()
     except (FileNotFoundError, OSError):
         raise CheckpointError(f"{join(experiment, CONFIG_FILE)}: not found") from None
-    try:
-        return load_config(load_yaml(text, CONFIG_FILE))
+    try:  # bytes that are not UTF-8 are damage like any other
+        return load_config(load_yaml(data.decode(), CONFIG_FILE))
     except Exception as err:  # noqa: BLE001 - any damage to the file is the same one-line error
         raise CheckpointError(f"{join(experiment, CONFIG_FILE)}: unreadable ({' '.join(str(err).split())})") from None
 

@@ -6,10 +6,13 @@ CamVid's void). Shards, the pipeline, losses and metrics only ever see that conv
 """
 from __future__ import annotations
 
+import errno
+import fnmatch
 import io
 import os
 import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -45,6 +48,35 @@ def decode_kitti_gt(rgb: np.ndarray) -> np.ndarray:
     labels = (rgb[..., 2] > 0).astype(np.uint8)
     labels[rgb[..., 0] == 0] = IGNORE_INDEX
     return labels
+
+
+def file_problem(path, err: OSError) -> str:
+    """Why `path` could not be read, in words, for what a dataset folder really holds: broken links,
+    link loops, folders named like images; else the system's reason (Permission denied)."""
+    if err.errno == errno.ELOOP:
+        return "symbolic link loop"
+    if err.errno == errno.EISDIR:
+        return "a folder, not a file"
+    if err.errno == errno.ENOENT and isinstance(path, Path) and path.is_symlink():
+        return f"broken symbolic link to {os.readlink(path)}"
+    return err.strerror or " ".join(str(err).split()) or type(err).__name__
+
+
+@contextmanager
+def os_errors_named(fallback, what: str):
+    """Turn an OSError into a one-line DataError naming the file it is about (else `fallback`)."""
+    try:
+        yield
+    except OSError as err:
+        path = err.filename if err.filename is not None else fallback
+        if isinstance(path, bytes):
+            path = os.fsdecode(path)
+        raise DataError(f"{path}: {what} ({file_problem(Path(path) if isinstance(path, str) else path, err)})") from None
+
+
+def present(path) -> bool:
+    """Whether anything is at `path`, a broken link included (it is then an error, not a missing file)."""
+    return path.exists() or (isinstance(path, Path) and path.is_symlink())
 
 
 @dataclass(frozen=True)
@@ -122,6 +154,11 @@ class DatasetFormat:
         return replace(self, classes=keep, colors=colors, load_mask=lambda path: lut[load(path)])
 
 
+def _glob(folder: Path, pattern: str) -> list[Path]:
+    # Not Path.glob: it answers an unreadable folder with no files, where this raises PermissionError.
+    return [path for path in folder.iterdir() if fnmatch.fnmatchcase(path.name, pattern)]
+
+
 def _kitti_lister(target: str) -> Callable[[Path], list[Sample]]:
     """Samples of the KITTI road layout with `target` ground truth: "road" or "lane" (ego lane)."""
 
@@ -132,16 +169,16 @@ def _kitti_lister(target: str) -> Callable[[Path], list[Sample]]:
         # Only some categories (um) have lane ground truth; images of the others are not lane samples.
         categories = None
         if target != "road":
-            found = gt_dir.glob(f"*_{target}_*.png") if gt_dir.is_dir() else []
+            found = _glob(gt_dir, f"*_{target}_*.png") if gt_dir.is_dir() else []
             categories = {path.stem.rsplit(f"_{target}_", 1)[0] for path in found}
         samples = []
-        for image_path in sorted(image_dir.glob("*.png")):
+        for image_path in sorted(_glob(image_dir, "*.png")):
             # um_000000.png -> gt_image_2/um_road_000000.png (or um_lane_000000.png)
             category, _, number = image_path.stem.rpartition("_")
             if categories is not None and category not in categories:
                 continue
             mask_path = gt_dir / f"{category}_{target}_{number}.png"
-            samples.append(Sample(image_path.stem, image_path, mask_path if mask_path.exists() else None))
+            samples.append(Sample(image_path.stem, image_path, mask_path if present(mask_path) else None))
         return samples
 
     return list_samples
@@ -230,7 +267,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    # Not only files: a folder or broken link named like an image is an error naming it when read,
+    # not a sample silently left out.
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def _list_camvid(root: Path) -> list[Sample]:
@@ -242,7 +281,7 @@ def _list_camvid(root: Path) -> list[Sample]:
             continue
         for image_path in _images(root / split):
             mask_path = root / f"{split}annot" / f"{image_path.stem}.png"
-            samples.append(Sample(image_path.stem, image_path, mask_path if mask_path.exists() else None, split))
+            samples.append(Sample(image_path.stem, image_path, mask_path if present(mask_path) else None, split))
     return samples
 
 
@@ -274,7 +313,7 @@ def _list_folder(root: Path) -> list[Sample]:
     samples = []
     for image_path in _images(image_dir):
         mask_path = mask_dir / f"{image_path.stem}.png"
-        samples.append(Sample(image_path.stem, image_path, mask_path if mask_path.exists() else None))
+        samples.append(Sample(image_path.stem, image_path, mask_path if present(mask_path) else None))
     return samples
 
 
@@ -289,11 +328,11 @@ def _color(value, where: str) -> tuple[int, int, int]:
 
 
 def _read_class_map(path: Path) -> dict:
-    from raytrain.config import load_yaml
+    from raytrain.config import load_yaml_file
 
     if not path.is_file():
         raise DataError(f"{path}: class map not found (folder format needs {CLASS_MAP} or class_map=)")
-    data = load_yaml(path.read_text(), path, DataError)
+    data = load_yaml_file(path, DataError)
     entries = data.get("classes") if isinstance(data, dict) else None
     if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
         raise DataError(f"{path}: expected `classes:` with a list of {{name, color}} or {{name, index}} entries")
@@ -314,35 +353,45 @@ def _resolve_folder(root: Path | None, class_map: Path | None) -> DatasetFormat:
     if len(names) > 254:
         raise DataError(f"{path}: at most 254 classes, got {len(names)}")
     # Indices when every class has one (a `color` then only names its display colour), else palette colours.
-    if not all("index" in e for e in entries):
-        if not all("color" in e for e in entries):
-            raise DataError(f"{path}: give every class a `color` (RGB masks) or every class an `index` (index masks)")
-        colors = tuple(_color(e["color"], f"{path}: class {n}") for e, n in zip(entries, names))
-        ignore = data.get("ignore_color")
-        ignore = _color(ignore, f"{path}: ignore_color") if ignore is not None else None
-        if len(set(colors)) != len(colors) or ignore in colors:
-            raise DataError(f"{path}: class colours (and ignore_color) must all differ")
-        codes = np.array([(r << 16) | (g << 8) | b for r, g, b in colors], dtype=np.int64)
-        order = np.argsort(codes)
-        ignore_code = None if ignore is None else (ignore[0] << 16) | (ignore[1] << 8) | ignore[2]
+    if all("index" in e for e in entries):
+        return _index_folder(path, data, names)
+    if not all("color" in e for e in entries):
+        raise DataError(f"{path}: give every class a `color` (RGB masks) or every class an `index` (index masks)")
+    return _color_folder(path, data, names)
 
-        def load_mask(mask_path: Path) -> np.ndarray:
-            with open_image(mask_path) as mask:
-                check_8bit(mask, mask_path, "mask")
-                rgb = np.asarray(mask.convert("RGB")).astype(np.int64)
-            code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
-            out = np.full(code.shape, IGNORE_INDEX, dtype=np.uint8)
-            pos = np.clip(np.searchsorted(codes, code, sorter=order), 0, len(codes) - 1)
-            found = codes[order][pos] == code
-            out[found] = order[pos[found]]
-            unknown = ~found if ignore_code is None else ~found & (code != ignore_code)
-            if unknown.any():
-                bad = [[(c >> 16) & 255, (c >> 8) & 255, c & 255] for c in np.unique(code[unknown])[:5].tolist()]
-                raise DataError(f"{mask_path}: mask colours {bad} are not classes of folder (class map {path})")
-            return out
 
-        return replace(FOLDER, classes=tuple(names), colors=colors, load_mask=load_mask, resolve=None)
+def _color_folder(path: Path, data: dict, names: list[str]) -> DatasetFormat:
+    """The folder format for RGB masks: each class is one colour of the class map."""
+    colors = tuple(_color(e["color"], f"{path}: class {n}") for e, n in zip(data["classes"], names))
+    ignore = data.get("ignore_color")
+    ignore = _color(ignore, f"{path}: ignore_color") if ignore is not None else None
+    if len(set(colors)) != len(colors) or ignore in colors:
+        raise DataError(f"{path}: class colours (and ignore_color) must all differ")
+    codes = np.array([(r << 16) | (g << 8) | b for r, g, b in colors], dtype=np.int64)
+    order = np.argsort(codes)
+    ignore_code = None if ignore is None else (ignore[0] << 16) | (ignore[1] << 8) | ignore[2]
 
+    def load_mask(mask_path: Path) -> np.ndarray:
+        with open_image(mask_path) as mask:
+            check_8bit(mask, mask_path, "mask")
+            rgb = np.asarray(mask.convert("RGB")).astype(np.int64)
+        code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+        out = np.full(code.shape, IGNORE_INDEX, dtype=np.uint8)
+        pos = np.clip(np.searchsorted(codes, code, sorter=order), 0, len(codes) - 1)
+        found = codes[order][pos] == code
+        out[found] = order[pos[found]]
+        unknown = ~found if ignore_code is None else ~found & (code != ignore_code)
+        if unknown.any():
+            bad = [[(c >> 16) & 255, (c >> 8) & 255, c & 255] for c in np.unique(code[unknown])[:5].tolist()]
+            raise DataError(f"{mask_path}: mask colours {bad} are not classes of folder (class map {path})")
+        return out
+
+    return replace(FOLDER, classes=tuple(names), colors=colors, load_mask=load_mask, resolve=None)
+
+
+def _index_folder(path: Path, data: dict, names: list[str]) -> DatasetFormat:
+    """The folder format for index masks: each class is one pixel value of the class map."""
+    entries = data["classes"]
     indices = [e["index"] for e in entries]
     ignore_index = data.get("ignore_index")
     if not all(isinstance(i, int) and 0 <= i <= 255 for i in [*indices, *([ignore_index] if ignore_index is not None else [])]):

@@ -12,9 +12,7 @@ import io
 import json
 import math
 import os
-import posixpath
-import uuid
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable, Sequence
 
 import numpy as np
@@ -23,7 +21,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
 
-from raytrain.data.formats import FORMATS, IGNORE_INDEX, DatasetFormat, Sample, check_8bit, get_format, open_checked
+from raytrain.data import leftovers
+from raytrain.data.formats import (
+    FORMATS, IGNORE_INDEX, DatasetFormat, Sample, check_8bit, file_problem, get_format, open_checked, os_errors_named,
+)
 from raytrain.data.location import as_path, filesystem_of, join
 from raytrain.errors import DataError
 
@@ -70,11 +71,23 @@ def _reason(err: Exception) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
+def _check_name(path) -> None:
+    try:  # ids and paths are stored as UTF-8 text: a name in another encoding has no faithful copy there
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"{path}: file name is not valid UTF-8; rename the file") from None
+
+
 def _read_sample(sample: Sample, fmt: DatasetFormat) -> tuple[dict, np.ndarray]:
     """Decode and check one sample; raise DataError naming the file on any problem."""
+    for path in (sample.image_path, sample.mask_path):
+        _check_name(path)
     if sample.mask_path is None:
         raise DataError(f"{sample.image_path}: image has no mask")
-    image_bytes = sample.image_path.read_bytes()
+    try:
+        image_bytes = sample.image_path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{sample.image_path}: cannot read the image ({file_problem(sample.image_path, err)})") from None
     try:
         with open_checked(io.BytesIO(image_bytes), sample.image_path) as image:
             check_8bit(image, sample.image_path)
@@ -89,6 +102,8 @@ def _read_sample(sample: Sample, fmt: DatasetFormat) -> tuple[dict, np.ndarray]:
     except DataError:
         raise  # already names the file (e.g. mask colours that are not classes)
     except Exception as err:
+        if isinstance(err, OSError) and err.errno is not None:  # the file system's, not Pillow's (errno None)
+            raise DataError(f"{sample.mask_path}: cannot read the mask ({file_problem(sample.mask_path, err)})") from None
         raise DataError(f"{sample.mask_path}: unreadable mask ({_reason(err)})") from None
     if mask.shape != (height, width):
         raise DataError(
@@ -119,56 +134,75 @@ def write_shards(
     skip_bad: bool = False,
     classes: Sequence[str] | None = None,
     class_map: str | os.PathLike | None = None,
-    on_skip: Callable[[str], None] = lambda message: None,
-    progress: Callable[[int, int], None] = lambda done, total: None,
+    on_skip: Callable[[str], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Shard the dataset at `src` into `out`; return the manifest.
 
     `src` and `out` are local paths or any pyarrow filesystem URI (s3://, gs://, file://).
     Atomic: everything is written into a hidden sibling directory on the same filesystem that is
     moved to `out` only when complete (manifest.json last where a filesystem cannot move folders),
-    so an interrupted run leaves no dataset that looks finished.
+    so an interrupted run leaves no dataset that looks finished. Such a run's hidden directory is
+    removed by the next run into the same `out` once its process is provably gone (see leftovers.py).
 
     `classes` picks the targets: None keeps all of the format's classes (class indices 0..C-1),
     one name gives a binary mask (that class 1, every other labelled class 0). `class_map` is the
     folder format's class map, when not `src`/classes.yaml.
     """
+    src_path, dataset_format = _source(src, fmt, val_fraction, classes, class_map)
+    filesystem, out_path = filesystem_of(out)
+    out_path = out_path.rstrip("/")
+    try:
+        occupied = _has_files(filesystem, out_path)
+    except OSError as err:  # a folder on the way that cannot be searched or listed
+        raise DataError(f"{out}: cannot use it as the output folder ({os.strerror(err.errno) if err.errno else err})") from None
+    if occupied:
+        raise DataError(f"{out}: already exists; choose another --out or remove it")
+    samples = _samples(src, src_path, dataset_format)
+    tmp = leftovers.make_temp_dir(filesystem, out_path, str(out))
+    try:
+        manifest = _write(
+            samples, dataset_format, filesystem, tmp, val_fraction, seed, rows_per_shard, skip_bad,
+            on_skip or (lambda message: None), progress or (lambda done, total: None),
+        )
+        manifest["source"] = str(src_path)
+        with filesystem.open_output_stream(f"{tmp}/{MANIFEST}") as stream:
+            stream.write(json.dumps(manifest, indent=2).encode())
+        leftovers.unmark(filesystem, tmp)
+        _publish(filesystem, tmp, out_path, str(out))
+    finally:
+        if filesystem.get_file_info(tmp).type != pafs.FileType.NotFound:
+            filesystem.delete_dir(tmp)
+    return manifest
+
+
+def _source(src, fmt: str, val_fraction: float, classes, class_map) -> tuple[Path, DatasetFormat]:
+    """The dataset folder and its format (bound to its class map), checked before anything is written."""
     if fmt not in FORMATS:
         get_format(fmt)  # raises: unknown format
     # 0 is allowed from Python (all samples train; tests and CamVid, whose splits are its own, use it).
     if not (isinstance(val_fraction, (int, float)) and math.isfinite(val_fraction) and 0 <= val_fraction < 1):
         raise DataError(f"val_fraction {val_fraction!r}: expected a number from 0 up to (not including) 1")
     src_path = as_path(src)
-    if not src_path.is_dir():
-        raise DataError(f"{src}: dataset folder not found")
-    dataset_format = get_format(fmt, classes, root=src_path, class_map=class_map)
-    filesystem, out_path = filesystem_of(out)
-    if _has_files(filesystem, out_path):
-        raise DataError(f"{out}: already exists; choose another --out or remove it")
-    samples = dataset_format.list_samples(src_path)
+    # An unreadable folder, a link loop or a file where a folder belongs: one line naming it.
+    with os_errors_named(src, "cannot read the dataset"):
+        if not src_path.is_dir():
+            raise DataError(f"{src}: dataset folder not found")
+        dataset_format = get_format(fmt, classes, root=src_path, class_map=class_map)
+    return src_path, dataset_format
+
+
+def _samples(src, src_path: Path, dataset_format: DatasetFormat) -> list[Sample]:
+    with os_errors_named(src, "cannot read the dataset"):
+        samples = dataset_format.list_samples(src_path)
     if not samples:
-        raise DataError(f"{src}: no samples found in the {fmt} layout")
+        raise DataError(f"{src}: no samples found in the {dataset_format.name} layout")
     seen: dict[str, Sample] = {}
     for sample in samples:
         if sample.id in seen:  # one id, two files (a.png and a.jpg): one would silently be trained twice
             raise DataError(f"{seen[sample.id].image_path} and {sample.image_path}: two images of sample {sample.id!r}; keep one")
         seen[sample.id] = sample
-
-    parent, name = posixpath.split(out_path.rstrip("/"))
-    tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
-    filesystem.create_dir(tmp)
-    try:
-        manifest = _write(
-            samples, dataset_format, filesystem, tmp, val_fraction, seed, rows_per_shard, skip_bad, on_skip, progress
-        )
-        manifest["source"] = str(src_path)
-        with filesystem.open_output_stream(f"{tmp}/{MANIFEST}") as stream:
-            stream.write(json.dumps(manifest, indent=2).encode())
-        _publish(filesystem, tmp, out_path.rstrip("/"), str(out))
-    finally:
-        if filesystem.get_file_info(tmp).type != pafs.FileType.NotFound:
-            filesystem.delete_dir(tmp)
-    return manifest
+    return samples
 
 
 def _publish(filesystem: pafs.FileSystem, tmp: str, out: str, shown: str) -> None:
@@ -201,7 +235,6 @@ def _has_files(filesystem: pafs.FileSystem, path: str) -> bool:
 
 
 def _write(samples, fmt, filesystem, tmp, val_fraction, seed, rows_per_shard, skip_bad, on_skip, progress) -> dict:
-    num_classes = len(fmt.classes)
     pixel_counts = np.zeros(_mask_values(fmt), dtype=np.int64)
     buffers: dict[str, list[dict]] = {split: [] for split in SPLITS}
     files: dict[str, list[str]] = {split: [] for split in SPLITS}
@@ -234,15 +267,23 @@ def _write(samples, fmt, filesystem, tmp, val_fraction, seed, rows_per_shard, sk
     for split in SPLITS:
         if buffers[split]:
             flush(split)
+    _check_split(fmt, counts, val_fraction, own_splits=any(sample.split for sample in samples))
+    return _manifest(fmt, counts, files, val_fraction, seed, pixel_counts, skipped)
+
+
+def _check_split(fmt: DatasetFormat, counts: dict[str, int], val_fraction: float, own_splits: bool) -> None:
     if counts["train"] == 0:
         raise DataError(f"{fmt.name}: no training samples left after the split (val_fraction={val_fraction})")
     # Only a split made here by val_fraction; a dataset's own splits (CamVid) are what they are.
-    if counts["val"] == 0 and val_fraction > 0 and not any(sample.split for sample in samples):
+    if counts["val"] == 0 and val_fraction > 0 and not own_splits:
         raise DataError(
             f"{fmt.name}: 0 val samples after the split (val_fraction={val_fraction}, {counts['train']} samples); "
             "raise --val-fraction or add samples"
         )
 
+
+def _manifest(fmt: DatasetFormat, counts, files, val_fraction, seed, pixel_counts: np.ndarray, skipped: list[str]) -> dict:
+    num_classes = len(fmt.classes)
     names = ["background", *fmt.classes] if num_classes == 1 else list(fmt.classes)
     return {
         "schema_version": SCHEMA_VERSION,
@@ -270,17 +311,41 @@ def read_manifest(dataset: str | os.PathLike) -> dict:
     try:
         with filesystem.open_input_stream(manifest_path) as stream:
             manifest = json.loads(stream.read())
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON ({err})") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read it ({file_problem(as_path(path), err)})") from None
+    except ValueError as err:  # JSONDecodeError, and bytes that are not UTF-8 at all
+        raise DataError(f"{path}: not valid JSON ({' '.join(str(err).split())})") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise DataError(f"{path}: schema_version {manifest.get('schema_version')} is not {SCHEMA_VERSION}")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(isinstance(files.get(split), list) for split in SPLITS):
+        raise DataError(f"{path}: `files` must list the {' and '.join(SPLITS)} shard files")
+    for split in SPLITS:
+        for name in files[split]:
+            if not _relative_inside(name):
+                # A manifest must not make raytrain read files elsewhere (/etc/..., ../other-data).
+                raise DataError(f"{path}: files.{split} entry {name!r} is not a relative path inside the dataset folder")
     return manifest
+
+
+def _relative_inside(name) -> bool:
+    if not isinstance(name, str) or not name.strip() or "\\" in name or "\0" in name:
+        return False
+    parts = PurePosixPath(name).parts
+    return bool(parts) and not PurePosixPath(name).is_absolute() and ".." not in parts and ":" not in parts[0] and not name.startswith("~")
 
 
 def shard_paths(dataset: str | os.PathLike, split: str) -> list[str]:
     """The split's Parquet files: local paths for local data (file:// included), else URIs."""
     manifest = read_manifest(dataset)
     filesystem, root = filesystem_of(dataset)
-    if isinstance(filesystem, pafs.LocalFileSystem):
-        return [str(Path(root).resolve() / name) for name in manifest["files"][split]]
-    return [join(dataset, name) for name in manifest["files"][split]]
+    if not isinstance(filesystem, pafs.LocalFileSystem):
+        return [join(dataset, name) for name in manifest["files"][split]]
+    root_path = Path(root).resolve()
+    paths = [(root_path / name).resolve() for name in manifest["files"][split]]
+    for name, path in zip(manifest["files"][split], paths):
+        if not path.is_relative_to(root_path):  # a symbolic link inside that leads out
+            raise DataError(f"{join(dataset, MANIFEST)}: files.{split} entry {name!r} leads outside the dataset folder, to {path}")
+    return [str(path) for path in paths]

@@ -12,14 +12,15 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
-import tempfile
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import pyarrow.fs as pafs
 from PIL import Image
 
-from raytrain.data.formats import encode_kitti_gt
+from raytrain.data import leftovers
+from raytrain.data.formats import encode_kitti_gt, os_errors_named
 
 F32 = np.float32
 
@@ -303,10 +304,12 @@ def write_synthetic_kitti(
     never leaves a folder that looks complete. Raises FileExistsError if `out` already exists and is non-empty.
     Scene i is drawn from np.random.default_rng([seed, i]), so it does not depend on count."""
     out = pathlib.Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    with os_errors_named(out, "cannot use it as the output folder"):
+        occupied = out.exists() and (not out.is_dir() or any(out.iterdir()))
+    if occupied:
         raise FileExistsError(f"{out} already exists and is not empty")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    # A temp folder the next run can prove is its own, and remove, should this one be killed.
+    tmp = pathlib.Path(leftovers.make_temp_dir(pafs.LocalFileSystem(), str(out.absolute()), str(out)))
     try:
         images, gts = tmp / "training" / "image_2", tmp / "training" / "gt_image_2"
         images.mkdir(parents=True)
@@ -316,7 +319,7 @@ def write_synthetic_kitti(
             image, road = render_scene(np.random.default_rng([seed, i]), width, height)
             Image.fromarray(image).save(images / f"um_{i:06d}.png", compress_level=1)
             Image.fromarray(encode_kitti_gt(road)).save(gts / f"um_road_{i:06d}.png", compress_level=1)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        leftovers.unmark(pafs.LocalFileSystem(), str(tmp))
         if out.exists():
             out.rmdir()  # empty (checked above); rename cannot replace it portably
         os.rename(tmp, out)

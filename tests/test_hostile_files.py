@@ -1,0 +1,390 @@
+"""Untrusted files: what a dataset folder, a config or a manifest can really hold (broken links,
+link loops, folders named like images, unreadable files, names that are not UTF-8, binary text,
+paths that lead out of the dataset), and runs that are killed. Each bad-input row is a real
+`raytrain` subprocess that must answer with one line, exit code 2, and nothing written.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from raytrain.data.formats import encode_kitti_gt
+from raytrain.data.shards import read_manifest, write_shards
+from tests.test_bad_input import (
+    SHARD,
+    assert_one_line_error,
+    checkpoint,
+    config,
+    finished_experiment,
+    kitti_folder,
+    mask_value_outside_class_map,
+    run_raytrain,
+    shards,
+)
+
+
+
+def _permissions_hold() -> bool:
+    """Whether this process is refused a file it may not read: not so for root (CAP_DAC_OVERRIDE)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder, "secret")
+        path.write_text("x")
+        path.chmod(0)
+        try:
+            path.read_text()
+        except PermissionError:
+            return True
+        return False
+
+
+NEEDS_PERMISSIONS = pytest.mark.skipif(
+    not _permissions_hold(), reason="runs as root, which reads and writes files whatever their permissions "
+    "(run as another user, or as root without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH)",
+)
+IMAGES, MASKS = "raw/training/image_2", "raw/training/gt_image_2"
+FOLDER_SHARD = ["data", "shard", "{tmp}/raw", "--format", "folder", "--out", "{tmp}/out"]
+CAMVID_SHARD = ["data", "shard", "{tmp}/raw", "--format", "camvid", "--out", "{tmp}/out", "--val-fraction", "0"]
+C = "{tmp}/c.yaml"
+RANDOM_BYTES = np.random.default_rng(0).bytes(300)
+UTF16 = "name: bad\n".encode("utf-16")
+
+# ---------------------------------------------------------------- the files a row needs
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """test_bad_input's snapshot, of the links themselves: a broken link or a loop has no target to stat."""
+    return {str(p.relative_to(root)): (p.lstat().st_size, p.lstat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def kitti_plus(image: str, make_image, mask: str | None = None):
+    """The KITTI folder with one more sample: make_image(path) makes its image, its mask is a copy."""
+
+    def setup(tmp: Path) -> None:
+        kitti_folder(tmp)
+        if mask is not None:
+            shutil.copy(tmp / MASKS / "um_road_000000.png", tmp / MASKS / mask)
+        make_image(tmp / IMAGES / image)
+
+    return setup
+
+
+def kitti_mask_as(make_mask):
+    def setup(tmp: Path) -> None:
+        (kitti_folder(tmp) / "training/gt_image_2/um_road_000001.png").unlink()
+        make_mask(tmp / MASKS / "um_road_000001.png")
+
+    return setup
+
+
+def non_utf8_name(tmp: Path) -> None:
+    kitti_folder(tmp)
+    for folder, old, new in [(IMAGES, b"um_000001.png", b"um_\xff00001.png"), (MASKS, b"um_road_000001.png", b"um_road_\xff00001.png")]:
+        base = os.fsencode(tmp / folder)
+        os.rename(base + b"/" + old, base + b"/" + new)
+
+
+def newline_in_name(tmp: Path) -> None:
+    (kitti_folder(tmp) / "training/image_2/um_000001.png").rename(tmp / IMAGES / "um_0\n0001.png")
+
+
+def folder_with(change):
+    def setup(tmp: Path) -> None:
+        mask_value_outside_class_map(tmp)
+        Image.fromarray(np.full((8, 8), 1, np.uint8)).save(tmp / "raw/masks/1.png")  # a valid dataset
+        change(tmp / "raw")
+
+    return setup
+
+
+def camvid_with_dangling_link(tmp: Path) -> None:
+    for split in ("train", "trainannot"):
+        (tmp / "raw" / split).mkdir(parents=True)
+    Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(tmp / "raw/train/a.png")
+    Image.fromarray(np.full((8, 8), 3, np.uint8)).save(tmp / "raw/trainannot/a.png")
+    Image.fromarray(np.full((8, 8), 3, np.uint8)).save(tmp / "raw/trainannot/b.png")
+    (tmp / "raw/train/b.png").symlink_to(tmp / "gone.png")
+
+
+def unreadable(relative: str):
+    def setup(tmp: Path) -> None:
+        kitti_folder(tmp)
+        (tmp / relative).chmod(0)
+
+    return setup
+
+
+def read_only_parent(tmp: Path) -> None:
+    kitti_folder(tmp)
+    (tmp / "ro").mkdir()
+    (tmp / "ro").chmod(0o555)
+
+
+def locked_parent(tmp: Path) -> None:
+    kitti_folder(tmp)
+    (tmp / "locked").mkdir()
+    (tmp / "locked").chmod(0)
+
+
+def file_as_parent(tmp: Path) -> None:
+    kitti_folder(tmp)
+    (tmp / "f").write_text("a file, not a folder")
+
+
+def config_bytes(content: bytes):
+    return lambda tmp: (tmp / "c.yaml").write_bytes(content)
+
+
+def unreadable_config(tmp: Path) -> None:
+    config(tmp, "d")
+    (tmp / "c.yaml").chmod(0)
+
+
+def experiment_config_bytes(content: bytes):
+    def setup(tmp: Path) -> None:
+        finished_experiment(tmp)
+        [saved] = tmp.glob("results/bad/*/config.yaml")
+        saved.write_bytes(content)
+
+    return setup
+
+
+def checkpoint_and_manifest(change):
+    """A checkpoint, shards, and other shards beside them; change(manifest, tmp) edits the manifest."""
+
+    def setup(tmp: Path) -> None:
+        checkpoint(tmp)
+        shards(tmp)
+        shutil.copytree(tmp / "shards", tmp / "other")
+        path = tmp / "shards/manifest.json"
+        manifest = json.loads(path.read_text())
+        change(manifest, tmp)
+        path.write_text(json.dumps(manifest))
+
+    return setup
+
+
+def val_files(names):
+    return checkpoint_and_manifest(lambda manifest, tmp: manifest["files"].update(val=[n.format(tmp=tmp) for n in names]))
+
+
+def shard_linked_outside(manifest: dict, tmp: Path) -> None:
+    (tmp / "shards/outside.parquet").symlink_to(tmp / "other" / manifest["files"]["val"][0])
+    manifest["files"]["val"] = ["outside.parquet"]
+
+
+def manifest_bytes(content: bytes):
+    def setup(tmp: Path) -> None:
+        checkpoint(tmp)
+        shards(tmp)
+        (tmp / "shards/manifest.json").write_bytes(content)
+
+    return setup
+
+
+EVALUATE = ["evaluate", "{tmp}/exp/ckpt", "{tmp}/shards"]
+
+# ---------------------------------------------------------------- the table
+
+CASES = [
+    # dataset folders
+    pytest.param(
+        SHARD, kitti_plus("um_000009.png", lambda p: p.symlink_to(p.parent / "gone.png"), "um_road_000009.png"),
+        [f"{{tmp}}/{IMAGES}/um_000009.png", "broken symbolic link", "gone.png"], id="shard-image-broken-link",
+    ),
+    pytest.param(
+        SHARD, kitti_plus("um_000009.png", lambda p: p.symlink_to(p), "um_road_000009.png"),
+        [f"{{tmp}}/{IMAGES}/um_000009.png", "symbolic link loop"], id="shard-image-link-loop",
+    ),
+    pytest.param(
+        SHARD, kitti_plus("um_000009.png", Path.mkdir, "um_road_000009.png"),
+        [f"{{tmp}}/{IMAGES}/um_000009.png", "a folder, not a file"], id="shard-folder-named-like-image",
+    ),
+    pytest.param(
+        SHARD, kitti_mask_as(lambda p: p.symlink_to(p.parent / "gone.png")),
+        [f"{{tmp}}/{MASKS}/um_road_000001.png", "cannot read the mask", "broken symbolic link"], id="shard-mask-broken-link",
+    ),
+    pytest.param(
+        SHARD, kitti_mask_as(Path.mkdir), [f"{{tmp}}/{MASKS}/um_road_000001.png", "a folder, not a file"], id="shard-folder-named-like-mask",
+    ),
+    pytest.param(
+        FOLDER_SHARD, folder_with(lambda root: (root / "images/2.png").mkdir()),
+        ["{tmp}/raw/images/2.png"], id="shard-folder-format-folder-named-like-image",
+    ),
+    pytest.param(
+        CAMVID_SHARD, camvid_with_dangling_link, ["{tmp}/raw/train/b.png", "broken symbolic link"], id="shard-camvid-image-broken-link",
+    ),
+    pytest.param(
+        SHARD, non_utf8_name, [f"{{tmp}}/{IMAGES}/um_\\xff00001.png", "not valid UTF-8"], id="shard-name-not-utf8",
+    ),
+    pytest.param(SHARD, newline_in_name, [f"{{tmp}}/{IMAGES}/um_0\\n0001.png", "no mask"], id="shard-newline-in-name"),
+    pytest.param(
+        [*SHARD[:-1], "{tmp}/f/out"], file_as_parent, ["{tmp}/f/out", "cannot create the output folder", "{tmp}/f is a file"],
+        id="shard-out-under-a-file",
+    ),
+    pytest.param(
+        ["data", "synth", "--out", "{tmp}/f/out", "--count", "2"], file_as_parent,
+        ["{tmp}/f/out", "cannot create the output folder", "{tmp}/f is a file"], id="synth-out-under-a-file",
+    ),
+    pytest.param(
+        FOLDER_SHARD, folder_with(lambda root: (root / "classes.yaml").write_bytes(RANDOM_BYTES)),
+        ["{tmp}/raw/classes.yaml", "not UTF-8"], id="shard-class-map-binary",
+    ),
+    pytest.param(
+        FOLDER_SHARD, folder_with(lambda root: (root / "classes.yaml").write_bytes(UTF16)),
+        ["{tmp}/raw/classes.yaml", "UTF-16"], id="shard-class-map-utf16",
+    ),
+    # config files
+    pytest.param(["train", C], config_bytes(RANDOM_BYTES), ["{tmp}/c.yaml", "not UTF-8"], id="train-config-binary"),
+    pytest.param(["tune", C], config_bytes(UTF16), ["{tmp}/c.yaml", "UTF-16"], id="tune-config-utf16"),
+    pytest.param(["config", "show", C], config_bytes(RANDOM_BYTES), ["{tmp}/c.yaml", "not UTF-8"], id="config-show-binary"),
+    pytest.param(
+        ["config", "show", C, "--set", "data.size=100"], lambda t: config(t, "d"), ["data.size", "WIDTHxHEIGHT", "100"], id="config-show-size-a-number",
+    ),
+    pytest.param(
+        ["config", "show", C, "--set", "data.size=0x64"], lambda t: config(t, "d"), ["data.size", "hexadecimal"], id="config-show-size-hexadecimal",
+    ),
+    pytest.param(
+        ["train", C, "--resume"], experiment_config_bytes(RANDOM_BYTES), ["{tmp}/results/bad/", "config.yaml", "unreadable"],
+        id="resume-experiment-config-binary",
+    ),
+    # manifests of sharded datasets
+    pytest.param(
+        EVALUATE, val_files(["{tmp}/other/val-00000.parquet"]),
+        ["{tmp}/shards/manifest.json", "files.val", "{tmp}/other/val-00000.parquet", "not a relative path inside"], id="evaluate-manifest-absolute-path",
+    ),
+    pytest.param(
+        EVALUATE, val_files(["../other/val-00000.parquet"]),
+        ["{tmp}/shards/manifest.json", "files.val", "../other/val-00000.parquet", "not a relative path inside"], id="evaluate-manifest-dotdot",
+    ),
+    pytest.param(
+        EVALUATE, checkpoint_and_manifest(shard_linked_outside),
+        ["{tmp}/shards/manifest.json", "'outside.parquet' leads outside the dataset folder", "{tmp}/other"], id="evaluate-shard-linked-outside",
+    ),
+    pytest.param(EVALUATE, manifest_bytes(RANDOM_BYTES), ["{tmp}/shards/manifest.json", "not valid JSON"], id="evaluate-manifest-binary"),
+    pytest.param(EVALUATE, manifest_bytes(b"[1, 2]"), ["{tmp}/shards/manifest.json", "expected a JSON object"], id="evaluate-manifest-a-list"),
+    # permissions (root reads and writes everything, so these run only as another user)
+    pytest.param(
+        SHARD, unreadable(f"{IMAGES}/um_000001.png"), [f"{{tmp}}/{IMAGES}/um_000001.png", "Permission denied"],
+        id="shard-image-unreadable", marks=NEEDS_PERMISSIONS,
+    ),
+    pytest.param(SHARD, unreadable(IMAGES), [f"{{tmp}}/{IMAGES}", "Permission denied"], id="shard-folder-unreadable", marks=NEEDS_PERMISSIONS),
+    pytest.param(
+        [*SHARD[:-1], "{tmp}/ro/out"], read_only_parent, ["{tmp}/ro/out", "cannot create the output folder", "Permission denied"],
+        id="shard-out-parent-read-only", marks=NEEDS_PERMISSIONS,
+    ),
+    pytest.param(
+        [*SHARD[:-1], "{tmp}/locked/out"], locked_parent, ["{tmp}/locked/out", "cannot use it as the output folder", "Permission denied"],
+        id="shard-out-in-locked-folder", marks=NEEDS_PERMISSIONS,
+    ),
+    pytest.param(
+        ["data", "synth", "--out", "{tmp}/ro/out", "--count", "2"], read_only_parent,
+        ["{tmp}/ro/out", "cannot create the output folder", "Permission denied"], id="synth-out-parent-read-only", marks=NEEDS_PERMISSIONS,
+    ),
+    pytest.param(["train", C], unreadable_config, ["{tmp}/c.yaml", "cannot read it", "Permission denied"], id="config-unreadable", marks=NEEDS_PERMISSIONS),
+    pytest.param(
+        FOLDER_SHARD, folder_with(lambda root: (root / "classes.yaml").chmod(0)),
+        ["{tmp}/raw/classes.yaml", "Permission denied"], id="shard-class-map-unreadable", marks=NEEDS_PERMISSIONS,
+    ),
+]
+
+
+@pytest.mark.parametrize("args, setup, fragments", CASES)
+def test_hostile_file_is_one_line_exit_2_and_nothing_written(tmp_path, args, setup, fragments):
+    setup(tmp_path)
+    before = snapshot(tmp_path)
+    run, _ = run_raytrain([a.format(tmp=tmp_path) for a in args], tmp_path)
+    assert_one_line_error(run, fragments, tmp_path)
+    assert snapshot(tmp_path) == before
+
+
+# ---------------------------------------------------------------- interrupted runs
+
+
+def many_samples(root: Path, count: int = 700) -> Path:
+    """A KITTI folder of `count` samples (hard links of one): long enough to be killed mid-write."""
+    (root / "training/image_2").mkdir(parents=True)
+    (root / "training/gt_image_2").mkdir(parents=True)
+    image = np.random.default_rng(0).integers(0, 256, (96, 256, 3), dtype=np.uint8)
+    Image.fromarray(image).save(root / "training/image_2/um_000000.png", compress_level=1)
+    Image.fromarray(encode_kitti_gt(image[..., 0] > 128)).save(root / "training/gt_image_2/um_road_000000.png")
+    for i in range(1, count):
+        os.link(root / "training/image_2/um_000000.png", root / f"training/image_2/um_{i:06d}.png")
+        os.link(root / "training/gt_image_2/um_road_000000.png", root / f"training/gt_image_2/um_road_{i:06d}.png")
+    return root
+
+
+def shard_cli(*args) -> list[str]:
+    return [sys.executable, "-m", "raytrain.cli", "data", "shard", *map(str, args)]
+
+
+def kill_mid_write(root: Path, out: Path, sig: int) -> subprocess.CompletedProcess:
+    """`data shard` killed with `sig` once its first shard file is on disk."""
+    process = subprocess.Popen(shard_cli(root, "--format", "kitti", "--out", out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(out.parent.glob(f".{out.name}.tmp-*/*.parquet")):
+        assert process.poll() is None and time.monotonic() < deadline, "finished before it could be killed"
+        time.sleep(0.005)
+    process.send_signal(sig)
+    stdout, stderr = process.communicate(timeout=60)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def test_sigterm_mid_write_cleans_up_like_ctrl_c(tmp_path):
+    out = tmp_path / "shards"
+    run = kill_mid_write(many_samples(tmp_path / "many"), out, signal.SIGTERM)
+    assert run.returncode == 128 + signal.SIGTERM, run.stderr
+    assert run.stderr == "raytrain: terminated\n"
+    assert not out.exists() and not list(tmp_path.glob(".shards.tmp-*"))
+
+
+def test_sigkill_leftover_is_removed_by_the_next_run_and_nothing_else(tmp_path):
+    root, out = many_samples(tmp_path / "many"), tmp_path / "shards"
+    run = kill_mid_write(root, out, signal.SIGKILL)
+    assert run.returncode == -signal.SIGKILL
+    [leftover] = tmp_path.glob(".shards.tmp-*")
+    # Not ours to remove: a user's file and a folder that only looks like a temp folder (no marker).
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / ".shards.tmp-mine").mkdir()
+    (tmp_path / ".shards.tmp-mine/keep.txt").write_text("mine too")
+
+    rerun = subprocess.run(shard_cli(root, "--format", "kitti", "--out", out), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"raytrain: note: removed {leftover}, left by an interrupted run" in rerun.stderr
+    assert f"raytrain: note: {tmp_path}/.shards.tmp-mine: left alone" in rerun.stderr
+    assert not leftover.exists()
+    assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / ".shards.tmp-mine/keep.txt").read_text() == "mine too"
+    assert sum(read_manifest(out)["num_samples"].values()) == 700
+    assert {p.name for p in out.iterdir()} == {"manifest.json", *(p.name for p in out.glob("*.parquet"))}  # no marker published
+
+
+def test_a_running_writers_temp_folder_is_left_and_a_reused_pids_is_removed(tmp_path):
+    """The pid in a leftover's name may be alive: a run still writing (left alone), or a newer
+    process that got the same pid (its start time differs: removed)."""
+    from raytrain.data import leftovers
+    import pyarrow.fs as pafs
+
+    src = kitti_folder(tmp_path)
+    live = leftovers.make_temp_dir(pafs.LocalFileSystem(), str(tmp_path / "out"), "out")
+    reused = leftovers.make_temp_dir(pafs.LocalFileSystem(), str(tmp_path / "out2"), "out2")
+    marker = Path(reused) / leftovers.MARKER
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "start": "0"}))  # started before boot: not this process
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        write_shards(src, "kitti", tmp_path / "out", val_fraction=0.5)
+        write_shards(src, "kitti", tmp_path / "out2", val_fraction=0.5)
+    assert Path(live).is_dir() and not Path(reused).exists()
+    notes = [str(w.message) for w in caught]
+    assert any(n.startswith(f"{live}: left alone, its run (pid {os.getpid()} on this host) may still be writing") for n in notes), notes
+    assert any(n.startswith(f"removed {reused}") for n in notes), notes

@@ -62,7 +62,7 @@ def _launch(kind, source, overrides, resume, dry_run, num_cpus, verbosity):
     extra = {"resume": bool(resume)} if kind == "tune" else {}
     try:
         result = run(config, experiment, num_cpus=num_cpus, verbosity=verbosity, **extra)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (Ray's handler exits)
         experiments.mark(experiment, experiments.INTERRUPTED)
         raise
     except BaseException:

@@ -15,6 +15,17 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def set_dotted(tree: dict, **dotted) -> dict:
+    """tree with each dotted key (`train.epochs`) set to its value, sections made as needed."""
+    for key, value in dotted.items():
+        *parents, last = key.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return tree
+
+
 def read_events(log_dir: Path | str):
     """Every scalar and image in a TensorBoard log folder, loaded."""
     from tensorboard.backend.event_processing.event_accumulator import IMAGES, SCALARS, EventAccumulator

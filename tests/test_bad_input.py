@@ -19,6 +19,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from tests.conftest import set_dotted
+
 # ---------------------------------------------------------------- the files a row needs
 
 
@@ -47,13 +49,7 @@ def config(tmp: Path, data: Path | str | None = None, **dotted) -> Path:
         "model": {"name": "unet", "base_channels": 4, "depth": 2},
         "train": {"epochs": 1, "batch_size": 2, "num_workers": 2, "max_failures": 0, "storage_path": str(tmp / "results")},
     }
-    for key, value in dotted.items():
-        *parents, last = key.split(".")
-        node = text
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    (tmp / "c.yaml").write_text(yaml.safe_dump(text))
+    (tmp / "c.yaml").write_text(yaml.safe_dump(set_dotted(text, **dotted)))
     return tmp / "c.yaml"
 
 
@@ -403,6 +399,17 @@ def assert_one_line_error(run: subprocess.CompletedProcess, fragments: list[str]
         assert fragment.format(tmp=tmp) in lines[0]
 
 
+def check_one_line_and_nothing_written(tmp: Path, args: list[str], setup, fragments: list[str]) -> int:
+    """setup(tmp), then the CLI with args: exit 2, one line holding every fragment, tmp unchanged.
+    Returns the most memory the CLI held (max RSS in bytes)."""
+    setup(tmp)
+    before = snapshot(tmp)
+    run, max_rss = run_raytrain([a.format(tmp=tmp) for a in args], tmp)
+    assert_one_line_error(run, fragments, tmp)
+    assert snapshot(tmp) == before  # also: no temporary file left
+    return max_rss
+
+
 @pytest.mark.parametrize("args, setup, fragments", CASES)
 def test_bad_input_is_one_line_exit_2_and_nothing_written(request, tmp_path, args, setup, fragments):
     setup(tmp_path)
@@ -476,9 +483,5 @@ def test_decompression_bomb_is_refused_from_its_header(tmp_path, args, setup, fr
     """An image past the pixel limit is a one-line error before it is decoded: the process stays
     under 1 GiB (the CLI alone holds about 700 MiB; one such image decoded as RGB adds 432 MB) (an address-space limit cannot be used: torch's
     libraries alone map more than 3 GiB)."""
-    setup(tmp_path)
-    before = snapshot(tmp_path)
-    run, max_rss = run_raytrain([a.format(tmp=tmp_path) for a in args], tmp_path)
-    assert_one_line_error(run, fragments, tmp_path)
-    assert snapshot(tmp_path) == before
+    max_rss = check_one_line_and_nothing_written(tmp_path, args, setup, fragments)
     assert max_rss < 2**30, f"max RSS {max_rss / 2**20:.0f} MiB"

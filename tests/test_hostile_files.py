@@ -24,13 +24,12 @@ from raytrain.data.formats import encode_kitti_gt
 from raytrain.data.shards import read_manifest, write_shards
 from tests.test_bad_input import (
     SHARD,
-    assert_one_line_error,
+    check_one_line_and_nothing_written,
     checkpoint,
     config,
     finished_experiment,
     kitti_folder,
     mask_value_outside_class_map,
-    run_raytrain,
     shards,
 )
 
@@ -302,11 +301,7 @@ CASES = [
 
 @pytest.mark.parametrize("args, setup, fragments", CASES)
 def test_hostile_file_is_one_line_exit_2_and_nothing_written(tmp_path, args, setup, fragments):
-    setup(tmp_path)
-    before = snapshot(tmp_path)
-    run, _ = run_raytrain([a.format(tmp=tmp_path) for a in args], tmp_path)
-    assert_one_line_error(run, fragments, tmp_path)
-    assert snapshot(tmp_path) == before
+    check_one_line_and_nothing_written(tmp_path, args, setup, fragments)
 
 
 # ---------------------------------------------------------------- interrupted runs

@@ -22,7 +22,8 @@ from PIL import Image
 
 import raytrain
 from raytrain.errors import RaytrainError
-from tests.test_bad_input import assert_one_line_error, checkpoint, run_raytrain, snapshot, shards
+from tests.conftest import set_dotted
+from tests.test_bad_input import check_one_line_and_nothing_written, checkpoint, shards
 
 CKPT = "{tmp}/exp/ckpt"
 PREDICT = ["predict", CKPT, "{tmp}/street.png", "--out", "{tmp}/out"]
@@ -36,13 +37,7 @@ def street(tmp: Path) -> Path:
 def edit_config(ckpt: Path, **dotted) -> None:
     """Rewrite the checkpoint's config.yaml with dotted keys replaced, as a hand could."""
     config = yaml.safe_load((ckpt / "config.yaml").read_text())
-    for key, value in dotted.items():
-        *parents, last = key.split(".")
-        node = config
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    (ckpt / "config.yaml").write_text(yaml.safe_dump(config))
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(set_dotted(config, **dotted)))
 
 
 def with_config(**dotted):
@@ -134,11 +129,7 @@ BOMBS = [
 def test_a_small_checkpoint_never_costs_gigabytes(tmp_path, args, setup, fragments):
     """Refused before the memory is taken: the process stays under 1 GiB (the CLI alone holds about
     700 MiB; measured as max RSS, since torch's libraries alone map more address space than that)."""
-    setup(tmp_path)
-    before = snapshot(tmp_path)
-    run, max_rss = run_raytrain([a.format(tmp=tmp_path) for a in args], tmp_path)
-    assert_one_line_error(run, fragments, tmp_path)
-    assert snapshot(tmp_path) == before
+    max_rss = check_one_line_and_nothing_written(tmp_path, args, setup, fragments)
     assert max_rss < 2**30, f"max RSS {max_rss / 2**20:.0f} MiB"
 
 
@@ -197,11 +188,7 @@ CASES = [
 
 @pytest.mark.parametrize("args, setup, fragments", CASES)
 def test_bad_checkpoint_or_output_is_one_line_and_nothing_written(tmp_path, args, setup, fragments):
-    setup(tmp_path)
-    before = snapshot(tmp_path)
-    run, _ = run_raytrain([a.format(tmp=tmp_path) for a in args], tmp_path)
-    assert_one_line_error(run, fragments, tmp_path)
-    assert snapshot(tmp_path) == before  # also: no .adir.* or .street_mask.png.* temporary file left
+    check_one_line_and_nothing_written(tmp_path, args, setup, fragments)  # also: no .adir.* file left
 
 
 # ---------------------------------------------------------------- loading: what the checkpoint asks for is not done

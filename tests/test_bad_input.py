@@ -8,6 +8,7 @@ and the fragments its one-line message must contain.
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -371,13 +372,22 @@ sys.exit(code)
 """
 
 
+# As root, the CLI runs without the two capabilities that let root read and write any file (util-linux's
+# setpriv), so that rows about unreadable files and read-only folders see what a user sees.
+AS_A_USER = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 and shutil.which("setpriv") else []
+PERMISSIONS_HOLD = os.geteuid() != 0 or bool(AS_A_USER)
+NEEDS_PERMISSIONS = pytest.mark.skipif(
+    not PERMISSIONS_HOLD, reason="runs as root without setpriv: root reads and writes files whatever their permissions",
+)
+
+
 def run_raytrain(args: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess, int]:
     """`python -m raytrain.cli ARGS` and the most memory it held (max RSS in bytes)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local cluster of --num-cpus, never a shared one
     read, write = os.pipe()
     try:
         run = subprocess.run(
-            [sys.executable, "-c", MEASURE, str(write), sys.executable, "-m", "raytrain.cli", *args],
+            [sys.executable, "-c", MEASURE, str(write), *AS_A_USER, sys.executable, "-m", "raytrain.cli", *args],
             capture_output=True, text=True, timeout=600, cwd=cwd, env=env, pass_fds=(write,),
         )
         os.close(write)

@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -23,6 +22,7 @@ from PIL import Image
 from raytrain.data.formats import encode_kitti_gt
 from raytrain.data.shards import read_manifest, write_shards
 from tests.test_bad_input import (
+    NEEDS_PERMISSIONS,
     SHARD,
     check_one_line_and_nothing_written,
     checkpoint,
@@ -35,23 +35,6 @@ from tests.test_bad_input import (
 
 
 
-def _permissions_hold() -> bool:
-    """Whether this process is refused a file it may not read: not so for root (CAP_DAC_OVERRIDE)."""
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder, "secret")
-        path.write_text("x")
-        path.chmod(0)
-        try:
-            path.read_text()
-        except PermissionError:
-            return True
-        return False
-
-
-NEEDS_PERMISSIONS = pytest.mark.skipif(
-    not _permissions_hold(), reason="runs as root, which reads and writes files whatever their permissions "
-    "(run as another user, or as root without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH)",
-)
 IMAGES, MASKS = "raw/training/image_2", "raw/training/gt_image_2"
 FOLDER_SHARD = ["data", "shard", "{tmp}/raw", "--format", "folder", "--out", "{tmp}/out"]
 CAMVID_SHARD = ["data", "shard", "{tmp}/raw", "--format", "camvid", "--out", "{tmp}/out", "--val-fraction", "0"]

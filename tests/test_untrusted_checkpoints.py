@@ -23,7 +23,7 @@ from PIL import Image
 import raytrain
 from raytrain.errors import RaytrainError
 from tests.conftest import set_dotted
-from tests.test_bad_input import check_one_line_and_nothing_written, checkpoint, shards
+from tests.test_bad_input import NEEDS_PERMISSIONS, check_one_line_and_nothing_written, checkpoint, shards
 
 CKPT = "{tmp}/exp/ckpt"
 PREDICT = ["predict", CKPT, "{tmp}/street.png", "--out", "{tmp}/out"]
@@ -140,7 +140,6 @@ def read_only_folder(tmp: Path) -> None:
     (tmp / "out").chmod(0o555)
 
 
-ROOT = os.geteuid() == 0
 CASES = [
     pytest.param(
         PREDICT, with_weights(lambda state, path: torch.save({**state, "hook": os.system}, path)),
@@ -181,7 +180,7 @@ CASES = [
     ),
     pytest.param(
         PREDICT, read_only_folder, ["{tmp}/out/street_mask.png", "cannot write"], id="predict-out-read-only",
-        marks=pytest.mark.skipif(ROOT, reason="root writes into read-only folders"),
+        marks=NEEDS_PERMISSIONS,
     ),
 ]
 

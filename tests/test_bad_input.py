@@ -358,8 +358,9 @@ REACH_RAY = {"workers-nan-loss"}
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    """Every file and folder below root with its size and modification time."""
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+    """Every file, folder and link below root with its size and modification time (of a link itself:
+    a broken link or a loop has no target to stat)."""
+    return {str(p.relative_to(root)): (p.lstat().st_size, p.lstat().st_mtime_ns) for p in root.rglob("*")}
 
 
 # Runs the CLI and writes its max RSS to the fd in argv[1]. A small parent of its own: Linux keeps a

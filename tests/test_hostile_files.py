@@ -45,11 +45,6 @@ UTF16 = "name: bad\n".encode("utf-16")
 # ---------------------------------------------------------------- the files a row needs
 
 
-def snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    """test_bad_input's snapshot, of the links themselves: a broken link or a loop has no target to stat."""
-    return {str(p.relative_to(root)): (p.lstat().st_size, p.lstat().st_mtime_ns) for p in root.rglob("*")}
-
-
 def kitti_plus(image: str, make_image, mask: str | None = None):
     """The KITTI folder with one more sample: make_image(path) makes its image, its mask is a copy."""
 

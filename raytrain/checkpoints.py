@@ -30,7 +30,7 @@ import pyarrow.fs as pafs
 
 from raytrain.config import Config, load_config, load_yaml
 from raytrain.data.location import filesystem_of, is_uri
-from raytrain.errors import CheckpointError
+from raytrain.errors import CheckpointError, limit_from_env
 
 if TYPE_CHECKING:
     import torch
@@ -88,12 +88,7 @@ DEFAULT_MAX_PARAMETERS = 1_000_000_000
 
 
 def max_parameters() -> int:
-    raw = os.environ.get(MAX_PARAMETERS_ENV, "")
-    if not raw.strip():
-        return DEFAULT_MAX_PARAMETERS
-    if not raw.strip().isdigit() or int(raw) <= 0:
-        raise CheckpointError(f"{MAX_PARAMETERS_ENV}={raw!r}: expected a positive number of parameters")
-    return int(raw)
+    return limit_from_env(MAX_PARAMETERS_ENV, DEFAULT_MAX_PARAMETERS, "parameters", CheckpointError)
 
 
 def read_weights(file: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from raytrain.data.location import as_path
-from raytrain.errors import DataError
+from raytrain.errors import DataError, limit_from_env
 
 IGNORE_INDEX = 255
 
@@ -189,12 +189,7 @@ DEFAULT_MAX_PIXELS = 50_000_000  # road images are a few megapixels; a small PNG
 
 
 def max_pixels() -> int:
-    raw = os.environ.get(MAX_PIXELS_ENV, "")
-    if not raw.strip():
-        return DEFAULT_MAX_PIXELS
-    if not raw.strip().isdigit() or int(raw) <= 0:
-        raise DataError(f"{MAX_PIXELS_ENV}={raw!r}: expected a positive number of pixels")
-    return int(raw)
+    return limit_from_env(MAX_PIXELS_ENV, DEFAULT_MAX_PIXELS, "pixels", DataError)
 
 
 def open_checked(source, path) -> Image.Image:

@@ -145,6 +145,15 @@ def metric_groups(manifest: dict, split: str) -> list[str]:
     return groups if len(groups) <= MAX_GROUP_METRICS else []
 
 
+def group_indices(names, ids, groups: list[str]) -> np.ndarray:
+    """Each row's group as its index into `groups` (the manifest's), int64."""
+    index = {name: position for position, name in enumerate(groups)}
+    unknown = [(sample_id, name) for sample_id, name in zip(ids, names) if name not in index]
+    if unknown:
+        raise DataError(f"sample {unknown[0][0]!r}: its group {unknown[0][1]!r} is not one of the manifest's {groups}")
+    return np.array([index[name] for name in names], dtype=np.int64)
+
+
 def encode_mask(mask: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(mask, mode="L").save(buffer, format="PNG", compress_level=1)

@@ -113,12 +113,14 @@ def report(experiment: str | os.PathLike, out: str | os.PathLike, *, metric: str
 
 
 def shard(src: str | os.PathLike, format: str, out: str | os.PathLike, *, classes: list[str] | None = None,
-          val_fraction: float = 0.2, seed: int = 0, skip_bad: bool = False, on_skip=None) -> dict:
-    """Validate a dataset and write Parquet shards with manifest.json; returns the manifest."""
+          val_fraction: float = 0.2, seed: int = 0, skip_bad: bool = False, on_skip=None,
+          group_by: str | None = None, val_groups: list[str] | None = None) -> dict:
+    """Validate a dataset and write Parquet shards with manifest.json; returns the manifest.
+    `group_by` (a regex on sample ids) splits by whole groups: `val_groups`, or about `val_fraction`."""
     from raytrain.data.shards import write_shards
 
     return write_shards(src, format, out, val_fraction=val_fraction, seed=seed, skip_bad=skip_bad,
-                        classes=classes, on_skip=on_skip)
+                        classes=classes, on_skip=on_skip, group_by=group_by, val_groups=val_groups)
 
 
 def synth(out: str | os.PathLike, count: int = 200, *, seed: int = 0, size: tuple[int, int] = (384, 128)) -> Path:

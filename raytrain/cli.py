@@ -40,9 +40,12 @@ def _shard(args) -> None:
 
     with _notes():  # leftovers of interrupted runs: removed, or where they are
         manifest = api.shard(args.src, args.format, args.out, classes=args.classes, val_fraction=args.val_fraction,
-                             seed=args.seed, skip_bad=args.skip_bad, on_skip=on_skip)
+                             seed=args.seed, skip_bad=args.skip_bad, on_skip=on_skip,
+                             group_by=args.group_by, val_groups=args.val_groups)
     counts = manifest["num_samples"]
     print(f"wrote {counts['train']} train and {counts['val']} val samples to {args.out}")
+    for split, groups in manifest.get("groups", {}).items():
+        print(f"{split} groups: {', '.join(f'{name} ({count})' for name, count in groups.items())}")
 
 
 def _verbosity(args) -> int:
@@ -207,6 +210,11 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _names(text: str) -> list[str]:
+    """A comma-separated list: `road,car` -> ["road", "car"]."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -291,12 +299,21 @@ def _add_data_commands(commands) -> None:
     shard.add_argument("src", help="dataset folder: a local path or a URI (file://, s3://, gs://, ...)")
     shard.add_argument("--format", required=True, choices=["kitti", "camvid", "folder"])
     shard.add_argument(
-        "--classes", type=lambda text: [name.strip() for name in text.split(",") if name.strip()], default=None,
+        "--classes", type=_names, default=None,
         help="comma-separated target classes: one (e.g. road; kitti: road or lane) for a binary mask; default all classes",
     )
     shard.add_argument("--out", required=True, help="output folder, local or a URI; written atomically")
     shard.add_argument("--val-fraction", type=_fraction, default=0.2, help="share of samples in val: 0 (no val split) up to, not including, 1")
     shard.add_argument("--seed", type=int, default=0)
+    shard.add_argument(
+        "--group-by", metavar="REGEX",
+        help="regex on the sample id naming its group (e.g. '^[^_]+': CamVid's drive, KITTI's category); "
+             "whole groups go to val, and val metrics are also given per group",
+    )
+    shard.add_argument(
+        "--val-groups", type=_names, metavar="A,B",
+        help="with --group-by: the groups that make up val (default: a seeded choice of about --val-fraction of the samples)",
+    )
     shard.add_argument("--skip-bad", action="store_true", help="skip bad samples (listed) instead of stopping")
     shard.set_defaults(func=_shard)
 

@@ -26,7 +26,7 @@ from raytrain.config import Config
 from raytrain.data.location import filesystem_of, is_uri
 from raytrain.data.transforms import to_model_input
 from raytrain.data.formats import IGNORE_INDEX, MAX_PIXELS_ENV, check_8bit, max_pixels, open_checked
-from raytrain.data.shards import read_manifest, shard_paths
+from raytrain.data.shards import group_indices, metric_groups, read_manifest, shard_paths
 from raytrain.errors import CheckpointError, DataError, RaytrainError
 from raytrain.metrics import SegmentationMetrics, to_labels
 from raytrain.models import create_model, to_probabilities
@@ -155,24 +155,29 @@ def evaluate_checkpoint(
     so on full-size data the figures differ a little from the val_* reported at the training size.
     """
     info = checkpoint if isinstance(checkpoint, CheckpointInfo) else read_checkpoint(checkpoint)
-    dataset_classes = [entry["name"] for entry in read_manifest(dataset)["classes"]]
+    manifest = read_manifest(dataset)
+    dataset_classes = [entry["name"] for entry in manifest["classes"]]
     if dataset_classes != list(info.classes):
         raise DataError(f"{dataset}: its classes {dataset_classes} differ from the checkpoint's {info.classes}")
     paths = shard_paths(dataset, split)
     if not paths:
         raise DataError(f"{dataset}: no {split!r} shards")
     model = load_model(info, device)
-    metrics = SegmentationMetrics(model.config.num_classes, ignore_index=IGNORE_INDEX, class_names=info.classes)
+    groups = metric_groups(manifest, split)
+    metrics = SegmentationMetrics(model.config.num_classes, ignore_index=IGNORE_INDEX, class_names=info.classes, groups=groups)
     count = 0
     for path in paths:
-        table = pq.read_table(path, columns=["image", "mask"]).to_pydict()
+        table = pq.read_table(path, columns=["id", "image", "mask", *["group"] * bool(groups)]).to_pydict()
         for start in range(0, len(table["image"]), batch_size):
-            images = [_decode(b, "RGB") for b in table["image"][start : start + batch_size]]
-            masks = [_decode(b, None) for b in table["mask"][start : start + batch_size]]
-            for probabilities, mask in zip(predict(model, images, batch_size=batch_size), masks):
+            rows = {name: column[start : start + batch_size] for name, column in table.items()}
+            images = [_decode(b, "RGB") for b in rows["image"]]
+            masks = [_decode(b, None) for b in rows["mask"]]
+            indices = group_indices(rows["group"], rows["id"], groups) if groups else [None] * len(masks)
+            for probabilities, mask, index in zip(predict(model, images, batch_size=batch_size), masks, indices):
                 probabilities = torch.from_numpy(probabilities)
                 probabilities = probabilities[None, None] if probabilities.ndim == 2 else probabilities[None]
-                metrics.update(probabilities, torch.from_numpy(mask.astype(np.int64))[None])
+                group = None if index is None else torch.tensor([index])
+                metrics.update(probabilities, torch.from_numpy(mask.astype(np.int64))[None], group)
                 count += 1
     return {"split": split, "samples": count, **metrics.compute()}
 

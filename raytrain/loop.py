@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from raytrain.checkpoints import restore_train_state, save_checkpoint, unwrap
 from raytrain.config import Config
-from raytrain.data.shards import read_manifest
+from raytrain.data.shards import metric_groups, read_manifest
 from raytrain.data.transforms import to_model_input
 from raytrain.errors import RaytrainError
 from raytrain.losses import create_loss, loss_class_weights
@@ -40,10 +40,11 @@ class NonFiniteLoss(RaytrainError):
 
 
 class ToTensors(NumpyBatchCollateFn):
-    """Ray Data batch -> tensors; the string ids stay behind (they only serve data tests and logs)."""
+    """Ray Data batch -> tensors, with each image's group index where the val rows carry one; the
+    string ids stay behind (they only serve data tests and logs)."""
 
     def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
-        return {"image": torch.from_numpy(batch["image"]), "mask": torch.from_numpy(batch["mask"])}
+        return {name: torch.from_numpy(batch[name]) for name in ("image", "mask", "group") if name in batch}
 
 
 to_tensors = ToTensors()
@@ -109,7 +110,8 @@ def setup(loop_config: dict) -> Worker:
         optimizer=optimizer, scheduler=scheduler, scaler=grad_scaler(device, amp_dtype),
         amp_dtype=amp_dtype, channels_last=channels_last, start_epoch=start_epoch,
         train_shard=ray.train.get_dataset_shard("train"), val_shard=ray.train.get_dataset_shard("val"),
-        metrics=SegmentationMetrics(config.num_classes, class_names=config.classes, from_logits=True),
+        metrics=SegmentationMetrics(config.num_classes, class_names=config.classes, from_logits=True,
+                                    groups=metric_groups(read_manifest(config.data.path), "val")),
         early_stopping=EarlyStopping.for_config(config),
         logger=open_logger(loop_config.get("log_dir"), config) if is_rank0 else None,
         is_rank0=is_rank0,
@@ -286,7 +288,7 @@ def evaluate(
         total_loss += loss.double() * len(masks)
         seen += len(masks)
         logits = logits.float()
-        metrics.update(logits, masks)
+        metrics.update(logits, masks, batch.get("group"))
         if keep and samples is None:
             samples = {
                 "images": batch["image"][:keep].numpy(),

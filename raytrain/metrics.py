@@ -17,6 +17,9 @@ Conventions (as scikit-learn with zero_division=0):
     iff its probability >= t (compared in float64); MaxF is the best F1 over the thresholds
     (precision = TP / (TP + FP + 1e-10), thresholds with TP = 0 skipped), AP the 11-point
     interpolated Pascal VOC precision. Without any road pixel in the ground truth both are 0.
+Per group (``groups``: the names of a dataset sharded with --group-by): ``iou@<group>`` and
+``f1@<group>`` from that group's own pooled confusion counts, as the pooled scores are from all of
+them (a group with no labelled pixel scores 0, as above).
 Keys carry no prefix; the training loop adds ``train_``/``val_``.
 """
 from __future__ import annotations
@@ -45,6 +48,7 @@ class SegmentationMetrics:
 
     scores: (N, C, H, W) probabilities (logits if ``from_logits``); C == 1 is binary road.
     target: (N, H, W) class indices (0/1 for binary), ``ignore_index`` where unlabelled.
+    groups: with group names given, (N,) each image's index into them.
     """
 
     def __init__(
@@ -53,6 +57,7 @@ class SegmentationMetrics:
         ignore_index: int = 255,
         class_names: Sequence[str] | None = None,
         from_logits: bool = False,
+        groups: Sequence[str] = (),
     ):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -64,25 +69,34 @@ class SegmentationMetrics:
         self.class_names = list(class_names) if class_names is not None else default_names
         if len(self.class_names) != num_classes:
             raise ValueError(f"{num_classes} class(es) but class_names={self.class_names}")
+        self.groups = list(groups)
         self._confusion_size = 2 if self.binary else num_classes
         self.reset()
 
     def reset(self) -> None:
         self.confusion: torch.Tensor | None = None  # [true class, predicted class]
         self.histogram: torch.Tensor | None = None  # [true road?, KITTI threshold bin] (binary only)
+        self.group_confusion: torch.Tensor | None = None  # [group, true class, predicted class]
+
+    def _zero_counts(self, device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        k = self._confusion_size
+        return (
+            torch.zeros(k, k, dtype=torch.int64, device=device),
+            torch.zeros(2, _HISTOGRAM_BINS, dtype=torch.int64, device=device) if self.binary else None,
+            torch.zeros(len(self.groups), k, k, dtype=torch.int64, device=device) if self.groups else None,
+        )
 
     @torch.no_grad()
-    def update(self, scores: torch.Tensor, target: torch.Tensor) -> None:
+    def update(self, scores: torch.Tensor, target: torch.Tensor, groups: torch.Tensor | None = None) -> None:
         if scores.dim() != 4 or scores.size(1) != self.num_classes or target.shape != scores.shape[:1] + scores.shape[2:]:
             raise ValueError(
                 f"expected scores (N, {self.num_classes}, H, W) and target (N, H, W), "
                 f"got {tuple(scores.shape)} and {tuple(target.shape)}"
             )
+        if bool(self.groups) != (groups is not None):
+            raise ValueError(f"groups of each image are needed exactly when group names are given ({self.groups})")
         if self.confusion is None:
-            k = self._confusion_size
-            self.confusion = torch.zeros(k, k, dtype=torch.int64, device=scores.device)
-            if self.binary:
-                self.histogram = torch.zeros(2, _HISTOGRAM_BINS, dtype=torch.int64, device=scores.device)
+            self.confusion, self.histogram, self.group_confusion = self._zero_counts(scores.device)
 
         target = target.to(scores.device).long()
         valid = target != self.ignore_index
@@ -100,6 +114,16 @@ class SegmentationMetrics:
             predicted = scores.argmax(dim=1)[valid]  # argmax of logits == argmax of softmax
         k = self._confusion_size
         self.confusion += self._bincount(truth * k + predicted, k * k).view(k, k)
+        if groups is not None:
+            self._update_groups(groups.to(scores.device).long(), valid, truth * k + predicted)
+
+    def _update_groups(self, groups: torch.Tensor, valid: torch.Tensor, cell: torch.Tensor) -> None:
+        """Add each valid pixel's confusion cell to the counts of its image's group."""
+        count, k = len(self.groups), self._confusion_size
+        if groups.shape != valid.shape[:1] or (groups.numel() and (groups.min() < 0 or groups.max() >= count)):
+            raise ValueError(f"expected groups (N,) of indices into {count} group names, got {groups.tolist()}")
+        pixel_group = groups.view(-1, *[1] * (valid.dim() - 1)).expand_as(valid)[valid]
+        self.group_confusion += self._bincount(pixel_group * k * k + cell, count * k * k).view(count, k, k)
 
     @staticmethod
     def _bincount(index: torch.Tensor, size: int) -> torch.Tensor:
@@ -109,43 +133,47 @@ class SegmentationMetrics:
         return counts
 
     def compute(self) -> dict[str, float]:
-        confusion, histogram = self._summed_counts()
-        confusion = confusion.cpu().double()
+        confusion, histogram, group_confusion = (
+            None if counts is None else counts.cpu() for counts in self._summed_counts()
+        )
+        scores = self._scores(confusion.double())
         if self.binary:
-            return self._binary_scores(confusion, histogram.cpu())
-        return self._multiclass_scores(confusion)
+            scores.update(_kitti_maxf_ap(histogram))
+        for name, counts in zip(self.groups, group_confusion if group_confusion is not None else []):
+            of_group = self._scores(counts.double())
+            scores[f"iou@{name}"], scores[f"f1@{name}"] = of_group["iou"], of_group["f1"]
+        return scores
 
-    def _summed_counts(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Counts summed over all ranks (copies: compute() may be called more than once)."""
-        k = self._confusion_size
+    def _summed_counts(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(confusion, histogram, group confusion) summed over all ranks (copies: compute() may be called
+        more than once)."""
         if self.confusion is None:  # nothing seen on this rank; still take part in the all_reduce
             device = "cpu"
             if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
                 device = torch.device("cuda", torch.cuda.current_device())
-            confusion = torch.zeros(k, k, dtype=torch.int64, device=device)
-            histogram = torch.zeros(2, _HISTOGRAM_BINS, dtype=torch.int64, device=device) if self.binary else None
+            counts = self._zero_counts(device)
         else:
-            confusion = self.confusion.clone()
-            histogram = self.histogram.clone() if self.binary else None
+            counts = tuple(None if c is None else c.clone() for c in (self.confusion, self.histogram, self.group_confusion))
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(confusion, op=dist.ReduceOp.SUM)
-            if histogram is not None:
-                dist.all_reduce(histogram, op=dist.ReduceOp.SUM)
-        return confusion, histogram
+            for tensor in counts:
+                if tensor is not None:
+                    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return counts
 
-    def _binary_scores(self, confusion: torch.Tensor, histogram: torch.Tensor) -> dict[str, float]:
+    def _scores(self, confusion: torch.Tensor) -> dict[str, float]:
+        return self._binary_scores(confusion) if self.binary else self._multiclass_scores(confusion)
+
+    def _binary_scores(self, confusion: torch.Tensor) -> dict[str, float]:
         tp, fp, fn = confusion[1, 1], confusion[0, 1], confusion[1, 0]
         iou = _ratio(tp, tp + fp + fn)
-        scores = {
+        return {
             "accuracy": _ratio(confusion.trace(), confusion.sum()),
             "precision": _ratio(tp, tp + fp),
             "recall": _ratio(tp, tp + fn),
             "f1": _ratio(2 * tp, 2 * tp + fp + fn),
             "iou": iou,
-            **_kitti_maxf_ap(histogram),
+            f"iou_{self.class_names[0]}": iou,
         }
-        scores[f"iou_{self.class_names[0]}"] = iou
-        return scores
 
     def _multiclass_scores(self, confusion: torch.Tensor) -> dict[str, float]:
         tp = confusion.diagonal()

@@ -258,6 +258,33 @@ def _results_table(trials: list[Trial], best: Trial, metric: str, mode: str) -> 
     return "\n".join(lines)
 
 
+def group_rows(metrics: dict) -> list[list[str]]:
+    """[group, val IoU, val F1] for each group a checkpoint's metrics hold (a dataset sharded with
+    --group-by), worst IoU first, then every group pooled; [] without groups."""
+    groups = [key.removeprefix("val_iou@") for key in metrics if key.startswith("val_iou@")]
+    if not groups:
+        return []
+
+    def cell(key: str) -> str:
+        value = _number(metrics.get(key))
+        return "" if value is None else f"{value:.4f}"
+
+    groups.sort(key=lambda group: (_number(metrics.get(f"val_iou@{group}")) is None, _number(metrics.get(f"val_iou@{group}"))))
+    rows = [[group, cell(f"val_iou@{group}"), cell(f"val_f1@{group}")] for group in groups]
+    return rows + [["all groups", cell("val_iou"), cell("val_f1")]]
+
+
+def _groups_table(checkpoint: CheckpointInfo) -> str:
+    rows = group_rows(checkpoint.metrics)
+    if not rows:
+        return ""
+    epoch = checkpoint.metrics.get("epoch", "?")
+    lines = [f"<h2>best model by group (val split, epoch {html.escape(str(epoch))}, worst first)</h2>", "<table>",
+             "<tr><th>group</th><th>val IoU</th><th>val F1</th></tr>"]
+    lines += ["<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows]
+    return "\n".join([*lines, "</table>"])
+
+
 def _html(title: str, table: str, best_path: Path, figures: list[tuple[str, Path]]) -> str:
     images = "\n".join(
         f'<figure><a href="{html.escape(path.name)}"><img src="{html.escape(path.name)}" alt="{html.escape(caption)}"></a>'
@@ -314,7 +341,8 @@ def write_report(experiment_path: str | os.PathLike, out_dir: str | os.PathLike,
         figures.append((f"best model on val images: prediction | ground truth ({legend})", path))
     index = out / "index.html"
     title = f"raytrain report: {root.parent.name}/{root.name}"
-    index.write_text(_html(title, _results_table(trials, best, metric, mode), checkpoint.path, figures))
+    tables = _results_table(trials, best, metric, mode) + "\n" + _groups_table(checkpoint)
+    index.write_text(_html(title, tables, checkpoint.path, figures))
     return index
 
 

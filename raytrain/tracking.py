@@ -3,7 +3,8 @@
     train: one MLflow run per experiment, written by Ray Train's controller (on the driver's node)
     tune:  one MLflow run per trial, written by Tune's driver (Ray's MLflowLoggerCallback)
 
-Each run has the resolved config as flat dotted params, every numeric epoch metric with step=epoch,
+Each run has the resolved config as flat dotted params, every numeric epoch metric with step=epoch
+(a group's `val_iou@<group>` as `val_iou/<group>`),
 and the tag `best_checkpoint` set when the run or trial ends. A run is found again by its tag
 `raytrain.run` (the run's directory), so a resumed experiment goes on in the run it started.
 MLflow is imported only here, and only when tracking is on.
@@ -86,9 +87,10 @@ def flat_params(config: Config) -> dict[str, str]:
 
 
 def epoch_metrics(result: dict) -> dict[str, float]:
-    """The numbers the training loop reported (not Tune's bookkeeping, not None for NaN)."""
+    """The numbers the training loop reported (not Tune's bookkeeping, not None for NaN). A group's
+    metric `val_iou@um` is `val_iou/um` here: MLflow names take no `@`, and its UI groups names by `/`."""
     return {
-        key: float(value) for key, value in result.items()
+        key.replace("@", "/"): float(value) for key, value in result.items()
         if key not in _TUNE_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool)
         and math.isfinite(value)
     }

@@ -72,6 +72,39 @@ def tiny_shards(synthetic_kitti, tmp_path_factory):
     return out
 
 
+# KITTI road's three categories, as in its file names (um_000000.png): the groups of `grouped_shards`.
+CATEGORIES = {"um": 14, "umm": 5, "uu": 5}
+VAL_CATEGORIES = ["umm", "uu"]
+
+
+def kitti_categories(root: Path, categories: dict[str, int] = CATEGORIES) -> Path:
+    """Rename a synthetic KITTI folder's samples (all `um_*`) into consecutive runs of `categories`."""
+    names = [name for name, count in categories.items() for _ in range(count)]
+    for index, name in enumerate(names):
+        for folder, kind in (("image_2", ""), ("gt_image_2", "road_")):
+            old = root / "training" / folder / f"um_{kind}{index:06d}.png"
+            old.rename(old.with_name(f"{name}_{kind}{index:06d}.png"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def grouped_kitti(tmp_path_factory):
+    """24 synthetic scenes at 64x32 named as KITTI's categories: 14 um, 5 umm, 5 uu."""
+    from raytrain.data.synthetic import write_synthetic_kitti
+
+    return kitti_categories(write_synthetic_kitti(tmp_path_factory.mktemp("grouped") / "kitti", 24, seed=1, size=(64, 32)))
+
+
+@pytest.fixture(scope="session")
+def grouped_shards(grouped_kitti, tmp_path_factory):
+    """grouped_kitti sharded by category (`--group-by '^[^_]+'`), umm and uu making up val."""
+    from raytrain.data.shards import write_shards
+
+    out = tmp_path_factory.mktemp("shards") / "grouped"
+    write_shards(grouped_kitti, "kitti", out, rows_per_shard=4, group_by="^[^_]+", val_groups=VAL_CATEGORIES)
+    return out
+
+
 def tiny_config(shards, storage, **overrides):
     """A valid Config for tiny, fast runs on `shards`, storing results under `storage`."""
     from raytrain.config import load_config
@@ -94,12 +127,13 @@ def _tracking() -> str:
 
 
 @pytest.fixture(scope="session")
-def trained_run(ray_cluster, tiny_shards, tmp_path_factory):
-    """(config, Ray Result) of a finished 2-epoch, 2-worker run on the tiny shards."""
+def trained_run(ray_cluster, grouped_shards, tmp_path_factory):
+    """(config, Ray Result) of a finished 2-epoch, 2-worker run on the grouped shards (so it also
+    reports val metrics per group; the search below runs on shards without groups)."""
     from raytrain.api import train
 
     storage = tmp_path_factory.mktemp("train")
-    config = tiny_config(tiny_shards, storage, **{"train.epochs": 2, "train.tracking": _tracking()})
+    config = tiny_config(grouped_shards, storage, **{"train.epochs": 2, "train.tracking": _tracking()})
     return config, train(config)
 
 

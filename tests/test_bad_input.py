@@ -21,7 +21,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import set_dotted
+from tests.conftest import kitti_categories, set_dotted
 
 # ---------------------------------------------------------------- the files a row needs
 
@@ -86,6 +86,11 @@ def kitti_folder(tmp: Path) -> Path:
     from raytrain.data.synthetic import write_synthetic_kitti
 
     return write_synthetic_kitti(tmp / "raw", 4, seed=0, size=(32, 16))
+
+
+def kitti_um_and_uu(tmp: Path) -> Path:
+    """kitti_folder's 4 samples as 2 of KITTI's um category and 2 of uu."""
+    return kitti_categories(kitti_folder(tmp), {"um": 2, "uu": 2})
 
 
 def corrupt_image(tmp: Path) -> None:
@@ -292,6 +297,26 @@ CASES = [
     pytest.param([*SHARD, "--val-fraction", "-1"], kitti_folder, ["--val-fraction", "'-1'"], id="cli-val-fraction-negative"),
     pytest.param([*SHARD, "--val-fraction", "1"], kitti_folder, ["--val-fraction", "'1'"], id="cli-val-fraction-one"),
     pytest.param([*SHARD, "--val-fraction", "0.01"], kitti_folder, ["0 val samples", "--val-fraction"], id="data-shard-empty-val-split"),
+    pytest.param([*SHARD, "--group-by", "("], kitti_um_and_uu, ["--group-by '('", "not a regular expression"], id="group-by-not-a-regex"),
+    pytest.param([*SHARD, "--group-by", "^zz"], kitti_um_and_uu, ["--group-by '^zz'", "matches none of the 4 sample ids"], id="group-by-matches-nothing"),
+    pytest.param(
+        [*SHARD, "--group-by", "^um"], kitti_um_and_uu, ["--group-by '^um'", "does not match sample id 'uu_000002'"],
+        id="group-by-misses-an-id",
+    ),
+    pytest.param([*SHARD, "--group-by", "^[^_]+"], kitti_folder, ["--group-by '^[^_]+'", "one group (um)"], id="group-by-one-group"),
+    pytest.param(
+        [*SHARD, "--group-by", "^[^_]+", "--val-groups", "uu,umm"], kitti_um_and_uu,
+        ["--val-groups 'umm'", "no such group", "um, uu"], id="val-groups-unknown",
+    ),
+    pytest.param(
+        [*SHARD, "--group-by", "^[^_]+", "--val-groups", "uu,um"], kitti_um_and_uu,
+        ["--val-groups um,uu", "leaves no training samples"], id="val-groups-every-group",
+    ),
+    pytest.param(
+        [*SHARD, "--group-by", "^[^_]+", "--val-fraction", "0"], kitti_um_and_uu, ["--val-fraction 0 puts no group in val"],
+        id="group-by-val-fraction-zero",
+    ),
+    pytest.param([*SHARD, "--val-groups", "uu"], kitti_um_and_uu, ["--val-groups needs --group-by"], id="val-groups-without-group-by"),
     pytest.param(
         ["data", "shard", "{tmp}/raw", "--format", "folder", "--out", "{tmp}/out"],
         folder_with_class_map("classes: &c [{name: road, index: 1}]\nmore: *c\n"),

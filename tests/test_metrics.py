@@ -206,6 +206,65 @@ def test_target_out_of_range_raises():
         SegmentationMetrics(3).update(probs, target)  # wrong channel count
 
 
+# ---------------------------------------------------------------- per group: each group's pooled counts
+
+
+def _numpy_group_scores(y_true: np.ndarray, y_pred: np.ndarray, binary: bool, num_classes: int) -> tuple[float, float]:
+    """(iou, f1) from one confusion matrix of all the group's pixels: the road class's, or the macro
+    mean over the classes that occur (in truth or prediction); 0 where a denominator is 0."""
+    size = 2 if binary else num_classes
+    confusion = np.zeros((size, size), np.int64)
+    np.add.at(confusion, (y_true, y_pred), 1)
+    tp = np.diag(confusion).astype(float)
+    fp, fn = confusion.sum(0) - tp, confusion.sum(1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(tp + fp + fn > 0, tp / (tp + fp + fn), 0.0)
+        f1 = np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 0.0)
+    if binary:
+        return iou[1], f1[1]
+    present = tp + fp + fn > 0
+    return (iou[present].mean(), f1[present].mean()) if present.any() else (0.0, 0.0)
+
+
+@pytest.mark.parametrize("num_classes", [1, 4])
+def test_per_group_metrics_are_each_groups_pooled_counts(num_classes):
+    rng = np.random.default_rng(30 + num_classes)
+    binary = num_classes == 1
+    names = ["0001TP", "0006R0", "0016E5", "empty"]
+    for case in range(20):
+        n = int(rng.integers(1, 9))
+        scores, target = _binary_data(case, n=n) if binary else _multiclass_data(case, n=n)
+        groups = rng.integers(0, 3, n)  # "empty" never has an image: its scores are 0
+        target[rng.random(target.shape) < rng.random()] = IGNORE  # images hold different numbers of labelled pixels
+        metrics = SegmentationMetrics(num_classes, groups=names)
+        for batch in np.array_split(np.arange(n), int(rng.integers(1, n + 1))):  # batches mix groups
+            metrics.update(scores[batch], target[batch], torch.from_numpy(groups[batch]))
+        result = metrics.compute()
+        assert set(result) >= {f"{metric}@{name}" for metric in ("iou", "f1") for name in names}
+        for index, name in enumerate(names):
+            chosen = groups == index
+            y_true, y_pred = _valid_pixels(scores[chosen], target[chosen], binary)
+            iou, f1 = _numpy_group_scores(y_true, y_pred, binary, num_classes)
+            assert result[f"iou@{name}"] == pytest.approx(iou, abs=1e-12), (case, name)
+            assert result[f"f1@{name}"] == pytest.approx(f1, abs=1e-12), (case, name)
+    # Pooled, not a mean of per-image scores: on such data the two differ.
+    per_image = [_numpy_group_scores(*_valid_pixels(scores[i : i + 1], target[i : i + 1], binary), binary, num_classes)[0]
+                 for i in np.flatnonzero(groups == groups[0])]
+    if len(per_image) > 1:
+        assert result[f"iou@{names[groups[0]]}"] != pytest.approx(np.mean(per_image), abs=1e-9)
+
+
+def test_groups_must_come_with_every_update_and_be_in_range():
+    probs, target = _binary_data(9)
+    with pytest.raises(ValueError, match="groups"):
+        SegmentationMetrics(1, groups=["a", "b"]).update(probs, target)
+    with pytest.raises(ValueError, match="groups"):
+        SegmentationMetrics(1).update(probs, target, torch.tensor([0, 0]))
+    with pytest.raises(ValueError, match="2 group names"):
+        SegmentationMetrics(1, groups=["a", "b"]).update(probs, target, torch.tensor([0, 2]))
+    assert not any("@" in key for key in _computed(SegmentationMetrics(1), probs, target))
+
+
 # ---------------------------------------------------------------- DDP: counts are summed over ranks
 
 
@@ -213,21 +272,29 @@ def _ddp_worker(rank, port, cases):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         for num_classes, scores, target, expected in cases:
-            metrics = SegmentationMetrics(num_classes)
+            metrics = SegmentationMetrics(num_classes, groups=GROUPS)
             half = scores.size(0) // 2
             part = slice(rank * half, (rank + 1) * half)
-            metrics.update(scores[part], target[part])
+            metrics.update(scores[part], target[part], IMAGE_GROUPS[part])
             result = metrics.compute()
             assert result == pytest.approx(expected, abs=1e-12, nan_ok=True), (rank, num_classes, result, expected)
     finally:
         dist.destroy_process_group()
 
 
+GROUPS = ["a", "b"]
+IMAGE_GROUPS = torch.tensor([0, 1, 0, 1])  # each rank holds part of each group
+
+
 def test_all_reduced_metrics_equal_single_process_metrics():
     cases = []
     for num_classes, (scores, target) in ((1, _binary_data(20, n=4)), (4, _multiclass_data(21, n=4, absent=3))):
-        expected = _computed(SegmentationMetrics(num_classes), scores, target)
-        cases.append((num_classes, scores, target, expected))
-    # the halves really differ, so the test fails unless the counts are summed
-    assert _computed(SegmentationMetrics(1), cases[0][1][:2], cases[0][2][:2]) != pytest.approx(cases[0][3])
+        metrics = SegmentationMetrics(num_classes, groups=GROUPS)
+        metrics.update(scores, target, IMAGE_GROUPS)
+        cases.append((num_classes, scores, target, metrics.compute()))
+    # the halves really differ, also per group, so the test fails unless the counts are summed
+    half = SegmentationMetrics(1, groups=GROUPS)
+    half.update(cases[0][1][:2], cases[0][2][:2], IMAGE_GROUPS[:2])
+    for key in ("iou", "iou@a", "f1@b"):
+        assert half.compute()[key] != pytest.approx(cases[0][3][key])
     mp.spawn(_ddp_worker, args=(free_port(), cases), nprocs=2, join=True)

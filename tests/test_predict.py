@@ -23,16 +23,22 @@ def checkpoint(trained_run):
     return trained_run[1].checkpoint.path
 
 
-def test_evaluate_gives_every_metric_and_the_reported_val_iou(trained_run, checkpoint, tiny_shards):
-    run = cli("evaluate", checkpoint, tiny_shards, "--json")
+def test_evaluate_gives_every_metric_and_the_reported_val_iou(trained_run, checkpoint):
+    shards = trained_run[0].data.path
+    run = cli("evaluate", checkpoint, shards, "--json")
     assert run.returncode == 0, run.stderr
     metrics = json.loads(run.stdout)
-    val_rows = sum(pq.read_metadata(path).num_rows for path in shard_paths(tiny_shards, "val"))
+    val_rows = sum(pq.read_metadata(path).num_rows for path in shard_paths(shards, "val"))
     assert metrics["split"] == "val" and metrics["samples"] == val_rows > 0
     for key in ("accuracy", "precision", "recall", "f1", "iou", "maxf", "ap", "iou_road"):
         assert 0.0 <= metrics[key] <= 1.0, key
-    # The tiny shards are stored at the training size, so the original-size score is the reported one.
-    assert metrics["iou"] == pytest.approx(trained_run[1].metrics["val_iou"], abs=1e-6)
+    # The tiny shards are stored at the training size, so the original-size score is the reported one,
+    # for every group of the grouped shards as well.
+    reported = {key.removeprefix("val_"): value for key, value in trained_run[1].metrics.items() if key.startswith("val_")}
+    grouped = {key for key in reported if "@" in key}
+    assert grouped and {key for key in metrics if "@" in key} == grouped
+    for key in ("iou", *grouped):
+        assert metrics[key] == pytest.approx(reported[key], abs=1e-6), key
 
 
 def test_predict_writes_masks_and_red_overlays_at_each_images_size(checkpoint, tmp_path):

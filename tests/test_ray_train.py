@@ -9,7 +9,7 @@ import pytest
 
 from raytrain.data.shards import shard_paths
 from raytrain.launch import make_trainer
-from tests.conftest import tiny_config
+from tests.conftest import VAL_CATEGORIES, tiny_config
 
 
 def ids_of(shards, split):
@@ -56,15 +56,17 @@ def test_training_reports_every_metric_and_checkpoints(trained):
     for key in ("train_loss", "val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1", "val_iou",
                 "val_maxf", "val_ap", "val_iou_road", "epoch", "lr", "images_per_s"):
         assert key in result.metrics, key
+    # the dataset is sharded by KITTI category: val metrics per val category too, and only those
+    assert {key for key in result.metrics if "@" in key} == {f"val_{m}@{g}" for m in ("iou", "f1") for g in VAL_CATEGORIES}
     assert result.metrics["epoch"] == 2
     assert 0.0 <= result.metrics["val_iou"] <= 1.0
     files = {p.name for p in __import__("pathlib").Path(result.checkpoint.path).iterdir()}
     assert {"model.pt", "train_state.pt", "config.yaml", "metrics.json", "classes.json"} <= files
 
 
-def test_checkpoint_reproduces_val_iou_without_ray(trained, tiny_shards):
-    """A fresh process with Ray not started: load_model + predict give the reported val IoU."""
-    _, result = trained
+def test_checkpoint_reproduces_val_iou_without_ray(trained):
+    """A fresh process with Ray not started: load_model + predict give the reported val IoU, per group too."""
+    config, result = trained
     script = f"""
 import io, json, sys
 import numpy as np, pyarrow.parquet as pq, torch
@@ -74,14 +76,17 @@ from raytrain.data.shards import shard_paths
 from raytrain.metrics import SegmentationMetrics
 model = raytrain.load_model({result.checkpoint.path!r})
 assert not model.module.training
-images, masks = [], []
-for path in shard_paths({str(tiny_shards)!r}, "val"):
+images, masks, groups = [], [], []
+for path in shard_paths({config.data.path!r}, "val"):
     table = pq.read_table(path).to_pydict()
     images += [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in table["image"]]
     masks += [np.asarray(Image.open(io.BytesIO(b))) for b in table["mask"]]
-metrics = SegmentationMetrics(1, class_names=["road"])
-for probs, mask in zip(raytrain.predict(model, images), masks):
-    metrics.update(torch.from_numpy(probs)[None, None], torch.from_numpy(mask.astype(np.int64))[None])
+    groups += table["group"]
+names = sorted(set(groups))
+metrics = SegmentationMetrics(1, class_names=["road"], groups=names)
+for probs, mask, group in zip(raytrain.predict(model, images), masks, groups):
+    metrics.update(torch.from_numpy(probs)[None, None], torch.from_numpy(mask.astype(np.int64))[None],
+                   torch.tensor([names.index(group)]))
 print(json.dumps(metrics.compute()))
 assert "ray" not in sys.modules or not __import__("ray").is_initialized()
 """
@@ -90,6 +95,8 @@ assert "ray" not in sys.modules or not __import__("ray").is_initialized()
     reproduced = json.loads(run.stdout.strip().splitlines()[-1])
     assert reproduced["iou"] == pytest.approx(result.metrics["val_iou"], abs=1e-6)
     assert reproduced["f1"] == pytest.approx(result.metrics["val_f1"], abs=1e-6)
+    for group in VAL_CATEGORIES:
+        assert reproduced[f"iou@{group}"] == pytest.approx(result.metrics[f"val_iou@{group}"], abs=1e-6)
 
 
 def test_search_of_two_trials_names_the_best(searched_run):

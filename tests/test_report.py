@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_multiplexer import EventMultiple
 from raytrain.api import best_checkpoint, load_model, predict
 from raytrain.reporting import write_report
 from raytrain.viz import GRID_GAP
-from tests.conftest import read_events, tiny_config
+from tests.conftest import VAL_CATEGORIES, read_events, tiny_config
 
 EPOCHS = 2
 CURVE_PNGS = {"loss.png", "accuracy.png", "f1.png", "iou.png"}
@@ -115,8 +115,15 @@ def test_report_overlay_shows_the_best_models_predictions(experiment, tmp_path):
         np.testing.assert_array_equal(np.all(tile[:, width + GRID_GAP :] == (255, 0, 0), axis=-1), mask == 1)
 
 
-def test_report_of_a_train_run_has_no_search_plot(train_run, tmp_path):
-    _check_report(tmp_path, write_report(train_run, tmp_path), CURVE_PNGS | {"pr_curve.png", "overlays.png"})
+def test_report_of_a_train_run_has_no_search_plot_and_a_table_by_group(train_run, tmp_path):
+    page = _check_report(tmp_path, write_report(train_run, tmp_path), CURVE_PNGS | {"pr_curve.png", "overlays.png"})
+    # conftest's run is on shards grouped by KITTI category: the best checkpoint's val IoU and F1 per group
+    metrics = best_checkpoint(train_run).metrics
+    rows = re.findall(r"<tr><td>([\w ]+)</td><td>(\d\.\d{4})</td><td>(\d\.\d{4})</td></tr>", page)
+    assert [group for group, _, _ in rows] == sorted(VAL_CATEGORIES, key=lambda g: metrics[f"val_iou@{g}"]) + ["all groups"]
+    for group, iou, f1 in rows:
+        suffix = "" if group == "all groups" else f"@{group}"
+        assert (float(iou), float(f1)) == pytest.approx((metrics[f"val_iou{suffix}"], metrics[f"val_f1{suffix}"]), abs=5e-5)
 
 
 def _cli(*args):

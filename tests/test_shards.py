@@ -2,6 +2,7 @@
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -268,3 +269,110 @@ def test_a_file_that_appears_in_out_while_sharding_survives(tmp_path):
     (out / "notes.txt").unlink()
     assert write_shards(src, "kitti", out, val_fraction=0.5)["num_samples"]["train"] > 0
     assert (out / "manifest.json").is_file()
+
+
+# ---------------------------------------------------------------- --group-by: whole groups to val
+
+
+def _random_ids(rng, count: int) -> list[str]:
+    """Ids as datasets name them (a drive or category, a separator, a frame number), now and then odd."""
+    prefixes = ["0001TP", "0006R0", "0016E5", "Seq05VD", "um", "umm", "uu", "a", "b-c", "d.e"]
+    separators = ["_", "_", "-", ""]
+    ids = {f"{rng.choice(prefixes)}{rng.choice(separators)}{int(rng.integers(0, 10**rng.integers(1, 7))):06d}"
+           for _ in range(count)}
+    return sorted(ids)
+
+
+REGEXES = [r"^[^_]+", r"^[^_-]+", r"^.{1,3}", r"\d{2}$", r"^(\w+?)_", r"[A-Z]+", r"^(.)", r"\d", r"^\D+", r"[05]", r"@", r"(x)?"]
+
+
+def test_group_by_never_puts_one_group_in_both_splits():
+    from raytrain.data.shards import group_of, plan_group_split
+
+    rng = np.random.default_rng(0)
+    planned = refused = 0
+    for case in range(400):
+        ids = _random_ids(rng, int(rng.integers(1, 60)))
+        regex = str(rng.choice(REGEXES))
+        named = None
+        if rng.random() < 0.3:  # some of the groups the regex finds, by name
+            found = sorted({g for g in (group_of(i, re.compile(regex)) for i in ids) if g})
+            named = list(rng.choice(found, size=int(rng.integers(1, len(found) + 1)), replace=False)) if found else ["x"]
+        try:
+            split = plan_group_split(ids, regex, named, float(rng.uniform(0, 0.9)), int(rng.integers(0, 5)))
+        except DataError as err:  # a regex that misses an id, one group, every group named: said, never half-split
+            assert str(err).startswith(("--group-by", "--val-groups")), err
+            refused += 1
+            continue
+        planned += 1
+        by_group: dict[str, set[str]] = {}
+        for sample_id in ids:
+            assert split.groups[sample_id] == group_of(sample_id, re.compile(regex))
+            by_group.setdefault(split.groups[sample_id], set()).add(split.split_of(sample_id))
+        assert all(len(splits) == 1 for splits in by_group.values()), (case, regex, by_group)
+        assert {s for splits in by_group.values() for s in splits} == {"train", "val"}, (case, regex)
+        assert set(split.val_groups) == {g for g, splits in by_group.items() if splits == {"val"}}
+        if named is not None:
+            assert set(split.val_groups) == set(named)
+    assert planned > 100 and refused > 50  # both kinds of outcome were exercised
+
+
+def test_seeded_val_groups_cover_about_the_val_fraction():
+    from raytrain.data.shards import choose_val_groups
+
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        sizes = {f"g{i}": int(rng.integers(1, 50)) for i in range(int(rng.integers(2, 30)))}
+        fraction, seed = float(rng.uniform(0.05, 0.5)), int(rng.integers(0, 3))
+        chosen = choose_val_groups(sizes, fraction, seed)
+        assert chosen == choose_val_groups(dict(reversed(sizes.items())), fraction, seed)  # not by listing order
+        assert 0 < len(chosen) < len(sizes)
+        share, total = sum(sizes[g] for g in chosen), sum(sizes.values())
+        target = fraction * total
+        # a prefix of a seeded order: within one group of the target, or the first group on its own
+        assert abs(share - target) <= max(sizes.values()) or len(chosen) == 1
+
+
+def test_shard_cli_records_the_group_split_in_the_manifest(grouped_kitti, tmp_path):
+    from tests.conftest import CATEGORIES
+
+    run = _shard_cli(grouped_kitti, "--format", "kitti", "--out", tmp_path / "by_name", "--group-by", "^[^_]+", "--val-groups", "uu")
+    assert run.returncode == 0, run.stderr
+    assert "val groups: uu (5)" in run.stdout
+    manifest = json.loads((tmp_path / "by_name/manifest.json").read_text())
+    assert manifest["split"] == {"val_fraction": 0.2, "seed": 0, "group_by": "^[^_]+", "val_groups": ["uu"]}
+    assert manifest["groups"] == {"train": {"um": 14, "umm": 5}, "val": {"uu": 5}}
+    for split in ("train", "val"):
+        table = pq.read_table(shard_paths(tmp_path / "by_name", split), columns=["id", "group", "split"]).to_pylist()
+        assert all(row["group"] == row["id"].split("_")[0] and row["split"] == split for row in table)
+        assert len(table) == manifest["num_samples"][split]
+
+    run = _shard_cli(grouped_kitti, "--format", "kitti", "--out", tmp_path / "seeded", "--group-by", "^[^_]+",
+                     "--val-fraction", "0.3", "--seed", "3")
+    assert run.returncode == 0, run.stderr
+    manifest = read_manifest(tmp_path / "seeded")
+    val_groups = manifest["split"]["val_groups"]
+    assert manifest["groups"]["val"] == {group: CATEGORIES[group] for group in val_groups}
+    assert set(manifest["groups"]["train"]) == set(CATEGORIES) - set(val_groups)
+
+
+def test_shards_without_groups_have_no_group_column_and_a_bad_groups_entry_is_refused(tiny_shards, tmp_path):
+    from raytrain.data.shards import metric_groups
+
+    manifest = read_manifest(tiny_shards)
+    assert "groups" not in manifest and "group_by" not in manifest["split"] and metric_groups(manifest, "val") == []
+    assert "group" not in pq.read_schema(shard_paths(tiny_shards, "val")[0]).names
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_shards, copy)
+    for groups in ({"train": {}, "val": {"a b": 1}}, {"val": {"a": 1}}, ["a"], {"train": {"a": "1"}, "val": {}}):
+        (copy / "manifest.json").write_text(json.dumps({**manifest, "groups": groups}))
+        with pytest.raises(DataError, match="`groups` must map train and val"):
+            read_manifest(copy)
+
+
+def test_per_group_metrics_are_capped(tmp_path):
+    from raytrain.data.shards import MAX_GROUP_METRICS, metric_groups
+
+    few = {"groups": {"train": {}, "val": {f"g{i}": 1 for i in range(MAX_GROUP_METRICS)}}}
+    many = {"groups": {"train": {}, "val": {f"g{i}": 1 for i in range(MAX_GROUP_METRICS + 1)}}}
+    assert len(metric_groups(few, "val")) == MAX_GROUP_METRICS and metric_groups(many, "val") == []

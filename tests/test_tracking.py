@@ -44,6 +44,8 @@ def test_a_train_run_logs_params_metrics_and_its_best_checkpoint(trained_run):
     assert run.data.params["model.name"] == "unet" and run.data.tags["raytrain.run"] == result.path
     check_run(client, run)
     assert Path(run.data.tags["best_checkpoint"]) == raytrain.best_checkpoint(result.path).path
+    # per-group metrics of the grouped shards, named as MLflow allows (no `@`)
+    assert run.data.metrics["val_iou/umm"] == pytest.approx(result.metrics["val_iou@umm"])
 
 
 def test_a_search_logs_one_run_per_trial(searched_run):

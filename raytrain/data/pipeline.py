@@ -9,7 +9,7 @@ from __future__ import annotations
 import ray.data
 
 from raytrain.config import Config
-from raytrain.data.shards import shard_paths
+from raytrain.data.shards import group_indices, metric_groups, read_manifest, shard_paths
 from raytrain.data.transforms import Augment, transform_batch
 
 COLUMNS = ["id", "image", "mask"]
@@ -22,18 +22,24 @@ def augment_of(config: Config) -> Augment | None:
     return Augment(data.hflip, tuple(data.scale), data.color_jitter) if data.augment else None
 
 
-def transform_block(block: dict, size, augment: Augment | None = None, seed: int | None = None):
+def transform_block(block: dict, size, augment: Augment | None = None, seed: int | None = None,
+                    groups: list[str] | None = None):
     """A whole read block -> transformed batches of ROWS_PER_TASK rows, yielded one at a time.
 
     Taken whole (map_batches with batch_size=None) so that Ray fuses this map into the Parquet read
     task; the small batches bound the decoding's scratch memory, and Ray still packs what a task
     yields into one block per task. Why both: docs/decisions.md ("Decode inside the read task").
-    With a seed, each sample's augmentation depends on (seed, epoch, its id) only.
+    With a seed, each sample's augmentation depends on (seed, epoch, its id) only. With `groups`,
+    each row's group becomes its index into them ("group"), which the metrics count by.
     """
     epoch = execution_index() if augment is not None and seed is not None else 0
     for start in range(0, len(block["id"]), ROWS_PER_TASK):
         rows = {name: column[start : start + ROWS_PER_TASK] for name, column in block.items()}
-        yield transform_batch(rows, size, augment, seed=seed, epoch=epoch)
+        batch = transform_batch(rows, size, augment, seed=seed, epoch=epoch)
+        if groups:
+            batch["group"] = group_indices(rows["group"], rows["id"], groups)
+        yield batch
+
 
 
 def execution_index() -> int:
@@ -49,7 +55,7 @@ def execution_index() -> int:
     return ray.data.DataContext.get_current()._execution_idx
 
 
-def read_shards(paths: list[str], *, shuffle: bool, seed: int | None = None) -> ray.data.Dataset:
+def read_shards(paths: list[str], *, shuffle: bool, seed: int | None = None, columns: list[str] = COLUMNS) -> ray.data.Dataset:
     """One read task (and one block) per shard file, files in a new random order each epoch if `shuffle`:
     with a seed, an order drawn from (seed, epoch), the same in every run.
 
@@ -66,7 +72,7 @@ def read_shards(paths: list[str], *, shuffle: bool, seed: int | None = None) -> 
         # Reseeded from (seed, execution index) every execution. The new dataset copies the driver's
         # DataContext, whose index stays 0: executions advance only their own dataset's copy.
         order = ray.data.FileShuffleConfig(seed=seed) if shuffle else None
-        return ray.data.read_parquet(paths, shuffle=order, override_num_blocks=max(1, len(paths))).select_columns(COLUMNS)
+        return ray.data.read_parquet(paths, shuffle=order, override_num_blocks=max(1, len(paths))).select_columns(columns)
     finally:
         context.use_datasource_v2, context.op_resource_reservation_enabled = saved
 
@@ -77,7 +83,8 @@ def build_datasets(config: Config) -> dict[str, ray.data.Dataset]:
     train = read_shards(shard_paths(data.path, "train"), shuffle=True, seed=seed).map_batches(
         transform_block, fn_kwargs={"size": data.size, "augment": augment_of(config), "seed": seed}, batch_size=None
     )
-    val = read_shards(shard_paths(data.path, "val"), shuffle=False).map_batches(
-        transform_block, fn_kwargs={"size": data.size}, batch_size=None
+    groups = metric_groups(read_manifest(data.path), "val")  # val metrics per group: rows carry their group
+    val = read_shards(shard_paths(data.path, "val"), shuffle=False, columns=COLUMNS + ["group"] * bool(groups)).map_batches(
+        transform_block, fn_kwargs={"size": data.size, "groups": groups}, batch_size=None
     )
     return {"train": train, "val": val}

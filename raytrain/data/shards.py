@@ -2,16 +2,21 @@
 
 Each row holds one sample: its id, source path, split, height, width, the image file's bytes as
 they were on disk (PNG or JPEG, not re-encoded) and the mask as a class-index PNG (IGNORE_INDEX
-where unknown). Every image and mask is decoded here once, so a corrupt file or a mismatched
+where unknown); with --group-by also its group (a drive, a KITTI category), and whole groups
+make up the val split. Every image and mask is decoded here once, so a corrupt file or a mismatched
 mask fails now with its file named, not hours into training.
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
+import re
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, Sequence
 
@@ -46,12 +51,107 @@ SCHEMA = pa.schema(
         ("mask", pa.binary()),
     ]
 )
+GROUPED_SCHEMA = SCHEMA.append(pa.field("group", pa.string()))
+# A group names metric keys (val_iou@<group>): Tune, TensorBoard and MLflow all take these characters.
+GROUP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# Per-group metrics are reported for at most this many groups of a split: every key is a Tune
+# metric, a TensorBoard curve and an MLflow metric each epoch (docs/decisions.md).
+MAX_GROUP_METRICS = 16
 
 
 def split_of(sample_id: str, val_fraction: float, seed: int) -> str:
     """Deterministic split by id: adding or removing other samples never moves this one."""
     digest = hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()
     return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
+
+
+@dataclass(frozen=True)
+class GroupSplit:
+    """Whole groups of samples to val: `group_by` the regex, `groups` each sample id's group."""
+
+    group_by: str
+    groups: dict[str, str]
+    val_groups: tuple[str, ...]
+
+    def split_of(self, sample_id: str) -> str:
+        return "val" if self.groups[sample_id] in self.val_groups else "train"
+
+
+def group_of(sample_id: str, pattern: re.Pattern) -> str | None:
+    """The sample's group: the regex's first capture group if it has one, else what it matches."""
+    found = pattern.search(sample_id)
+    return (found.group(1 if pattern.groups else 0) or None) if found else None
+
+
+def choose_val_groups(sizes: dict[str, int], val_fraction: float, seed: int) -> tuple[str, ...]:
+    """A seeded choice of whole groups (at least one, never all) whose samples come closest to
+    val_fraction of all. Groups are taken in an order drawn from (seed, name), so adding a group
+    does not reorder the others."""
+    order = sorted(sizes, key=lambda name: hashlib.sha256(f"{seed}:{name}".encode()).digest())
+    covered = list(itertools.accumulate(sizes[name] for name in order))
+    target = val_fraction * covered[-1]
+    count = min(range(1, len(order)), key=lambda k: abs(covered[k - 1] - target))
+    return tuple(sorted(order[:count]))
+
+
+def plan_group_split(ids: Sequence[str], group_by: str, val_groups: Sequence[str] | None,
+                     val_fraction: float, seed: int) -> GroupSplit:
+    """Every id's group by the regex `group_by`, and the groups that go to val: `val_groups`, or a
+    seeded choice covering about val_fraction of the samples. Raises a one-line DataError naming
+    the flag on a regex that does not compile or misses an id, an unknown group, or an empty split."""
+    flag = f"--group-by {group_by!r}"
+    try:
+        pattern = re.compile(group_by)
+    except re.error as err:
+        raise DataError(f"{flag}: not a regular expression ({err})") from None
+    groups = {sample_id: group_of(sample_id, pattern) for sample_id in ids}
+    missed = [sample_id for sample_id, group in groups.items() if group is None]
+    if len(missed) == len(ids):
+        raise DataError(f"{flag}: matches none of the {len(ids)} sample ids (e.g. {ids[0]!r})")
+    if missed:
+        raise DataError(f"{flag}: does not match sample id {missed[0]!r} ({len(missed)} of {len(ids)} ids); every sample needs a group")
+    for sample_id, group in groups.items():
+        if not GROUP_NAME.fullmatch(group):
+            raise DataError(f"{flag}: group {group!r} of sample {sample_id!r} is not a name of letters, digits, _, - and . "
+                            "(it names metric keys)")
+    sizes = dict(sorted(Counter(groups.values()).items()))
+    chosen = _val_groups(flag, sizes, val_groups, val_fraction, seed)
+    return GroupSplit(group_by, groups, chosen)
+
+
+def _val_groups(flag: str, sizes: dict[str, int], val_groups, val_fraction: float, seed: int) -> tuple[str, ...]:
+    known = ", ".join(list(sizes)[:12]) + (", ..." if len(sizes) > 12 else "")
+    if len(sizes) < 2:
+        raise DataError(f"{flag}: one group ({known}) cannot be split into train and val; use a regex that finds several")
+    if val_groups is None:
+        if val_fraction <= 0:
+            raise DataError(f"{flag} with --val-fraction 0 puts no group in val; give --val-groups or a --val-fraction above 0")
+        return choose_val_groups(sizes, val_fraction, seed)
+    chosen = tuple(sorted(set(val_groups)))
+    if not chosen:
+        raise DataError(f"--val-groups: no group given (groups of {flag}: {known})")
+    unknown = [name for name in chosen if name not in sizes]
+    if unknown:
+        raise DataError(f"--val-groups {unknown[0]!r}: no such group (groups of {flag}: {known})")
+    if len(chosen) == len(sizes):
+        raise DataError(f"--val-groups {','.join(chosen)}: every group in val leaves no training samples")
+    return chosen
+
+
+def metric_groups(manifest: dict, split: str) -> list[str]:
+    """The groups of `split` that get their own metrics: none for a dataset sharded without
+    --group-by, nor beyond MAX_GROUP_METRICS groups."""
+    groups = sorted(manifest.get("groups", {}).get(split, {}))
+    return groups if len(groups) <= MAX_GROUP_METRICS else []
+
+
+def group_indices(names, ids, groups: list[str]) -> np.ndarray:
+    """Each row's group as its index into `groups` (the manifest's), int64."""
+    index = {name: position for position, name in enumerate(groups)}
+    unknown = [(sample_id, name) for sample_id, name in zip(ids, names) if name not in index]
+    if unknown:
+        raise DataError(f"sample {unknown[0][0]!r}: its group {unknown[0][1]!r} is not one of the manifest's {groups}")
+    return np.array([index[name] for name in names], dtype=np.int64)
 
 
 def encode_mask(mask: np.ndarray) -> bytes:
@@ -136,6 +236,8 @@ def write_shards(
     class_map: str | os.PathLike | None = None,
     on_skip: Callable[[str], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    group_by: str | None = None,
+    val_groups: Sequence[str] | None = None,
 ) -> dict:
     """Shard the dataset at `src` into `out`; return the manifest.
 
@@ -148,6 +250,10 @@ def write_shards(
     `classes` picks the targets: None keeps all of the format's classes (class indices 0..C-1),
     one name gives a binary mask (that class 1, every other labelled class 0). `class_map` is the
     folder format's class map, when not `src`/classes.yaml.
+
+    `group_by`, a regex on the sample id, gives every sample a group (the `group` column) and makes
+    the split by whole groups: `val_groups`, or a seeded choice covering about `val_fraction` of the
+    samples. It replaces a dataset's own split (CamVid's), which is kept without it.
     """
     src_path, dataset_format = _source(src, fmt, val_fraction, classes, class_map)
     filesystem, out_path = filesystem_of(out)
@@ -159,10 +265,13 @@ def write_shards(
     if occupied:
         raise DataError(f"{out}: already exists; choose another --out or remove it")
     samples = _samples(src, src_path, dataset_format)
+    if val_groups is not None and group_by is None:
+        raise DataError("--val-groups needs --group-by, the regex that gives each sample its group")
+    grouping = None if group_by is None else plan_group_split([s.id for s in samples], group_by, val_groups, val_fraction, seed)
     tmp = leftovers.make_temp_dir(filesystem, out_path, str(out))
     try:
         manifest = _write(
-            samples, dataset_format, filesystem, tmp, val_fraction, seed, rows_per_shard, skip_bad,
+            samples, dataset_format, filesystem, tmp, _Split(val_fraction, seed, grouping), rows_per_shard, skip_bad,
             on_skip or (lambda message: None), progress or (lambda done, total: None),
         )
         manifest["source"] = str(src_path)
@@ -234,16 +343,39 @@ def _has_files(filesystem: pafs.FileSystem, path: str) -> bool:
     return kind != pafs.FileType.NotFound
 
 
-def _write(samples, fmt, filesystem, tmp, val_fraction, seed, rows_per_shard, skip_bad, on_skip, progress) -> dict:
+@dataclass(frozen=True)
+class _Split:
+    """How samples are split: by id (val_fraction, seed), by a dataset's own split, or by whole groups."""
+
+    val_fraction: float
+    seed: int
+    grouping: GroupSplit | None
+
+    def of(self, sample: Sample) -> str:
+        if self.grouping:
+            return self.grouping.split_of(sample.id)
+        return sample.split or split_of(sample.id, self.val_fraction, self.seed)
+
+    def describe(self) -> dict:
+        described = {"val_fraction": self.val_fraction, "seed": self.seed}
+        if self.grouping:
+            described.update(group_by=self.grouping.group_by, val_groups=list(self.grouping.val_groups))
+        return described
+
+
+def _write(samples, fmt, filesystem, tmp, split_rule: _Split, rows_per_shard, skip_bad, on_skip, progress) -> dict:
     pixel_counts = np.zeros(_mask_values(fmt), dtype=np.int64)
     buffers: dict[str, list[dict]] = {split: [] for split in SPLITS}
     files: dict[str, list[str]] = {split: [] for split in SPLITS}
     counts = {split: 0 for split in SPLITS}
+    group_counts: dict[str, dict[str, int]] = {split: {} for split in SPLITS}
     skipped = []
+    grouping = split_rule.grouping
+    schema = GROUPED_SCHEMA if grouping else SCHEMA
 
     def flush(split: str) -> None:
         name = f"{split}-{len(files[split]):05d}.parquet"
-        pq.write_table(pa.Table.from_pylist(buffers[split], schema=SCHEMA), f"{tmp}/{name}", filesystem=filesystem)
+        pq.write_table(pa.Table.from_pylist(buffers[split], schema=schema), f"{tmp}/{name}", filesystem=filesystem)
         files[split].append(name)
         buffers[split].clear()
 
@@ -256,8 +388,10 @@ def _write(samples, fmt, filesystem, tmp, val_fraction, seed, rows_per_shard, sk
             skipped.append(str(err))
             on_skip(str(err))
             continue
-        split = sample.split or split_of(sample.id, val_fraction, seed)
-        row["split"] = split
+        split = row["split"] = split_rule.of(sample)
+        if grouping:
+            group = row["group"] = grouping.groups[sample.id]
+            group_counts[split][group] = group_counts[split].get(group, 0) + 1
         pixel_counts += np.bincount(mask[mask != IGNORE_INDEX].ravel(), minlength=len(pixel_counts))
         buffers[split].append(row)
         counts[split] += 1
@@ -267,8 +401,11 @@ def _write(samples, fmt, filesystem, tmp, val_fraction, seed, rows_per_shard, sk
     for split in SPLITS:
         if buffers[split]:
             flush(split)
-    _check_split(fmt, counts, val_fraction, own_splits=any(sample.split for sample in samples))
-    return _manifest(fmt, counts, files, val_fraction, seed, pixel_counts, skipped)
+    _check_split(fmt, counts, split_rule.val_fraction, own_splits=not grouping and any(sample.split for sample in samples))
+    manifest = _manifest(fmt, counts, files, split_rule.describe(), pixel_counts, skipped)
+    if grouping:
+        manifest["groups"] = {split: dict(sorted(group_counts[split].items())) for split in SPLITS}
+    return manifest
 
 
 def _check_split(fmt: DatasetFormat, counts: dict[str, int], val_fraction: float, own_splits: bool) -> None:
@@ -282,7 +419,7 @@ def _check_split(fmt: DatasetFormat, counts: dict[str, int], val_fraction: float
         )
 
 
-def _manifest(fmt: DatasetFormat, counts, files, val_fraction, seed, pixel_counts: np.ndarray, skipped: list[str]) -> dict:
+def _manifest(fmt: DatasetFormat, counts, files, split: dict, pixel_counts: np.ndarray, skipped: list[str]) -> dict:
     num_classes = len(fmt.classes)
     names = ["background", *fmt.classes] if num_classes == 1 else list(fmt.classes)
     return {
@@ -296,7 +433,7 @@ def _manifest(fmt: DatasetFormat, counts, files, val_fraction, seed, pixel_count
         "ignore_index": IGNORE_INDEX,
         "num_samples": counts,
         "files": files,
-        "split": {"val_fraction": val_fraction, "seed": seed},
+        "split": split,
         "pixel_frequencies": {name: float(c) / max(1, int(pixel_counts.sum())) for name, c in zip(names, pixel_counts)},
         "skipped": skipped,
     }
@@ -327,7 +464,21 @@ def read_manifest(dataset: str | os.PathLike) -> dict:
             if not _relative_inside(name):
                 # A manifest must not make raytrain read files elsewhere (/etc/..., ../other-data).
                 raise DataError(f"{path}: files.{split} entry {name!r} is not a relative path inside the dataset folder")
+    _check_groups(manifest.get("groups"), path)
     return manifest
+
+
+def _check_groups(groups, path: str) -> None:
+    """`groups` (absent without --group-by): per split, group name -> sample count."""
+    if groups is None:
+        return
+    well_formed = isinstance(groups, dict) and all(
+        isinstance(groups.get(split), dict)
+        and all(isinstance(name, str) and GROUP_NAME.fullmatch(name) and type(count) is int for name, count in groups[split].items())
+        for split in SPLITS
+    )
+    if not well_formed:
+        raise DataError(f"{path}: `groups` must map train and val to group names (letters, digits, _, -, .) and sample counts")
 
 
 def _relative_inside(name) -> bool:

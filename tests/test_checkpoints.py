@@ -1,12 +1,11 @@
 """Checkpoints found and loaded where they live: local folders and pyarrow URIs."""
-import subprocess
-import sys
 
 import pyarrow.fs as pafs
 import torch
 
 import raytrain
 from raytrain.checkpoints import MODEL_FILE, fetch_checkpoint, read_checkpoint
+from tests.cli_process import run_cli
 
 
 def test_best_checkpoint_is_the_same_through_a_uri(trained_run):
@@ -15,9 +14,7 @@ def test_best_checkpoint_is_the_same_through_a_uri(trained_run):
     local = raytrain.best_checkpoint(experiment)
     through_uri = raytrain.best_checkpoint(f"file://{experiment}")
     assert through_uri.path == local.path and through_uri.metrics == local.metrics
-    run = subprocess.run(
-        [sys.executable, "-m", "raytrain.cli", "best", f"file://{experiment}"], capture_output=True, text=True, timeout=120
-    )
+    run = run_cli(["best", f"file://{experiment}"], timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == str(local.path)
 

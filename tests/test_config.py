@@ -1,6 +1,4 @@
 """The config schema: YAML in, typed config out, and one-line errors that name the key and file."""
-import subprocess
-import sys
 
 import pytest
 
@@ -20,6 +18,7 @@ search:
     optim.lr: {loguniform: [1.0e-4, 1.0e-2]}
     model.depth: {choice: [2, 3, 4]}
 """
+from tests.cli_process import run_cli
 
 
 def write(tmp_path, text):
@@ -105,9 +104,7 @@ def test_every_shipped_config_is_valid():
 
 def test_cli_config_error_is_one_line_exit_2(tmp_path):
     path = write(tmp_path, VALID.replace("depth: 3", "depht: 3"))
-    run = subprocess.run(
-        [sys.executable, "-m", "raytrain.cli", "train", str(path)], capture_output=True, text=True, timeout=120
-    )
+    run = run_cli(["train", path], timeout=120)
     assert run.returncode == 2
     assert run.stderr.strip() == f"raytrain: error: {path}: model.depht: unknown key"
     assert "Traceback" not in run.stderr

@@ -17,6 +17,7 @@ import pytest
 
 import raytrain
 from raytrain import experiments
+from tests.cli_process import run_cli
 from tests.conftest import tiny_config
 
 
@@ -112,7 +113,7 @@ def test_a_name_folder_resolves_to_its_latest_experiment_and_says_so(tmp_path):
         warnings.simplefilter("error")
         assert raytrain.best_checkpoint(older).metrics["val_iou"] == 0.95
 
-    done = _cli("best", str(tmp_path / "results" / "tiny"), "--json")
+    done = run_cli(["best", tmp_path / "results" / "tiny", "--json"])
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["experiment"] == newer
     assert done.stderr.strip() == f"raytrain: note: {tmp_path / 'results' / 'tiny'} holds 2 experiments; using the latest, {newer}"
@@ -130,9 +131,9 @@ def test_runs_lists_newest_first_and_a_killed_run_as_interrupted(tmp_path):
     rows = [run.to_dict() for run in raytrain.runs(tmp_path / "results")]
     assert [(r["path"], r["status"], r["kind"], r["best"]) for r in rows] == [
         (killed, "interrupted", "tune", None), (finished, "finished", "train", 0.5)]
-    listed = _cli("runs", str(tmp_path / "results"), "--json")
+    listed = run_cli(["runs", tmp_path / "results", "--json"])
     assert listed.returncode == 0 and json.loads(listed.stdout) == rows
-    table = _cli("runs", str(tmp_path / "results"))
+    table = run_cli(["runs", tmp_path / "results"])
     assert table.stdout.splitlines()[0].split() == ["name", "created", "kind", "trials", "status", "best", "path"]
     assert "val_iou 0.5000" in table.stdout and "interrupted" in table.stdout
 

@@ -2,8 +2,6 @@
 import io
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ from raytrain.errors import DataError
 # ../shared beside the repository holds CamVid for development; it is never part of the project.
 REAL_CAMVID = Path(os.environ.get("RAYTRAIN_CAMVID", Path(__file__).resolve().parents[2] / "shared/datasets/camvid"))
 W, H = 12, 8
+from tests.cli_process import run_cli
 
 
 def _rows(shards):
@@ -206,10 +205,7 @@ def test_folder_index_masks_and_class_map_path(tmp_path):
 def test_cli_classes_option(camvid_tree, tmp_path):
     root, _ = camvid_tree
     out = tmp_path / "cli"
-    run = subprocess.run(
-        [sys.executable, "-m", "raytrain.cli", "data", "shard", str(root), "--format", "camvid", "--classes", "road", "--out", str(out)],
-        capture_output=True, text=True, timeout=120,
-    )
+    run = run_cli(["data", "shard", root, "--format", "camvid", "--classes", "road", "--out", out], timeout=120)
     assert run.returncode == 0, run.stderr
     assert "wrote 2 train and 1 val samples" in run.stdout
     assert json.loads((out / "manifest.json").read_text())["classes"] == [{"name": "road", "id": 1, "color": [128, 64, 128]}]
@@ -276,11 +272,7 @@ def test_kitti_lane_target_reads_the_lane_ground_truth(tmp_path):
     assert road["num_samples"]["train"] == 3 and road["classes"][0]["name"] == "road"
 
     out = tmp_path / "lane"
-    run = subprocess.run(
-        [sys.executable, "-m", "raytrain.cli", "data", "shard", str(root), "--format", "kitti", "--classes", "lane",
-         "--out", str(out), "--val-fraction", "0"],
-        capture_output=True, text=True, timeout=120,
-    )
+    run = run_cli(["data", "shard", root, "--format", "kitti", "--classes", "lane", "--out", out, "--val-fraction", "0"], timeout=120)
     assert run.returncode == 0, run.stderr
     manifest = read_manifest(out)
     assert manifest["classes"] == [{"name": "lane", "id": 1, "color": [255, 0, 255]}]
@@ -315,13 +307,12 @@ def test_cli_mask_values_outside_the_class_map_exit_2(camvid_tree, tmp_path, lay
         message = "mask colours [[9, 9, 9]] are not classes of folder"
     out = tmp_path / "out"
     # The folder dataset has two samples: after skipping one, no val split can be drawn (an error unless asked for).
-    command = [sys.executable, "-m", "raytrain.cli", "data", "shard", str(root), "--format", layout, "--out", str(out),
-               "--val-fraction", "0"]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    command = ["data", "shard", root, "--format", layout, "--out", out, "--val-fraction", "0"]
+    run = run_cli(command, timeout=120)
     assert run.returncode == 2
     assert run.stderr.startswith(f"raytrain: error: {bad}: {message}") and len(run.stderr.strip().splitlines()) == 1
     assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
-    run = subprocess.run([*command, "--skip-bad"], capture_output=True, text=True, timeout=120)
+    run = run_cli([*command, "--skip-bad"], timeout=120)
     assert run.returncode == 0, run.stderr
     assert f"skipped: {bad}: {message}" in run.stderr
     skipped = read_manifest(out)["skipped"]

@@ -25,6 +25,7 @@ from tests.test_bad_input import (
     NEEDS_PERMISSIONS,
     SHARD,
     check_one_line_and_nothing_written,
+    needs_a_fresh_interpreter,
     checkpoint,
     config,
     finished_experiment,
@@ -278,8 +279,8 @@ CASES = [
 
 
 @pytest.mark.parametrize("args, setup, fragments", CASES)
-def test_hostile_file_is_one_line_exit_2_and_nothing_written(tmp_path, args, setup, fragments):
-    check_one_line_and_nothing_written(tmp_path, args, setup, fragments)
+def test_hostile_file_is_one_line_exit_2_and_nothing_written(request, tmp_path, args, setup, fragments):
+    check_one_line_and_nothing_written(tmp_path, args, setup, fragments, needs_a_fresh_interpreter(request))
 
 
 # ---------------------------------------------------------------- interrupted runs

@@ -1,7 +1,5 @@
 """A trained checkpoint at work through the CLI: evaluate, predict, export (real subprocesses)."""
 import json
-import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -12,10 +10,11 @@ from PIL import Image
 
 import raytrain
 from raytrain.data.shards import shard_paths
+from tests.cli_process import run_cli
 
 
 def cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "raytrain.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    return run_cli(args, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

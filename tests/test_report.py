@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ from tensorboard.backend.event_processing.event_multiplexer import EventMultiple
 from raytrain.api import best_checkpoint, load_model, predict
 from raytrain.reporting import write_report
 from raytrain.viz import GRID_GAP
+from tests.cli_process import run_cli
 from tests.conftest import VAL_CATEGORIES, read_events, tiny_config
 
 EPOCHS = 2
@@ -127,7 +126,7 @@ def test_report_of_a_train_run_has_no_search_plot_and_a_table_by_group(train_run
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "raytrain.cli", *args], capture_output=True, text=True, timeout=300)
+    return run_cli(args, timeout=300)
 
 
 def test_report_command(experiment, tmp_path):

@@ -20,6 +20,7 @@ from raytrain.data.formats import IGNORE_INDEX, decode_kitti_gt, encode_kitti_gt
 from raytrain.data.location import RemotePath
 from raytrain.data.shards import read_manifest, shard_paths, split_of, write_shards
 from raytrain.errors import DataError
+from tests.cli_process import run_cli
 
 
 def test_manifest_and_rows_match_the_source(synthetic_kitti, tiny_shards):
@@ -94,19 +95,13 @@ def _drop_mask(root):
 def test_bad_sample_is_one_line_exit_2_and_nothing_written(synthetic_kitti, tmp_path, breakage, message):
     root, bad_file = _broken_copy(synthetic_kitti, tmp_path, breakage)
     out = tmp_path / "shards"
-    run = subprocess.run(
-        [sys.executable, "-m", "raytrain.cli", "data", "shard", str(root), "--format", "kitti", "--out", str(out)],
-        capture_output=True, text=True, timeout=120,
-    )
+    run = run_cli(["data", "shard", root, "--format", "kitti", "--out", out], timeout=120)
     assert run.returncode == 2
     assert run.stderr.strip().startswith(f"raytrain: error: {bad_file}: {message}")
     assert len(run.stderr.strip().splitlines()) == 1
     assert not out.exists() and not list(tmp_path.glob(".shards.tmp-*"))
 
-    skipped = subprocess.run(
-        [sys.executable, "-m", "raytrain.cli", "data", "shard", str(root), "--format", "kitti", "--out", str(out), "--skip-bad"],
-        capture_output=True, text=True, timeout=120,
-    )
+    skipped = run_cli(["data", "shard", root, "--format", "kitti", "--out", out, "--skip-bad"], timeout=120)
     assert skipped.returncode == 0, skipped.stderr
     assert f"skipped: {bad_file}: {message}" in skipped.stderr
     manifest = json.loads((out / "manifest.json").read_text())
@@ -135,9 +130,7 @@ def test_inverse_frequency_class_weights_come_from_the_manifest(tiny_shards, tmp
 
 
 def _shard_cli(*args, timeout=120):
-    return subprocess.run(
-        [sys.executable, "-m", "raytrain.cli", "data", "shard", *map(str, args)], capture_output=True, text=True, timeout=timeout
-    )
+    return run_cli(["data", "shard", *args], timeout=timeout)
 
 
 def _garble(path):

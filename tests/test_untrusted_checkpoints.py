@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import struct
 import subprocess
-import sys
 import zipfile
 import zlib
 from pathlib import Path
@@ -23,7 +22,10 @@ from PIL import Image
 import raytrain
 from raytrain.errors import RaytrainError
 from tests.conftest import set_dotted
-from tests.test_bad_input import MEMORY_LIMIT, NEEDS_PERMISSIONS, check_one_line_and_nothing_written, checkpoint, shards
+from tests.cli_process import cli_environment, run_cli
+from tests.test_bad_input import (
+    MEMORY_LIMIT, NEEDS_PERMISSIONS, check_one_line_and_nothing_written, checkpoint, needs_a_fresh_interpreter, shards,
+)
 
 CKPT = "{tmp}/exp/ckpt"
 PREDICT = ["predict", CKPT, "{tmp}/street.png", "--out", "{tmp}/out"]
@@ -184,19 +186,15 @@ CASES = [
 
 
 @pytest.mark.parametrize("args, setup, fragments", CASES)
-def test_bad_checkpoint_or_output_is_one_line_and_nothing_written(tmp_path, args, setup, fragments):
-    check_one_line_and_nothing_written(tmp_path, args, setup, fragments)  # also: no .adir.* file left
+def test_bad_checkpoint_or_output_is_one_line_and_nothing_written(request, tmp_path, args, setup, fragments):
+    check_one_line_and_nothing_written(tmp_path, args, setup, fragments, needs_a_fresh_interpreter(request))  # also: no .adir.* file left
 
 
 # ---------------------------------------------------------------- loading: what the checkpoint asks for is not done
 
 
 def cli(args: list, cwd: Path, umask: int | None = None, timeout: int = 600, **env) -> subprocess.CompletedProcess:
-    environment = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **env}
-    return subprocess.run(
-        [sys.executable, "-m", "raytrain.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=cwd,
-        env=environment, preexec_fn=None if umask is None else (lambda: os.umask(umask)),
-    )
+    return run_cli(args, cwd, {**cli_environment(), **env}, timeout, umask)
 
 
 def test_encoder_weights_in_the_config_are_never_downloaded(tmp_path):

@@ -212,6 +212,16 @@ def check_resources(replicas: int, gpus_per_replica: float) -> None:
         raise RaytrainError(f"--replicas {replicas} --gpus-per-replica {gpus_per_replica:g}: this cluster has {have.get('GPU', 0):g} GPUs")
 
 
+def limits_set_here() -> dict[str, str]:
+    """RAYTRAIN_MAX_PIXELS and RAYTRAIN_MAX_PARAMETERS as this process has them (checked), for the
+    replicas: on a cluster of its own they would otherwise run with that cluster's environment."""
+    from raytrain.checkpoints import MAX_PARAMETERS_ENV, max_parameters
+    from raytrain.data.formats import MAX_PIXELS_ENV, max_pixels
+
+    max_pixels(), max_parameters()  # a bad value is a one-line error here, not in every request
+    return {name: os.environ[name] for name in (MAX_PIXELS_ENV, MAX_PARAMETERS_ENV) if os.environ.get(name, "").strip()}
+
+
 def start(checkpoint: Path, *, replicas: int, gpus_per_replica: float, host: str, port: int, max_batch_size: int,
           batch_wait_timeout_s: float, num_cpus: int | None) -> Server:
     """Start Serve on the cluster (a local one unless RAY_ADDRESS) and deploy the checkpoint."""
@@ -220,8 +230,9 @@ def start(checkpoint: Path, *, replicas: int, gpus_per_replica: float, host: str
     check_port_free(host, port)
     ensure_ray(num_cpus, verbosity=QUIET)
     check_resources(replicas, gpus_per_replica)
+    resources = {"num_cpus": 1, "num_gpus": gpus_per_replica, "runtime_env": {"env_vars": limits_set_here()}}
     deployment = SegmentationServer.options(
-        num_replicas=replicas, ray_actor_options={"num_cpus": 1, "num_gpus": gpus_per_replica},
+        num_replicas=replicas, ray_actor_options=resources,
         max_ongoing_requests=2 * max_batch_size,  # one batch filling while another runs
     )
     device = "cuda" if gpus_per_replica else "cpu"

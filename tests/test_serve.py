@@ -51,39 +51,25 @@ def half_road_checkpoint(tmp: Path, name: str, val_iou: float) -> Path:
     return path
 
 
-def descendants(pid: int) -> set[int]:
-    """Every process below `pid` (Ray's GCS, raylet and workers, Serve's actors), from /proc."""
-    parents = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                parents[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
+def serve_actors(ray) -> list[str]:
+    """The live actors of Ray Serve (controller, HTTP proxy, replicas) on the cluster."""
+    from ray.util.state import list_actors
 
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    alive = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+    return [actor.class_name for actor in alive if actor.class_name.startswith(("Serve", "Proxy"))]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(ray_cluster, tmp_path_factory):
+    """The CLI serving on the session's cluster (RAY_ADDRESS), as on a cluster of one's own: a second
+    local cluster would cost this suite its start-up time again."""
     tmp = tmp_path_factory.mktemp("serve")
     half_road_checkpoint(tmp, "worse", 0.3)
     best = half_road_checkpoint(tmp, "best", 0.6)
     port = free_port()
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAYTRAIN_MAX_PIXELS": str(MAX_PIXELS)}
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "RAYTRAIN_MAX_PIXELS": str(MAX_PIXELS)}
     process = subprocess.Popen(
-        [sys.executable, "-m", "raytrain.cli", "serve", tmp / "exp", "--port", str(port), "--num-cpus", "2",
-         "--max-batch-size", "4"],
+        [sys.executable, "-m", "raytrain.cli", "serve", tmp / "exp", "--port", str(port), "--max-batch-size", "4"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
     line = process.stdout.readline()  # the one line it prints once the endpoint answers
@@ -94,6 +80,9 @@ def server(tmp_path_factory):
     if process.poll() is None:
         process.kill()
         process.wait(timeout=60)
+    from ray import serve
+
+    serve.shutdown()  # whatever a failed test left: later tests need the session's CPUs
 
 
 def post(url: str, body: bytes, content_type: str | None = "image/png", **headers) -> tuple[int, str, bytes]:
@@ -178,8 +167,11 @@ def test_json_overlay_and_multipart_answers(server):
     ("", png(BIG_IMAGE), "image/png", 400, f"image is 201x100, over the limit of {MAX_PIXELS} pixels (RAYTRAIN_MAX_PIXELS)"),
     ("", b"\0" * (4 * MAX_PIXELS + (1 << 20) + 1), "image/png", 413, "request body: over"),
     ("?output=logits", png(IMAGE), "image/png", 400, "output='logits': expected one of mask, overlay, json"),
-    ("", b"--x\r\n\r\n--x--\r\n", "multipart/form-data; boundary=x", 400, "the form holds no file"),
-], ids=["empty", "not-an-image", "png-as-jpeg", "text", "no-type", "too-many-pixels", "too-many-bytes", "output", "no-file"])
+    ("", b'--x\r\nContent-Disposition: form-data; name="note"\r\n\r\nhi\r\n--x--\r\n', "multipart/form-data; boundary=x",
+     400, "request body: the form holds no file"),
+    ("", b"--x\r\n\r\n--x--\r\n", "multipart/form-data; boundary=x", 400, "request body: not a valid multipart/form-data form"),
+], ids=["empty", "not-an-image", "png-as-jpeg", "text", "no-type", "too-many-pixels", "too-many-bytes", "output", "no-file",
+        "bad-form"])
 def test_a_bad_request_is_a_4xx_with_one_line_and_the_server_goes_on(server, query, body, content_type, status, message):
     answer = post(server["url"] + query, body, content_type)
     assert answer[:2] == (status, "text/plain; charset=utf-8")
@@ -188,14 +180,13 @@ def test_a_bad_request_is_a_4xx_with_one_line_and_the_server_goes_on(server, que
     assert post(server["url"], png(IMAGE))[0] == 200
 
 
-def test_sigterm_stops_serve_and_ray_and_frees_the_port(server):
+def test_sigterm_stops_serve_and_frees_the_port(server, ray_cluster):
+    assert len(serve_actors(ray_cluster)) >= 3  # controller, proxy, replica
     process = server["process"]
-    spawned = descendants(process.pid)
-    assert spawned  # Ray's processes and Serve's actors
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=90)
     assert process.returncode == 0, err
     assert "Traceback" not in err and err.strip().endswith("raytrain: stopped serving")
-    wait_for(lambda: not any(alive(pid) for pid in spawned), "Ray's processes to exit", timeout=30)
+    wait_for(lambda: not serve_actors(ray_cluster), "Serve's actors to exit", timeout=30)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", server["port"]))

@@ -117,15 +117,15 @@ def serve(checkpoint: str | os.PathLike | CheckpointInfo, *, replicas: int = 1, 
     from raytrain.checkpoints import MODEL_FILE, read_checkpoint
     from raytrain.data.location import filesystem_of
 
-    try:
-        from raytrain import serving
-    except ImportError as err:
-        raise RaytrainError(f"serving needs Ray Serve ({err}): pip install 'raytrain[serve]'") from None
     if not isinstance(checkpoint, CheckpointInfo):
         filesystem, path = filesystem_of(os.fspath(checkpoint))
         is_checkpoint = filesystem.get_file_info(f"{path}/{MODEL_FILE}").type == pafs.FileType.File
         checkpoint = read_checkpoint(checkpoint) if is_checkpoint else best_checkpoint(checkpoint, metric, mode)
     inference.load_model(checkpoint)  # a bad checkpoint is a one-line error here, not a failed replica
+    try:
+        from raytrain import serving
+    except ImportError as err:
+        raise RaytrainError(f"serving needs Ray Serve ({err}): pip install 'raytrain[serve]'") from None
     return serving.start(checkpoint.path, replicas=replicas, gpus_per_replica=gpus_per_replica, host=host, port=port,
                          max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s, num_cpus=num_cpus)
 

@@ -243,4 +243,4 @@ def start(checkpoint: Path, *, replicas: int, gpus_per_replica: float, host: str
     except BaseException:
         serve.shutdown()
         raise
-    return Server(f"http://{host}:{port}/", checkpoint, handle)
+    return Server(f"http://{f'[{host}]' if ':' in host else host}:{port}/", checkpoint, handle)

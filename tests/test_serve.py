@@ -111,7 +111,7 @@ def test_the_mask_is_predicts_mask_from_the_experiments_best_checkpoint(server):
     np.testing.assert_array_equal(decoded(body), expected)
 
 
-def test_concurrent_requests_are_batched_and_each_gets_its_own_mask(server):
+def test_concurrent_requests_each_get_their_own_mask(server):
     model = raytrain.load_model(server["best"])
     images = [np.roll(IMAGE, shift, axis=1) for shift in range(6)]
     answers = [None] * len(images)

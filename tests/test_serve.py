@@ -55,7 +55,8 @@ def serve_actors(ray) -> list[str]:
     """The live actors of Ray Serve (controller, HTTP proxy, replicas) on the cluster."""
     from ray.util.state import list_actors
 
-    alive = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+    # The address given: other Ray clusters on this machine would make "the" cluster ambiguous.
+    alive = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")], limit=1000)
     return [actor.class_name for actor in alive if actor.class_name.startswith(("Serve", "Proxy"))]
 
 

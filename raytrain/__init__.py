@@ -6,6 +6,7 @@
     raytrain.best_checkpoint(experiment)        .path, .config, .metrics of an experiment's best checkpoint
     raytrain.load_model(checkpoint)             a LoadedModel: .module (eval mode), .config, .classes; no Ray needed
     raytrain.predict(model, images)             probabilities at each image's own size
+    raytrain.serve(checkpoint)                  the checkpoint (or an experiment's best) over HTTP on Ray Serve
     raytrain.evaluate / export / report / shard / synth / quickstart / list_configs / show_config
 
 Every `raytrain` command has its twin here, with the same arguments (raytrain.api).
@@ -18,7 +19,7 @@ __version__ = "0.2.0"
 _EXPORTS = {
     **dict.fromkeys(
         ["train", "tune", "runs", "best_checkpoint", "load_model", "predict", "evaluate", "export", "report",
-         "shard", "synth", "quickstart", "list_configs", "show_config"],
+         "shard", "synth", "quickstart", "list_configs", "show_config", "serve"],
         "raytrain.api",
     ),
     "Config": "raytrain.config",

@@ -117,6 +117,7 @@ def _notes():
     stays the one line on stderr)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        warnings.simplefilter("ignore", DeprecationWarning)  # libraries' news for developers, not the user's notes
         yield
     for warning in caught:
         print(f"raytrain: note: {one_line(warning.message)}", file=sys.stderr)
@@ -184,6 +185,46 @@ def _predict(args) -> None:
 
     written = predict_files(args.checkpoint, args.inputs, args.out, device=args.device, progress=progress_bar("predict"))
     print(f"wrote {len(written) // 2} masks and overlays to {args.out}")
+
+
+def _serve(args) -> None:
+    import logging
+
+    from raytrain import api
+
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # no INFO lines on deploying and shutting down
+    with _notes():  # which experiment's best, when given a name's folder
+        server = api.serve(args.checkpoint, replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
+                           host=args.host, port=args.port, max_batch_size=args.max_batch_size,
+                           batch_wait_timeout_s=args.batch_wait_timeout_s, metric=args.metric, mode=args.mode,
+                           num_cpus=args.num_cpus)
+    try:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _on_sigterm)  # ray.init put in its own, which exits without cleaning up
+        print(f"serving {server.checkpoint} at {server.url} (Ctrl-C to stop)", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: how a server is meant to stop, so exit code 0
+        pass
+    finally:
+        server.shutdown()
+    print("raytrain: stopped serving", file=sys.stderr)
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < math.inf:  # nan fails too
+        raise argparse.ArgumentTypeError(f"expected a number of 0 or more, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    if not text.strip().isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"expected a TCP port from 1 to 65535, got {text!r}")
+    return int(text)
 
 
 def _export(args) -> None:
@@ -354,6 +395,23 @@ def _add_result_commands(commands) -> None:
     export.add_argument("--format", default="torchscript", choices=["torchscript", "torch.export"])
     export.add_argument("--out", help="default: CHECKPOINT/model.torchscript.pt (or model.pt2); required for a remote CHECKPOINT")
     export.set_defaults(func=_export)
+    _add_serve_command(commands)
+
+
+def _add_serve_command(commands) -> None:
+    serve = commands.add_parser("serve", help="a checkpoint over HTTP on Ray Serve: POST an image, get its mask")
+    serve.add_argument("checkpoint", help="a checkpoint, or an experiment (its best checkpoint by --metric)")
+    serve.add_argument("--replicas", type=_positive_int, default=1, help="model replicas, one CPU each")
+    serve.add_argument("--gpus-per-replica", type=_non_negative_float, default=0, help="GPUs per replica (may be a fraction)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=_port, default=8000)
+    serve.add_argument("--max-batch-size", type=_positive_int, default=8, help="requests per model call (1: no batching)")
+    serve.add_argument("--batch-wait-timeout-s", type=_non_negative_float, default=0.01,
+                       help="how long a batch waits to fill before it runs")
+    serve.add_argument("--metric", default="val_iou", help="picks an experiment's best checkpoint")
+    serve.add_argument("--mode", default="max", choices=["min", "max"])
+    serve.add_argument("--num-cpus", type=_positive_int, help="logical CPUs of a local Ray cluster (ignored with RAY_ADDRESS)")
+    serve.set_defaults(func=_serve)
 
 
 def one_line(message: object) -> str:

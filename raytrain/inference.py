@@ -109,12 +109,22 @@ def _build(config: Config, file: Path, device: str = "cpu") -> torch.nn.Module:
         raise CheckpointError(f"{file}: cannot build its model ({reason})") from None
 
 
+def decode_image(source, name, formats: Sequence[str] | None = None) -> np.ndarray:
+    """An 8-bit image file (a path or a binary file object) as an RGB array (H, W, 3), checked
+    against the pixel limit before it is decoded; a one-line DataError naming `name` otherwise.
+    formats: the Pillow formats accepted (e.g. PNG, JPEG); default any that Pillow reads."""
+    try:
+        with open_checked(source, name) as image:
+            if formats is not None and image.format not in formats:
+                raise DataError(f"{name}: a {image.format} image, expected {' or '.join(formats)}")
+            check_8bit(image, name)
+            return np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as err:
+        raise DataError(f"{name}: not a readable image ({err.__class__.__name__})") from None
+
+
 def _as_array(image) -> np.ndarray:
-    if isinstance(image, (str, os.PathLike)):
-        with open_checked(image, image) as opened:
-            check_8bit(opened, image)
-            return np.asarray(opened.convert("RGB"))
-    return np.asarray(image)
+    return decode_image(image, image) if isinstance(image, (str, os.PathLike)) else np.asarray(image)
 
 
 @torch.no_grad()
@@ -199,15 +209,12 @@ def read_images(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path, np.ndar
             raise DataError(f"{item}: no such file or directory")
     if not files:
         raise DataError(f"{', '.join(map(str, inputs))}: no images found")
-    images = []
-    for path in files:
-        try:
-            with open_checked(path, path) as image:
-                check_8bit(image, path)
-                images.append((path, np.asarray(image.convert("RGB"))))
-        except (UnidentifiedImageError, OSError) as err:
-            raise DataError(f"{path}: not a readable image ({err.__class__.__name__})") from None
-    return images
+    return [(path, decode_image(path, path)) for path in files]
+
+
+def labels_of(probabilities: np.ndarray) -> np.ndarray:
+    """The mask predict writes (class index per pixel, uint8; road = 1) of what predict returns."""
+    return to_labels(probabilities[None] if probabilities.ndim == 2 else probabilities)
 
 
 def predict_files(
@@ -238,8 +245,7 @@ def predict_files(
         chunk = images[start : start + batch_size]
         arrays = [array for _, array in chunk]
         for (path, array), probabilities in zip(chunk, predict(model, arrays, batch_size=batch_size)):
-            labels = to_labels(probabilities[None] if probabilities.ndim == 2 else probabilities)
-            written.append(_save_png(labels, out / f"{path.stem}_mask.png"))
+            written.append(_save_png(labels_of(probabilities), out / f"{path.stem}_mask.png"))
             written.append(_save_png(overlay(array, probabilities, model.classes), out / f"{path.stem}_overlay.png"))
         if progress:
             progress(min(start + batch_size, len(images)), len(images))

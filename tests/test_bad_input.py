@@ -351,6 +351,7 @@ CASES = [
         ["predict", "{tmp}/exp/ckpt", "{tmp}/street.png", "--out", "{tmp}/out"], bad_weights_and_an_image,
         ["{tmp}/exp/ckpt/model.pt", "cannot load"], id="predict-weights-not-a-state-dict",
     ),
+    pytest.param(["serve", "{tmp}/exp"], bad_weights_and_an_image, ["{tmp}/exp/ckpt/model.pt", "cannot load"], id="serve-weights-not-a-state-dict"),
     pytest.param(["export", "{tmp}/exp/ckpt"], nothing, ["{tmp}/exp/ckpt", "not a raytrain checkpoint"], id="export-missing-checkpoint"),
     pytest.param(["export", "{tmp}/exp/ckpt", "--out", "{tmp}/m.pt"], truncated_weights, ["{tmp}/exp/ckpt/model.pt", "cannot load"], id="export-truncated-weights"),
     # config names and experiments to resume

@@ -23,7 +23,7 @@ from raytrain.checkpoints import (
     CONFIG_FILE, MAX_PARAMETERS_ENV, MODEL_FILE, CheckpointInfo, max_parameters, read_checkpoint, read_weights,
 )
 from raytrain.config import Config
-from raytrain.data.location import filesystem_of, is_uri
+from raytrain.data.location import RemotePath, as_path, filesystem_of, is_uri, join, write_remote_atomically
 from raytrain.data.transforms import to_model_input
 from raytrain.data.formats import IGNORE_INDEX, MAX_PIXELS_ENV, check_8bit, max_pixels, open_checked
 from raytrain.data.shards import read_manifest, shard_paths
@@ -50,6 +50,23 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return next(self.module.parameters()).device
+
+
+@dataclass(frozen=True)
+class PredictionSummary:
+    """What a run of predict over files did: images written, images skipped because their mask and
+    overlay were already there, inputs that were not readable images (their one-line errors), and
+    the file those are listed in."""
+
+    written: int
+    already_done: int = 0
+    unreadable: tuple[str, ...] = ()
+    unreadable_list: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.written / self.seconds if self.seconds > 0 else 0.0
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -182,27 +199,47 @@ def _decode(data: bytes, mode: str | None) -> np.ndarray:
         return np.asarray(image.convert(mode) if mode else image)
 
 
+def image_locations(inputs: Sequence[str | os.PathLike]) -> list[str]:
+    """Image files and folders of images (local paths or URIs) -> each image's location, in order;
+    a folder gives its files with an image suffix, sorted. Nothing is read but the listings."""
+    found: list[str] = []
+    for item in inputs:
+        path = as_path(item)
+        if path.is_dir():
+            found += [join(item, child.name) for child in sorted(path.iterdir()) if child.suffix.lower() in IMAGE_SUFFIXES]
+        elif path.is_file():
+            found.append(os.fspath(item))
+        else:
+            raise DataError(f"{path}: no such file or directory")
+    if not found:
+        raise DataError(f"{', '.join(map(str, inputs))}: no images found")
+    return found
+
+
+def read_rgb(path: Path | RemotePath) -> np.ndarray:
+    """An image file as an RGB uint8 array, within the pixel limit, or a one-line DataError naming it."""
+    try:
+        source = path if isinstance(path, Path) else path.filesystem.open_input_file(path.path)
+        with open_checked(source, path) as image:
+            check_8bit(image, path)
+            return np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as err:
+        raise DataError(f"{path}: not a readable image ({err.__class__.__name__})") from None
+
+
 def read_images(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path, np.ndarray]]:
     """Image files and folders of images -> (path, RGB array); every file is checked before any is used."""
-    files: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            files += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif item.is_file():
-            files.append(item)
-        else:
-            raise DataError(f"{item}: no such file or directory")
-    if not files:
-        raise DataError(f"{', '.join(map(str, inputs))}: no images found")
-    images = []
-    for path in files:
-        try:
-            with open_checked(path, path) as image:
-                check_8bit(image, path)
-                images.append((path, np.asarray(image.convert("RGB"))))
-        except (UnidentifiedImageError, OSError) as err:
-            raise DataError(f"{path}: not a readable image ({err.__class__.__name__})") from None
-    return images
+    paths = [as_path(location) for location in image_locations(inputs)]
+    return [(path, read_rgb(path)) for path in paths]
+
+
+def masks_and_overlays(model: LoadedModel, arrays: Sequence[np.ndarray], batch_size: int = 8):
+    """(class index per pixel, the image with the prediction painted on) for each RGB array, at its own size."""
+    from raytrain.viz import overlay
+
+    for array, probabilities in zip(arrays, predict(model, arrays, batch_size=batch_size)):
+        labels = to_labels(probabilities[None] if probabilities.ndim == 2 else probabilities)
+        yield labels, overlay(array, probabilities, model.classes)
 
 
 def predict_files(
@@ -214,8 +251,6 @@ def predict_files(
 
     Files appear whole or not at all: each is written beside its final name, then renamed.
     """
-    from raytrain.viz import overlay
-
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():  # checked first: a wrong --out must not cost a model load
         raise DataError(f"{out}: exists and is not a folder (--out takes the folder for the masks)")
@@ -231,18 +266,35 @@ def predict_files(
     written = []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
-        arrays = [array for _, array in chunk]
-        for (path, array), probabilities in zip(chunk, predict(model, arrays, batch_size=batch_size)):
-            labels = to_labels(probabilities[None] if probabilities.ndim == 2 else probabilities)
-            written.append(_save_png(labels, out / f"{path.stem}_mask.png"))
-            written.append(_save_png(overlay(array, probabilities, model.classes), out / f"{path.stem}_overlay.png"))
+        results = masks_and_overlays(model, [array for _, array in chunk], batch_size)
+        for (path, _), (labels, painted) in zip(chunk, results):
+            written.append(save_png(labels, out / mask_name(path.stem)))
+            written.append(save_png(painted, out / overlay_name(path.stem)))
         if progress:
             progress(min(start + batch_size, len(images)), len(images))
     return written
 
 
-def _save_png(array: np.ndarray, path: Path) -> Path:
-    return write_atomically(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+def mask_name(stem: str) -> str:
+    return f"{stem}_mask.png"
+
+
+def overlay_name(stem: str) -> str:
+    return f"{stem}_overlay.png"
+
+
+def save_png(array: np.ndarray, path: Path | RemotePath) -> Path | RemotePath:
+    """`array` as a PNG file at `path`, local or remote, that appears whole or not at all."""
+    encoded = io.BytesIO()
+    Image.fromarray(array).save(encoded, format="PNG")
+    return write_whole(path, encoded.getvalue())
+
+
+def write_whole(path: Path | RemotePath, data: bytes) -> Path | RemotePath:
+    """`data` as the file `path`, local or on a remote filesystem, whole or not at all."""
+    if isinstance(path, Path):
+        return write_atomically(path, lambda tmp: Path(tmp).write_bytes(data))
+    return write_remote_atomically(path, data)
 
 
 def _umask() -> int:

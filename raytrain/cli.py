@@ -339,13 +339,13 @@ def _add_result_commands(commands) -> None:
 
     predict = commands.add_parser("predict", help="mask PNGs and red overlays at each image's own size")
     predict.add_argument("checkpoint")
-    predict.add_argument("inputs", nargs="+", help="image files or folders of images")
-    predict.add_argument("--out", required=True, help="folder for the PNGs (created if missing)")
+    predict.add_argument("inputs", nargs="+", help="image files or folders of images: local paths or URIs (s3://, gs://, ...)")
+    predict.add_argument("--out", required=True, help="folder or URI for the PNGs (created if missing)")
     predict.add_argument("--device", type=_device, help="cpu (the default), cuda, cuda:1, ...: the device of a run in this process")
     predict.add_argument(
         "--workers", type=_positive_int, metavar="N",
         help="predict on the Ray cluster (RAY_ADDRESS, or a local one) with N model actors, one GPU each when it has GPUs; "
-             "inputs and --out may be URIs, images already done in --out are skipped, unreadable ones skipped and listed",
+             "images already done in --out are skipped, unreadable ones skipped and listed",
     )
     predict.add_argument("--batch-size", type=_positive_int, default=8, help="images per model call")
     predict.set_defaults(func=_predict)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
@@ -247,11 +248,12 @@ def predict_files(
     device: str = "cpu", batch_size: int = 8, progress=None,
 ) -> list[Path]:
     """For each image: `<name>_mask.png` (class index per pixel; road = 1) and `<name>_overlay.png`
-    (predicted road painted red, or the class palette), both at the image's own size.
+    (predicted road painted red, or the class palette), both at the image's own size. Inputs and
+    `out_dir` are local paths or URIs.
 
     Files appear whole or not at all: each is written beside its final name, then renamed.
     """
-    out = Path(out_dir).expanduser()
+    out = as_path(out_dir).expanduser()  # a folder or a URI
     if out.exists() and not out.is_dir():  # checked first: a wrong --out must not cost a model load
         raise DataError(f"{out}: exists and is not a folder (--out takes the folder for the masks)")
     model = load_model(checkpoint, device)
@@ -261,7 +263,7 @@ def predict_files(
         raise DataError("two inputs share a file name; predict them into separate --out folders")
     try:
         out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
+    except (OSError, pa.ArrowException) as err:
         raise DataError(f"{out}: cannot create the output folder ({err.strerror or err})") from None
     written = []
     for start in range(0, len(images), batch_size):

@@ -10,6 +10,7 @@ set to a private directory so that this cluster is invisible to other Ray driver
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import threading
@@ -204,7 +205,7 @@ def search_node_loss(workdir: Path) -> dict:
 
 def batch_predict(workdir: Path) -> dict:
     """20 images and an unreadable file, predicted by two model actors of 2 CPUs: one on each worker node."""
-    from ray.util.state import list_actors
+    from ray.util.state import list_tasks
 
     import raytrain
     from tests.test_bad_input import checkpoint
@@ -220,12 +221,20 @@ def batch_predict(workdir: Path) -> dict:
     except Exception as err:  # reported in result.json, judged by the test
         error = repr(err)
     names = node_names_by_id(list(nodes))
-    # The address: other Ray clusters on this machine must not answer.
-    actors = list_actors(address=cluster.address, filters=[("class_name", "=", "MapWorker(MapBatches(ModelActor))")])
+
+    def nodes_that_predicted() -> list[str]:
+        # The model actors' tasks, by node (task events reach the State API a moment late; a dead
+        # actor may have lost its node_id). The address: other Ray clusters here must not answer.
+        tasks = list_tasks(address=cluster.address, filters=[("name", "=", "MapWorker(MapBatches(ModelActor)).submit")])
+        return sorted({names[task.node_id] for task in tasks if task.node_id})
+
+    with contextlib.suppress(TimeoutError):
+        wait_for(lambda: len(nodes_that_predicted()) == 2, "both worker nodes' prediction tasks", 30)
+    actor_nodes = nodes_that_predicted()
     cluster_shutdown(cluster)
     return {
         "error": error,
-        "actor_nodes": sorted(names[actor.node_id] for actor in actors),
+        "actor_nodes": actor_nodes,
         "written": summary and summary.written,
         "already_done": summary and summary.already_done,
         "unreadable": list(summary.unreadable) if summary else None,

@@ -123,6 +123,9 @@ class RemotePath:
     def expanduser(self) -> "RemotePath":
         return self
 
+    def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
+        self.filesystem.create_dir(self.path, recursive=parents)  # object stores have no folders to collide with
+
 
 def write_remote_atomically(path: RemotePath, data: bytes) -> RemotePath:
     """`data` as the file `path` on its remote filesystem, whole or not at all: written under a

@@ -40,6 +40,7 @@ def assert_predicted_like_raytrain_predict(ckpt: Path, images: list[Path], out: 
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 @pytest.mark.multinode
 def test_two_nodes_write_one_mask_per_input_as_raytrain_predict(run_scenario):
     result = run_scenario("batch_predict")
@@ -69,6 +70,7 @@ def alive_model_actors(ray) -> list:
     return list_actors(address=address, filters=[("class_name", "=", "MapWorker(MapBatches(ModelActor))"), ("state", "=", "ALIVE")])
 
 
+@pytest.mark.slow
 def test_a_killed_run_rerun_does_only_the_rest(ray_cluster, tmp_path):
     ckpt = checkpoint(tmp_path)
     # Large enough that the run still has seconds of work when its first image is done.

@@ -180,11 +180,23 @@ def _evaluate(args) -> None:
 
 
 def _predict(args) -> None:
-    from raytrain.console import progress_bar
-    from raytrain.inference import predict_files
+    from raytrain import api
+    from raytrain.console import progress_bar, progress_lines
 
-    written = predict_files(args.checkpoint, args.inputs, args.out, device=args.device, progress=progress_bar("predict"))
-    print(f"wrote {len(written) // 2} masks and overlays to {args.out}")
+    if args.workers is None:
+        summary = api.predict_folder(args.checkpoint, args.inputs, args.out, device=args.device or "cpu",
+                                     batch_size=args.batch_size, progress=progress_bar("predict"))
+        print(f"wrote {summary.written} masks and overlays to {args.out}")
+        return
+    if args.device:
+        raise RaytrainError("--device is for a run in this process; with --workers each worker takes a GPU when the cluster has them")
+    summary = api.predict_folder(args.checkpoint, args.inputs, args.out, workers=args.workers,
+                                 batch_size=args.batch_size, progress=progress_lines("predict"))
+    print(f"wrote {summary.written} masks and overlays to {args.out} ({summary.images_per_s:.1f} images/s); "
+          f"skipped {summary.already_done} already done")
+    if summary.unreadable:
+        print(f"raytrain: note: skipped {len(summary.unreadable)} unreadable inputs, listed in {summary.unreadable_list}",
+              file=sys.stderr)
 
 
 def _serve(args) -> None:
@@ -385,9 +397,15 @@ def _add_result_commands(commands) -> None:
 
     predict = commands.add_parser("predict", help="mask PNGs and red overlays at each image's own size")
     predict.add_argument("checkpoint")
-    predict.add_argument("inputs", nargs="+", help="image files or folders of images")
-    predict.add_argument("--out", required=True, help="folder for the PNGs (created if missing)")
-    predict.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ...")
+    predict.add_argument("inputs", nargs="+", help="image files or folders of images: local paths or URIs (s3://, gs://, ...)")
+    predict.add_argument("--out", required=True, help="folder or URI for the PNGs (created if missing)")
+    predict.add_argument("--device", type=_device, help="cpu (the default), cuda, cuda:1, ...: the device of a run in this process")
+    predict.add_argument(
+        "--workers", type=_positive_int, metavar="N",
+        help="predict on the Ray cluster (RAY_ADDRESS, or a local one) with N model actors, one GPU each when it has GPUs; "
+             "images already done in --out are skipped, unreadable ones skipped and listed",
+    )
+    predict.add_argument("--batch-size", type=_positive_int, default=8, help="images per model call")
     predict.set_defaults(func=_predict)
 
     export = commands.add_parser("export", help="a checkpoint as a TorchScript or torch.export file")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 # How much train and tune print: 0 only the results, 1 one line per epoch, 2 also Ray's own logs and tables.
 QUIET, EPOCH_LINES, RAY_LOGS = 0, 1, 2
@@ -32,5 +33,22 @@ def progress_bar(label: str):
         filled = int(30 * done / max(total, 1))
         end = "\n" if done >= total else ""
         print(f"\r{label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}", end=end, file=sys.stderr, flush=True)
+
+    return show
+
+
+def progress_lines(label: str, every_s: float = 10.0):
+    """A line on stderr at most every `every_s` seconds and at the end: images done/total and images/s,
+    for runs long enough to be followed in a log (ray job logs) as well as on a terminal."""
+    started = time.monotonic()
+    last = started
+
+    def show(done: int, total: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if done < total and now - last < every_s:
+            return
+        last = now
+        print(f"{label}: {done}/{total} images, {done / max(now - started, 1e-9):.1f} images/s", file=sys.stderr, flush=True)
 
     return show

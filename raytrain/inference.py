@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
@@ -23,7 +24,7 @@ from raytrain.checkpoints import (
     CONFIG_FILE, MAX_PARAMETERS_ENV, MODEL_FILE, CheckpointInfo, max_parameters, read_checkpoint, read_weights,
 )
 from raytrain.config import Config
-from raytrain.data.location import filesystem_of, is_uri
+from raytrain.data.location import RemotePath, as_path, filesystem_of, is_uri, join, write_remote_atomically
 from raytrain.data.transforms import to_model_input
 from raytrain.data.formats import IGNORE_INDEX, MAX_PIXELS_ENV, check_8bit, max_pixels, open_checked
 from raytrain.data.shards import group_indices, metric_groups, read_manifest, shard_paths
@@ -50,6 +51,23 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return next(self.module.parameters()).device
+
+
+@dataclass(frozen=True)
+class PredictionSummary:
+    """What a run of predict over files did: images written, images skipped because their mask and
+    overlay were already there, inputs that were not readable images (their one-line errors), and
+    the file those are listed in."""
+
+    written: int
+    already_done: int = 0
+    unreadable: tuple[str, ...] = ()
+    unreadable_list: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.written / self.seconds if self.seconds > 0 else 0.0
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -109,11 +127,14 @@ def _build(config: Config, file: Path, device: str = "cpu") -> torch.nn.Module:
         raise CheckpointError(f"{file}: cannot build its model ({reason})") from None
 
 
-def decode_image(source, name, formats: Sequence[str] | None = None) -> np.ndarray:
-    """An 8-bit image file (a path or a binary file object) as an RGB array (H, W, 3), checked
-    against the pixel limit before it is decoded; a one-line DataError naming `name` otherwise.
+def read_rgb(source, name=None, formats: Sequence[str] | None = None) -> np.ndarray:
+    """An 8-bit image (a path, a RemotePath or a binary file object) as an RGB array (H, W, 3), checked
+    against the pixel limit before it is decoded; a one-line DataError naming it (or `name`) otherwise.
     formats: the Pillow formats accepted (e.g. PNG, JPEG); default any that Pillow reads."""
+    name = source if name is None else name
     try:
+        if isinstance(source, RemotePath):
+            source = source.filesystem.open_input_file(source.path)
         with open_checked(source, name) as image:
             if formats is not None and image.format not in formats:
                 raise DataError(f"{name}: a {image.format} image, expected {' or '.join(formats)}")
@@ -124,7 +145,7 @@ def decode_image(source, name, formats: Sequence[str] | None = None) -> np.ndarr
 
 
 def _as_array(image) -> np.ndarray:
-    return decode_image(image, image) if isinstance(image, (str, os.PathLike)) else np.asarray(image)
+    return read_rgb(image) if isinstance(image, (str, os.PathLike)) else np.asarray(image)
 
 
 @torch.no_grad()
@@ -197,19 +218,27 @@ def _decode(data: bytes, mode: str | None) -> np.ndarray:
         return np.asarray(image.convert(mode) if mode else image)
 
 
+def image_locations(inputs: Sequence[str | os.PathLike]) -> list[str]:
+    """Image files and folders of images (local paths or URIs) -> each image's location, in order;
+    a folder gives its files with an image suffix, sorted. Nothing is read but the listings."""
+    found: list[str] = []
+    for item in inputs:
+        path = as_path(item)
+        if path.is_dir():
+            found += [join(item, child.name) for child in sorted(path.iterdir()) if child.suffix.lower() in IMAGE_SUFFIXES]
+        elif path.is_file():
+            found.append(os.fspath(item))
+        else:
+            raise DataError(f"{path}: no such file or directory")
+    if not found:
+        raise DataError(f"{', '.join(map(str, inputs))}: no images found")
+    return found
+
+
 def read_images(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path, np.ndarray]]:
     """Image files and folders of images -> (path, RGB array); every file is checked before any is used."""
-    files: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            files += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif item.is_file():
-            files.append(item)
-        else:
-            raise DataError(f"{item}: no such file or directory")
-    if not files:
-        raise DataError(f"{', '.join(map(str, inputs))}: no images found")
-    return [(path, decode_image(path, path)) for path in files]
+    paths = [as_path(location) for location in image_locations(inputs)]
+    return [(path, read_rgb(path)) for path in paths]
 
 
 def labels_of(probabilities: np.ndarray) -> np.ndarray:
@@ -217,18 +246,25 @@ def labels_of(probabilities: np.ndarray) -> np.ndarray:
     return to_labels(probabilities[None] if probabilities.ndim == 2 else probabilities)
 
 
+def masks_and_overlays(model: LoadedModel, arrays: Sequence[np.ndarray], batch_size: int = 8):
+    """(class index per pixel, the image with the prediction painted on) for each RGB array, at its own size."""
+    from raytrain.viz import overlay
+
+    for array, probabilities in zip(arrays, predict(model, arrays, batch_size=batch_size)):
+        yield labels_of(probabilities), overlay(array, probabilities, model.classes)
+
+
 def predict_files(
     checkpoint: str | os.PathLike | CheckpointInfo, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
     device: str = "cpu", batch_size: int = 8, progress=None,
 ) -> list[Path]:
     """For each image: `<name>_mask.png` (class index per pixel; road = 1) and `<name>_overlay.png`
-    (predicted road painted red, or the class palette), both at the image's own size.
+    (predicted road painted red, or the class palette), both at the image's own size. Inputs and
+    `out_dir` are local paths or URIs.
 
     Files appear whole or not at all: each is written beside its final name, then renamed.
     """
-    from raytrain.viz import overlay
-
-    out = Path(out_dir).expanduser()
+    out = as_path(out_dir).expanduser()  # a folder or a URI
     if out.exists() and not out.is_dir():  # checked first: a wrong --out must not cost a model load
         raise DataError(f"{out}: exists and is not a folder (--out takes the folder for the masks)")
     model = load_model(checkpoint, device)
@@ -238,22 +274,40 @@ def predict_files(
         raise DataError("two inputs share a file name; predict them into separate --out folders")
     try:
         out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
+    except (OSError, pa.ArrowException) as err:
         raise DataError(f"{out}: cannot create the output folder ({err.strerror or err})") from None
     written = []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
-        arrays = [array for _, array in chunk]
-        for (path, array), probabilities in zip(chunk, predict(model, arrays, batch_size=batch_size)):
-            written.append(_save_png(labels_of(probabilities), out / f"{path.stem}_mask.png"))
-            written.append(_save_png(overlay(array, probabilities, model.classes), out / f"{path.stem}_overlay.png"))
+        results = masks_and_overlays(model, [array for _, array in chunk], batch_size)
+        for (path, _), (labels, painted) in zip(chunk, results):
+            written.append(save_png(labels, out / mask_name(path.stem)))
+            written.append(save_png(painted, out / overlay_name(path.stem)))
         if progress:
             progress(min(start + batch_size, len(images)), len(images))
     return written
 
 
-def _save_png(array: np.ndarray, path: Path) -> Path:
-    return write_atomically(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+def mask_name(stem: str) -> str:
+    return f"{stem}_mask.png"
+
+
+def overlay_name(stem: str) -> str:
+    return f"{stem}_overlay.png"
+
+
+def save_png(array: np.ndarray, path: Path | RemotePath) -> Path | RemotePath:
+    """`array` as a PNG file at `path`, local or remote, that appears whole or not at all."""
+    encoded = io.BytesIO()
+    Image.fromarray(array).save(encoded, format="PNG")
+    return write_whole(path, encoded.getvalue())
+
+
+def write_whole(path: Path | RemotePath, data: bytes) -> Path | RemotePath:
+    """`data` as the file `path`, local or on a remote filesystem, whole or not at all."""
+    if isinstance(path, Path):
+        return write_atomically(path, lambda tmp: Path(tmp).write_bytes(data))
+    return write_remote_atomically(path, data)
 
 
 def _umask() -> int:

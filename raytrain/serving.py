@@ -63,8 +63,8 @@ async def read_body(request: Request) -> bytes:
 
 
 async def image_of(request: Request) -> np.ndarray:
-    """The request's image as an RGB array, checked as image files are (inference.decode_image)."""
-    from raytrain.inference import decode_image
+    """The request's image as an RGB array, checked as image files are (inference.read_rgb)."""
+    from raytrain.inference import read_rgb
 
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type not in (*IMAGE_TYPES, MULTIPART):
@@ -77,7 +77,7 @@ async def image_of(request: Request) -> np.ndarray:
     if not data:
         raise RequestError(400, f"{name}: empty (send a PNG or JPEG image)")
     try:
-        return decode_image(io.BytesIO(data), name, formats)
+        return read_rgb(io.BytesIO(data), name, formats)
     except DataError as err:
         raise RequestError(400, str(err)) from None
 

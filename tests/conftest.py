@@ -1,11 +1,20 @@
 """Shared fixtures: one local Ray cluster for the session, and tiny real datasets on disk."""
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
+
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -162,3 +171,30 @@ def wait_for(condition, what: str, timeout: float = 480):
             return value
         time.sleep(0.2)
     raise TimeoutError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def run_scenario():
+    """run(name) runs tests/multinode_scenarios.py's scenario `name` on a multi-node cluster of its
+    own, in a subprocess, and returns its result.json; its WORKDIR (result["workdir"]) lasts until
+    the test ends."""
+    workdirs = []
+
+    def run(name: str) -> dict:
+        # Short: Ray's Unix socket paths under this directory must stay below 108 characters.
+        workdir = Path(tempfile.mkdtemp(prefix="rt-mn-"))
+        workdirs.append(workdir)
+        env = dict(os.environ, RAY_TMPDIR=str(workdir / "ray"))
+        env.pop("RAY_ADDRESS", None)
+        (workdir / "ray").mkdir()
+        process = subprocess.run(
+            [sys.executable, "-m", "tests.multinode_scenarios", name, str(workdir)],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        )
+        result_file = workdir / "result.json"
+        assert process.returncode == 0 and result_file.is_file(), process.stderr[-3000:]
+        return {**json.loads(result_file.read_text()), "workdir": str(workdir)}
+
+    yield run
+    for workdir in workdirs:
+        shutil.rmtree(workdir, ignore_errors=True)

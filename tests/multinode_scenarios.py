@@ -1,6 +1,6 @@
 """Multi-node Ray scenarios on one machine, each in a process of its own (ray.init is once per process).
 
-    python -m tests.multinode_scenarios {spread|node_loss|search_node_loss} WORKDIR
+    python -m tests.multinode_scenarios {spread|node_loss|search_node_loss|batch_predict} WORKDIR
 
 Starts a real cluster with ray.cluster_utils.Cluster: a head with 1 CPU (Ray Data tasks, the Tune
 trial) and worker nodes node_a, node_b[, node_c] with 2 CPUs and a custom resource of their own name.
@@ -10,6 +10,7 @@ set to a private directory so that this cluster is invisible to other Ray driver
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import threading
@@ -202,6 +203,44 @@ def search_node_loss(workdir: Path) -> dict:
     }
 
 
+def batch_predict(workdir: Path) -> dict:
+    """20 images and an unreadable file, predicted by two model actors of 2 CPUs: one on each worker node."""
+    from ray.util.state import list_tasks
+
+    import raytrain
+    from tests.test_bad_input import checkpoint
+    from tests.test_batch_predict import write_images
+
+    cluster, nodes = start_cluster(["node_a", "node_b"])
+    write_images(workdir / "images", 20, (24, 40))
+    (workdir / "images" / "broken.png").write_bytes(b"not a png")
+    error, summary = None, None
+    try:
+        summary = raytrain.predict_folder(checkpoint(workdir), workdir / "images", workdir / "masks", workers=2,
+                                          cpus_per_worker=2)
+    except Exception as err:  # reported in result.json, judged by the test
+        error = repr(err)
+    names = node_names_by_id(list(nodes))
+
+    def nodes_that_predicted() -> list[str]:
+        # The model actors' tasks, by node (task events reach the State API a moment late; a dead
+        # actor may have lost its node_id). The address: other Ray clusters here must not answer.
+        tasks = list_tasks(address=cluster.address, filters=[("name", "=", "MapWorker(MapBatches(ModelActor)).submit")])
+        return sorted({names[task.node_id] for task in tasks if task.node_id})
+
+    with contextlib.suppress(TimeoutError):
+        wait_for(lambda: len(nodes_that_predicted()) == 2, "both worker nodes' prediction tasks", 30)
+    actor_nodes = nodes_that_predicted()
+    cluster_shutdown(cluster)
+    return {
+        "error": error,
+        "actor_nodes": actor_nodes,
+        "written": summary and summary.written,
+        "already_done": summary and summary.already_done,
+        "unreadable": list(summary.unreadable) if summary else None,
+    }
+
+
 def cluster_shutdown(cluster: Cluster) -> None:
     ray.shutdown()
     cluster.shutdown()
@@ -210,6 +249,7 @@ def cluster_shutdown(cluster: Cluster) -> None:
 if __name__ == "__main__":
     scenario, workdir = sys.argv[1], Path(sys.argv[2])
     started = time.monotonic()
-    outcome = {"spread": spread, "node_loss": node_loss, "search_node_loss": search_node_loss}[scenario](workdir)
+    scenarios = {"spread": spread, "node_loss": node_loss, "search_node_loss": search_node_loss, "batch_predict": batch_predict}
+    outcome = scenarios[scenario](workdir)
     outcome["seconds"] = round(time.monotonic() - started, 1)
     (workdir / "result.json").write_text(json.dumps(outcome, indent=2))

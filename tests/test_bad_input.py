@@ -186,6 +186,13 @@ def bad_weights_and_an_image(tmp: Path) -> None:
     Image.fromarray(np.full((16, 32, 3), 90, np.uint8)).save(tmp / "street.png")
 
 
+def checkpoint_and_two_images_of_one_name(tmp: Path) -> None:
+    checkpoint(tmp)
+    for folder in ("a", "b"):
+        (tmp / folder).mkdir()
+        Image.fromarray(np.full((16, 32, 3), 90, np.uint8)).save(tmp / folder / "street.png")
+
+
 def nothing(tmp: Path) -> None:
     pass
 
@@ -352,6 +359,11 @@ CASES = [
         ["{tmp}/exp/ckpt/model.pt", "cannot load"], id="predict-weights-not-a-state-dict",
     ),
     pytest.param(["serve", "{tmp}/exp"], bad_weights_and_an_image, ["{tmp}/exp/ckpt/model.pt", "cannot load"], id="serve-weights-not-a-state-dict"),
+    pytest.param(
+        ["predict", "{tmp}/exp/ckpt", "{tmp}/a", "{tmp}/b", "--out", "{tmp}/out", "--workers", "2"],
+        checkpoint_and_two_images_of_one_name, ["{tmp}/a/street.png", "{tmp}/b/street.png", "share a file name"],
+        id="predict-workers-two-inputs-of-one-name",  # checked before Ray starts or anything is written
+    ),
     pytest.param(["export", "{tmp}/exp/ckpt"], nothing, ["{tmp}/exp/ckpt", "not a raytrain checkpoint"], id="export-missing-checkpoint"),
     pytest.param(["export", "{tmp}/exp/ckpt", "--out", "{tmp}/m.pt"], truncated_weights, ["{tmp}/exp/ckpt/model.pt", "cannot load"], id="export-truncated-weights"),
     # config names and experiments to resume

@@ -2,44 +2,12 @@
 
 Each scenario runs in its own process (tests/multinode_scenarios.py: ray.cluster_utils.Cluster with a
 head and worker nodes node_a, node_b, node_c of their own), with a private RAY_TMPDIR so that no
-other Ray driver on the machine can attach to it, and reports what happened in result.json.
+other Ray driver on the machine can attach to it, and reports what happened in result.json
+(conftest.run_scenario).
 """
-import json
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.multinode]
-
-
-@pytest.fixture
-def run_scenario():
-    workdirs = []
-
-    def run(name: str) -> dict:
-        # Short: Ray's Unix socket paths under this directory must stay below 108 characters.
-        workdir = Path(tempfile.mkdtemp(prefix="rt-mn-"))
-        workdirs.append(workdir)
-        env = dict(os.environ, RAY_TMPDIR=str(workdir / "ray"))
-        env.pop("RAY_ADDRESS", None)
-        (workdir / "ray").mkdir()
-        process = subprocess.run(
-            [sys.executable, "-m", "tests.multinode_scenarios", name, str(workdir)],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-        )
-        result_file = workdir / "result.json"
-        assert process.returncode == 0 and result_file.is_file(), process.stderr[-3000:]
-        return json.loads(result_file.read_text())
-
-    yield run
-    for workdir in workdirs:
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_ddp_workers_on_two_nodes_train_to_completion(run_scenario):

@@ -6,8 +6,10 @@ served by the filesystem that `pyarrow.fs.FileSystem.from_uri` picks for it.
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
+import uuid
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit, urlunsplit
 
@@ -120,3 +122,24 @@ class RemotePath:
 
     def expanduser(self) -> "RemotePath":
         return self
+
+    def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
+        self.filesystem.create_dir(self.path, recursive=parents)  # object stores have no folders to collide with
+
+
+def write_remote_atomically(path: RemotePath, data: bytes) -> RemotePath:
+    """`data` as the file `path` on its remote filesystem, whole or not at all: written under a
+    hidden temporary name beside it, then moved (an object store's move is a server-side copy, so
+    the final name never holds a partial object). A failure removes the temporary and is a DataError."""
+    temporary = f"{path.path.rsplit('/', 1)[0]}/.{path.name}.{uuid.uuid4().hex[:8]}{path.suffix}"
+    try:
+        with path.filesystem.open_output_stream(temporary) as stream:
+            stream.write(data)
+        path.filesystem.move(temporary, path.path)
+    except BaseException as err:
+        with contextlib.suppress(pa.ArrowException, OSError):
+            path.filesystem.delete_file(temporary)
+        if isinstance(err, (pa.ArrowException, OSError)):
+            raise DataError(f"{path}: cannot write ({' '.join(str(err).split())})") from None
+        raise
+    return path

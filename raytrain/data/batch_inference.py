@@ -1,0 +1,160 @@
+"""Predict a folder of images on a Ray cluster: Ray Data streams the image paths through a fixed
+pool of model actors, each of which reads its images, predicts them with raytrain.predict (through
+inference.masks_and_overlays, as the one-process loop does) and writes each PNG atomically.
+
+Only paths go out to the actors and one short status per image comes back: the dataset is never
+held in memory. Images whose mask and overlay are already in the output folder are not predicted
+again, so a killed run, rerun, does only the rest. An input that is not a readable image is skipped
+and listed in OUT/unreadable_inputs.txt.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pyarrow.fs as pafs
+import ray
+import ray.data
+
+from raytrain.checkpoints import CLASSES_FILE, CONFIG_FILE, METRICS_FILE, MODEL_FILE, read_checkpoint
+from raytrain.data.location import as_path, filesystem_of, join
+from raytrain.cli import one_line
+from raytrain.errors import DataError
+from raytrain.inference import (
+    PredictionSummary, image_locations, load_model, mask_name, masks_and_overlays, overlay_name, read_rgb, save_png,
+    write_whole,
+)
+
+UNREADABLE_LIST = "unreadable_inputs.txt"
+CHECKPOINT_FILES = (MODEL_FILE, CONFIG_FILE, METRICS_FILE, CLASSES_FILE)  # what load_model reads; not train_state.pt
+
+
+def predict_on_cluster(
+    checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *, workers: int,
+    batch_size: int = 8, cpus_per_worker: float = 1, progress: Callable[[int, int], None] | None = None,
+) -> PredictionSummary:
+    """`<name>_mask.png` and `<name>_overlay.png` in `out` (a folder or URI) for every input image not
+    already done there, predicted by `workers` model actors (one GPU each when the cluster has GPUs).
+    Everything that can be checked is checked before the first file is written."""
+    started = time.monotonic()
+    _check_output_folder(out)
+    locations = image_locations(inputs)
+    _check_unique_names(locations)
+    info = read_checkpoint(checkpoint)
+    load_model(info, "cpu")  # a bad checkpoint fails here, once, not in every actor
+    done = _already_done(out, locations)
+    todo = [location for location in locations if location not in done]
+    filesystem, folder = filesystem_of(out)
+    filesystem.create_dir(folder, recursive=True)
+    unreadable = _run(todo, info.path, out, workers, batch_size, cpus_per_worker, progress) if todo else []
+    listed = _write_unreadable_list(out, unreadable)
+    return PredictionSummary(len(todo) - len(unreadable), len(done), tuple(unreadable), listed, time.monotonic() - started)
+
+
+def _check_output_folder(out: str | os.PathLike) -> None:
+    filesystem, folder = filesystem_of(out)
+    if filesystem.get_file_info(folder).type == pafs.FileType.File:
+        raise DataError(f"{out}: exists and is not a folder (--out takes the folder for the masks)")
+
+
+def _check_unique_names(locations: list[str]) -> None:
+    first: dict[str, str] = {}
+    for location in locations:
+        stem = as_path(location).stem
+        if stem in first:
+            raise DataError(f"{first[stem]} and {location} share a file name; predict them into separate --out folders")
+        first[stem] = location
+
+
+def _already_done(out: str | os.PathLike, locations: list[str]) -> set[str]:
+    """Inputs whose mask and overlay are both in `out` (each written whole, so both there means done)."""
+    filesystem, folder = filesystem_of(out)
+    present = {info.base_name for info in filesystem.get_file_info(pafs.FileSelector(folder, allow_not_found=True))}
+    return {loc for loc in locations if {mask_name(as_path(loc).stem), overlay_name(as_path(loc).stem)} <= present}
+
+
+def _run(todo: list[str], checkpoint: Path, out, workers, batch_size, cpus_per_worker, progress) -> list[str]:
+    """Stream `todo` through the actor pool; return the one-line errors of unreadable inputs."""
+    from raytrain.launch import QUIET, ensure_ray, user_error_inside
+
+    ensure_ray(verbosity=QUIET)
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    files = {name: (checkpoint / name).read_bytes() for name in CHECKPOINT_FILES if (checkpoint / name).is_file()}
+    dataset = ray.data.from_items([{"input": location} for location in todo]).map_batches(
+        ModelActor, fn_constructor_kwargs={"files": files, "out": os.fspath(out), "device": "cuda" if gpus else "cpu",
+                                           "batch_size": batch_size},
+        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker, num_gpus=gpus,
+    )
+    unreadable, count = [], 0
+    try:
+        with _quiet_progress_warning():
+            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                unreadable += [error for error in batch["error"] if error]
+                count += len(batch["error"])
+                if progress:
+                    progress(count, len(todo))
+    except Exception as err:  # a write that failed in an actor reaches here wrapped by Ray
+        user_error = user_error_inside(err)
+        if user_error is None:
+            raise
+        raise user_error from None
+    return unreadable
+
+
+@contextlib.contextmanager
+def _quiet_progress_warning():
+    """Ray Data warns that its progress bars are off each time it runs without them; here the
+    progress lines are our own (console.progress_lines), so the warning is only noise."""
+    logger = logging.getLogger("ray.data._internal.progress")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+class ModelActor:
+    """One model on one worker: reads a batch of input paths, writes their masks and overlays."""
+
+    def __init__(self, files, out: str, device: str, batch_size: int):
+        # load_model itself, from a private copy of the checkpoint's files: the same checks as anywhere.
+        with tempfile.TemporaryDirectory(prefix="raytrain-checkpoint-") as copy:
+            for name, data in files.items():
+                (Path(copy) / name).write_bytes(data)
+            self.model = load_model(copy, device)
+        self.out, self.batch_size = out, batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
+        inputs = [str(location) for location in batch["input"]]
+        errors, readable = [""] * len(inputs), {}
+        for index, location in enumerate(inputs):
+            try:
+                readable[index] = read_rgb(as_path(location))
+            except DataError as err:
+                errors[index] = str(err)
+        results = masks_and_overlays(self.model, list(readable.values()), self.batch_size)
+        for index, (labels, painted) in zip(readable, results):
+            stem = as_path(inputs[index]).stem
+            save_png(labels, as_path(join(self.out, mask_name(stem))))
+            save_png(painted, as_path(join(self.out, overlay_name(stem))))
+        return {"input": inputs, "error": errors}
+
+
+def _write_unreadable_list(out: str | os.PathLike, unreadable: list[str]) -> str | None:
+    """The unreadable inputs' errors, one a line, in OUT/unreadable_inputs.txt; a list left from an
+    earlier run is removed when none is left (its inputs were tried again)."""
+    location = join(out, UNREADABLE_LIST)
+    filesystem, path = filesystem_of(location)
+    if not unreadable:
+        if filesystem.get_file_info(path).type == pafs.FileType.File:
+            filesystem.delete_file(path)
+        return None
+    write_whole(as_path(location), "".join(f"{one_line(error)}\n" for error in unreadable).encode())
+    return location

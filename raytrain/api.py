@@ -89,20 +89,22 @@ def __getattr__(name):
 
 
 def evaluate(checkpoint: str | os.PathLike | CheckpointInfo, data: str | os.PathLike, *, split: str = "val",
-             device: str = "cpu") -> dict:
-    """Every metric of a checkpoint on one split of a sharded dataset, at each image's own size."""
+             device: str = "cpu", tta: str | None = None) -> dict:
+    """Every metric of a checkpoint on one split of a sharded dataset, at each image's own size;
+    tta="flip" scores the mean of each image's and its mirror image's probabilities."""
     from raytrain import inference
 
-    return inference.evaluate_checkpoint(checkpoint, data, split=split, device=device)
+    return inference.evaluate_checkpoint(checkpoint, data, split=split, device=device, tta=tta)
 
 
 def export(checkpoint: str | os.PathLike | CheckpointInfo, out: str | os.PathLike | None = None, *,
-           format: str = "torchscript") -> Path:
-    """The checkpoint as a file that loads with torch alone; returns its path. Without `out`, the
-    file goes beside the checkpoint's own (a remote checkpoint needs `out`)."""
+           format: str = "torchscript", tta: str | None = None) -> Path:
+    """The checkpoint as a file that loads with torch (or onnxruntime) alone: uint8 images in,
+    probabilities at their size out (README: Export); returns its path. Without `out`, the file
+    goes beside the checkpoint's own (a remote checkpoint needs `out`)."""
     from raytrain import inference
 
-    return inference.export_model(checkpoint, out or inference.default_export_path(checkpoint, format), format)
+    return inference.export_model(checkpoint, out or inference.default_export_path(checkpoint, format), format, tta)
 
 
 def report(experiment: str | os.PathLike, out: str | os.PathLike, *, metric: str = "val_iou", mode: str = "max") -> Path:

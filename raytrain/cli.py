@@ -167,7 +167,7 @@ def _report(args) -> None:
 def _evaluate(args) -> None:
     from raytrain import api
 
-    metrics = api.evaluate(args.checkpoint, args.data, split=args.split, device=args.device)
+    metrics = api.evaluate(args.checkpoint, args.data, split=args.split, device=args.device, tta=args.tta)
     if args.json:
         print(json.dumps(metrics))
         return
@@ -179,14 +179,15 @@ def _predict(args) -> None:
     from raytrain.console import progress_bar
     from raytrain.inference import predict_files
 
-    written = predict_files(args.checkpoint, args.inputs, args.out, device=args.device, progress=progress_bar("predict"))
+    written = predict_files(args.checkpoint, args.inputs, args.out, device=args.device, progress=progress_bar("predict"),
+                            tta=args.tta)
     print(f"wrote {len(written) // 2} masks and overlays to {args.out}")
 
 
 def _export(args) -> None:
     from raytrain import api
 
-    print(api.export(args.checkpoint, args.out, format=args.format))
+    print(api.export(args.checkpoint, args.out, format=args.format, tta=args.tta))
 
 
 def _device(text: str) -> str:
@@ -301,6 +302,11 @@ def _add_data_commands(commands) -> None:
     shard.set_defaults(func=_shard)
 
 
+def _with_tta(sub) -> None:
+    # The choices are image_model.TTA_CHOICES, written out: importing it would import torch.
+    sub.add_argument("--tta", choices=["flip"], help="test-time augmentation: flip averages each image with its mirror image")
+
+
 def _add_result_commands(commands) -> None:
     """best, report, evaluate, predict, export: what a finished run gives."""
     best = commands.add_parser("best", help="the best checkpoint of an experiment")
@@ -323,6 +329,7 @@ def _add_result_commands(commands) -> None:
     evaluate.add_argument("--split", default="val", choices=["train", "val"])
     evaluate.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ...")
     evaluate.add_argument("--json", action="store_true")
+    _with_tta(evaluate)
     evaluate.set_defaults(func=_evaluate)
 
     predict = commands.add_parser("predict", help="mask PNGs and red overlays at each image's own size")
@@ -330,12 +337,15 @@ def _add_result_commands(commands) -> None:
     predict.add_argument("inputs", nargs="+", help="image files or folders of images")
     predict.add_argument("--out", required=True, help="folder for the PNGs (created if missing)")
     predict.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ...")
+    _with_tta(predict)
     predict.set_defaults(func=_predict)
 
-    export = commands.add_parser("export", help="a checkpoint as a TorchScript or torch.export file")
+    export = commands.add_parser("export", help="a checkpoint as a TorchScript, torch.export or ONNX file")
     export.add_argument("checkpoint")
-    export.add_argument("--format", default="torchscript", choices=["torchscript", "torch.export"])
-    export.add_argument("--out", help="default: CHECKPOINT/model.torchscript.pt (or model.pt2); required for a remote CHECKPOINT")
+    export.add_argument("--format", default="torchscript", choices=["torchscript", "torch.export", "onnx"],
+                        help="onnx needs pip install 'raytrain[onnx]'")
+    export.add_argument("--out", help="default: CHECKPOINT/model.torchscript.pt (model.pt2, model.onnx); required for a remote CHECKPOINT")
+    _with_tta(export)
     export.set_defaults(func=_export)
 
 

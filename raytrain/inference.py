@@ -158,6 +158,7 @@ def evaluate_checkpoint(
 
     Scored at each image's own resolution (predictions are resized up, as the KITTI benchmark scores),
     so on full-size data the figures differ a little from the val_* reported at the training size.
+    tta: as for predict.
     """
     check_tta(tta)
     info = checkpoint if isinstance(checkpoint, CheckpointInfo) else read_checkpoint(checkpoint)

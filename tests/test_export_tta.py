@@ -26,16 +26,16 @@ def cli(*args, env=None):
 SIMPLE, UNET = {"name": "simple", "depth": 1}, {"name": "unet", "base_channels": 4, "depth": 2}
 
 
-def make_checkpoint(tmp, options=UNET):
+def make_checkpoint(tmp, options=UNET, classes=("road",)):
     """A checkpoint of a lab model at a training size of 64x32 with seeded random weights, its head
-    scaled so that the probabilities spread out from 0.5 as a trained model's do."""
+    scaled so that the probabilities spread out as a trained model's do."""
     from raytrain.checkpoints import save_checkpoint
     from raytrain.config import load_config
     from raytrain.models import create_model
 
-    config = load_config({"data": {"path": str(tmp), "size": "64x32"}, "model": options})
+    config = load_config({"classes": list(classes), "data": {"path": str(tmp), "size": "64x32"}, "model": options})
     torch.manual_seed(0)
-    model = create_model(**options)
+    model = create_model(**options, num_classes=config.num_classes)
     with torch.no_grad():
         model.head.weight.mul_(20)
     return save_checkpoint(tmp / options["name"], model, torch.optim.Adam(model.parameters()), None, 1, config, {})
@@ -52,20 +52,22 @@ def predicted(model, images, tta=None):
     return probabilities[:, None] if probabilities.ndim == 3 else probabilities
 
 
-@pytest.mark.parametrize("options, tta", [(SIMPLE, None), (UNET, "flip")], ids=["simple", "unet-flip"])
-def test_onnx_export_matches_predict_and_holds_classes_and_size(tmp_path, capfd, options, tta):
+@pytest.mark.parametrize("options, classes, tta", [
+    (SIMPLE, ["road", "car", "sky"], None), (UNET, ["road"], "flip"),
+], ids=["simple-3-classes", "unet-road-flip"])
+def test_onnx_export_matches_predict_and_holds_classes_and_size(tmp_path, capfd, options, classes, tta):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    ckpt = make_checkpoint(tmp_path, options)
+    ckpt = make_checkpoint(tmp_path, options, classes)
     out = raytrain.export(ckpt, format="onnx", tta=tta)
     assert out == ckpt / "model.onnx" and capfd.readouterr() == ("", "")  # none of the exporter's chatter
     session = ort.InferenceSession(str(out))
     assert session.get_modelmeta().custom_metadata_map | {"raytrain_version": "-"} == {
-        "classes": '["road"]', "training_size": "64x32", "tta": tta or "none", "model": options["name"], "raytrain_version": "-"}
+        "classes": json.dumps(classes), "training_size": "64x32", "tta": tta or "none", "model": options["name"], "raytrain_version": "-"}
     model = raytrain.load_model(ckpt)
     for images in batches():
         [probabilities] = session.run(None, {"images": images})
-        assert probabilities.shape == (2, 1, *images.shape[1:3])
+        assert probabilities.shape == (2, len(classes), *images.shape[1:3])
         assert np.abs(probabilities - predicted(model, images, tta)).max() <= 1e-4
         if tta:
             assert np.abs(probabilities - predicted(model, images)).max() > 1e-2  # the flip is in the graph

@@ -89,42 +89,45 @@ def __getattr__(name):
 
 
 def evaluate(checkpoint: str | os.PathLike | CheckpointInfo, data: str | os.PathLike, *, split: str = "val",
-             device: str = "cpu") -> dict:
-    """Every metric of a checkpoint on one split of a sharded dataset, at each image's own size."""
+             device: str = "cpu", tta: str | None = None) -> dict:
+    """Every metric of a checkpoint on one split of a sharded dataset, at each image's own size;
+    tta="flip" scores the mean of each image's and its mirror image's probabilities."""
     from raytrain import inference
 
-    return inference.evaluate_checkpoint(checkpoint, data, split=split, device=device)
+    return inference.evaluate_checkpoint(checkpoint, data, split=split, device=device, tta=tta)
 
 
 def predict_folder(checkpoint: str | os.PathLike | CheckpointInfo, inputs: str | os.PathLike | list, out: str | os.PathLike, *,
                    workers: int | None = None, device: str = "cpu", batch_size: int = 8, cpus_per_worker: float = 1,
-                   progress=None):
+                   progress=None, tta: str | None = None):
     """`<name>_mask.png` and `<name>_overlay.png` in `out` for every image in `inputs` (files or
     folders); returns a PredictionSummary. Without `workers`: in this process on `device`, every
     input checked before anything is written. With `workers=N`: on the Ray cluster (RAY_ADDRESS, or
     a local one), N model actors, one GPU each where the cluster has GPUs; inputs and `out` may be
-    URIs, images already done in `out` are skipped, unreadable ones skipped and listed."""
+    URIs, images already done in `out` are skipped, unreadable ones skipped and listed. tta: as for predict."""
     from raytrain import inference
 
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     if workers is None:
         started = time.monotonic()
-        written = inference.predict_files(checkpoint, inputs, out, device=device, batch_size=batch_size, progress=progress)
+        written = inference.predict_files(checkpoint, inputs, out, device=device, batch_size=batch_size, progress=progress,
+                                          tta=tta)
         return inference.PredictionSummary(len(written) // 2, seconds=time.monotonic() - started)
     from raytrain.data.batch_inference import predict_on_cluster
 
     checkpoint = checkpoint.path if isinstance(checkpoint, CheckpointInfo) else checkpoint
     return predict_on_cluster(checkpoint, inputs, out, workers=workers, batch_size=batch_size,
-                              cpus_per_worker=cpus_per_worker, progress=progress)
+                              cpus_per_worker=cpus_per_worker, progress=progress, tta=tta)
 
 
 def export(checkpoint: str | os.PathLike | CheckpointInfo, out: str | os.PathLike | None = None, *,
-           format: str = "torchscript") -> Path:
-    """The checkpoint as a file that loads with torch alone; returns its path. Without `out`, the
-    file goes beside the checkpoint's own (a remote checkpoint needs `out`)."""
+           format: str = "torchscript", tta: str | None = None) -> Path:
+    """The checkpoint as a file that loads with torch (or onnxruntime) alone: uint8 images in,
+    probabilities at their size out (README: Export); returns its path. Without `out`, the file
+    goes beside the checkpoint's own (a remote checkpoint needs `out`)."""
     from raytrain import inference
 
-    return inference.export_model(checkpoint, out or inference.default_export_path(checkpoint, format), format)
+    return inference.export_model(checkpoint, out or inference.default_export_path(checkpoint, format), format, tta)
 
 
 def serve(checkpoint: str | os.PathLike | CheckpointInfo, *, replicas: int = 1, gpus_per_replica: float = 0,

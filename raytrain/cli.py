@@ -171,7 +171,7 @@ def _report(args) -> None:
 def _evaluate(args) -> None:
     from raytrain import api
 
-    metrics = api.evaluate(args.checkpoint, args.data, split=args.split, device=args.device)
+    metrics = api.evaluate(args.checkpoint, args.data, split=args.split, device=args.device, tta=args.tta)
     if args.json:
         print(json.dumps(metrics))
         return
@@ -185,13 +185,13 @@ def _predict(args) -> None:
 
     if args.workers is None:
         summary = api.predict_folder(args.checkpoint, args.inputs, args.out, device=args.device or "cpu",
-                                     batch_size=args.batch_size, progress=progress_bar("predict"))
+                                     batch_size=args.batch_size, progress=progress_bar("predict"), tta=args.tta)
         print(f"wrote {summary.written} masks and overlays to {args.out}")
         return
     if args.device:
         raise RaytrainError("--device is for a run in this process; with --workers each worker takes a GPU when the cluster has them")
     summary = api.predict_folder(args.checkpoint, args.inputs, args.out, workers=args.workers,
-                                 batch_size=args.batch_size, progress=progress_lines("predict"))
+                                 batch_size=args.batch_size, progress=progress_lines("predict"), tta=args.tta)
     print(f"wrote {summary.written} masks and overlays to {args.out} ({summary.images_per_s:.1f} images/s); "
           f"skipped {summary.already_done} already done")
     if summary.unreadable:
@@ -242,7 +242,7 @@ def _port(text: str) -> int:
 def _export(args) -> None:
     from raytrain import api
 
-    print(api.export(args.checkpoint, args.out, format=args.format))
+    print(api.export(args.checkpoint, args.out, format=args.format, tta=args.tta))
 
 
 def _device(text: str) -> str:
@@ -371,6 +371,11 @@ def _add_data_commands(commands) -> None:
     shard.set_defaults(func=_shard)
 
 
+def _with_tta(sub) -> None:
+    # The choices are image_model.TTA_CHOICES, written out: importing it would import torch.
+    sub.add_argument("--tta", choices=["flip"], help="test-time augmentation: flip averages each image with its mirror image")
+
+
 def _add_result_commands(commands) -> None:
     """best, report, evaluate, predict, export: what a finished run gives."""
     best = commands.add_parser("best", help="the best checkpoint of an experiment")
@@ -393,6 +398,7 @@ def _add_result_commands(commands) -> None:
     evaluate.add_argument("--split", default="val", choices=["train", "val"])
     evaluate.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ...")
     evaluate.add_argument("--json", action="store_true")
+    _with_tta(evaluate)
     evaluate.set_defaults(func=_evaluate)
 
     predict = commands.add_parser("predict", help="mask PNGs and red overlays at each image's own size")
@@ -406,12 +412,15 @@ def _add_result_commands(commands) -> None:
              "images already done in --out are skipped, unreadable ones skipped and listed",
     )
     predict.add_argument("--batch-size", type=_positive_int, default=8, help="images per model call")
+    _with_tta(predict)
     predict.set_defaults(func=_predict)
 
-    export = commands.add_parser("export", help="a checkpoint as a TorchScript or torch.export file")
+    export = commands.add_parser("export", help="a checkpoint as a TorchScript, torch.export or ONNX file")
     export.add_argument("checkpoint")
-    export.add_argument("--format", default="torchscript", choices=["torchscript", "torch.export"])
-    export.add_argument("--out", help="default: CHECKPOINT/model.torchscript.pt (or model.pt2); required for a remote CHECKPOINT")
+    export.add_argument("--format", default="torchscript", choices=["torchscript", "torch.export", "onnx"],
+                        help="onnx needs pip install 'raytrain[onnx]'")
+    export.add_argument("--out", help="default: CHECKPOINT/model.torchscript.pt (model.pt2, model.onnx); required for a remote CHECKPOINT")
+    _with_tta(export)
     export.set_defaults(func=_export)
     _add_serve_command(commands)
 

@@ -4,7 +4,9 @@ predict files, export it. No Ray: a checkpoint loads with torch and raytrain alo
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
+import json
 import os
 import tempfile
 import warnings
@@ -17,7 +19,6 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from raytrain.checkpoints import (
@@ -30,7 +31,8 @@ from raytrain.data.formats import IGNORE_INDEX, MAX_PIXELS_ENV, check_8bit, max_
 from raytrain.data.shards import group_indices, metric_groups, read_manifest, shard_paths
 from raytrain.errors import CheckpointError, DataError, RaytrainError
 from raytrain.metrics import SegmentationMetrics, to_labels
-from raytrain.models import create_model, to_probabilities
+from raytrain.image_model import ImageModel, check_tta, class_probabilities, to_image_size
+from raytrain.models import create_model
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".ppm"}
 
@@ -144,30 +146,35 @@ def read_rgb(source, name=None, formats: Sequence[str] | None = None) -> np.ndar
         raise DataError(f"{name}: not a readable image ({err.__class__.__name__})") from None
 
 
-def _as_array(image) -> np.ndarray:
-    return read_rgb(image) if isinstance(image, (str, os.PathLike)) else np.asarray(image)
+def _as_tensor(image) -> torch.Tensor:
+    """A path or an array as a uint8 (H, W, 3) tensor (a copy: PIL's arrays are read-only)."""
+    if isinstance(image, (str, os.PathLike)):
+        return torch.tensor(read_rgb(image))
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        raise DataError(f"predict takes uint8 RGB images (H, W, 3), not {array.dtype} {array.shape}")
+    return torch.tensor(array)
 
 
 @torch.no_grad()
-def predict(model: LoadedModel, images: Sequence, *, masks: bool = False, batch_size: int = 8) -> list[np.ndarray]:
+def predict(model: LoadedModel, images: Sequence, *, masks: bool = False, batch_size: int = 8,
+            tta: str | None = None) -> list[np.ndarray]:
     """Road probability (H, W) -- or class probabilities (C, H, W) -- at each image's own size.
 
     model: what load_model returns. images: paths or uint8 RGB arrays (H, W, 3), of any sizes.
     With masks=True the result is the predicted class index per pixel instead (road: probability
-    > 0.5; multi-class: argmax).
+    > 0.5; multi-class: argmax). tta="flip" averages the image's and its mirror image's.
     """
     if not isinstance(model, LoadedModel):
         raise TypeError(f"predict takes what raytrain.load_model returns, not {type(model).__name__}")
-    device = model.device
-    width, height = model.config.data.size
-    arrays = [_as_array(image) for image in images]
+    check_tta(tta)
+    tensors = [_as_tensor(image) for image in images]
     outputs = []
-    for start in range(0, len(arrays), batch_size):
-        chunk = arrays[start : start + batch_size]
-        resized = np.stack([np.asarray(Image.fromarray(a).resize((width, height), Image.BILINEAR)) for a in chunk])
-        probabilities = to_probabilities(model.module(to_model_input(torch.from_numpy(resized), device)))
-        for array, probs in zip(chunk, probabilities):
-            probs = F.interpolate(probs[None], size=array.shape[:2], mode="bilinear", align_corners=False)[0]
+    for start in range(0, len(tensors), batch_size):
+        chunk = tensors[start : start + batch_size]
+        inputs = torch.cat([to_model_input(image[None], model.device, model.config.data.size) for image in chunk])
+        for image, probs in zip(chunk, class_probabilities(model.module, inputs, tta)):
+            probs = to_image_size(probs[None], *image.shape[:2])[0]
             if masks:
                 result = to_labels(probs)
             else:
@@ -178,13 +185,15 @@ def predict(model: LoadedModel, images: Sequence, *, masks: bool = False, batch_
 
 def evaluate_checkpoint(
     checkpoint: str | os.PathLike | CheckpointInfo, dataset: str | os.PathLike, split: str = "val",
-    device: str = "cpu", batch_size: int = 8,
+    device: str = "cpu", batch_size: int = 8, tta: str | None = None,
 ) -> dict:
     """Every metric of the checkpoint on one split of a sharded dataset.
 
     Scored at each image's own resolution (predictions are resized up, as the KITTI benchmark scores),
     so on full-size data the figures differ a little from the val_* reported at the training size.
+    tta: as for predict.
     """
+    check_tta(tta)
     info = checkpoint if isinstance(checkpoint, CheckpointInfo) else read_checkpoint(checkpoint)
     manifest = read_manifest(dataset)
     dataset_classes = [entry["name"] for entry in manifest["classes"]]
@@ -204,7 +213,7 @@ def evaluate_checkpoint(
             images = [_decode(b, "RGB") for b in rows["image"]]
             masks = [_decode(b, None) for b in rows["mask"]]
             indices = group_indices(rows["group"], rows["id"], groups) if groups else [None] * len(masks)
-            for probabilities, mask, index in zip(predict(model, images, batch_size=batch_size), masks, indices):
+            for probabilities, mask, index in zip(predict(model, images, batch_size=batch_size, tta=tta), masks, indices):
                 probabilities = torch.from_numpy(probabilities)
                 probabilities = probabilities[None, None] if probabilities.ndim == 2 else probabilities[None]
                 group = None if index is None else torch.tensor([index])
@@ -246,17 +255,17 @@ def labels_of(probabilities: np.ndarray) -> np.ndarray:
     return to_labels(probabilities[None] if probabilities.ndim == 2 else probabilities)
 
 
-def masks_and_overlays(model: LoadedModel, arrays: Sequence[np.ndarray], batch_size: int = 8):
+def masks_and_overlays(model: LoadedModel, arrays: Sequence[np.ndarray], batch_size: int = 8, tta: str | None = None):
     """(class index per pixel, the image with the prediction painted on) for each RGB array, at its own size."""
     from raytrain.viz import overlay
 
-    for array, probabilities in zip(arrays, predict(model, arrays, batch_size=batch_size)):
+    for array, probabilities in zip(arrays, predict(model, arrays, batch_size=batch_size, tta=tta)):
         yield labels_of(probabilities), overlay(array, probabilities, model.classes)
 
 
 def predict_files(
     checkpoint: str | os.PathLike | CheckpointInfo, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
-    device: str = "cpu", batch_size: int = 8, progress=None,
+    device: str = "cpu", batch_size: int = 8, progress=None, tta: str | None = None,
 ) -> list[Path]:
     """For each image: `<name>_mask.png` (class index per pixel; road = 1) and `<name>_overlay.png`
     (predicted road painted red, or the class palette), both at the image's own size. Inputs and
@@ -264,6 +273,7 @@ def predict_files(
 
     Files appear whole or not at all: each is written beside its final name, then renamed.
     """
+    check_tta(tta)
     out = as_path(out_dir).expanduser()  # a folder or a URI
     if out.exists() and not out.is_dir():  # checked first: a wrong --out must not cost a model load
         raise DataError(f"{out}: exists and is not a folder (--out takes the folder for the masks)")
@@ -279,7 +289,7 @@ def predict_files(
     written = []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
-        results = masks_and_overlays(model, [array for _, array in chunk], batch_size)
+        results = masks_and_overlays(model, [array for _, array in chunk], batch_size, tta)
         for (path, _), (labels, painted) in zip(chunk, results):
             written.append(save_png(labels, out / mask_name(path.stem)))
             written.append(save_png(painted, out / overlay_name(path.stem)))
@@ -346,8 +356,9 @@ def write_atomically(path: Path, write) -> Path:
     return path
 
 
-EXPORT_FORMATS = ("torchscript", "torch.export")
-EXPORT_NAMES = {"torchscript": "model.torchscript.pt", "torch.export": "model.pt2"}
+EXPORT_FORMATS = ("torchscript", "torch.export", "onnx")
+EXPORT_NAMES = {"torchscript": "model.torchscript.pt", "torch.export": "model.pt2", "onnx": "model.onnx"}
+METADATA_FILE = "raytrain.json"  # TorchScript's and torch.export's extra file; ONNX has metadata_props
 
 
 def default_export_path(checkpoint: str | os.PathLike | CheckpointInfo, format: str) -> Path:
@@ -363,40 +374,75 @@ def default_export_path(checkpoint: str | os.PathLike | CheckpointInfo, format: 
     return Path(checkpoint).expanduser() / EXPORT_NAMES.get(format, "model")
 
 
-def export_model(checkpoint: str | os.PathLike | CheckpointInfo, out: str | os.PathLike, format: str = "torchscript") -> Path:
-    """A file that maps a normalised (N, 3, H, W) float batch to logits and loads without raytrain:
-    `torch.jit.load(out)` (torchscript) or `torch.export.load(out).module()` (torch.export, the
-    format PyTorch now recommends). Traced at the training size."""
+def export_model(checkpoint: str | os.PathLike | CheckpointInfo, out: str | os.PathLike, format: str = "torchscript",
+                 tta: str | None = None) -> Path:
+    """A file that maps uint8 RGB images (N, H, W, 3) of any size to class probabilities
+    (N, C, H, W) at that size, as predict does (resizing, normalisation and tta inside), and loads
+    without raytrain: `torch.jit.load(out)`, `torch.export.load(out).module()` or
+    `onnxruntime.InferenceSession(out)`. Its metadata holds the classes, training size and tta."""
     if format not in EXPORT_FORMATS:
         raise CheckpointError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, not {format!r}")
+    check_tta(tta)
+    if format == "onnx":
+        _require_onnx()
     out = Path(out).expanduser()
     if out.is_dir():  # checked first: a wrong --out must not cost a model load and a trace
         raise CheckpointError(f"{out}: is a folder; --out takes the file to export to")
     model = load_model(checkpoint, "cpu")
-    exported = _trace(model, format)
+    exported = _trace(ImageModel(model.module, model.config.data.size, tta).eval(), model.config.model.name, format)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise CheckpointError(f"{out.parent}: cannot create the output folder ({err.strerror or err})") from None
-
-    def save(tmp: str) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            torch.jit.save(exported, tmp) if format == "torchscript" else torch.export.save(exported, tmp)
-
-    return write_atomically(out, save)
+    metadata = export_metadata(model, tta)
+    return write_atomically(out, lambda tmp: _save(exported, tmp, format, metadata))
 
 
-def _trace(model: LoadedModel, format: str):
+def _require_onnx() -> None:
+    try:  # torch.onnx needs both, and would say so only deep inside an export
+        for name in ("onnx", "onnxscript"):
+            importlib.import_module(name)
+    except ImportError:
+        raise RaytrainError("--format onnx needs the onnx packages: pip install 'raytrain[onnx]'") from None
+
+
+def export_metadata(model: LoadedModel, tta: str | None) -> dict[str, str]:
+    """What a user of an exported file needs to read its output, as strings (ONNX's metadata_props)."""
+    from raytrain import __version__
+
     width, height = model.config.data.size
-    example = torch.zeros(2, 3, height, width)  # batch 2: torch.export would fix a batch of 1 as a constant
-    batch = ({0: torch.export.Dim("batch")},)
+    return {"classes": json.dumps(model.classes), "training_size": f"{width}x{height}", "tta": tta or "none",
+            "model": model.config.model.name, "raytrain_version": __version__}
+
+
+def _save(exported, tmp: str, format: str, metadata: dict[str, str]) -> None:
+    if format == "onnx":
+        exported.model.metadata_props.update(metadata)
+        return exported.save(tmp)
+    extra = {METADATA_FILE: json.dumps(metadata)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        if format == "torchscript":
+            torch.jit.save(exported, tmp, _extra_files=extra)
+        else:
+            torch.export.save(exported, tmp, extra_files=extra)
+
+
+def _trace(whole: ImageModel, name: str, format: str):
+    width, height = whole.size
+    # Batch 2 (torch.export would fix a batch of 1 as a constant), at neither the training size nor
+    # a multiple of it, so that no size is taken for a constant.
+    example = torch.zeros(2, height + 3, width + 5, 3, dtype=torch.uint8)
+    dims = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("height"), 2: torch.export.Dim("width")},)
     try:
         with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch 2.9+ marks TorchScript deprecated; it still works
+            warnings.simplefilter("ignore")  # TorchScript's deprecation and its tracer's shape warnings
             if format == "torchscript":
-                return torch.jit.trace(model.module, example, check_trace=False)
-            return torch.export.export(model.module, (example,), dynamic_shapes=batch)
+                return torch.jit.trace(whole, example, check_trace=False)
+            if format == "onnx":
+                return torch.onnx.export(whole, (example,), dynamo=True, dynamic_shapes=dims, verbose=False,
+                                         input_names=["images"], output_names=["probabilities"])
+            return torch.export.export(whole, (example,), dynamic_shapes=dims)
     except Exception as err:  # export failures are model-specific; say which model
         reason = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
-        raise CheckpointError(f"{model.config.model.name}: cannot be exported as {format} ({reason})") from None
+        raise CheckpointError(f"{name}: cannot be exported as {format} ({reason})") from None

@@ -84,6 +84,7 @@ def test_export_runs_without_raytrain_and_matches_the_model(checkpoint, tmp_path
         warnings.simplefilter("ignore", FutureWarning)
         exported = torch.jit.load(out) if format == "torchscript" else torch.export.load(out).module()
     model = raytrain.load_model(checkpoint)
-    batch = torch.randn(3, 3, 32, 64)
+    images = np.random.default_rng(0).integers(0, 256, (3, 45, 70, 3), dtype=np.uint8)  # uint8, at any size
     with torch.no_grad():
-        torch.testing.assert_close(exported(batch), model.module(batch))
+        probabilities = exported(torch.from_numpy(images))
+    torch.testing.assert_close(probabilities[:, 0], torch.from_numpy(np.stack(raytrain.predict(model, list(images)))))

@@ -26,6 +26,7 @@ from raytrain.checkpoints import CLASSES_FILE, CONFIG_FILE, METRICS_FILE, MODEL_
 from raytrain.data.location import as_path, filesystem_of, join
 from raytrain.cli import one_line
 from raytrain.errors import DataError
+from raytrain.image_model import check_tta
 from raytrain.inference import (
     PredictionSummary, image_locations, load_model, mask_name, masks_and_overlays, overlay_name, read_rgb, save_png,
     write_whole,
@@ -38,11 +39,13 @@ CHECKPOINT_FILES = (MODEL_FILE, CONFIG_FILE, METRICS_FILE, CLASSES_FILE)  # what
 def predict_on_cluster(
     checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *, workers: int,
     batch_size: int = 8, cpus_per_worker: float = 1, progress: Callable[[int, int], None] | None = None,
+    tta: str | None = None,
 ) -> PredictionSummary:
     """`<name>_mask.png` and `<name>_overlay.png` in `out` (a folder or URI) for every input image not
     already done there, predicted by `workers` model actors (one GPU each when the cluster has GPUs).
     Everything that can be checked is checked before the first file is written."""
     started = time.monotonic()
+    check_tta(tta)
     _check_output_folder(out)
     locations = image_locations(inputs)
     _check_unique_names(locations)
@@ -52,7 +55,7 @@ def predict_on_cluster(
     todo = [location for location in locations if location not in done]
     filesystem, folder = filesystem_of(out)
     filesystem.create_dir(folder, recursive=True)
-    unreadable = _run(todo, info.path, out, workers, batch_size, cpus_per_worker, progress) if todo else []
+    unreadable = _run(todo, info.path, out, workers, batch_size, cpus_per_worker, progress, tta) if todo else []
     listed = _write_unreadable_list(out, unreadable)
     return PredictionSummary(len(todo) - len(unreadable), len(done), tuple(unreadable), listed, time.monotonic() - started)
 
@@ -79,7 +82,7 @@ def _already_done(out: str | os.PathLike, locations: list[str]) -> set[str]:
     return {loc for loc in locations if {mask_name(as_path(loc).stem), overlay_name(as_path(loc).stem)} <= present}
 
 
-def _run(todo: list[str], checkpoint: Path, out, workers, batch_size, cpus_per_worker, progress) -> list[str]:
+def _run(todo: list[str], checkpoint: Path, out, workers, batch_size, cpus_per_worker, progress, tta) -> list[str]:
     """Stream `todo` through the actor pool; return the one-line errors of unreadable inputs."""
     from raytrain.launch import QUIET, ensure_ray, user_error_inside
 
@@ -88,7 +91,7 @@ def _run(todo: list[str], checkpoint: Path, out, workers, batch_size, cpus_per_w
     files = {name: (checkpoint / name).read_bytes() for name in CHECKPOINT_FILES if (checkpoint / name).is_file()}
     dataset = ray.data.from_items([{"input": location} for location in todo]).map_batches(
         ModelActor, fn_constructor_kwargs={"files": files, "out": os.fspath(out), "device": "cuda" if gpus else "cpu",
-                                           "batch_size": batch_size},
+                                           "batch_size": batch_size, "tta": tta},
         batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker, num_gpus=gpus,
     )
     unreadable, count = [], 0
@@ -123,13 +126,13 @@ def _quiet_progress_warning():
 class ModelActor:
     """One model on one worker: reads a batch of input paths, writes their masks and overlays."""
 
-    def __init__(self, files, out: str, device: str, batch_size: int):
+    def __init__(self, files, out: str, device: str, batch_size: int, tta: str | None = None):
         # load_model itself, from a private copy of the checkpoint's files: the same checks as anywhere.
         with tempfile.TemporaryDirectory(prefix="raytrain-checkpoint-") as copy:
             for name, data in files.items():
                 (Path(copy) / name).write_bytes(data)
             self.model = load_model(copy, device)
-        self.out, self.batch_size = out, batch_size
+        self.out, self.batch_size, self.tta = out, batch_size, tta
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
         inputs = [str(location) for location in batch["input"]]
@@ -139,7 +142,7 @@ class ModelActor:
                 readable[index] = read_rgb(as_path(location))
             except DataError as err:
                 errors[index] = str(err)
-        results = masks_and_overlays(self.model, list(readable.values()), self.batch_size)
+        results = masks_and_overlays(self.model, list(readable.values()), self.batch_size, self.tta)
         for index, (labels, painted) in zip(readable, results):
             stem = as_path(inputs[index]).stem
             save_png(labels, as_path(join(self.out, mask_name(stem))))

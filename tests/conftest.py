@@ -44,6 +44,16 @@ def read_events(log_dir: Path | str):
     return accumulator
 
 
+def pytest_sessionstart(session):
+    """tests/processes.py's fork server imports torch and raytrain while pytest collects, on the other core."""
+    import multiprocessing.forkserver
+
+    from tests.processes import forkserver
+
+    forkserver()
+    multiprocessing.forkserver.ensure_running()
+
+
 def pytest_collection_modifyitems(items):
     """Every test on the session's Ray cluster is marked `ray`: `pytest -m "not ray"` is the quick tier.
     (Tests that start Ray in a subprocess carry the mark themselves.)"""

@@ -5,7 +5,7 @@ import torch
 
 import raytrain
 from raytrain.checkpoints import MODEL_FILE, fetch_checkpoint, read_checkpoint
-from tests.cli_process import run_cli
+from tests.processes import run_cli
 
 
 def test_best_checkpoint_is_the_same_through_a_uri(trained_run):

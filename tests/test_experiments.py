@@ -17,7 +17,7 @@ import pytest
 
 import raytrain
 from raytrain import experiments
-from tests.cli_process import run_cli
+from tests.processes import run_cli
 from tests.conftest import tiny_config
 
 

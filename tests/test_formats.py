@@ -17,7 +17,7 @@ from raytrain.errors import DataError
 # ../shared beside the repository holds CamVid for development; it is never part of the project.
 REAL_CAMVID = Path(os.environ.get("RAYTRAIN_CAMVID", Path(__file__).resolve().parents[2] / "shared/datasets/camvid"))
 W, H = 12, 8
-from tests.cli_process import run_cli
+from tests.processes import run_cli
 
 
 def _rows(shards):

@@ -9,6 +9,7 @@ from sklearn.metrics import accuracy_score, f1_score, jaccard_score, precision_s
 
 from raytrain.metrics import SegmentationMetrics
 from tests.conftest import free_port
+from tests.processes import forkserver
 
 IGNORE = 255
 
@@ -297,4 +298,5 @@ def test_all_reduced_metrics_equal_single_process_metrics():
     half.update(cases[0][1][:2], cases[0][2][:2], IMAGE_GROUPS[:2])
     for key in ("iou", "iou@a", "f1@b"):
         assert half.compute()[key] != pytest.approx(cases[0][3][key])
-    mp.spawn(_ddp_worker, args=(free_port(), cases), nprocs=2, join=True)
+    forkserver()  # preloaded: the workers skip importing torch
+    mp.start_processes(_ddp_worker, args=(free_port(), cases), nprocs=2, join=True, start_method="forkserver")

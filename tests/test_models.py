@@ -13,6 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 import raytrain.models
 from raytrain.models import allowed_depths, count_parameters, create_model, list_models, to_probabilities
 from tests.conftest import free_port
+from tests.processes import forkserver
 
 SMALL_ENCODER = "resnet18"
 
@@ -182,4 +183,5 @@ def _ddp_worker(rank: int, port: int, names: list[str]) -> None:
 
 
 def test_ddp_step_for_every_architecture_at_its_smallest_depth():
-    mp.spawn(_ddp_worker, args=(free_port(), list_models()), nprocs=2, join=True)
+    forkserver()  # preloaded: the workers skip importing torch
+    mp.start_processes(_ddp_worker, args=(free_port(), list_models()), nprocs=2, join=True, start_method="forkserver")

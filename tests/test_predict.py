@@ -10,7 +10,7 @@ from PIL import Image
 
 import raytrain
 from raytrain.data.shards import shard_paths
-from tests.cli_process import run_cli
+from tests.processes import run_cli
 
 
 def cli(*args, timeout=300):

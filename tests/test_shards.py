@@ -20,7 +20,7 @@ from raytrain.data.formats import IGNORE_INDEX, decode_kitti_gt, encode_kitti_gt
 from raytrain.data.location import RemotePath
 from raytrain.data.shards import read_manifest, shard_paths, split_of, write_shards
 from raytrain.errors import DataError
-from tests.cli_process import run_cli
+from tests.processes import run_cli
 
 
 def test_manifest_and_rows_match_the_source(synthetic_kitti, tiny_shards):

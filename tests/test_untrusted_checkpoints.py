@@ -22,7 +22,7 @@ from PIL import Image
 import raytrain
 from raytrain.errors import RaytrainError
 from tests.conftest import set_dotted
-from tests.cli_process import cli_environment, run_cli
+from tests.processes import cli_environment, run_cli
 from tests.test_bad_input import (
     MEMORY_LIMIT, NEEDS_PERMISSIONS, check_one_line_and_nothing_written, checkpoint, needs_a_fresh_interpreter, shards,
 )

@@ -1,16 +1,19 @@
-"""The `raytrain` CLI as a child process, for tests.
+"""Child processes for tests, started in a fraction of a second: the `raytrain` CLI, and torch
+process groups.
 
 `run_cli` forks each call from a server process that has imported torch and raytrain once
 (multiprocessing's forkserver with preload): every call is still its own process, with its own exit
 code, standard streams, working directory and environment, but skips the seconds a fresh interpreter
 spends importing torch. `run_cli_fresh` is `python -m raytrain.cli` itself; the rows that need a fresh
-interpreter use it (a memory limit, dropped capabilities, starting Ray, signals), and
-test_bad_input checks that both give the same answers.
+interpreter use it (dropped capabilities, starting Ray, signals), and
+test_bad_input checks that both give the same answers. `forkserver()` is the same server for
+torch.multiprocessing (start_method="forkserver"): its DDP workers skip the imports too.
 """
 from __future__ import annotations
 
 import multiprocessing
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -24,7 +27,8 @@ PRELOAD = [
 _context = None
 
 
-def _forkserver():
+def forkserver():
+    """multiprocessing's forkserver context, its server preloaded with PRELOAD."""
     global _context
     if _context is None:
         _context = multiprocessing.get_context("forkserver")
@@ -37,7 +41,17 @@ def cli_environment() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
 
 
-def _child(args: list[str], cwd: str, env: dict[str, str], umask: int | None, stdout: str, stderr: str) -> None:
+def _data_size() -> int:
+    """This process's data (heap and private writable mappings: what RLIMIT_DATA counts), in bytes."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmData:"))
+
+
+def _child(args: list[str], cwd: str, env: dict[str, str], umask: int | None, memory_limit: int | None,
+           stdout: str, stderr: str) -> None:
+    if memory_limit is not None:  # on top of what the server's imports hold: what the command itself allocates
+        limit = _data_size() + memory_limit
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
     os.chdir(cwd)
     if umask is not None:
         os.umask(umask)
@@ -53,15 +67,16 @@ def _child(args: list[str], cwd: str, env: dict[str, str], umask: int | None, st
 
 
 def run_cli(args: list, cwd: Path | str | None = None, env: dict[str, str] | None = None,
-            timeout: float = 600, umask: int | None = None) -> subprocess.CompletedProcess:
-    """`raytrain ARGS` in a forked child process; stdout and stderr as text, like subprocess.run."""
+            timeout: float = 600, umask: int | None = None, memory_limit: int | None = None) -> subprocess.CompletedProcess:
+    """`raytrain ARGS` in a forked child process; stdout and stderr as text, like subprocess.run.
+    memory_limit: the bytes of data the command may allocate (RLIMIT_DATA over what the imports hold)."""
     args = [str(a) for a in args]
     with tempfile.TemporaryDirectory(prefix="raytrain-cli-") as streams:
         stdout, stderr = Path(streams, "stdout"), Path(streams, "stderr")
         stdout.touch()
         stderr.touch()
-        process = _forkserver().Process(
-            target=_child, args=(args, str(cwd or os.getcwd()), env or cli_environment(), umask, str(stdout), str(stderr)),
+        process = forkserver().Process(
+            target=_child, args=(args, str(cwd or os.getcwd()), env or cli_environment(), umask, memory_limit, str(stdout), str(stderr)),
         )
         process.start()
         process.join(timeout)

@@ -15,7 +15,7 @@ import threading
 import time
 import warnings
 
-from raytrain.errors import RaytrainError
+from raytrain.errors import RaytrainError, one_line
 
 
 def _synth(args) -> None:
@@ -439,13 +439,6 @@ def _add_serve_command(commands) -> None:
     serve.add_argument("--mode", default="max", choices=["min", "max"])
     serve.add_argument("--num-cpus", type=_positive_int, help="logical CPUs of a local Ray cluster (ignored with RAY_ADDRESS)")
     serve.set_defaults(func=_serve)
-
-
-def one_line(message: object) -> str:
-    """`message` as one printable line: a file name may hold newlines, control characters or bytes
-    that are not UTF-8 (surrogates in Python), which would break the line or the encoder."""
-    text = str(message).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 class Terminated(KeyboardInterrupt):

@@ -26,3 +26,10 @@ def limit_from_env(name: str, default: int, unit: str, error: type[RaytrainError
     if not raw.strip().isdigit() or int(raw) <= 0:
         raise error(f"{name}={raw!r}: expected a positive number of {unit}")
     return int(raw)
+
+
+def one_line(message: object) -> str:
+    """`message` as one printable line: a file name may hold newlines, control characters or bytes
+    that are not UTF-8 (surrogates in Python), which would break the line or the encoder."""
+    text = str(message).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)

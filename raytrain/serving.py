@@ -166,7 +166,7 @@ class SegmentationServer:
         return predict(self.model, images, batch_size=len(images))
 
     async def __call__(self, request: Request) -> Response:
-        from raytrain.cli import one_line
+        from raytrain.errors import one_line
 
         try:
             if request.method != "POST":

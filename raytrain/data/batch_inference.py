@@ -24,8 +24,7 @@ import ray.data
 
 from raytrain.checkpoints import CLASSES_FILE, CONFIG_FILE, METRICS_FILE, MODEL_FILE, read_checkpoint
 from raytrain.data.location import as_path, filesystem_of, join
-from raytrain.cli import one_line
-from raytrain.errors import DataError
+from raytrain.errors import DataError, one_line
 from raytrain.image_model import check_tta
 from raytrain.inference import (
     PredictionSummary, image_locations, load_model, mask_name, masks_and_overlays, overlay_name, read_rgb, save_png,

@@ -1,6 +1,6 @@
 """Multi-node Ray scenarios on one machine, each in a process of its own (ray.init is once per process).
 
-    python -m tests.multinode_scenarios {spread|node_loss|search_node_loss|batch_predict} WORKDIR
+    python -m tests.multinode_scenarios {node_loss|search_node_loss|batch_predict} WORKDIR
 
 Starts a real cluster with ray.cluster_utils.Cluster: a head with 1 CPU (Ray Data tasks, the Tune
 trial) and worker nodes node_a, node_b[, node_c] with 2 CPUs and a custom resource of their own name.
@@ -100,23 +100,6 @@ def in_background(function) -> dict:
     thread.start()
     outcome["thread"] = thread
     return outcome
-
-
-def spread(workdir: Path) -> dict:
-    """A 2-worker DDP training across node_a and node_b, results in one shared storage path."""
-    cluster, _ = start_cluster(["node_a", "node_b"])
-    storage, log = workdir / "storage", workdir / "workers.jsonl"
-    config = tiny_config(tiny_shards(workdir), storage, **{"train.epochs": 2, "train.cpus_per_worker": 2,
-                                                           "train.checkpoints_to_keep": 10})
-    result = launch.make_trainer(config, storage_path=str(storage), name="spread", train_fn=recording(log)).fit()
-    names = node_names_by_id(["node_a", "node_b"])
-    cluster_shutdown(cluster)
-    return {
-        "error": repr(result.error) if result.error else None,
-        "final_epoch": result.metrics.get("epoch"),
-        "checkpoint_epochs": checkpoint_epochs(storage / "spread"),
-        "workers": [dict(w, node=names[w["node_id"]]) for w in map(json.loads, log.read_text().splitlines())],
-    }
 
 
 def node_loss(workdir: Path) -> dict:
@@ -249,7 +232,7 @@ def cluster_shutdown(cluster: Cluster) -> None:
 if __name__ == "__main__":
     scenario, workdir = sys.argv[1], Path(sys.argv[2])
     started = time.monotonic()
-    scenarios = {"spread": spread, "node_loss": node_loss, "search_node_loss": search_node_loss, "batch_predict": batch_predict}
+    scenarios = {"node_loss": node_loss, "search_node_loss": search_node_loss, "batch_predict": batch_predict}
     outcome = scenarios[scenario](workdir)
     outcome["seconds"] = round(time.monotonic() - started, 1)
     (workdir / "result.json").write_text(json.dumps(outcome, indent=2))

@@ -24,8 +24,8 @@ _RESULT_OUT = os.fdopen(os.dup(sys.stdout.fileno()), "w")
 sys.stdout.flush()
 os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
 NOISE_NOTE = (
-    "measured once on a small shared machine while other engineers ran tests on the same cores: "
-    "figures can be off by 10-30% run to run"
+    "a small shared machine where other work may run on the same cores: read the spread over repeats, "
+    "and compare ratios measured side by side, not absolute rates across machines"
 )
 
 
@@ -78,6 +78,16 @@ def emit(result: dict) -> None:
 
 def median(values) -> float:
     return statistics.median(values)
+
+
+def spread(values) -> dict:
+    """Median, min and max over repeats, as a README figure states them; None (a target never
+    reached) ranks above every number."""
+    ranked = sorted(values, key=lambda value: (value is None, value if value is not None else 0))
+    n = len(ranked)
+    middle = ranked[(n - 1) // 2: n // 2 + 1]
+    median_value = None if None in middle else round(sum(middle) / len(middle), 4)
+    return {"median": median_value, "min": ranked[0], "max": ranked[-1], "n": n}
 
 
 def scratch_dir(prefix: str) -> Path:

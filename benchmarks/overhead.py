@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import NOISE_NOTE, emit, header, log, median, scratch_dir, steady_summary, synthetic_shards, timed_fit
+from common import NOISE_NOTE, emit, header, log, median, scratch_dir, spread, steady_summary, synthetic_shards, timed_fit
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -151,6 +151,8 @@ def main() -> int:
         "plain": plain,
         "ray": ray_side,
         "ray_over_plain_steady_images_per_s": round(ratio, 3),
+        "ray_over_plain_per_repeat": spread([r / p for r, p in zip(
+            ray_side["steady_images_per_s_per_repeat"], plain["steady_images_per_s_per_repeat"])]),
         "goal_ratio": GOAL_RATIO,
         "raw": {"plain": plain_runs, "ray": ray_runs},
         "note": NOISE_NOTE,

@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from common import (NOISE_NOTE, emit, header, log, scratch_dir, steady_summary, synthetic_shards, timed_fit)
+from common import (NOISE_NOTE, emit, header, log, scratch_dir, spread, steady_summary, synthetic_shards, timed_fit)
 
 import torch
 
@@ -66,6 +66,10 @@ def main() -> int:
         **results,
         "speedup": {f"{n}_workers": round(results[f"{n}_workers"]["steady_images_per_s_median"] / base, 3)
                     for n in args.workers},
+        "speedup_per_repeat": {f"{n}_workers": spread([
+            run / first for run, first in zip(results[f"{n}_workers"]["steady_images_per_s_per_repeat"],
+                                              results[f"{args.workers[0]}_workers"]["steady_images_per_s_per_repeat"])])
+            for n in args.workers[1:]},
         "raw": {f"{n}_workers": runs[n] for n in args.workers},
         "note": NOISE_NOTE + (
             f"; this machine has {__import__('os').cpu_count()} cores, so 2 workers plus Ray Data's decoding "

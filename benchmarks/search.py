@@ -38,7 +38,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import NOISE_NOTE, emit, header, log, scratch_dir, synthetic_shards
+from common import NOISE_NOTE, emit, header, log, scratch_dir, spread, synthetic_shards
 
 import raytrain
 from raytrain import launch
@@ -130,15 +130,6 @@ def one_repeat(searches: dict, seed: int) -> dict:
     # Same seed, same sampler: both schedulers should have run the same trials.
     row["same_configs"] = sorted(searches["fifo"]["configs"]) == sorted(searches["asha"]["configs"])
     return row
-
-
-def spread(values) -> dict:
-    """Median, min and max; None (a target never reached) ranks above every number."""
-    ranked = sorted(values, key=lambda value: (value is None, value if value is not None else 0))
-    n = len(ranked)
-    middle = ranked[(n - 1) // 2: n // 2 + 1]
-    median_value = None if None in middle else round(sum(middle) / len(middle), 4)
-    return {"median": median_value, "min": ranked[0], "max": ranked[-1], "n": n}
 
 
 def summarise(rows: list[dict]) -> dict:

@@ -132,27 +132,30 @@ def export(checkpoint: str | os.PathLike | CheckpointInfo, out: str | os.PathLik
 
 def serve(checkpoint: str | os.PathLike | CheckpointInfo, *, replicas: int = 1, gpus_per_replica: float = 0,
           host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01,
-          metric: str = "val_iou", mode: str = "max", num_cpus: int | None = None):
+          metric: str = "val_iou", mode: str = "max", num_cpus: int | None = None, tta: str | None = None):
     """A checkpoint (or an experiment's best, by `metric`) behind an HTTP endpoint on Ray Serve, on
     the cluster in RAY_ADDRESS or a new local one; returns a serving.Server (`.url`, `.handle`,
-    `.shutdown()`). POST a PNG or JPEG to the URL for its mask (see raytrain.serving)."""
+    `.shutdown()`). POST a PNG or JPEG to the URL for its mask (see raytrain.serving). tta: as for predict."""
     import pyarrow.fs as pafs
 
     from raytrain import inference
     from raytrain.checkpoints import MODEL_FILE, read_checkpoint
     from raytrain.data.location import filesystem_of
+    from raytrain.image_model import check_tta
 
     if not isinstance(checkpoint, CheckpointInfo):
         filesystem, path = filesystem_of(os.fspath(checkpoint))
         is_checkpoint = filesystem.get_file_info(f"{path}/{MODEL_FILE}").type == pafs.FileType.File
         checkpoint = read_checkpoint(checkpoint) if is_checkpoint else best_checkpoint(checkpoint, metric, mode)
+    check_tta(tta)
     inference.load_model(checkpoint)  # a bad checkpoint is a one-line error here, not a failed replica
     try:
         from raytrain import serving
     except ImportError as err:
         raise RaytrainError(f"serving needs Ray Serve ({err}): pip install 'raytrain[serve]'") from None
     return serving.start(checkpoint.path, replicas=replicas, gpus_per_replica=gpus_per_replica, host=host, port=port,
-                         max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s, num_cpus=num_cpus)
+                         max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s, num_cpus=num_cpus,
+                         tta=tta)
 
 
 def report(experiment: str | os.PathLike, out: str | os.PathLike, *, metric: str = "val_iou", mode: str = "max") -> Path:

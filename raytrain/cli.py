@@ -209,7 +209,7 @@ def _serve(args) -> None:
         server = api.serve(args.checkpoint, replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
                            host=args.host, port=args.port, max_batch_size=args.max_batch_size,
                            batch_wait_timeout_s=args.batch_wait_timeout_s, metric=args.metric, mode=args.mode,
-                           num_cpus=args.num_cpus)
+                           num_cpus=args.num_cpus, tta=args.tta)
     try:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _on_sigterm)  # ray.init put in its own, which exits without cleaning up
@@ -438,6 +438,7 @@ def _add_serve_command(commands) -> None:
     serve.add_argument("--metric", default="val_iou", help="picks an experiment's best checkpoint")
     serve.add_argument("--mode", default="max", choices=["min", "max"])
     serve.add_argument("--num-cpus", type=_positive_int, help="logical CPUs of a local Ray cluster (ignored with RAY_ADDRESS)")
+    _with_tta(serve)
     serve.set_defaults(func=_serve)
 
 

@@ -152,10 +152,11 @@ def summary(probabilities: np.ndarray, classes: list[str]) -> dict:
 class SegmentationServer:
     """One replica: the checkpoint's model, answering batches of requests."""
 
-    def __init__(self, checkpoint: str, device: str, max_batch_size: int, batch_wait_timeout_s: float):
+    def __init__(self, checkpoint: str, device: str, max_batch_size: int, batch_wait_timeout_s: float,
+                 tta: str | None = None):
         from raytrain.inference import load_model
 
-        self.model = load_model(checkpoint, device)
+        self.model, self.tta = load_model(checkpoint, device), tta
         self.predict_batch.set_max_batch_size(max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -163,7 +164,7 @@ class SegmentationServer:
     async def predict_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
         from raytrain.inference import predict
 
-        return predict(self.model, images, batch_size=len(images))
+        return predict(self.model, images, batch_size=len(images), tta=self.tta)
 
     async def __call__(self, request: Request) -> Response:
         from raytrain.errors import one_line
@@ -223,7 +224,7 @@ def limits_set_here() -> dict[str, str]:
 
 
 def start(checkpoint: Path, *, replicas: int, gpus_per_replica: float, host: str, port: int, max_batch_size: int,
-          batch_wait_timeout_s: float, num_cpus: int | None) -> Server:
+          batch_wait_timeout_s: float, num_cpus: int | None, tta: str | None = None) -> Server:
     """Start Serve on the cluster (a local one unless RAY_ADDRESS) and deploy the checkpoint."""
     from raytrain.launch import QUIET, ensure_ray
 
@@ -238,7 +239,7 @@ def start(checkpoint: Path, *, replicas: int, gpus_per_replica: float, host: str
     device = "cuda" if gpus_per_replica else "cpu"
     try:
         serve.start(http_options={"host": host, "port": port})
-        handle = serve.run(deployment.bind(str(checkpoint), device, max_batch_size, batch_wait_timeout_s),
+        handle = serve.run(deployment.bind(str(checkpoint), device, max_batch_size, batch_wait_timeout_s, tta),
                            name=APP_NAME, route_prefix="/")
     except BaseException:
         serve.shutdown()

@@ -70,7 +70,7 @@ def server(ray_cluster, tmp_path_factory):
     port = free_port()
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "RAYTRAIN_MAX_PIXELS": str(MAX_PIXELS)}
     process = subprocess.Popen(
-        [sys.executable, "-m", "raytrain.cli", "serve", tmp / "exp", "--port", str(port), "--max-batch-size", "4"],
+        [sys.executable, "-m", "raytrain.cli", "serve", tmp / "exp", "--port", str(port), "--max-batch-size", "4", "--tta", "flip"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
     line = process.stdout.readline()  # the one line it prints once the endpoint answers
@@ -107,9 +107,11 @@ def test_the_mask_is_predicts_mask_from_the_experiments_best_checkpoint(server):
     assert server["line"].strip() == f"serving {server['best']} at {server['url']} (Ctrl-C to stop)"
     status, content_type, body = post(server["url"], png(IMAGE))
     assert (status, content_type) == (200, "image/png")
-    expected = raytrain.predict(raytrain.load_model(server["best"]), [IMAGE], masks=True)[0]
+    model = raytrain.load_model(server["best"])
+    expected = raytrain.predict(model, [IMAGE], masks=True, tta="flip")[0]  # the server runs with --tta flip
     assert 0 < expected.mean() < 1  # some road, not all
     np.testing.assert_array_equal(decoded(body), expected)
+    assert not np.array_equal(expected, raytrain.predict(model, [IMAGE], masks=True)[0])  # so the flip reached it
 
 
 def test_concurrent_requests_each_get_their_own_mask(server):
@@ -127,11 +129,11 @@ def test_concurrent_requests_each_get_their_own_mask(server):
         thread.join()
     for image, (status, _, body) in zip(images, answers):
         assert status == 200
-        np.testing.assert_array_equal(decoded(body), raytrain.predict(model, [image], masks=True)[0])
+        np.testing.assert_array_equal(decoded(body), raytrain.predict(model, [image], masks=True, tta="flip")[0])
 
 
 def test_json_overlay_and_multipart_answers(server):
-    probabilities = raytrain.predict(raytrain.load_model(server["best"]), [IMAGE])[0]
+    probabilities = raytrain.predict(raytrain.load_model(server["best"]), [IMAGE], tta="flip")[0]
     mask = (probabilities > 0.5).astype(np.uint8)
 
     status, content_type, body = post(server["url"], png(IMAGE), Accept="application/json")
@@ -156,7 +158,7 @@ def test_json_overlay_and_multipart_answers(server):
     status, _, body = post(server["url"], form, f"multipart/form-data; boundary={boundary}")
     assert status == 200
     street = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
-    np.testing.assert_array_equal(decoded(body), raytrain.predict(raytrain.load_model(server["best"]), [street], masks=True)[0])
+    np.testing.assert_array_equal(decoded(body), raytrain.predict(raytrain.load_model(server["best"]), [street], masks=True, tta="flip")[0])
 
 
 @pytest.mark.parametrize("query,body,content_type,status,message", [

@@ -135,9 +135,10 @@ def read_rgb(source, name=None, formats: Sequence[str] | None = None) -> np.ndar
     formats: the Pillow formats accepted (e.g. PNG, JPEG); default any that Pillow reads."""
     name = source if name is None else name
     try:
-        if isinstance(source, RemotePath):
-            source = source.filesystem.open_input_file(source.path)
-        with open_checked(source, name) as image:
+        with contextlib.ExitStack() as opened:
+            if isinstance(source, RemotePath):  # closed here: Pillow leaves a stream it was given open
+                source = opened.enter_context(source.filesystem.open_input_file(source.path))
+            image = opened.enter_context(open_checked(source, name))
             if formats is not None and image.format not in formats:
                 raise DataError(f"{name}: a {image.format} image, expected {' or '.join(formats)}")
             check_8bit(image, name)

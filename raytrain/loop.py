@@ -100,7 +100,8 @@ def setup(loop_config: dict) -> Worker:
     amp_dtype = autocast_dtype(config.train.precision, device)
     channels_last = config.train.channels_last if config.train.channels_last is not None else device.type == "cuda"
     model, eval_model = build_model(config, channels_last)
-    loss_fn = create_loss(config.loss.name, num_classes=config.num_classes, class_weights=loss_class_weights(config))
+    # .to(device): class weights are a buffer of the loss, and must sit where the logits are.
+    loss_fn = create_loss(config.loss.name, num_classes=config.num_classes, class_weights=loss_class_weights(config)).to(device)
     optimizer = create_optimizer(config, model.parameters())
     scheduler = create_scheduler(config, optimizer, steps_per_epoch(config, context.get_world_size()))
     start_epoch = restore(config, model, optimizer, scheduler, loop_config.get("initial_checkpoint"))
@@ -290,9 +291,9 @@ def evaluate(
         logits = logits.float()
         metrics.update(logits, masks, batch.get("group"))
         if keep and samples is None:
-            samples = {
-                "images": batch["image"][:keep].numpy(),
-                "masks": batch["mask"][:keep].numpy(),
+            samples = {  # .cpu(): on a GPU worker, Ray Data hands over batches already on the device
+                "images": batch["image"][:keep].cpu().numpy(),
+                "masks": batch["mask"][:keep].cpu().numpy(),
                 "probabilities": to_probabilities(logits[:keep]).cpu().numpy(),
             }
     return total_loss.item(), seen, samples

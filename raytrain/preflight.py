@@ -46,6 +46,8 @@ def check_ready(config: Config, local_cpus: int | None, *, search: bool = False)
 
 
 def _check_cluster_fits(train, local_cpus: int | None, search: bool) -> None:
+    if local_cpus is not None and train.use_gpu:
+        _check_local_gpus(train)
     # Ray Data's read and decode tasks need a whole CPU beside the workers (and a trial's driver).
     needed = train.num_workers * train.cpus_per_worker + 1 + (TRIAL_DRIVER_CPUS if search else 0)
     if local_cpus is not None and needed > local_cpus:
@@ -53,6 +55,19 @@ def _check_cluster_fits(train, local_cpus: int | None, search: bool) -> None:
             f"train.num_workers={train.num_workers} x train.cpus_per_worker={train.cpus_per_worker:g} needs {math.ceil(needed)} CPUs "
             f"(one more for Ray Data{', and a share for the trial' if search else ''}), but the local cluster has "
             f"{local_cpus}: lower train.num_workers or raise --num-cpus"
+        )
+
+
+def _check_local_gpus(train) -> None:
+    # Without this, a run that asks for more GPUs than the local cluster has waits for them forever.
+    import torch
+
+    needed, present = train.num_workers * train.gpus_per_worker, torch.cuda.device_count()
+    if needed > present:
+        raise ConfigError(
+            f"train.use_gpu: train.num_workers={train.num_workers} x train.gpus_per_worker={train.gpus_per_worker:g} "
+            f"needs {math.ceil(needed)} GPU{'s' * (math.ceil(needed) != 1)}, but this machine has {present}: "
+            "set train.use_gpu=false, or join a GPU cluster (RAY_ADDRESS)"
         )
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -253,6 +254,10 @@ CASES = [
     pytest.param(TRAIN, lambda t: config(t, shards_without_val(t)), ["data.path", "{tmp}/shards", "0 val samples", "--val-fraction"], id="data-without-val-split"),
     pytest.param(
         ["train", C, "--num-cpus", "2"], lambda t: config(t), ["train.num_workers=2", "needs 3 CPUs", "--num-cpus"], id="workers-do-not-fit",
+    ),
+    pytest.param(
+        [*TRAIN, "--set", "train.use_gpu=true"], lambda t: config(t), ["train.use_gpu", "needs 2 GPUs", "has 0", "RAY_ADDRESS"],
+        id="gpus-asked-none-here", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU"),
     ),
     # CLI arguments
     pytest.param(["fly"], nothing, ["invalid choice: 'fly'"], id="cli-unknown-command"),

@@ -1,15 +1,18 @@
 """GPU training speed: U-Net/ResNet-34 at 384x1248, bf16 + channels_last against fp32.
 
-    python benchmarks/gpu.py [--images 160] [--batch-size 8] [--epochs 3] [--repeats 2]
+    python benchmarks/gpu.py [--images 160] [--batch-size 8] [--epochs 3] [--repeats 2] [--data-cpus 4,16]
 
 smp:Unet with a ResNet-34 encoder (encoder_weights none) on synthetic KITTI-layout scenes of
 1248x384, fed by raytrain's own Ray Data pipeline (decode, augment) with raytrain's
 `train_one_epoch`, in one process on one GPU: fp32, and bf16 autocast with channels_last,
 alternating. Reported per precision: steady-state images/s (epochs 2..E), peak GPU memory
-(torch.cuda.max_memory_allocated) and the fraction of each epoch's training time spent waiting
-for the next batch (the step ends with loss.item(), so time blocked on the iterator is data wait).
-Without a CUDA device it prints {"skipped": "no CUDA device"}; `--device cpu --size 128x64`
-runs the same code on the CPU as a smoke test. Prints one JSON object.
+(torch.cuda.max_memory_allocated), the fraction of each epoch's training time spent waiting
+for the next batch (time blocked on the iterator; the epoch ends with a device sync), and the
+model alone: images/s of train steps on one batch already on the device (the ceiling that data
+feeding can reach). Ray Data gets `--data-cpus` logical CPUs, each count a separate Ray cluster:
+4 is what kitti_search gives each GPU worker (cpus_per_worker). Without a CUDA device it prints
+{"skipped": "no CUDA device"}; `--device cpu --size 128x64` runs the same code on the CPU as a
+smoke test. Prints one JSON object.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ class TimedBatches:
     """Wraps a batch iterator and adds up the time spent waiting for each next batch."""
 
     def __init__(self, batches):
-        self.batches, self.wait_s = batches, 0.0
+        self.batches, self.wait_s, self.first = batches, 0.0, None
 
     def __iter__(self):
         iterator = iter(self.batches)
@@ -41,6 +44,7 @@ class TimedBatches:
                 return
             finally:
                 self.wait_s += time.perf_counter() - started
+            self.first = self.first or batch
             yield batch
 
 
@@ -61,7 +65,7 @@ def run(config, mode: str, device: torch.device, epochs: int) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    rates, wait_fractions = [], []
+    rates, wait_fractions, first_batch = [], [], None
     for epoch in range(epochs):
         batches = TimedBatches(train.iter_torch_batches(
             batch_size=config.train.batch_size, collate_fn=to_tensors, prefetch_batches=2,
@@ -70,14 +74,38 @@ def run(config, mode: str, device: torch.device, epochs: int) -> dict:
         started = time.perf_counter()
         _, seen = train_one_epoch(model, batches, loss_fn, optimizer, device, epoch,
                                   amp_dtype=amp_dtype, channels_last=channels_last)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         seconds = time.perf_counter() - started
         rates.append(seen / seconds)
         wait_fractions.append(batches.wait_s / seconds)
+        first_batch = first_batch or batches.first
         log(f"  {mode} epoch {epoch + 1}: {rates[-1]:.1f} images/s, {wait_fractions[-1]:.0%} waiting for data")
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return {"images_per_s": rates, "data_wait_fraction": wait_fractions, "peak_memory_gib": peak}
+    alone = model_alone(model, first_batch, loss_fn, optimizer, device, amp_dtype, channels_last)
+    log(f"  {mode} model alone: {alone:.1f} images/s")
+    return {"images_per_s": rates, "data_wait_fraction": wait_fractions, "peak_memory_gib": peak,
+            "model_alone_images_per_s": alone}
+
+
+def model_alone(model, batch, loss_fn, optimizer, device, amp_dtype, channels_last, steps: int = 20) -> float:
+    """Images/s of train steps on one batch that is already on the device: no data feeding at all."""
+    from raytrain.loop import autocast, forward, grad_scaler, train_step
+
+    batch = {name: tensor.to(device) for name, tensor in batch.items()}
+    scaler, precision = grad_scaler(device, amp_dtype), autocast(device, amp_dtype)
+    for step in range(3 + steps):  # 3 warm-up steps
+        if step == 3:
+            synchronize(device)
+            started = time.perf_counter()
+        _, masks, loss = forward(model, loss_fn, batch, device, precision, channels_last)
+        train_step(model, loss, optimizer, scaler, None)
+    synchronize(device)
+    return steps * len(masks) / (time.perf_counter() - started)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main() -> int:
@@ -87,6 +115,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=3, help="per run; the first is left out of steady state")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--data-cpus", default="4", help="logical CPUs for Ray Data, comma-separated: one cluster each")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test of this script")
     args = parser.parse_args()
 
@@ -94,6 +123,8 @@ def main() -> int:
         emit({**header("gpu"), "skipped": "no CUDA device"})
         return 0
     device = torch.device(args.device)
+
+    import ray
 
     from raytrain import launch
     from raytrain.config import load_config, parse_size
@@ -108,36 +139,51 @@ def main() -> int:
         "optim": {"lr": 1e-3},
         "train": {"batch_size": args.batch_size, "num_workers": 1},
     })
-    # Every core but the one driving the GPU decodes and augments (Ray Data's tasks).
-    launch.ensure_ray(os.cpu_count())
-    runs = {mode: [] for mode in MODES}
-    for repeat in range(args.repeats):
-        for mode in MODES:
-            log(f"repeat {repeat + 1}/{args.repeats}: {mode} ...")
-            runs[mode].append(run(config, mode, device, args.epochs))
+    by_cpus = {}
+    for data_cpus in [int(n) for n in args.data_cpus.split(",")]:
+        launch.ensure_ray(data_cpus)  # the driver trains; Ray Data's tasks decode and augment on these
+        runs = {mode: [] for mode in MODES}
+        for repeat in range(args.repeats):
+            for mode in MODES:
+                log(f"{data_cpus} data CPUs, repeat {repeat + 1}/{args.repeats}: {mode} ...")
+                runs[mode].append(run(config, mode, device, args.epochs))
+        ray.shutdown()
+        by_cpus[f"data_cpus_{data_cpus}"] = summarise(runs)
 
+    emit({
+        **header("gpu"),
+        "setup": {
+            "model": "smp:Unet encoder resnet34, encoder_weights none", "size": f"{size[0]}x{size[1]}",
+            "batch_size": args.batch_size, "train_images": "80% of " + str(args.images), "epochs_per_run": args.epochs,
+            "repeats": args.repeats, "device": device_name(device),
+            "data": "raytrain's Ray Data pipeline (PNG decode, augment) on data_cpus logical CPUs of "
+                    f"{os.cpu_count()}",
+        },
+        **by_cpus,
+        "note": NOISE_NOTE,
+    })
+    return 0
+
+
+def summarise(runs: dict) -> dict:
     results = {}
     for mode, mode_runs in runs.items():
         peaks = [r["peak_memory_gib"] for r in mode_runs if r["peak_memory_gib"] is not None]
         results[mode] = {
             "steady_images_per_s_median": round(median(median(r["images_per_s"][1:]) for r in mode_runs), 2),
             "steady_data_wait_fraction_median": round(median(median(r["data_wait_fraction"][1:]) for r in mode_runs), 3),
+            "model_alone_images_per_s_median": round(median(r["model_alone_images_per_s"] for r in mode_runs), 2),
             "peak_memory_gib": round(max(peaks), 2) if peaks else None,
             "raw": mode_runs,
         }
-    emit({
-        **header("gpu"),
-        "setup": {
-            "model": "smp:Unet encoder resnet34, encoder_weights none", "size": f"{size[0]}x{size[1]}",
-            "batch_size": args.batch_size, "train_images": "80% of " + str(args.images), "epochs_per_run": args.epochs,
-            "repeats": args.repeats, "device": str(device), "data": f"Ray Data pipeline on {os.cpu_count()} logical CPUs",
-        },
-        **results,
-        "bf16_channels_last_over_fp32_images_per_s": round(
-            results["bf16_channels_last"]["steady_images_per_s_median"] / results["fp32"]["steady_images_per_s_median"], 3),
-        "note": NOISE_NOTE,
-    })
-    return 0
+    for key in ("steady_images_per_s_median", "model_alone_images_per_s_median"):
+        results[f"bf16_channels_last_over_fp32_{key}"] = round(
+            results["bf16_channels_last"][key] / results["fp32"][key], 3)
+    return results
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 if __name__ == "__main__":

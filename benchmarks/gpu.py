@@ -132,7 +132,8 @@ def main() -> int:
     size = parse_size(args.size)
     scratch = scratch_dir("gpu")
     log(f"making {args.images} synthetic scenes {size[0]}x{size[1]} ...")
-    shards = synthetic_shards(scratch, count=args.images, size=size, rows_per_shard=16)
+    # Small files: one read task per file, so every data CPU gets work even in a short epoch.
+    shards = synthetic_shards(scratch, count=args.images, size=size, rows_per_shard=4)
     config = load_config({
         "data": {"path": str(shards), "size": list(size)},
         "model": {"name": "smp:Unet", "encoder": "resnet34", "encoder_weights": None},

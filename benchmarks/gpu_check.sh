@@ -26,7 +26,7 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'torchvision', tor
 print('gpu:', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)" | tee "$OUT/versions.txt" || exit 1
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/versions.txt"
 if $PYTHON -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
-    size=1248x384 bench=(--images 96 --epochs 3 --repeats 1 --data-cpus "4,$(($(nproc) - 1))") use_gpu=true device=cuda cpus_per_worker=4
+    size=1248x384 bench=(--images 160 --epochs 3 --repeats 1 --data-cpus "4,$(($(nproc) - 1))") use_gpu=true device=cuda cpus_per_worker=4
 else
     size=128x64 bench=(--device cpu --size 128x64 --images 24 --epochs 2 --repeats 1 --data-cpus 2) use_gpu=false device=cpu cpus_per_worker=1
 fi
@@ -42,7 +42,7 @@ step() {  # step NAME SECONDS COMMAND...: one check, its own time limit, its log
     [ $code -eq 0 ] || status=1
 }
 
-step tests 200 $PYTHON -m pytest -q -p no:cacheprovider -m gpu -rs --durations=10 tests/test_gpu.py
+step tests 240 $PYTHON -m pytest -q -p no:cacheprovider -m gpu -rs --maxfail=2 --durations=10 tests/test_gpu.py
 step benchmark 150 $PYTHON benchmarks/gpu.py "${bench[@]}"
 sed -n '/^{/,$p' "$OUT/benchmark.log" > "$OUT/gpu.json"
 

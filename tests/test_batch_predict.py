@@ -5,6 +5,8 @@ Real clusters in subprocesses (conftest.run_scenario, a real `raytrain` CLI proc
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -20,6 +22,7 @@ import raytrain
 from raytrain.data.location import RemotePath, write_remote_atomically
 from raytrain.errors import DataError
 from tests.conftest import wait_for
+from tests.processes import run_cli
 from tests.test_bad_input import checkpoint
 
 
@@ -86,12 +89,16 @@ def test_a_killed_run_rerun_does_only_the_rest(ray_cluster, tmp_path):
     wait_for(lambda: not alive_model_actors(ray_cluster), "the killed job's model actor to end", 60)
     done = complete_outputs(out)
     assert killed.returncode == -signal.SIGKILL and 0 < len(done) < len(images), (killed.returncode, len(done))
-    finals = sorted(p for p in out.iterdir() if not p.name.startswith("."))
+    finals = sorted(p for p in out.glob("*.png") if not p.name.startswith("."))
     for path in finals:  # whatever has a final name is a whole PNG (temporary files start with a dot)
         with Image.open(path) as written:
             written.load()
             assert written.size == (640, 480), path
     stamps = {p: p.stat().st_mtime_ns for p in finals if p.name.split("_")[0] in done}
+    todo = sorted({p.stem for p in images} - done)
+    leftover = out / f".{todo[0]}_mask.png.x1y2z3.png"  # as a write cut off mid-way leaves it
+    leftover.write_bytes(b"\x89PNG partial")
+    (out / ".not-ours").write_text("kept")
 
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
@@ -100,6 +107,8 @@ def test_a_killed_run_rerun_does_only_the_rest(ray_cluster, tmp_path):
     assert f"predict: {len(images) - len(done)}/{len(images) - len(done)} images" in rerun.stderr
     assert complete_outputs(out) == {p.stem for p in images}
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # the done ones were not written again
+    assert not leftover.exists() and (out / ".not-ours").read_text() == "kept"
+    assert json.loads((out / "prediction.json").read_text())["checkpoint"] == str(ckpt)
     assert_predicted_like_raytrain_predict(ckpt, images[::8], out)
 
 
@@ -115,3 +124,28 @@ def test_a_remote_file_appears_whole_or_not_at_all(tmp_path):
     with pytest.raises(DataError, match=r"^sub://out/taken/b_mask.png: cannot write"):
         write_remote_atomically(RemotePath(filesystem, "out/taken/b_mask.png", "sub://"), b"never")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_mask.png", "taken"]
+
+
+def _record(ckpt: Path, **changes) -> str:
+    record = {"checkpoint": str(ckpt), "model_sha256": hashlib.sha256((ckpt / "model.pt").read_bytes()).hexdigest(), "tta": "none"}
+    return json.dumps({**record, **changes})
+
+
+@pytest.mark.parametrize("record,expected", [
+    (lambda ckpt: _record(ckpt, checkpoint="/elsewhere/best", model_sha256="0" * 64), ["/elsewhere/best", "tta none", "new --out"]),
+    (lambda ckpt: _record(ckpt), ["another model or tta", "tta none", "new --out"]),  # same weights, but --tta flip below
+    (lambda ckpt: "{not json", ["prediction.json", "not a record of raytrain predict"]),
+], ids=["other-weights", "other-tta", "not-a-record"])
+def test_masks_of_another_model_are_never_mixed_into_an_output_folder(tmp_path, record, expected):
+    ckpt = checkpoint(tmp_path)
+    write_images(tmp_path / "images", 2, (16, 32))
+    out = tmp_path / "masks"
+    out.mkdir()
+    (out / "prediction.json").write_text(record(ckpt))
+    (out / "img00_mask.png").write_bytes(b"an earlier mask")
+    result = run_cli(["predict", ckpt, tmp_path / "images", "--out", out, "--workers", "1", "--tta", "flip"])
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith("raytrain: error: ") and all(fragment in line for fragment in expected), line
+    assert sorted(p.name for p in out.iterdir()) == ["img00_mask.png", "prediction.json"]
+    assert (out / "img00_mask.png").read_bytes() == b"an earlier mask"

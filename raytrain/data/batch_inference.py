@@ -4,12 +4,15 @@ inference.masks_and_overlays, as the one-process loop does) and writes each PNG 
 
 Only paths go out to the actors and one short status per image comes back: the dataset is never
 held in memory. Images whose mask and overlay are already in the output folder are not predicted
-again, so a killed run, rerun, does only the rest. An input that is not a readable image is skipped
-and listed in OUT/unreadable_inputs.txt.
+again, so a killed run, rerun, does only the rest; OUT/prediction.json records which model (and
+test-time augmentation) made them, and a rerun with another is refused rather than mixing the two.
+An input that is not a readable image is skipped and listed in OUT/unreadable_inputs.txt.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -32,6 +35,7 @@ from raytrain.inference import (
 )
 
 UNREADABLE_LIST = "unreadable_inputs.txt"
+RUN_RECORD = "prediction.json"  # the model and tta that made the masks in an output folder
 CHECKPOINT_FILES = (MODEL_FILE, CONFIG_FILE, METRICS_FILE, CLASSES_FILE)  # what load_model reads; not train_state.pt
 
 
@@ -50,10 +54,14 @@ def predict_on_cluster(
     _check_unique_names(locations)
     info = read_checkpoint(checkpoint)
     load_model(info, "cpu")  # a bad checkpoint fails here, once, not in every actor
+    record = {"checkpoint": str(info.path), "model_sha256": _sha256(info.path / MODEL_FILE), "tta": tta or "none"}
+    _check_same_model(out, record)
     done = _already_done(out, locations)
     todo = [location for location in locations if location not in done]
     filesystem, folder = filesystem_of(out)
     filesystem.create_dir(folder, recursive=True)
+    write_whole(as_path(join(out, RUN_RECORD)), json.dumps(record, indent=1).encode())
+    _remove_leftover_temporaries(out, todo)
     unreadable = _run(todo, info.path, out, workers, batch_size, cpus_per_worker, progress, tta) if todo else []
     listed = _write_unreadable_list(out, unreadable)
     return PredictionSummary(len(todo) - len(unreadable), len(done), tuple(unreadable), listed, time.monotonic() - started)
@@ -72,6 +80,43 @@ def _check_unique_names(locations: list[str]) -> None:
         if stem in first:
             raise DataError(f"{first[stem]} and {location} share a file name; predict them into separate --out folders")
         first[stem] = location
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_same_model(out: str | os.PathLike, record: dict) -> None:
+    """Masks already in `out` must come from the same weights and tta: a rerun skips them as done."""
+    filesystem, path = filesystem_of(join(out, RUN_RECORD))
+    if filesystem.get_file_info(path).type != pafs.FileType.File:
+        return
+    try:
+        with filesystem.open_input_stream(path) as stream:
+            earlier = json.loads(stream.read(1 << 16))
+        same = all(earlier[key] == record[key] for key in ("model_sha256", "tta"))
+    except (ValueError, KeyError, TypeError):
+        raise DataError(f"{join(out, RUN_RECORD)}: not a record of raytrain predict; predict into a new --out") from None
+    if not same:
+        raise DataError(
+            f"{out}: holds masks of another model or tta ({earlier.get('checkpoint')}, tta {earlier.get('tta')}); "
+            "predict into a new --out, or delete that folder first"
+        )
+
+
+def _remove_leftover_temporaries(out: str | os.PathLike, todo: list[str]) -> None:
+    """Hidden partial files that a killed run left for the images still to do (write_whole's names:
+    `.<final name>.<random><suffix>`); one run per output folder at a time."""
+    finals = {name for location in todo for name in (mask_name(as_path(location).stem), overlay_name(as_path(location).stem))}
+    filesystem, folder = filesystem_of(out)
+    for info in filesystem.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
+        name = info.base_name
+        if name.startswith(".") and name[1:].rsplit(".", 2)[0] in finals and info.type == pafs.FileType.File:
+            filesystem.delete_file(info.path)
 
 
 def _already_done(out: str | os.PathLike, locations: list[str]) -> set[str]:

@@ -10,7 +10,7 @@ import json
 import os
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -22,7 +22,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from raytrain.checkpoints import (
-    CONFIG_FILE, MAX_PARAMETERS_ENV, MODEL_FILE, CheckpointInfo, max_parameters, read_checkpoint, read_weights,
+    CLASSES_FILE, CONFIG_FILE, MAX_PARAMETERS_ENV, METRICS_FILE, MODEL_FILE, CheckpointInfo, max_parameters,
+    read_checkpoint, read_weights,
 )
 from raytrain.config import Config
 from raytrain.data.location import RemotePath, as_path, filesystem_of, is_uri, join, write_remote_atomically
@@ -101,6 +102,22 @@ def load_model(checkpoint: str | os.PathLike | CheckpointInfo, device: str | tor
     module = _build(info.config, info.path / CONFIG_FILE)
     module.load_state_dict(state)
     return LoadedModel(module.to(target).eval(), info.config, info.path)
+
+
+LOADED_FILES = (MODEL_FILE, CONFIG_FILE, METRICS_FILE, CLASSES_FILE)  # what load_model reads; not train_state.pt
+
+
+def checkpoint_files(checkpoint: Path) -> dict[str, bytes]:
+    """What load_model reads of a local checkpoint, as bytes: for actors on nodes that cannot see the path."""
+    return {name: (checkpoint / name).read_bytes() for name in LOADED_FILES if (checkpoint / name).is_file()}
+
+
+def load_model_from_files(files: dict[str, bytes], device: str | torch.device = "cpu") -> LoadedModel:
+    """load_model itself on a private copy of checkpoint_files(): the same checks as anywhere."""
+    with tempfile.TemporaryDirectory(prefix="raytrain-checkpoint-") as copy:
+        for name, data in files.items():
+            (Path(copy) / name).write_bytes(data)
+        return replace(load_model(copy, device), path=None)
 
 
 def _expected_state(info: CheckpointInfo) -> dict[str, torch.Tensor]:

@@ -152,11 +152,12 @@ def summary(probabilities: np.ndarray, classes: list[str]) -> dict:
 class SegmentationServer:
     """One replica: the checkpoint's model, answering batches of requests."""
 
-    def __init__(self, checkpoint: str, device: str, max_batch_size: int, batch_wait_timeout_s: float,
+    def __init__(self, files: dict[str, bytes], device: str, max_batch_size: int, batch_wait_timeout_s: float,
                  tta: str | None = None):
-        from raytrain.inference import load_model
+        from raytrain.inference import load_model_from_files
 
-        self.model, self.tta = load_model(checkpoint, device), tta
+        # The checkpoint's bytes, not its path: a replica's node need not see the path.
+        self.model, self.tta = load_model_from_files(files, device), tta
         self.predict_batch.set_max_batch_size(max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -226,6 +227,7 @@ def limits_set_here() -> dict[str, str]:
 def start(checkpoint: Path, *, replicas: int, gpus_per_replica: float, host: str, port: int, max_batch_size: int,
           batch_wait_timeout_s: float, num_cpus: int | None, tta: str | None = None) -> Server:
     """Start Serve on the cluster (a local one unless RAY_ADDRESS) and deploy the checkpoint."""
+    from raytrain.inference import checkpoint_files
     from raytrain.launch import QUIET, ensure_ray
 
     check_port_free(host, port)
@@ -239,7 +241,7 @@ def start(checkpoint: Path, *, replicas: int, gpus_per_replica: float, host: str
     device = "cuda" if gpus_per_replica else "cpu"
     try:
         serve.start(http_options={"host": host, "port": port})
-        handle = serve.run(deployment.bind(str(checkpoint), device, max_batch_size, batch_wait_timeout_s, tta),
+        handle = serve.run(deployment.bind(checkpoint_files(checkpoint), device, max_batch_size, batch_wait_timeout_s, tta),
                            name=APP_NAME, route_prefix="/")
     except BaseException:
         serve.shutdown()

@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -25,18 +24,17 @@ import pyarrow.fs as pafs
 import ray
 import ray.data
 
-from raytrain.checkpoints import CLASSES_FILE, CONFIG_FILE, METRICS_FILE, MODEL_FILE, read_checkpoint
+from raytrain.checkpoints import MODEL_FILE, read_checkpoint
 from raytrain.data.location import as_path, filesystem_of, join
 from raytrain.errors import DataError, one_line
 from raytrain.image_model import check_tta
 from raytrain.inference import (
-    PredictionSummary, image_locations, load_model, mask_name, masks_and_overlays, overlay_name, read_rgb, save_png,
-    write_whole,
+    PredictionSummary, checkpoint_files, image_locations, load_model, load_model_from_files, mask_name,
+    masks_and_overlays, overlay_name, read_rgb, save_png, write_whole,
 )
 
 UNREADABLE_LIST = "unreadable_inputs.txt"
 RUN_RECORD = "prediction.json"  # the model and tta that made the masks in an output folder
-CHECKPOINT_FILES = (MODEL_FILE, CONFIG_FILE, METRICS_FILE, CLASSES_FILE)  # what load_model reads; not train_state.pt
 
 
 def predict_on_cluster(
@@ -132,7 +130,7 @@ def _run(todo: list[str], checkpoint: Path, out, workers, batch_size, cpus_per_w
 
     ensure_ray(verbosity=QUIET)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    files = {name: (checkpoint / name).read_bytes() for name in CHECKPOINT_FILES if (checkpoint / name).is_file()}
+    files = checkpoint_files(checkpoint)
     dataset = ray.data.from_items([{"input": location} for location in todo]).map_batches(
         ModelActor, fn_constructor_kwargs={"files": files, "out": os.fspath(out), "device": "cuda" if gpus else "cpu",
                                            "batch_size": batch_size, "tta": tta},
@@ -171,11 +169,7 @@ class ModelActor:
     """One model on one worker: reads a batch of input paths, writes their masks and overlays."""
 
     def __init__(self, files, out: str, device: str, batch_size: int, tta: str | None = None):
-        # load_model itself, from a private copy of the checkpoint's files: the same checks as anywhere.
-        with tempfile.TemporaryDirectory(prefix="raytrain-checkpoint-") as copy:
-            for name, data in files.items():
-                (Path(copy) / name).write_bytes(data)
-            self.model = load_model(copy, device)
+        self.model = load_model_from_files(files, device)
         self.out, self.batch_size, self.tta = out, batch_size, tta
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:

@@ -53,7 +53,7 @@ def test_two_nodes_write_one_mask_per_input_as_raytrain_predict(run_scenario):
     assert result["actor_nodes"] == ["node_a", "node_b"]  # one 2-CPU model actor on each worker node
     assert result["written"] == len(images) == 20 and result["already_done"] == 0
     assert sorted(p.name for p in (workdir / "masks").iterdir()) == sorted(
-        [f"{p.stem}_{kind}.png" for p in images for kind in ("mask", "overlay")] + ["unreadable_inputs.txt"])
+        [f"{p.stem}_{kind}.png" for p in images for kind in ("mask", "overlay")] + ["prediction.json", "unreadable_inputs.txt"])
     assert_predicted_like_raytrain_predict(workdir / "exp" / "ckpt", images, workdir / "masks")
     masks = np.concatenate([np.asarray(Image.open(workdir / "masks" / f"{p.stem}_mask.png")).ravel() for p in images])
     assert set(np.unique(masks)) == {0, 1}  # not a blank model: equal masks say something

@@ -167,13 +167,15 @@ def report(experiment: str | os.PathLike, out: str | os.PathLike, *, metric: str
 
 def shard(src: str | os.PathLike, format: str, out: str | os.PathLike, *, classes: list[str] | None = None,
           val_fraction: float = 0.2, seed: int = 0, skip_bad: bool = False, on_skip=None,
-          group_by: str | None = None, val_groups: list[str] | None = None) -> dict:
+          group_by: str | None = None, val_groups: list[str] | None = None, rows_per_shard: int | None = None) -> dict:
     """Validate a dataset and write Parquet shards with manifest.json; returns the manifest.
-    `group_by` (a regex on sample ids) splits by whole groups: `val_groups`, or about `val_fraction`."""
-    from raytrain.data.shards import write_shards
+    `group_by` (a regex on sample ids) splits by whole groups: `val_groups`, or about `val_fraction`.
+    rows_per_shard: samples per file (default 32); each file is one read task of the pipeline."""
+    from raytrain.data.shards import ROWS_PER_SHARD, write_shards
 
     return write_shards(src, format, out, val_fraction=val_fraction, seed=seed, skip_bad=skip_bad,
-                        classes=classes, on_skip=on_skip, group_by=group_by, val_groups=val_groups)
+                        classes=classes, on_skip=on_skip, group_by=group_by, val_groups=val_groups,
+                        rows_per_shard=rows_per_shard or ROWS_PER_SHARD)
 
 
 def synth(out: str | os.PathLike, count: int = 200, *, seed: int = 0, size: tuple[int, int] = (384, 128)) -> Path:

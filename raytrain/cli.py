@@ -41,7 +41,7 @@ def _shard(args) -> None:
     with _notes():  # leftovers of interrupted runs: removed, or where they are
         manifest = api.shard(args.src, args.format, args.out, classes=args.classes, val_fraction=args.val_fraction,
                              seed=args.seed, skip_bad=args.skip_bad, on_skip=on_skip,
-                             group_by=args.group_by, val_groups=args.val_groups)
+                             group_by=args.group_by, val_groups=args.val_groups, rows_per_shard=args.rows_per_shard)
     counts = manifest["num_samples"]
     print(f"wrote {counts['train']} train and {counts['val']} val samples to {args.out}")
     for split, groups in manifest.get("groups", {}).items():
@@ -368,6 +368,10 @@ def _add_data_commands(commands) -> None:
         help="with --group-by: the groups that make up val (default: a seeded choice of about --val-fraction of the samples)",
     )
     shard.add_argument("--skip-bad", action="store_true", help="skip bad samples (listed) instead of stopping")
+    shard.add_argument(
+        "--rows-per-shard", type=_positive_int, metavar="N",
+        help="samples per Parquet file (default 32); each file is one read task, so smaller files let more CPUs decode",
+    )
     shard.set_defaults(func=_shard)
 
 

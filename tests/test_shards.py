@@ -1,6 +1,7 @@
 """KITTI-layout folders -> validated Parquet shards with a manifest, written atomically."""
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -369,3 +370,16 @@ def test_per_group_metrics_are_capped(tmp_path):
     few = {"groups": {"train": {}, "val": {f"g{i}": 1 for i in range(MAX_GROUP_METRICS)}}}
     many = {"groups": {"train": {}, "val": {f"g{i}": 1 for i in range(MAX_GROUP_METRICS + 1)}}}
     assert len(metric_groups(few, "val")) == MAX_GROUP_METRICS and metric_groups(many, "val") == []
+
+
+def test_rows_per_shard_sets_the_files_per_split(synthetic_kitti, tmp_path):
+    for rows in (None, 5):
+        out = tmp_path / f"rows_{rows}"
+        run = _shard_cli(synthetic_kitti, "--format", "kitti", "--out", out, *(["--rows-per-shard", rows] if rows else []))
+        assert run.returncode == 0, run.stderr
+        counts = read_manifest(out)["num_samples"]
+        assert sum(counts.values()) == 24 and counts["train"] > 5
+        files = {split: len(shard_paths(out, split)) for split in counts}
+        assert files == {split: math.ceil(count / (rows or 32)) for split, count in counts.items()}, (files, counts)
+    run = _shard_cli(synthetic_kitti, "--format", "kitti", "--out", tmp_path / "zero", "--rows-per-shard", "0")
+    assert run.returncode == 2 and "--rows-per-shard" in run.stderr and not (tmp_path / "zero").exists()

@@ -163,17 +163,36 @@ class CheckpointInfo:
     experiment: str | None = None  # the experiment it was found in, when found by best_checkpoint
 
 
+LOADED_FILES = (MODEL_FILE, CONFIG_FILE, METRICS_FILE, CLASSES_FILE)  # what reading and loading one need (not train_state.pt)
+SMALL_FILE_BYTES = 1 << 20  # config.yaml, metrics.json, classes.json
+
+
+def fetch_limit(name: str) -> int:
+    """The most bytes a fetched checkpoint file may have: weights of at most max_parameters() in
+    float64 (the widest dtype a model is saved in) and some zip overhead, the small files 1 MiB."""
+    return 8 * max_parameters() + SMALL_FILE_BYTES if name == MODEL_FILE else SMALL_FILE_BYTES
+
+
 def fetch_checkpoint(filesystem: pafs.FileSystem, path: str, cache: Path) -> Path:
-    """Copy a checkpoint directory from any pyarrow filesystem into `cache`, once; return the copy."""
+    """Copy what reading and loading a checkpoint need (not its training state) from any pyarrow
+    filesystem into `cache`, once, each file's size checked from the listing first; return the copy."""
     target = cache / hashlib.sha1(f"{filesystem.type_name}:{path}".encode()).hexdigest()[:16] / path.rstrip("/").rsplit("/", 1)[-1]
     if (target / MODEL_FILE).is_file():
         return target
     if filesystem.get_file_info(path).type != pafs.FileType.Directory:
         raise CheckpointError(f"{path}: checkpoint directory not found")
+    listing = {info.base_name: info for info in filesystem.get_file_info(pafs.FileSelector(path))}
+    wanted = [listing[name] for name in LOADED_FILES if name in listing and listing[name].type == pafs.FileType.File]
+    for info in wanted:
+        if info.size is not None and info.size > fetch_limit(info.base_name):
+            raise CheckpointError(f"{path}/{info.base_name}: {info.size} bytes, over the limit of "
+                                  f"{fetch_limit(info.base_name)} for a checkpoint's {info.base_name} ({MAX_PARAMETERS_ENV})")
     partial = target.with_name(f".{target.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    pafs.copy_files(path, str(partial), source_filesystem=filesystem, destination_filesystem=pafs.LocalFileSystem())
+    for info in wanted:
+        pafs.copy_files(info.path, str(partial / info.base_name), source_filesystem=filesystem,
+                        destination_filesystem=pafs.LocalFileSystem())
     partial.rename(target)  # whole or not at all: a broken download is never taken for a checkpoint
     return target
 

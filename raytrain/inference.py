@@ -22,8 +22,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from raytrain.checkpoints import (
-    CLASSES_FILE, CONFIG_FILE, MAX_PARAMETERS_ENV, METRICS_FILE, MODEL_FILE, CheckpointInfo, max_parameters,
-    read_checkpoint, read_weights,
+    CONFIG_FILE, LOADED_FILES, MAX_PARAMETERS_ENV, MODEL_FILE, CheckpointInfo, max_parameters, read_checkpoint,
+    read_weights,
 )
 from raytrain.config import Config
 from raytrain.data.location import RemotePath, as_path, filesystem_of, is_uri, join, write_remote_atomically
@@ -102,9 +102,6 @@ def load_model(checkpoint: str | os.PathLike | CheckpointInfo, device: str | tor
     module = _build(info.config, info.path / CONFIG_FILE)
     module.load_state_dict(state)
     return LoadedModel(module.to(target).eval(), info.config, info.path)
-
-
-LOADED_FILES = (MODEL_FILE, CONFIG_FILE, METRICS_FILE, CLASSES_FILE)  # what load_model reads; not train_state.pt
 
 
 def checkpoint_files(checkpoint: Path) -> dict[str, bytes]:

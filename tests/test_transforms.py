@@ -192,3 +192,12 @@ def test_blur_and_noise_off_keep_the_random_stream_of_configs_without_them():
     transform_sample(encode(image), encode(mask), (80, 40), Augment(hflip=0.5, scale=(0.7, 1.5), color_jitter=0.3,
                                                                      blur=0.0, noise=0.0, blur_sigma=(2.0, 3.0)), new)
     assert old.random() == new.random()
+
+
+def test_config_blur_and_noise_reach_the_pipelines_augmentation(tmp_path):
+    from raytrain.config import load_config
+    from raytrain.data.pipeline import augment_of
+
+    config = load_config({"data": {"path": str(tmp_path), "blur": 0.3, "blur_sigma": [1, 2], "noise": 0.05}})
+    assert augment_of(config) == Augment(hflip=0.5, scale=(0.8, 1.25), color_jitter=0.2, blur=0.3, blur_sigma=(1.0, 2.0), noise=0.05)
+    assert augment_of(config.with_overrides({"data.augment": False})) is None

@@ -29,6 +29,7 @@ import torch
 
 from raytrain.config import load_config
 from raytrain.data.shards import read_manifest, shard_paths
+from raytrain.data.pipeline import augment_of
 from raytrain.data.transforms import Augment, transform_sample
 from raytrain.losses import create_loss
 from raytrain.loop import create_optimizer, evaluate, train_one_epoch
@@ -71,7 +72,7 @@ def plain_run(config, threads: int) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(config.train.seed)
     data = config.data
-    augment = Augment(data.hflip, tuple(data.scale), data.color_jitter)
+    augment = augment_of(config)  # the same augmentation as the Ray Data pipeline
     loader_options = dict(batch_size=config.train.batch_size, num_workers=1, persistent_workers=True, prefetch_factor=2)
     train_loader = torch.utils.data.DataLoader(
         ShardRows(data.path, "train", data.size, augment), shuffle=True, drop_last=False, **loader_options

@@ -2,6 +2,7 @@
 road IoU (binary) and 11-class mIoU.
 
     python benchmarks/quality.py [--camvid-size 160x120] [--camvid-epochs 10] [--skip-quickstart]
+    python benchmarks/quality.py --camvid-road-recipe [--budget-s 1680]
 
 Every run is a plain `raytrain train` of the quickstart settings (tune_configs/quickstart.yaml: the
 lab's U-Net with batch norm, Adam lr 3e-3, batch 4, 2 DDP workers of 1 CPU) without the search:
@@ -12,22 +13,36 @@ lab's U-Net with batch norm, Adam lr 3e-3, batch 4, 2 DDP workers of 1 CPU) with
   the classes present, void ignored). Loss: bce (binary), cross-entropy (11 classes).
 Reported: the val IoU of the best epoch and of the last, the epoch count and the wall time of each
 run (the budget), on this machine. Prints one JSON object.
+
+--camvid-road-recipe instead measures the held-out-drive road recipe (issue 14): CamVid sharded as
+data/README.md recommends (binary road, drive 0006R0 held out for val), then, one after the other,
+- the recipe: `raytrain tune camvid_road` as it ships (its search stops at its time budget);
+- the baseline: the quickstart settings above at the recipe's image size as one run, no search, for
+  the same time budget (a one-trial `raytrain tune quickstart` with time_budget_s, so both get the
+  same minutes);
+each a `raytrain` process of its own, timed. Both best checkpoints are then scored with `raytrain
+evaluate` (at CamVid's full 480x360) on the held-out drive with and without flip TTA, and per drive
+on the train split (drives the model has seen, for contrast).
 """
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from common import NOISE_NOTE, camvid_root, emit, header, log, scratch_dir, synthetic_shards, timed_fit
 
-from raytrain import launch
+from raytrain import api, launch
 from raytrain.config import load_config, parse_size
 from raytrain.data.formats import CAMVID_CLASSES
 from raytrain.data.shards import write_shards
+from raytrain.reporting import read_trials
 
 REPO = Path(__file__).resolve().parents[1]
 WORKERS = 2
+HELD_OUT_DRIVE = "0006R0"  # data/README.md's recommended split: train on 0001TP and 0016E5
 
 
 def train_and_score(config, scratch: Path, name: str) -> dict:
@@ -63,12 +78,67 @@ def quickstart_config(shards: Path, storage: Path, **overrides):
     })
 
 
+def timed_raytrain(args: list[str]) -> float:
+    """`raytrain ARGS` in a process of its own, as a user runs it (output to stderr); its wall seconds."""
+    log("$ raytrain " + " ".join(args))
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "raytrain.cli", *args], stdout=sys.stderr, check=True)
+    return time.perf_counter() - started
+
+
+def held_out_scores(experiment: Path, shards: Path) -> dict:
+    """The experiment's best checkpoint scored on the held-out drive (with and without flip TTA) and
+    per drive on the train split."""
+    best = api.best_checkpoint(experiment)
+    scores = {"checkpoint_val_iou": round(best.metrics["val_iou"], 4), "epoch": best.metrics["epoch"]}
+    for tta in (None, "flip"):
+        result = api.evaluate(best, shards, tta=tta)
+        scores[f"held_out_iou{'_flip' if tta else ''}"] = round(result[f"iou@{HELD_OUT_DRIVE}"], 4)
+        scores[f"held_out_f1{'_flip' if tta else ''}"] = round(result[f"f1@{HELD_OUT_DRIVE}"], 4)
+    seen = api.evaluate(best, shards, split="train")
+    groups = [key.removeprefix("iou@") for key in seen if key.startswith("iou@")]
+    scores["per_drive_iou"] = {HELD_OUT_DRIVE + " (held out)": scores["held_out_iou"],
+                               **{f"{group} (trained on)": round(seen[f"iou@{group}"], 4) for group in groups}}
+    return scores
+
+
+def trials_summary(experiment: Path) -> list[dict]:
+    return [{"trial": trial.name, **trial.params, "epochs": len(trial.history),
+             "best_val_iou": round(max(row["val_iou"] for row in trial.history), 4) if trial.history else None}
+            for trial in read_trials(experiment)]
+
+
+def road_recipe(camvid: Path, scratch: Path, budget_s: float) -> dict:
+    shards, storage = scratch / "camvid_road_by_drive", scratch / "ray_results"
+    write_shards(camvid, "camvid", shards, classes=["road"], group_by="^[^_]+", val_groups=[HELD_OUT_DRIVE])
+    common = ["--set", f"data.path={shards}", "--set", f"train.storage_path={storage}",
+              "--set", f"search.time_budget_s={budget_s}"]
+    recipe = ["tune", "camvid_road", *common]
+    size = load_config("camvid_road").data.size
+    baseline = ["tune", "quickstart", *common, "--set", f"data.size={size[0]}x{size[1]}", "--set", "train.epochs=200",
+                "--set", "search.space={}", "--set", "search.num_samples=1", "--set", "search.scheduler.name=fifo",
+                "--set", "search.max_concurrent_trials=1"]
+    results = {}
+    for name, args in (("recipe", recipe), ("baseline", baseline)):
+        wall = timed_raytrain(args)
+        experiment = api.runs(storage)[0].path  # the newest: the one just run
+        results[name] = {"command": "raytrain " + " ".join(args), "wall_s": round(wall, 1),
+                         **held_out_scores(Path(experiment), shards), "trials": trials_summary(Path(experiment))}
+        log(f"  {name}: held-out road IoU {results[name]['held_out_iou']} (flip {results[name]['held_out_iou_flip']}), {wall:.0f} s")
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--camvid-size", default="160x120", help="WIDTHxHEIGHT for CamVid (its images are 480x360)")
     parser.add_argument("--camvid-epochs", type=int, default=10)
     parser.add_argument("--skip-quickstart", action="store_true")
+    parser.add_argument("--camvid-road-recipe", action="store_true", help="the held-out-drive road recipe against the baseline")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="--camvid-road-recipe: each run's time budget (default: camvid_road's search.time_budget_s)")
     args = parser.parse_args()
+    if args.camvid_road_recipe:
+        return recipe_main(args.budget_s or load_config("camvid_road").search.time_budget_s)
     camvid_size = parse_size(args.camvid_size)
 
     scratch = scratch_dir("quality")
@@ -99,6 +169,26 @@ def main() -> int:
         "setup": {
             "model": "quickstart unet (batch norm), Adam lr 3e-3, batch 4", "workers": WORKERS, "cpus_per_worker": 1,
             "ray_cpus": WORKERS + 1, "metric": "val_iou: binary road IoU; for 11 classes the mean IoU over present classes",
+        },
+        **results,
+        "note": NOISE_NOTE,
+    })
+    return 0
+
+
+def recipe_main(budget_s: float) -> int:
+    camvid = camvid_root()
+    if camvid is None:
+        emit({**header("quality_camvid_road"), "skipped": "no CamVid folder (set RAYTRAIN_CAMVID or place it at ../shared/datasets/camvid)"})
+        return 0
+    results = road_recipe(camvid, scratch_dir("quality-road"), budget_s)
+    emit({
+        **header("quality_camvid_road"),
+        "setup": {
+            "split": f"binary road; train drives 0001TP (dusk) + 0016E5, val drive {HELD_OUT_DRIVE} (held out)",
+            "budget_s_each": budget_s, "cpus": "2 DDP workers of 1 CPU per run, one run at a time",
+            "scored": "raytrain evaluate at 480x360 on the held-out drive; per_drive_iou: train split drives for contrast",
+            "caveat": "one run each; the recipe's search and both runs' best epoch are picked on the held-out drive itself",
         },
         **results,
         "note": NOISE_NOTE,

@@ -112,16 +112,23 @@ class DataConfig(_Section):
     hflip: float = Field(0.5, ge=0, le=1, description="probability of a horizontal flip")
     scale: tuple[float, float] = Field((0.8, 1.25), description="random zoom range before cropping")
     color_jitter: float = Field(0.2, ge=0, le=1, description="brightness/contrast/saturation jitter")
+    blur: float = Field(0, ge=0, le=1, description="probability of a Gaussian blur (after the jitter)")
+    blur_sigma: tuple[float, float] = Field(
+        (0.5, 1.5), description="range of the blur's standard deviation, in pixels at the training size"
+    )
+    noise: float = Field(
+        0, ge=0, le=1, description="additive Gaussian pixel noise: each image's deviation is drawn in [0, noise] x 255"
+    )
     shuffle_buffer: int = Field(64, ge=0, description="samples in each worker's local shuffle buffer")
 
     _parse_size = field_validator("size", mode="before")(lambda v: parse_size(v))
 
-    @field_validator("scale")
+    @field_validator("scale", "blur_sigma")
     @classmethod
-    def _zoom_range(cls, scale: tuple[float, float]) -> tuple[float, float]:
-        if not 0 < scale[0] <= scale[1]:
-            raise ValueError(f"expected [low, high] with 0 < low <= high, got {list(scale)}")
-        return scale
+    def _positive_range(cls, bounds: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < bounds[0] <= bounds[1]:
+            raise ValueError(f"expected [low, high] with 0 < low <= high, got {list(bounds)}")
+        return bounds
 
     @field_validator("path")
     @classmethod
@@ -249,6 +256,10 @@ class SearchConfig(_Section):
         "random", description="random (with grid) sampling, or Optuna's TPE (pip install 'raytrain[optuna]')"
     )
     max_concurrent_trials: int | None = Field(None, ge=1)
+    time_budget_s: float | None = Field(
+        None, gt=0, description="wall-clock seconds after which the search stops every trial still running "
+        "(Tune's time_budget_s); the checkpoints kept so far stand"
+    )
     scheduler: SchedulerConfig = SchedulerConfig()
     space: dict[str, dict[SearchKind, list[Any]]] = Field(
         default_factory=dict,

@@ -370,6 +370,7 @@ def tune(config: Config, experiment: str, *, resume: bool = False, num_cpus: int
                 search_alg=_search_algorithm(config),
                 num_samples=config.search.num_samples,
                 max_concurrent_trials=config.search.max_concurrent_trials,
+                time_budget_s=config.search.time_budget_s,
                 trial_dirname_creator=_trial_dirname_of,
             ),
             run_config=ray.tune.RunConfig(

@@ -144,6 +144,7 @@ def plan(config: Config, kind: str, num_cpus: int | None = None) -> dict:
         "trials": config.search.num_trials if search else 1,
         "max_concurrent_trials": (config.search.max_concurrent_trials or config.search.num_trials) if search else 1,
         "scheduler": config.search.scheduler.name if search else None,
+        "time_budget_s": config.search.time_budget_s if search else None,
         "search_space": {key: spec for key, spec in space.items()} if search else {},
         "epochs": train.epochs,
         "workers_per_trial": train.num_workers,

@@ -220,6 +220,10 @@ CASES = [
         ["train", C], lambda t: config(t, "d", **{"data.scale": [-1, 0]}), ["{tmp}/c.yaml", "data.scale", "0 < low <= high"], id="config-scale-negative",
     ),
     pytest.param(
+        ["train", C], lambda t: config(t, "d", **{"data.blur_sigma": [2, 1]}), ["{tmp}/c.yaml", "data.blur_sigma", "low <= high"], id="config-blur-sigma-reversed",
+    ),
+    pytest.param(["train", C], lambda t: config(t, "d", **{"data.noise": 2}), ["{tmp}/c.yaml", "data.noise", "less than or equal to 1"], id="config-noise-over-1"),
+    pytest.param(
         ["train", C, "--set", "data.size=100"], lambda t: config(t, "d"), ["{tmp}/c.yaml", "data.size", "WIDTHxHEIGHT", "100"], id="set-size-a-number",
     ),
     pytest.param(

@@ -223,7 +223,7 @@ def test_the_wheel_ships_its_configs_and_runs_away_from_the_source_tree(tmp_path
                            capture_output=True, text=True, cwd=away, env=env).stdout
     assert where.startswith(str(site)), where  # the wheel's copy, not the source tree
     assert run("--version").strip() == f"raytrain {raytrain.__version__}"
-    assert run("configs").split() == ["camvid_multiclass", "kitti_search", "quickstart", "seed_lab"]
+    assert run("configs").split() == ["camvid_multiclass", "camvid_road", "kitti_search", "quickstart", "seed_lab"]
     assert "name: quickstart" in run("config", "show", "quickstart")
     plan = run("train", "quickstart", "--dry-run", "--set", f"data.path={tiny_shards}",
                "--set", f"train.storage_path={tmp_path / 'results'}")

@@ -5,7 +5,7 @@ import numpy as np
 from PIL import Image
 
 from raytrain.data.formats import IGNORE_INDEX
-from raytrain.data.transforms import Augment, transform_batch, transform_sample
+from raytrain.data.transforms import Augment, gaussian_blur, transform_batch, transform_sample
 
 
 def encode(array):
@@ -131,3 +131,73 @@ def test_unseeded_batches_and_validation_still_work_without_a_seed():
     # Validation (no augment) ignores seed and epoch.
     plain = transform_batch(batch, (80, 40))
     assert np.array_equal(plain["image"], transform_batch(batch, (80, 40), seed=1, epoch=5)["image"])
+
+
+PLAIN = {"hflip": 0.0, "scale": (1.0, 1.0), "color_jitter": 0.0}
+
+
+def test_blur_softens_the_image_and_leaves_the_mask_alone():
+    image, mask = block_pattern(3)
+    plain_image, plain_mask = transform_sample(encode(image), encode(mask), (80, 40), None, None)
+    blurred, blurred_mask = transform_sample(encode(image), encode(mask), (80, 40), Augment(**PLAIN, blur=1.0), np.random.default_rng(0))
+    assert np.array_equal(blurred_mask, plain_mask)
+    # A blur keeps the mean and spreads each edge over a few pixels: smaller squared steps between neighbours.
+    steps = lambda a: (np.diff(a.astype(int), axis=1) ** 2).sum()  # noqa: E731
+    assert steps(blurred) < 0.8 * steps(plain_image)
+    assert abs(blurred.astype(float).mean() - plain_image.astype(float).mean()) < 2
+    # Its deviation is drawn from blur_sigma: a wider range blurs more.
+    wider, _ = transform_sample(encode(image), encode(mask), (80, 40), Augment(**PLAIN, blur=1.0, blur_sigma=(3.0, 3.0)),
+                                np.random.default_rng(0))
+    assert steps(wider) < 0.8 * steps(blurred)
+    assert np.array_equal(wider, gaussian_blur(plain_image, 3.0))
+
+
+def test_blur_is_applied_with_its_probability():
+    image, mask = block_pattern(4)
+    plain_image, _ = transform_sample(encode(image), encode(mask), (80, 40), None, None)
+    rng = np.random.default_rng(0)
+    outs = [transform_sample(encode(image), encode(mask), (80, 40), Augment(**PLAIN, blur=0.3), rng)[0] for _ in range(100)]
+    blurred = sum(not np.array_equal(out, plain_image) for out in outs)
+    assert 15 <= blurred <= 45
+
+
+def test_noise_has_the_drawn_deviation_and_leaves_the_mask_alone():
+    image = np.full((40, 80, 3), 128, np.uint8)
+    mask = np.ones((40, 80), np.uint8)
+    rng = np.random.default_rng(0)
+    deviations = []
+    for _ in range(50):
+        noisy, noisy_mask = transform_sample(encode(image), encode(mask), (80, 40), Augment(**PLAIN, noise=0.1), rng)
+        assert np.array_equal(noisy_mask, mask)
+        deviations.append((noisy.astype(float) - 128).std())
+    # Each image's deviation is uniform in [0, 0.1 x 255]: none beyond it, and they spread over it.
+    assert max(deviations) <= 0.1 * 255 * 1.1 and min(deviations) < 5 and max(deviations) > 20
+
+
+def test_seeded_blur_and_noise_depend_on_seed_epoch_and_id_only():
+    augment = Augment(hflip=0.5, scale=(0.7, 1.5), color_jitter=0.3, blur=0.5, noise=0.05)
+    whole = encoded_batch(["a", "b", "c", "d"])
+    out = by_id(transform_batch(whole, (80, 40), augment, seed=7, epoch=3))
+    part = by_id(transform_batch({k: v[[2, 0]] for k, v in whole.items()}, (80, 40), augment, seed=7, epoch=3))
+    assert all(np.array_equal(part[key][0], out[key][0]) for key in part)
+    later = by_id(transform_batch(whole, (80, 40), augment, seed=7, epoch=4))
+    assert all(not np.array_equal(later[key][0], out[key][0]) for key in out)
+
+
+def test_blur_and_noise_off_keep_the_random_stream_of_configs_without_them():
+    """blur 0 and noise 0 draw nothing: the augmentation of older configs is unchanged."""
+    image, mask = block_pattern(5)
+    old, new = np.random.default_rng(9), np.random.default_rng(9)
+    transform_sample(encode(image), encode(mask), (80, 40), Augment(hflip=0.5, scale=(0.7, 1.5), color_jitter=0.3), old)
+    transform_sample(encode(image), encode(mask), (80, 40), Augment(hflip=0.5, scale=(0.7, 1.5), color_jitter=0.3,
+                                                                     blur=0.0, noise=0.0, blur_sigma=(2.0, 3.0)), new)
+    assert old.random() == new.random()
+
+
+def test_config_blur_and_noise_reach_the_pipelines_augmentation(tmp_path):
+    from raytrain.config import load_config
+    from raytrain.data.pipeline import augment_of
+
+    config = load_config({"data": {"path": str(tmp_path), "blur": 0.3, "blur_sigma": [1, 2], "noise": 0.05}})
+    assert augment_of(config) == Augment(hflip=0.5, scale=(0.8, 1.25), color_jitter=0.2, blur=0.3, blur_sigma=(1.0, 2.0), noise=0.05)
+    assert augment_of(config.with_overrides({"data.augment": False})) is None

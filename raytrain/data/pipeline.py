@@ -19,7 +19,9 @@ ROWS_PER_TASK = 16
 def augment_of(config: Config) -> Augment | None:
     """The training augmentation the config asks for; None when data.augment is off."""
     data = config.data
-    return Augment(data.hflip, tuple(data.scale), data.color_jitter) if data.augment else None
+    if not data.augment:
+        return None
+    return Augment(data.hflip, tuple(data.scale), data.color_jitter, data.blur, tuple(data.blur_sigma), data.noise)
 
 
 def transform_block(block: dict, size, augment: Augment | None = None, seed: int | None = None,

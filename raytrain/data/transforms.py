@@ -12,7 +12,7 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from raytrain.data.formats import IGNORE_INDEX
 
@@ -22,6 +22,9 @@ class Augment:
     hflip: float = 0.5
     scale: tuple[float, float] = (0.8, 1.25)
     color_jitter: float = 0.2
+    blur: float = 0.0
+    blur_sigma: tuple[float, float] = (0.5, 1.5)
+    noise: float = 0.0
 
 
 def decode_image(data: bytes) -> np.ndarray:
@@ -74,6 +77,20 @@ def color_jitter(image: np.ndarray, strength: float, rng) -> np.ndarray:
     return np.clip(pixels, 0, 255, out=pixels).astype(np.uint8)
 
 
+def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur with standard deviation sigma in pixels (PIL's radius is the deviation)."""
+    return np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(sigma)))
+
+
+def gaussian_noise(image: np.ndarray, strength: float, rng) -> np.ndarray:
+    """Additive sensor noise: per-pixel, per-channel normal noise whose deviation is drawn in
+    [0, strength] x 255 for this image."""
+    deviation = float(rng.uniform(0, strength)) * 255
+    pixels = image.astype(np.float32)
+    pixels += rng.normal(0, deviation, size=image.shape).astype(np.float32)
+    return np.clip(pixels, 0, 255, out=pixels).astype(np.uint8)
+
+
 def transform_sample(image_bytes, mask_bytes, size, augment: Augment | None, rng):
     image, mask = decode_image(image_bytes), decode_mask(mask_bytes)
     image, mask = resize(image, mask, size)
@@ -84,6 +101,11 @@ def transform_sample(image_bytes, mask_bytes, size, augment: Augment | None, rng
             image, mask = image[:, ::-1], mask[:, ::-1]
         if augment.color_jitter > 0:
             image = color_jitter(image, augment.color_jitter, rng)
+        # Drawn only when switched on, so configs without them keep their random streams.
+        if augment.blur > 0 and rng.random() < augment.blur:
+            image = gaussian_blur(image, float(rng.uniform(*augment.blur_sigma)))
+        if augment.noise > 0:
+            image = gaussian_noise(image, augment.noise, rng)
     return np.ascontiguousarray(image), np.ascontiguousarray(mask)
 
 

@@ -26,7 +26,7 @@ import ray.data
 
 from raytrain.checkpoints import MODEL_FILE, read_checkpoint
 from raytrain.data.location import as_path, filesystem_of, join
-from raytrain.errors import DataError, one_line
+from raytrain.errors import DataError, RaytrainError, one_line
 from raytrain.image_model import check_tta
 from raytrain.inference import (
     PredictionSummary, checkpoint_files, image_locations, load_model, load_model_from_files, mask_name,
@@ -34,6 +34,7 @@ from raytrain.inference import (
 )
 
 UNREADABLE_LIST = "unreadable_inputs.txt"
+ACTORS_START_S = 600  # autoscaled GPU nodes take minutes to join
 RUN_RECORD = "prediction.json"  # the model and tta that made the masks in an output folder
 
 
@@ -54,12 +55,13 @@ def predict_on_cluster(
     load_model(info, "cpu")  # a bad checkpoint fails here, once, not in every actor
     record = {"checkpoint": str(info.path), "model_sha256": _sha256(info.path / MODEL_FILE), "tta": tta or "none"}
     _check_same_model(out, record)
-    done = _already_done(out, locations)
-    todo = [location for location in locations if location not in done]
     filesystem, folder = filesystem_of(out)
+    present = filesystem.get_file_info(pafs.FileSelector(folder, allow_not_found=True))  # listed once: a bucket may hold millions
+    done = _already_done(present, locations)
+    todo = [location for location in locations if location not in done]
     filesystem.create_dir(folder, recursive=True)
     write_whole(as_path(join(out, RUN_RECORD)), json.dumps(record, indent=1).encode())
-    _remove_leftover_temporaries(out, todo)
+    _remove_leftover_temporaries(filesystem, present, todo)
     unreadable = _run(todo, info.path, out, workers, batch_size, cpus_per_worker, progress, tta) if todo else []
     listed = _write_unreadable_list(out, unreadable)
     return PredictionSummary(len(todo) - len(unreadable), len(done), tuple(unreadable), listed, time.monotonic() - started)
@@ -106,22 +108,20 @@ def _check_same_model(out: str | os.PathLike, record: dict) -> None:
         )
 
 
-def _remove_leftover_temporaries(out: str | os.PathLike, todo: list[str]) -> None:
+def _remove_leftover_temporaries(filesystem: pafs.FileSystem, present: list[pafs.FileInfo], todo: list[str]) -> None:
     """Hidden partial files that a killed run left for the images still to do (write_whole's names:
     `.<final name>.<random><suffix>`); one run per output folder at a time."""
     finals = {name for location in todo for name in (mask_name(as_path(location).stem), overlay_name(as_path(location).stem))}
-    filesystem, folder = filesystem_of(out)
-    for info in filesystem.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
+    for info in present:
         name = info.base_name
         if name.startswith(".") and name[1:].rsplit(".", 2)[0] in finals and info.type == pafs.FileType.File:
             filesystem.delete_file(info.path)
 
 
-def _already_done(out: str | os.PathLike, locations: list[str]) -> set[str]:
-    """Inputs whose mask and overlay are both in `out` (each written whole, so both there means done)."""
-    filesystem, folder = filesystem_of(out)
-    present = {info.base_name for info in filesystem.get_file_info(pafs.FileSelector(folder, allow_not_found=True))}
-    return {loc for loc in locations if {mask_name(as_path(loc).stem), overlay_name(as_path(loc).stem)} <= present}
+def _already_done(present: list[pafs.FileInfo], locations: list[str]) -> set[str]:
+    """Inputs whose mask and overlay are both in the output folder's listing (each written whole, so both there means done)."""
+    names = {info.base_name for info in present}
+    return {loc for loc in locations if {mask_name(as_path(loc).stem), overlay_name(as_path(loc).stem)} <= names}
 
 
 def _run(todo: list[str], checkpoint: Path, out, workers, batch_size, cpus_per_worker, progress, tta) -> list[str]:
@@ -136,6 +136,8 @@ def _run(todo: list[str], checkpoint: Path, out, workers, batch_size, cpus_per_w
                                            "batch_size": batch_size, "tta": tta},
         batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker, num_gpus=gpus,
     )
+    # All N actors up before the first batch goes out: else the first one ready can take every batch.
+    dataset.context.wait_for_min_actors_s = ACTORS_START_S
     unreadable, count = [], 0
     try:
         with _quiet_progress_warning():
@@ -144,6 +146,10 @@ def _run(todo: list[str], checkpoint: Path, out, workers, batch_size, cpus_per_w
                 count += len(batch["error"])
                 if progress:
                     progress(count, len(todo))
+    except ray.exceptions.GetTimeoutError:
+        raise RaytrainError(f"predict --workers {workers}: the cluster did not start {workers} model actors of "
+                            f"{cpus_per_worker:g} CPUs{' and 1 GPU' if gpus else ''} within {ACTORS_START_S} s: "
+                            "lower --workers or add nodes") from None
     except Exception as err:  # a write that failed in an actor reaches here wrapped by Ray
         user_error = user_error_inside(err)
         if user_error is None:

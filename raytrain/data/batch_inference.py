@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -53,7 +52,8 @@ def predict_on_cluster(
     _check_unique_names(locations)
     info = read_checkpoint(checkpoint)
     load_model(info, "cpu")  # a bad checkpoint fails here, once, not in every actor
-    record = {"checkpoint": str(info.path), "model_sha256": _sha256(info.path / MODEL_FILE), "tta": tta or "none"}
+    files = checkpoint_files(info.path)  # read once: hashed here, shipped to every actor
+    record = {"checkpoint": str(info.path), "model_sha256": hashlib.sha256(files[MODEL_FILE]).hexdigest(), "tta": tta or "none"}
     _check_same_model(out, record)
     filesystem, folder = filesystem_of(out)
     present = filesystem.get_file_info(pafs.FileSelector(folder, allow_not_found=True))  # listed once: a bucket may hold millions
@@ -62,7 +62,7 @@ def predict_on_cluster(
     filesystem.create_dir(folder, recursive=True)
     write_whole(as_path(join(out, RUN_RECORD)), json.dumps(record, indent=1).encode())
     _remove_leftover_temporaries(filesystem, present, todo)
-    unreadable = _run(todo, info.path, out, workers, batch_size, cpus_per_worker, progress, tta) if todo else []
+    unreadable = _run(todo, files, out, workers, batch_size, cpus_per_worker, progress, tta) if todo else []
     listed = _write_unreadable_list(out, unreadable)
     return PredictionSummary(len(todo) - len(unreadable), len(done), tuple(unreadable), listed, time.monotonic() - started)
 
@@ -80,14 +80,6 @@ def _check_unique_names(locations: list[str]) -> None:
         if stem in first:
             raise DataError(f"{first[stem]} and {location} share a file name; predict them into separate --out folders")
         first[stem] = location
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_same_model(out: str | os.PathLike, record: dict) -> None:
@@ -124,13 +116,12 @@ def _already_done(present: list[pafs.FileInfo], locations: list[str]) -> set[str
     return {loc for loc in locations if {mask_name(as_path(loc).stem), overlay_name(as_path(loc).stem)} <= names}
 
 
-def _run(todo: list[str], checkpoint: Path, out, workers, batch_size, cpus_per_worker, progress, tta) -> list[str]:
+def _run(todo: list[str], files: dict[str, bytes], out, workers, batch_size, cpus_per_worker, progress, tta) -> list[str]:
     """Stream `todo` through the actor pool; return the one-line errors of unreadable inputs."""
     from raytrain.launch import QUIET, ensure_ray, user_error_inside
 
     ensure_ray(verbosity=QUIET)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    files = checkpoint_files(checkpoint)
     dataset = ray.data.from_items([{"input": location} for location in todo]).map_batches(
         ModelActor, fn_constructor_kwargs={"files": files, "out": os.fspath(out), "device": "cuda" if gpus else "cpu",
                                            "batch_size": batch_size, "tta": tta},

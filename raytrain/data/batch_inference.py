@@ -20,8 +20,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 import pyarrow.fs as pafs
-import ray
-import ray.data
 
 from raytrain.checkpoints import MODEL_FILE, read_checkpoint
 from raytrain.data.location import as_path, filesystem_of, join
@@ -118,6 +116,9 @@ def _already_done(present: list[pafs.FileInfo], locations: list[str]) -> set[str
 
 def _run(todo: list[str], files: dict[str, bytes], out, workers, batch_size, cpus_per_worker, progress, tta) -> list[str]:
     """Stream `todo` through the actor pool; return the one-line errors of unreadable inputs."""
+    import ray  # here, not at the top: a refused run answers before Ray's second of imports
+    import ray.data
+
     from raytrain.launch import QUIET, ensure_ray, user_error_inside
 
     ensure_ray(verbosity=QUIET)

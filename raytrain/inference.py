@@ -26,7 +26,9 @@ from raytrain.checkpoints import (
     read_weights,
 )
 from raytrain.config import Config
-from raytrain.data.location import RemotePath, as_path, filesystem_of, is_uri, join, write_remote_atomically
+from raytrain.data.location import (
+    RemotePath, as_path, filesystem_of, is_uri, join, temporary_beside, write_remote_atomically,
+)
 from raytrain.data.transforms import to_model_input
 from raytrain.data.formats import IGNORE_INDEX, MAX_PIXELS_ENV, check_8bit, max_pixels, open_checked
 from raytrain.data.shards import group_indices, metric_groups, read_manifest, shard_paths
@@ -351,11 +353,11 @@ def _umask() -> int:
 
 def write_atomically(path: Path, write) -> Path:
     """write(temporary path) beside `path`, then rename: the file appears whole or not at all, with
-    the permissions open() would give it (mkstemp makes 0600). A failure leaves no temporary file
+    the permissions open() would give it (it is made 0600). A failure leaves no temporary file
     and is a one-line RaytrainError naming `path`."""
+    tmp = temporary_beside(str(path))
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-        os.close(fd)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except OSError as err:
         raise RaytrainError(f"{path}: cannot write ({err.strerror or err})") from None
     try:

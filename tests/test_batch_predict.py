@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 import raytrain
-from raytrain.data.location import RemotePath, write_remote_atomically
+from raytrain.data.location import RemotePath, final_of_temporary, temporary_beside, write_remote_atomically
 from raytrain.errors import DataError
 from tests.conftest import wait_for
 from tests.processes import run_cli
@@ -96,7 +96,7 @@ def test_a_killed_run_rerun_does_only_the_rest(ray_cluster, tmp_path):
             assert written.size == (640, 480), path
     stamps = {p: p.stat().st_mtime_ns for p in finals if p.name.split("_")[0] in done}
     todo = sorted({p.stem for p in images} - done)
-    leftover = out / f".{todo[0]}_mask.png.x1y2z3.png"  # as a write cut off mid-way leaves it
+    leftover = Path(temporary_beside(str(out / f"{todo[0]}_mask.png")))  # as a write cut off mid-way leaves it
     leftover.write_bytes(b"\x89PNG partial")
     (out / ".not-ours").write_text("kept")
 
@@ -149,3 +149,12 @@ def test_masks_of_another_model_are_never_mixed_into_an_output_folder(tmp_path, 
     assert line.startswith("raytrain: error: ") and all(fragment in line for fragment in expected), line
     assert sorted(p.name for p in out.iterdir()) == ["img00_mask.png", "prediction.json"]
     assert (out / "img00_mask.png").read_bytes() == b"an earlier mask"
+
+
+def test_a_temporary_name_reads_back_to_its_final_name_and_nothing_else_does():
+    for final in ("img00_mask.png", "prediction.json", "scene.tar.gz", "no_suffix"):
+        temporary = temporary_beside(f"/out/{final}")
+        folder, _, name = temporary.rpartition("/")
+        assert folder == "/out" and name.startswith(".") and final_of_temporary(name) == final
+    for other in (".not-ours", "img00_mask.png", ".img00_mask.png.x1y2z3.png", ".img00_mask.png.0123abcd.jpg"):
+        assert final_of_temporary(other) is None

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from raytrain.checkpoints import MODEL_FILE, read_checkpoint
-from raytrain.data.location import as_path, filesystem_of, join
+from raytrain.data.location import as_path, filesystem_of, final_of_temporary, join
 from raytrain.errors import DataError, RaytrainError, one_line
 from raytrain.image_model import check_tta
 from raytrain.inference import (
@@ -99,12 +99,11 @@ def _check_same_model(out: str | os.PathLike, record: dict) -> None:
 
 
 def _remove_leftover_temporaries(filesystem: pafs.FileSystem, present: list[pafs.FileInfo], todo: list[str]) -> None:
-    """Hidden partial files that a killed run left for the images still to do (write_whole's names:
-    `.<final name>.<random><suffix>`); one run per output folder at a time."""
+    """Hidden partial files that a killed run left for the images still to do; one run per output
+    folder at a time."""
     finals = {name for location in todo for name in (mask_name(as_path(location).stem), overlay_name(as_path(location).stem))}
     for info in present:
-        name = info.base_name
-        if name.startswith(".") and name[1:].rsplit(".", 2)[0] in finals and info.type == pafs.FileType.File:
+        if final_of_temporary(info.base_name) in finals and info.type == pafs.FileType.File:
             filesystem.delete_file(info.path)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import os
+import re
 import uuid
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit, urlunsplit
@@ -127,11 +128,29 @@ class RemotePath:
         self.filesystem.create_dir(self.path, recursive=parents)  # object stores have no folders to collide with
 
 
+_TEMPORARY = re.compile(r"\.(?P<final>.+)\.[0-9a-f]{8}(?P<suffix>\.[^.]*)?")
+
+
+def temporary_beside(final: str) -> str:
+    """A new hidden name beside `final` (a local path or a filesystem path) to write it under before
+    the rename: `.<name>.<8 hex digits><suffix>`, which `final_of_temporary` reads back."""
+    folder, _, name = final.rpartition("/")
+    return f"{folder}/.{name}.{uuid.uuid4().hex[:8]}{PurePosixPath(name).suffix}"
+
+
+def final_of_temporary(name: str) -> str | None:
+    """The file name a temporary_beside() name was written for; None for any other name."""
+    match = _TEMPORARY.fullmatch(name)
+    if match is None or (match["suffix"] or "") != PurePosixPath(match["final"]).suffix:
+        return None
+    return match["final"]
+
+
 def write_remote_atomically(path: RemotePath, data: bytes) -> RemotePath:
     """`data` as the file `path` on its remote filesystem, whole or not at all: written under a
     hidden temporary name beside it, then moved (an object store's move is a server-side copy, so
     the final name never holds a partial object). A failure removes the temporary and is a DataError."""
-    temporary = f"{path.path.rsplit('/', 1)[0]}/.{path.name}.{uuid.uuid4().hex[:8]}{path.suffix}"
+    temporary = temporary_beside(path.path)
     try:
         with path.filesystem.open_output_stream(temporary) as stream:
             stream.write(data)

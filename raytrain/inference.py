@@ -4,6 +4,7 @@ predict files, export it. No Ray: a checkpoint loads with torch and raytrain alo
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import io
 import json
@@ -261,12 +262,6 @@ def image_locations(inputs: Sequence[str | os.PathLike]) -> list[str]:
     return found
 
 
-def read_images(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path, np.ndarray]]:
-    """Image files and folders of images -> (path, RGB array); every file is checked before any is used."""
-    paths = [as_path(location) for location in image_locations(inputs)]
-    return [(path, read_rgb(path)) for path in paths]
-
-
 def labels_of(probabilities: np.ndarray) -> np.ndarray:
     """The mask predict writes (class index per pixel, uint8; road = 1) of what predict returns."""
     return to_labels(probabilities[None] if probabilities.ndim == 2 else probabilities)
@@ -291,18 +286,20 @@ def predict_files(
     Files appear whole or not at all: each is written beside its final name, then renamed.
     """
     check_tta(tta)
-    out = as_path(out_dir).expanduser()  # a folder or a URI
-    if out.exists() and not out.is_dir():  # checked first: a wrong --out must not cost a model load
-        raise DataError(f"{out}: exists and is not a folder (--out takes the folder for the masks)")
-    model = load_model(checkpoint, device)
-    images = read_images(inputs)
-    names = [path.stem for path, _ in images]
-    if len(set(names)) != len(names):
-        raise DataError("two inputs share a file name; predict them into separate --out folders")
+    check_output_folder(out_dir)  # first: a wrong --out must not cost a model load
+    locations = image_locations(inputs)
+    check_unique_names(locations)
+    info = checkpoint if isinstance(checkpoint, CheckpointInfo) else read_checkpoint(checkpoint)
+    model = load_model(info, device)
+    record = prediction_record(info, (info.path / MODEL_FILE).read_bytes(), tta)
+    check_same_model(out_dir, record)
+    images = [(as_path(location), read_rgb(location)) for location in locations]  # all checked before any is used
+    out = as_path(out_dir).expanduser()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except (OSError, pa.ArrowException) as err:
         raise DataError(f"{out}: cannot create the output folder ({err.strerror or err})") from None
+    write_prediction_record(out_dir, record)
     written = []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
@@ -313,6 +310,52 @@ def predict_files(
         if progress:
             progress(min(start + batch_size, len(images)), len(images))
     return written
+
+
+# ---------------------------------------------------------------- the output folder of predict
+
+PREDICTION_RECORD = "prediction.json"  # which weights and tta made the masks in an output folder
+
+
+def check_output_folder(out: str | os.PathLike) -> None:
+    filesystem, folder = filesystem_of(as_path(out).expanduser())
+    if filesystem.get_file_info(folder).type == pafs.FileType.File:
+        raise DataError(f"{out}: exists and is not a folder (--out takes the folder for the masks)")
+
+
+def check_unique_names(locations: list[str]) -> None:
+    first: dict[str, str] = {}
+    for location in locations:
+        stem = as_path(location).stem
+        if stem in first:
+            raise DataError(f"{first[stem]} and {location} share a file name; predict them into separate --out folders")
+        first[stem] = location
+
+
+def prediction_record(info: CheckpointInfo, weights: bytes, tta: str | None) -> dict[str, str]:
+    return {"checkpoint": str(info.path), "model_sha256": hashlib.sha256(weights).hexdigest(), "tta": tta or "none"}
+
+
+def check_same_model(out: str | os.PathLike, record: dict[str, str]) -> None:
+    """Masks already in `out` must come from the same weights and tta: a folder never mixes two models'."""
+    filesystem, path = filesystem_of(join(out, PREDICTION_RECORD))
+    if filesystem.get_file_info(path).type != pafs.FileType.File:
+        return
+    try:
+        with filesystem.open_input_stream(path) as stream:
+            earlier = json.loads(stream.read(1 << 16))
+        same = all(earlier[key] == record[key] for key in ("model_sha256", "tta"))
+    except (ValueError, KeyError, TypeError):
+        raise DataError(f"{join(out, PREDICTION_RECORD)}: not a record of raytrain predict; predict into a new --out") from None
+    if not same:
+        raise DataError(
+            f"{out}: holds masks of another model or tta ({earlier.get('checkpoint')}, tta {earlier.get('tta')}); "
+            "predict into a new --out, or delete that folder first"
+        )
+
+
+def write_prediction_record(out: str | os.PathLike, record: dict[str, str]) -> None:
+    write_whole(as_path(join(out, PREDICTION_RECORD)), json.dumps(record, indent=1).encode())
 
 
 def mask_name(stem: str) -> str:

@@ -136,14 +136,15 @@ def _record(ckpt: Path, **changes) -> str:
     (lambda ckpt: _record(ckpt), ["another model or tta", "tta none", "new --out"]),  # same weights, but --tta flip below
     (lambda ckpt: "{not json", ["prediction.json", "not a record of raytrain predict"]),
 ], ids=["other-weights", "other-tta", "not-a-record"])
-def test_masks_of_another_model_are_never_mixed_into_an_output_folder(tmp_path, record, expected):
+@pytest.mark.parametrize("workers", [[], ["--workers", "1"]], ids=["one-process", "workers"])
+def test_masks_of_another_model_are_never_mixed_into_an_output_folder(tmp_path, record, expected, workers):
     ckpt = checkpoint(tmp_path)
     write_images(tmp_path / "images", 2, (16, 32))
     out = tmp_path / "masks"
     out.mkdir()
     (out / "prediction.json").write_text(record(ckpt))
     (out / "img00_mask.png").write_bytes(b"an earlier mask")
-    result = run_cli(["predict", ckpt, tmp_path / "images", "--out", out, "--workers", "1", "--tta", "flip"])
+    result = run_cli(["predict", ckpt, tmp_path / "images", "--out", out, *workers, "--tta", "flip"])
     assert result.returncode == 2, result.stderr
     [line] = result.stderr.splitlines()
     assert line.startswith("raytrain: error: ") and all(fragment in line for fragment in expected), line

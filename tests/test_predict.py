@@ -1,6 +1,8 @@
 """A trained checkpoint at work through the CLI: evaluate, predict, export (real subprocesses)."""
+import hashlib
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -62,6 +64,11 @@ def test_predict_writes_masks_and_red_overlays_at_each_images_size(checkpoint, t
         red = np.all(overlay == (255, 0, 0), axis=-1)
         np.testing.assert_array_equal(red & (mask == 1), mask == 1)  # every predicted road pixel is red
         np.testing.assert_array_equal(overlay[mask == 0], image[mask == 0])  # the rest is the image
+    record = json.loads((tmp_path / "out" / "prediction.json").read_text())
+    assert record["model_sha256"] == hashlib.sha256((Path(checkpoint) / "model.pt").read_bytes()).hexdigest()
+    assert record["tta"] == "none"
+    again = cli("predict", checkpoint, inputs / "wide.png", inputs / "tall.png", "--out", tmp_path / "out")
+    assert again.returncode == 0, again.stderr  # the same model into the same folder: fine
 
 
 def test_predict_checks_every_input_before_writing(checkpoint, tmp_path):

@@ -179,7 +179,7 @@ CASES = [
         id="predict-out-cannot-be-made",  # even root cannot make a folder in /proc
     ),
     pytest.param(
-        PREDICT, read_only_folder, ["{tmp}/out/street_mask.png", "cannot write"], id="predict-out-read-only",
+        PREDICT, read_only_folder, ["{tmp}/out/prediction.json", "cannot write"], id="predict-out-read-only",  # the first file written
         marks=NEEDS_PERMISSIONS,
     ),
 ]

@@ -11,8 +11,6 @@ An input that is not a readable image is skipped and listed in OUT/unreadable_in
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import time
@@ -26,13 +24,13 @@ from raytrain.data.location import as_path, filesystem_of, final_of_temporary, j
 from raytrain.errors import DataError, RaytrainError, one_line
 from raytrain.image_model import check_tta
 from raytrain.inference import (
-    PredictionSummary, checkpoint_files, image_locations, load_model, load_model_from_files, mask_name,
-    masks_and_overlays, overlay_name, read_rgb, save_png, write_whole,
+    PredictionSummary, check_output_folder, check_same_model, check_unique_names, checkpoint_files, image_locations,
+    load_model, load_model_from_files, mask_name, masks_and_overlays, overlay_name, prediction_record, read_rgb,
+    save_png, write_prediction_record, write_whole,
 )
 
 UNREADABLE_LIST = "unreadable_inputs.txt"
 ACTORS_START_S = 600  # autoscaled GPU nodes take minutes to join
-RUN_RECORD = "prediction.json"  # the model and tta that made the masks in an output folder
 
 
 def predict_on_cluster(
@@ -45,57 +43,24 @@ def predict_on_cluster(
     Everything that can be checked is checked before the first file is written."""
     started = time.monotonic()
     check_tta(tta)
-    _check_output_folder(out)
+    check_output_folder(out)
     locations = image_locations(inputs)
-    _check_unique_names(locations)
+    check_unique_names(locations)
     info = read_checkpoint(checkpoint)
     load_model(info, "cpu")  # a bad checkpoint fails here, once, not in every actor
     files = checkpoint_files(info.path)  # read once: hashed here, shipped to every actor
-    record = {"checkpoint": str(info.path), "model_sha256": hashlib.sha256(files[MODEL_FILE]).hexdigest(), "tta": tta or "none"}
-    _check_same_model(out, record)
+    record = prediction_record(info, files[MODEL_FILE], tta)
+    check_same_model(out, record)  # a rerun skips what is there as done
     filesystem, folder = filesystem_of(out)
     present = filesystem.get_file_info(pafs.FileSelector(folder, allow_not_found=True))  # listed once: a bucket may hold millions
     done = _already_done(present, locations)
     todo = [location for location in locations if location not in done]
     filesystem.create_dir(folder, recursive=True)
-    write_whole(as_path(join(out, RUN_RECORD)), json.dumps(record, indent=1).encode())
+    write_prediction_record(out, record)
     _remove_leftover_temporaries(filesystem, present, todo)
     unreadable = _run(todo, files, out, workers, batch_size, cpus_per_worker, progress, tta) if todo else []
     listed = _write_unreadable_list(out, unreadable)
     return PredictionSummary(len(todo) - len(unreadable), len(done), tuple(unreadable), listed, time.monotonic() - started)
-
-
-def _check_output_folder(out: str | os.PathLike) -> None:
-    filesystem, folder = filesystem_of(out)
-    if filesystem.get_file_info(folder).type == pafs.FileType.File:
-        raise DataError(f"{out}: exists and is not a folder (--out takes the folder for the masks)")
-
-
-def _check_unique_names(locations: list[str]) -> None:
-    first: dict[str, str] = {}
-    for location in locations:
-        stem = as_path(location).stem
-        if stem in first:
-            raise DataError(f"{first[stem]} and {location} share a file name; predict them into separate --out folders")
-        first[stem] = location
-
-
-def _check_same_model(out: str | os.PathLike, record: dict) -> None:
-    """Masks already in `out` must come from the same weights and tta: a rerun skips them as done."""
-    filesystem, path = filesystem_of(join(out, RUN_RECORD))
-    if filesystem.get_file_info(path).type != pafs.FileType.File:
-        return
-    try:
-        with filesystem.open_input_stream(path) as stream:
-            earlier = json.loads(stream.read(1 << 16))
-        same = all(earlier[key] == record[key] for key in ("model_sha256", "tta"))
-    except (ValueError, KeyError, TypeError):
-        raise DataError(f"{join(out, RUN_RECORD)}: not a record of raytrain predict; predict into a new --out") from None
-    if not same:
-        raise DataError(
-            f"{out}: holds masks of another model or tta ({earlier.get('checkpoint')}, tta {earlier.get('tta')}); "
-            "predict into a new --out, or delete that folder first"
-        )
 
 
 def _remove_leftover_temporaries(filesystem: pafs.FileSystem, present: list[pafs.FileInfo], todo: list[str]) -> None:

@@ -54,7 +54,8 @@ search() {
     cli tune kitti_search --set "data.path=$work/shards" --set "train.storage_path=$work/results" \
         --set search.num_samples=2 --set train.epochs=2 --set train.num_workers=1 \
         --set train.gpus_per_worker=0.5 --set search.scheduler.name=fifo --set search.max_concurrent_trials=2 \
-        --set train.batch_size=4 --set train.use_gpu=$use_gpu --set train.cpus_per_worker=$cpus_per_worker &&
+        --set train.batch_size=4 --set train.use_gpu=$use_gpu --set train.cpus_per_worker=$cpus_per_worker \
+        --set data.size=$size &&
     best=$(cli best "$work/results/kitti_search" | tail -n 1) &&
     echo "best: $best" && cli evaluate "$best" "$work/shards" --device "$device"
 }

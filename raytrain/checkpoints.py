@@ -69,16 +69,21 @@ def save_checkpoint(directory, model, optimizer, scheduler, epoch: int, config: 
 
 
 def restore_train_state(directory, model, optimizer, scheduler=None) -> int:
-    """Load weights and optimiser state into the given objects; return the epochs completed."""
+    """Load weights and optimiser state into the given objects; return the epochs completed. The
+    files are a run's own, but a damaged one is still a one-line error that names it."""
     import torch
 
     directory = Path(directory)
-    unwrap(model).load_state_dict(torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True))
-    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None and "scheduler" in state:
-        scheduler.load_state_dict(state["scheduler"])
-    return int(state["epoch"])
+    unwrap(model).load_state_dict(read_weights(directory / MODEL_FILE, unwrap(model).state_dict()))
+    try:
+        state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and "scheduler" in state:
+            scheduler.load_state_dict(state["scheduler"])
+        return int(state["epoch"])
+    except Exception as err:  # noqa: BLE001 - a damaged file fails in many ways; all are the same one-line error
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+        raise CheckpointError(f"{directory / STATE_FILE}: cannot resume from it ({reason})") from None
 
 
 MAX_PARAMETERS_ENV = "RAYTRAIN_MAX_PARAMETERS"

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from raytrain.checkpoints import restore_train_state, save_checkpoint
+from raytrain.errors import CheckpointError
 from raytrain.loop import (
     EarlyStopping,
     NonFiniteLoss,
@@ -64,6 +65,21 @@ def test_scheduler_steps_every_batch_and_resumes_from_a_checkpoint(tiny_shards, 
     assert restore_train_state(tmp_path / "ckpt", fresh, fresh_optimizer, fresh_scheduler) == 1
     assert fresh_optimizer.param_groups[0]["lr"] == pytest.approx(optimizer.param_groups[0]["lr"])
     assert fresh_scheduler.last_epoch == 5
+
+
+@pytest.mark.parametrize("damage,fragments", [
+    (lambda ckpt: (ckpt / "train_state.pt").write_bytes(b"not a torch file"), ["train_state.pt: cannot resume from it"]),
+    (lambda ckpt: (ckpt / "train_state.pt").unlink(), ["train_state.pt: cannot resume from it", "No such file"]),
+    (lambda ckpt: (ckpt / "model.pt").write_bytes((ckpt / "model.pt").read_bytes()[:100]), ["model.pt: cannot load the weights"]),
+], ids=["state-not-torch", "state-missing", "weights-truncated"])
+def test_a_damaged_checkpoint_is_one_line_naming_its_file_when_resuming(tiny_shards, tmp_path, damage, fragments):
+    config = tiny_config(tiny_shards, tmp_path)
+    save_checkpoint(tmp_path / "ckpt", *optimiser_after(config, 1), 1, config, {"val_iou": 0.5})
+    damage(tmp_path / "ckpt")
+    with pytest.raises(CheckpointError) as caught:
+        restore_train_state(tmp_path / "ckpt", *optimiser_after(config, 0))
+    [line] = str(caught.value).splitlines()
+    assert line.startswith(str(tmp_path / "ckpt")) and all(fragment in line for fragment in fragments), line
 
 
 def test_a_checkpoint_from_another_config_takes_this_configs_lr_at_the_same_point_of_the_schedule(tiny_shards, tmp_path):

@@ -293,7 +293,8 @@ def predict_files(
     model = load_model(info, device)
     record = prediction_record(info, (info.path / MODEL_FILE).read_bytes(), tta)
     check_same_model(out_dir, record)
-    images = [(as_path(location), read_rgb(location)) for location in locations]  # all checked before any is used
+    paths = [as_path(location) for location in locations]  # a URI's is a RemotePath, which read_rgb opens on its filesystem
+    images = [(path, read_rgb(path)) for path in paths]  # all checked before any is used
     out = as_path(out_dir).expanduser()
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ import pyarrow.fs as pafs
 
 from raytrain.config import Config, load_config, load_yaml
 from raytrain.data.location import filesystem_of, is_uri
-from raytrain.errors import CheckpointError, limit_from_env
+from raytrain.errors import CheckpointError, first_line, limit_from_env
 
 if TYPE_CHECKING:
     import torch
@@ -82,8 +82,7 @@ def restore_train_state(directory, model, optimizer, scheduler=None) -> int:
             scheduler.load_state_dict(state["scheduler"])
         return int(state["epoch"])
     except Exception as err:  # noqa: BLE001 - a damaged file fails in many ways; all are the same one-line error
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
-        raise CheckpointError(f"{directory / STATE_FILE}: cannot resume from it ({reason})") from None
+        raise CheckpointError(f"{directory / STATE_FILE}: cannot resume from it ({first_line(err)})") from None
 
 
 MAX_PARAMETERS_ENV = "RAYTRAIN_MAX_PARAMETERS"
@@ -155,7 +154,7 @@ def _check_names_and_shapes(file: Path, state, expected: dict[str, torch.Tensor]
 
 def _unloadable(file: Path, reason) -> CheckpointError:
     if isinstance(reason, BaseException):
-        reason = str(reason).strip().splitlines()[0] if str(reason).strip() else reason.__class__.__name__
+        reason = first_line(reason)
     return CheckpointError(f"{file}: cannot load the weights ({reason})")
 
 

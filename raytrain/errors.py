@@ -18,6 +18,12 @@ class CheckpointError(RaytrainError):
     pass
 
 
+def first_line(err: BaseException) -> str:
+    """What went wrong, short: the first line of an exception's message, else its class name."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else err.__class__.__name__
+
+
 def limit_from_env(name: str, default: int, unit: str, error: type[RaytrainError]) -> int:
     """A positive whole-number limit set by environment variable `name`, else `default`."""
     raw = os.environ.get(name, "")

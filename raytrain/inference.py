@@ -33,7 +33,7 @@ from raytrain.data.location import (
 from raytrain.data.transforms import to_model_input
 from raytrain.data.formats import IGNORE_INDEX, MAX_PIXELS_ENV, check_8bit, max_pixels, open_checked
 from raytrain.data.shards import group_indices, metric_groups, read_manifest, shard_paths
-from raytrain.errors import CheckpointError, DataError, RaytrainError
+from raytrain.errors import CheckpointError, DataError, RaytrainError, first_line
 from raytrain.metrics import SegmentationMetrics, to_labels
 from raytrain.image_model import ImageModel, check_tta, class_probabilities, to_image_size
 from raytrain.models import create_model
@@ -142,8 +142,7 @@ def _build(config: Config, file: Path, device: str = "cpu") -> torch.nn.Module:
         with torch.device(device):
             return create_model(config.model.name, num_classes=config.num_classes, **options)
     except Exception as err:  # noqa: BLE001 - the config is untrusted input; any failure to build is its fault
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
-        raise CheckpointError(f"{file}: cannot build its model ({reason})") from None
+        raise CheckpointError(f"{file}: cannot build its model ({first_line(err)})") from None
 
 
 def read_rgb(source, name=None, formats: Sequence[str] | None = None) -> np.ndarray:
@@ -285,22 +284,16 @@ def predict_files(
 
     Files appear whole or not at all: each is written beside its final name, then renamed.
     """
-    check_tta(tta)
-    check_output_folder(out_dir)  # first: a wrong --out must not cost a model load
-    locations = image_locations(inputs)
-    check_unique_names(locations)
-    info = checkpoint if isinstance(checkpoint, CheckpointInfo) else read_checkpoint(checkpoint)
-    model = load_model(info, device)
-    record = prediction_record(info, (info.path / MODEL_FILE).read_bytes(), tta)
-    check_same_model(out_dir, record)
-    paths = [as_path(location) for location in locations]  # a URI's is a RemotePath, which read_rgb opens on its filesystem
+    checked = check_prediction(checkpoint, inputs, out_dir, tta, device)
+    model = checked.model
+    paths = [as_path(location) for location in checked.locations]  # a URI's is a RemotePath, which read_rgb opens on its filesystem
     images = [(path, read_rgb(path)) for path in paths]  # all checked before any is used
     out = as_path(out_dir).expanduser()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except (OSError, pa.ArrowException) as err:
         raise DataError(f"{out}: cannot create the output folder ({err.strerror or err})") from None
-    write_prediction_record(out_dir, record)
+    write_prediction_record(out_dir, checked.record)
     written = []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
@@ -318,13 +311,13 @@ def predict_files(
 PREDICTION_RECORD = "prediction.json"  # which weights and tta made the masks in an output folder
 
 
-def check_output_folder(out: str | os.PathLike) -> None:
+def _check_output_folder(out: str | os.PathLike) -> None:
     filesystem, folder = filesystem_of(as_path(out).expanduser())
     if filesystem.get_file_info(folder).type == pafs.FileType.File:
         raise DataError(f"{out}: exists and is not a folder (--out takes the folder for the masks)")
 
 
-def check_unique_names(locations: list[str]) -> None:
+def _check_unique_names(locations: list[str]) -> None:
     first: dict[str, str] = {}
     for location in locations:
         stem = as_path(location).stem
@@ -333,11 +326,33 @@ def check_unique_names(locations: list[str]) -> None:
         first[stem] = location
 
 
-def prediction_record(info: CheckpointInfo, weights: bytes, tta: str | None) -> dict[str, str]:
-    return {"checkpoint": str(info.path), "model_sha256": hashlib.sha256(weights).hexdigest(), "tta": tta or "none"}
+@dataclass(frozen=True)
+class CheckedPrediction:
+    locations: list[str]  # the input images, in order
+    model: LoadedModel
+    files: dict[str, bytes]  # the checkpoint's files, for actors on other nodes
+    record: dict[str, str]  # what makes the masks in the output folder: PREDICTION_RECORD
 
 
-def check_same_model(out: str | os.PathLike, record: dict[str, str]) -> None:
+def check_prediction(
+    checkpoint: str | os.PathLike | CheckpointInfo, inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
+    tta: str | None, device: str | torch.device = "cpu",
+) -> CheckedPrediction:
+    """Everything predict checks before it writes a file, cheapest first: tta, `out`, the input
+    listing and its names, the checkpoint, and that `out` holds no masks of other weights or tta."""
+    check_tta(tta)
+    _check_output_folder(out)  # a wrong --out must not cost a model load
+    locations = image_locations(inputs)
+    _check_unique_names(locations)
+    info = checkpoint if isinstance(checkpoint, CheckpointInfo) else read_checkpoint(checkpoint)
+    model = load_model(info, device)
+    files = checkpoint_files(info.path)  # model.pt read once more: hashed here, shipped by batch prediction
+    record = {"checkpoint": str(info.path), "model_sha256": hashlib.sha256(files[MODEL_FILE]).hexdigest(), "tta": tta or "none"}
+    _check_same_model(out, record)
+    return CheckedPrediction(locations, model, files, record)
+
+
+def _check_same_model(out: str | os.PathLike, record: dict[str, str]) -> None:
     """Masks already in `out` must come from the same weights and tta: a folder never mixes two models'."""
     filesystem, path = filesystem_of(join(out, PREDICTION_RECORD))
     if filesystem.get_file_info(path).type != pafs.FileType.File:
@@ -505,5 +520,4 @@ def _trace(whole: ImageModel, name: str, format: str):
                                          input_names=["images"], output_names=["probabilities"])
             return torch.export.export(whole, (example,), dynamic_shapes=dims)
     except Exception as err:  # export failures are model-specific; say which model
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
-        raise CheckpointError(f"{name}: cannot be exported as {format} ({reason})") from None
+        raise CheckpointError(f"{name}: cannot be exported as {format} ({first_line(err)})") from None

@@ -19,13 +19,10 @@ from typing import Callable, Sequence
 import numpy as np
 import pyarrow.fs as pafs
 
-from raytrain.checkpoints import MODEL_FILE, read_checkpoint
 from raytrain.data.location import as_path, filesystem_of, final_of_temporary, join
 from raytrain.errors import DataError, RaytrainError, one_line
-from raytrain.image_model import check_tta
 from raytrain.inference import (
-    PredictionSummary, check_output_folder, check_same_model, check_unique_names, checkpoint_files, image_locations,
-    load_model, load_model_from_files, mask_name, masks_and_overlays, overlay_name, prediction_record, read_rgb,
+    PredictionSummary, check_prediction, load_model_from_files, mask_name, masks_and_overlays, overlay_name, read_rgb,
     save_png, write_prediction_record, write_whole,
 )
 
@@ -42,23 +39,16 @@ def predict_on_cluster(
     already done there, predicted by `workers` model actors (one GPU each when the cluster has GPUs).
     Everything that can be checked is checked before the first file is written."""
     started = time.monotonic()
-    check_tta(tta)
-    check_output_folder(out)
-    locations = image_locations(inputs)
-    check_unique_names(locations)
-    info = read_checkpoint(checkpoint)
-    load_model(info, "cpu")  # a bad checkpoint fails here, once, not in every actor
-    files = checkpoint_files(info.path)  # read once: hashed here, shipped to every actor
-    record = prediction_record(info, files[MODEL_FILE], tta)
-    check_same_model(out, record)  # a rerun skips what is there as done
+    checked = check_prediction(checkpoint, inputs, out, tta)  # a bad checkpoint fails here, not in every actor
+    locations = checked.locations
     filesystem, folder = filesystem_of(out)
     present = filesystem.get_file_info(pafs.FileSelector(folder, allow_not_found=True))  # listed once: a bucket may hold millions
     done = _already_done(present, locations)
     todo = [location for location in locations if location not in done]
     filesystem.create_dir(folder, recursive=True)
-    write_prediction_record(out, record)
+    write_prediction_record(out, checked.record)
     _remove_leftover_temporaries(filesystem, present, todo)
-    unreadable = _run(todo, files, out, workers, batch_size, cpus_per_worker, progress, tta) if todo else []
+    unreadable = _run(todo, checked.files, out, workers, batch_size, cpus_per_worker, progress, tta) if todo else []
     listed = _write_unreadable_list(out, unreadable)
     return PredictionSummary(len(todo) - len(unreadable), len(done), tuple(unreadable), listed, time.monotonic() - started)
 

@@ -24,7 +24,8 @@ import raytrain  # noqa: E402
 from raytrain.checkpoints import save_checkpoint  # noqa: E402
 from raytrain.config import load_config, parse_size  # noqa: E402
 from raytrain.data.synthetic import write_synthetic_kitti  # noqa: E402
-from raytrain.launch import QUIET, ensure_ray  # noqa: E402
+from raytrain.console import QUIET
+from raytrain.launch.session import ensure_ray  # noqa: E402
 from raytrain.models import create_model  # noqa: E402
 
 MODEL = {"name": "unet", "base_channels": 8, "depth": 4}

@@ -128,7 +128,8 @@ def timed_fit(config, reports_file: Path, name: str) -> dict:
 
     import ray.train
 
-    from raytrain import launch
+    from raytrain.data.manifest import read_manifest
+    from raytrain.launch.trainer import make_trainer
 
     class ReportClock(ray.train.UserCallback):
         """Runs in the Train controller, another process: appends each report (time + rank 0's metrics) to a file."""
@@ -139,8 +140,9 @@ def timed_fit(config, reports_file: Path, name: str) -> dict:
 
     reports_file.unlink(missing_ok=True)
     started_wall, started = time.time(), time.perf_counter()
-    trainer = launch.make_trainer(config, storage_path=config.train.storage_path, name=name, callbacks=[ReportClock()])
-    trainer.fit()
+    run = make_trainer(config, read_manifest(config.data.path), storage_path=config.train.storage_path, name=name,
+                       callbacks=[ReportClock()])
+    run.fit()
     total = time.perf_counter() - started
     reports = [json.loads(line) for line in reports_file.read_text().splitlines()]
     times = [started_wall] + [report["time"] for report in reports]

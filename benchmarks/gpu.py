@@ -49,9 +49,10 @@ class TimedBatches:
 
 
 def run(config, mode: str, device: torch.device, epochs: int) -> dict:
+    from raytrain.data.manifest import read_manifest
     from raytrain.data.pipeline import build_datasets
     from raytrain.losses import create_loss
-    from raytrain.loop import create_optimizer, to_tensors, train_one_epoch
+    from raytrain.training.loop import create_optimizer, to_tensors, train_one_epoch
     from raytrain.models import create_model
 
     amp_dtype, channels_last = MODES[mode]
@@ -61,7 +62,7 @@ def run(config, mode: str, device: torch.device, epochs: int) -> dict:
         model = model.to(memory_format=torch.channels_last)
     loss_fn = create_loss(config.loss.name, num_classes=config.num_classes).to(device)
     optimizer = create_optimizer(config, model.parameters())
-    train = build_datasets(config)["train"]
+    train = build_datasets(config, read_manifest(config.data.path))["train"]
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -89,7 +90,7 @@ def run(config, mode: str, device: torch.device, epochs: int) -> dict:
 
 def model_alone(model, batch, loss_fn, optimizer, device, amp_dtype, channels_last, steps: int = 20) -> float:
     """Images/s of train steps on one batch that is already on the device: no data feeding at all."""
-    from raytrain.loop import autocast, forward, grad_scaler, train_step
+    from raytrain.training.loop import autocast, forward, grad_scaler, train_step
 
     batch = {name: tensor.to(device) for name, tensor in batch.items()}
     scaler, precision = grad_scaler(device, amp_dtype), autocast(device, amp_dtype)
@@ -126,7 +127,7 @@ def main() -> int:
 
     import ray
 
-    from raytrain import launch
+    from raytrain.launch import session
     from raytrain.config import load_config, parse_size
 
     size = parse_size(args.size)
@@ -142,7 +143,7 @@ def main() -> int:
     })
     by_cpus = {}
     for data_cpus in [int(n) for n in args.data_cpus.split(",")]:
-        launch.ensure_ray(data_cpus)  # the driver trains; Ray Data's tasks decode and augment on these
+        session.ensure_ray(data_cpus)  # the driver trains; Ray Data's tasks decode and augment on these
         runs = {mode: [] for mode in MODES}
         for repeat in range(args.repeats):
             for mode in MODES:

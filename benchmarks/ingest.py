@@ -26,10 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from common import emit, header, spread  # noqa: E402  (the JSON header; stdout kept for the result alone)
 from raytrain.config import load_config, parse_size  # noqa: E402
 from raytrain.data.pipeline import COLUMNS, ROWS_PER_TASK, augment_of, build_datasets  # noqa: E402
-from raytrain.data.shards import shard_paths, write_shards  # noqa: E402
+from raytrain.data.manifest import read_manifest
+from raytrain.data.shards import write_shards  # noqa: E402
 from raytrain.data.synthetic import write_synthetic_kitti  # noqa: E402
-from raytrain.data.transforms import to_model_input, transform_batch  # noqa: E402
-from raytrain.loop import to_tensors  # noqa: E402
+from raytrain.data.transforms import transform_batch
+from raytrain.models import to_model_input  # noqa: E402
+from raytrain.training.loop import to_tensors  # noqa: E402
 
 GOAL_RATIO = 1.0
 
@@ -91,9 +93,9 @@ def main() -> int:
         # address="local": a cluster of its own, even beside one that another job started here.
         ray.init(address="local", num_cpus=args.cpus, log_to_driver=False, include_dashboard=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
-        train = build_datasets(config)["train"]
+        train = build_datasets(config, read_manifest(config.data.path))["train"]
         loader = torch.utils.data.DataLoader(
-            ParquetShards(shard_paths(shards, "train"), size, augment_of(config)),
+            ParquetShards(read_manifest(shards).shard_paths("train"), size, augment_of(config)),
             batch_size=None, num_workers=args.cpus, persistent_workers=True, prefetch_factor=2,
             collate_fn=to_tensors,
         )

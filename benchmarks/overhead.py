@@ -28,11 +28,11 @@ import pyarrow.parquet as pq
 import torch
 
 from raytrain.config import load_config
-from raytrain.data.shards import read_manifest, shard_paths
+from raytrain.data.manifest import read_manifest
 from raytrain.data.pipeline import augment_of
 from raytrain.data.transforms import Augment, transform_sample
 from raytrain.losses import create_loss
-from raytrain.loop import create_optimizer, evaluate, train_one_epoch
+from raytrain.training.loop import create_optimizer, evaluate, train_one_epoch
 from raytrain.metrics import SegmentationMetrics
 from raytrain.models import create_model
 
@@ -49,11 +49,12 @@ def quickstart_config(shards: Path, storage: Path, epochs: int, threads: int):
 
 # --- the plain PyTorch side -----------------------------------------------------------------------
 
+
 class ShardRows(torch.utils.data.Dataset):
     """The Parquet rows of one split, transformed per sample exactly as the Ray Data pipeline does."""
 
     def __init__(self, dataset: Path, split: str, size, augment: Augment | None):
-        table = pq.read_table(shard_paths(dataset, split), columns=["image", "mask"])
+        table = pq.read_table(read_manifest(dataset).shard_paths(split), columns=["image", "mask"])
         self.images, self.masks = table["image"].to_pylist(), table["mask"].to_pylist()
         self.size, self.augment = size, augment
 
@@ -119,13 +120,13 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads = Ray cpus_per_worker")
     args = parser.parse_args()
 
-    from raytrain import launch
+    from raytrain.launch import session
 
     scratch = scratch_dir("overhead")
     log("making the quickstart data ...")
     shards = synthetic_shards(scratch)
     config = quickstart_config(shards, scratch / "ray_results", args.epochs, args.threads)
-    launch.ensure_ray(args.threads + 1)  # the worker's CPUs, plus one for Ray Data (as the DataLoader worker)
+    session.ensure_ray(args.threads + 1)  # the worker's CPUs, plus one for Ray Data (as the DataLoader worker)
     plain_runs, ray_runs = [], []
     for repeat in range(args.repeats):
         log(f"repeat {repeat + 1}/{args.repeats}: plain ...")
@@ -138,7 +139,7 @@ def main() -> int:
         log(f"  ray   {[round(r, 1) for r in ray_runs[-1]['images_per_s']]} images/s")
 
     plain, ray_side = steady_summary(plain_runs), steady_summary(ray_runs)
-    train_images = read_manifest(shards)["num_samples"]["train"]
+    train_images = read_manifest(shards).num_samples["train"]
     plain["steady_phases_s_median"] = phases(plain_runs, train_images)
     ray_side["steady_phases_s_median"] = phases(ray_runs, train_images)
     ratio = ray_side["steady_images_per_s_median"] / plain["steady_images_per_s_median"]

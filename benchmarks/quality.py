@@ -34,7 +34,8 @@ from pathlib import Path
 
 from common import NOISE_NOTE, camvid_root, emit, header, log, scratch_dir, synthetic_shards, timed_fit
 
-from raytrain import api, launch
+from raytrain import api
+from raytrain.launch import session
 from raytrain.config import load_config, parse_size
 from raytrain.data.formats import CAMVID_CLASSES
 from raytrain.data.shards import write_shards
@@ -143,7 +144,7 @@ def main() -> int:
 
     scratch = scratch_dir("quality")
     storage = scratch / "ray_results"
-    launch.ensure_ray(WORKERS + 1)  # one CPU per worker, one for Ray Data
+    session.ensure_ray(WORKERS + 1)  # one CPU per worker, one for Ray Data
     results = {}
     if not args.skip_quickstart:
         log("making the quickstart data ...")

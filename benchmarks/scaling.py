@@ -19,7 +19,7 @@ from common import (NOISE_NOTE, emit, header, log, scratch_dir, spread, steady_s
 
 import torch
 
-from raytrain import launch
+from raytrain.launch import session
 from raytrain.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ def main() -> int:
     scratch = scratch_dir("scaling")
     log("making the quickstart data ...")
     shards = synthetic_shards(scratch)
-    launch.ensure_ray(max(args.workers) + 1)
+    session.ensure_ray(max(args.workers) + 1)
     runs = {n: [] for n in args.workers}
     for repeat in range(args.repeats):
         for workers in args.workers:

@@ -41,7 +41,7 @@ from pathlib import Path
 from common import NOISE_NOTE, emit, header, log, scratch_dir, spread, synthetic_shards
 
 import raytrain
-from raytrain import launch
+from raytrain.launch import session
 from raytrain.config import load_config
 
 GOAL_COMPUTE_FRACTION = 0.40
@@ -166,7 +166,7 @@ def main() -> int:
     # One per concurrent 1-worker trial, and two for Ray Data: with only one, the trials' token CPU
     # shares (0.01 each) leave 0.98 free and no 1-CPU decode task can start (the search hangs).
     num_cpus = MAX_CONCURRENT + 2
-    launch.ensure_ray(num_cpus)  # one cluster for every search: raytrain.tune joins it
+    session.ensure_ray(num_cpus)  # one cluster for every search: raytrain.tune joins it
     rows = []
     for index in range(args.repeats):
         seed = args.first_seed + index

@@ -80,7 +80,9 @@ def in_process(checkpoint: str, bodies: list[bytes], batch: int) -> dict:
     """decode + predict, `batch` images per call, timed per call (each image's latency is its call's)."""
     import torch
 
-    from raytrain.inference import decode_image, load_model, predict
+    from raytrain.data.images import decode_image
+    from raytrain.inference.loading import load_model
+    from raytrain.inference.prediction import predict
 
     torch.set_num_threads(1)
     model = load_model(checkpoint)
@@ -104,7 +106,8 @@ def main() -> None:
     from ray import serve
 
     from raytrain import api
-    from raytrain.launch import QUIET, _free_port, ensure_ray
+    from raytrain.console import QUIET
+    from raytrain.launch.session import ensure_ray, free_port
 
     width, height = map(int, args.size.split("x"))
     rng = np.random.default_rng(0)
@@ -122,7 +125,7 @@ def main() -> None:
     for replicas, batch, clients in SETTINGS:
         clients = clients or args.concurrency
         log(f"serving: {replicas} replica(s), max batch size {batch}, {clients} client(s)")
-        port = _free_port()
+        port = free_port()
         api.serve(checkpoint, replicas=replicas, port=port, max_batch_size=batch)
         try:
             result["served"].append({"replicas": replicas, "max_batch_size": batch, "clients": clients,

@@ -26,8 +26,8 @@ _EXPORTS = {
     "Config": "raytrain.config",
     "load_config": "raytrain.config",
     "CheckpointInfo": "raytrain.checkpoints",
-    "LoadedModel": "raytrain.inference",
-    "PredictionSummary": "raytrain.inference",
+    "LoadedModel": "raytrain.inference.loading",
+    "PredictionSummary": "raytrain.inference.files",
     "RaytrainError": "raytrain.errors",
 }
 __all__ = sorted(_EXPORTS)

@@ -1,6 +1,8 @@
 """The Python API: one function for each `raytrain` command, with the same arguments.
 
-A thin facade: the work is done in experiments, launch, inference, reporting and data.
+A thin facade over the floors below (experiments, launch, inference, reporting, data). The CLI is
+built from it: its choices are the constants here, its defaults these functions' defaults, and
+every rule it enforces on an argument (errors.Rule), the function here enforces too.
 """
 from __future__ import annotations
 
@@ -10,12 +12,23 @@ from pathlib import Path
 from typing import Any
 
 from raytrain import experiments
-from raytrain.checkpoints import CheckpointInfo, cache_dir
-from raytrain.config import Config, load_config, shipped_configs
+from raytrain.checkpoints import MODEL_FILE, CheckpointInfo, cache_dir, read_checkpoint
+from raytrain.config import Config, load_config, parse_size, shipped_configs
 from raytrain.console import EPOCH_LINES, QUIET
-from raytrain.errors import RaytrainError
+from raytrain.data.formats import FORMATS
+from raytrain.data.manifest import MANIFEST, SPLITS  # noqa: F401 - for the CLI
+from raytrain.data.shards import ROWS_PER_SHARD, write_shards
+from raytrain.data.synthetic import write_synthetic_kitti
+from raytrain.errors import NON_NEGATIVE, PORT, POSITIVE, RaytrainError
+from raytrain.inference import EXPORT_FORMATS, TTA_CHOICES  # noqa: F401 - for the CLI
+from raytrain.selection import MODES  # noqa: F401 - for the CLI
+from raytrain.storage.paths import filesystem_of
+
 # The quickstart's synthetic set: small enough to make, shard and learn on 2 CPU cores in minutes.
 QUICKSTART_COUNT, QUICKSTART_SIZE, QUICKSTART_SEED = 400, (192, 64), 0
+SHARD_FORMATS = tuple(FORMATS)  # data shard --format
+# The CLI's other choices, named here for it: SPLITS (evaluate --split), MODES (--mode),
+# TTA_CHOICES (--tta), EXPORT_FORMATS (export --format).
 
 ConfigSource = str | os.PathLike | dict | Config
 Overrides = dict[str, Any] | list[str] | None
@@ -36,32 +49,49 @@ def tune(config: ConfigSource, overrides: Overrides = None, *, resume: bool | st
     return _launch("tune", config, overrides, resume, dry_run, num_cpus, verbosity)
 
 
+def resolved_config(config: ConfigSource, overrides: Overrides = None, *, kind: str = "train",
+                    resume: bool | str | os.PathLike = False) -> Config:
+    """The config that train or tune (`kind`) runs with these arguments: `config` with the overrides,
+    or when resuming, the experiment's own config with the overrides on top."""
+    return _run_config(kind, load_config(config, overrides), overrides, resume)[0]
+
+
+def _run_config(kind: str, config: Config, overrides: Overrides, resume) -> tuple[Config, str | None]:
+    """(the config to run, the experiment to resume or None)."""
+    if not resume:
+        return config, None
+    experiment = experiments.to_resume(config, kind, resume)
+    # The run goes on as it started: its own config, with this call's overrides on top.
+    started = experiments.experiment_config(experiment)
+    config = load_config(started, overrides)
+    experiments.check_resumable(experiment, extended=kind == "train" and config.train.epochs > started.train.epochs)
+    return config, experiment
+
+
 def _launch(kind, source, overrides, resume, dry_run, num_cpus, verbosity):
-    config = load_config(source, overrides)
-    if resume:
-        experiment = experiments.to_resume(config, kind, resume)
-        # The run goes on as it started: its own config, with this call's overrides on top.
-        started = experiments.experiment_config(experiment)
-        config = load_config(started, overrides)
-        experiments.check_resumable(experiment, extended=kind == "train" and config.train.epochs > started.train.epochs)
+    _optional(POSITIVE, "num_cpus", num_cpus)
+    config, experiment = _run_config(kind, load_config(source, overrides), overrides, resume)
     from raytrain.preflight import check_ready, local_cluster_cpus, plan
 
+    cpus = local_cluster_cpus(config, kind, num_cpus)  # once: what is checked is what starts
     if dry_run:
-        where = experiment if resume else f"{experiments.name_folder(config)}/{time.strftime(experiments.STAMP)}"
-        return {**plan(config, kind, num_cpus), "experiment": where, "resume": bool(resume)}
-    check_ready(config, local_cluster_cpus(config, kind, num_cpus), search=kind == "tune")  # before anything is written
-    from raytrain import launch
+        where = experiment or f"{experiments.name_folder(config)}/{time.strftime(experiments.STAMP)}"
+        return {**plan(config, kind, cpus), "experiment": where, "resume": bool(resume)}
+    manifest = check_ready(config, cpus, search=kind == "tune")  # before anything is written
+    if kind == "train":
+        from raytrain.launch.trainer import run_training as run
+    else:
+        from raytrain.launch.tuner import run_search as run
 
-    if resume:
+    if experiment:
         experiments.mark(experiment, experiments.RUNNING)
     else:
         experiment = experiments.create_experiment(config, kind)
     if verbosity >= EPOCH_LINES:
         print(f"experiment: {experiment}", flush=True)
-    run = launch.train if kind == "train" else launch.tune
     extra = {"resume": bool(resume)} if kind == "tune" else {}
     try:
-        result = run(config, experiment, num_cpus=num_cpus, verbosity=verbosity, **extra)
+        result = run(config, manifest, experiment, num_cpus=cpus, verbosity=verbosity, **extra)
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (Ray's handler exits)
         experiments.mark(experiment, experiments.INTERRUPTED)
         raise
@@ -80,11 +110,15 @@ runs = experiments.runs
 def __getattr__(name):
     """load_model (a LoadedModel: the eval-mode module, its config and classes; no Ray needed) and
     predict (probabilities at each image's own size), straight from inference. Imported on first use:
-    inference imports torch, which takes seconds, and a bad config at the CLI is answered without it."""
-    if name in ("load_model", "predict"):
-        from raytrain import inference
+    they import torch, which takes seconds, and a bad config at the CLI is answered without it."""
+    if name == "load_model":
+        from raytrain.inference.loading import load_model
 
-        return getattr(inference, name)
+        return load_model
+    if name == "predict":
+        from raytrain.inference.prediction import predict
+
+        return predict
     raise AttributeError(f"module 'raytrain.api' has no attribute {name!r}")
 
 
@@ -92,28 +126,32 @@ def evaluate(checkpoint: str | os.PathLike | CheckpointInfo, data: str | os.Path
              device: str = "cpu", tta: str | None = None) -> dict:
     """Every metric of a checkpoint on one split of a sharded dataset, at each image's own size;
     tta="flip" scores the mean of each image's and its mirror image's probabilities."""
-    from raytrain import inference
+    from raytrain.inference.evaluation import evaluate_checkpoint
 
-    return inference.evaluate_checkpoint(checkpoint, data, split=split, device=device, tta=tta)
+    return evaluate_checkpoint(checkpoint, data, split=split, device=device, tta=tta)
 
 
 def predict_folder(checkpoint: str | os.PathLike | CheckpointInfo, inputs: str | os.PathLike | list, out: str | os.PathLike, *,
-                   workers: int | None = None, device: str = "cpu", batch_size: int = 8, cpus_per_worker: float = 1,
+                   workers: int | None = None, device: str | None = None, batch_size: int = 8, cpus_per_worker: float = 1,
                    progress=None, tta: str | None = None):
     """`<name>_mask.png` and `<name>_overlay.png` in `out` for every image in `inputs` (files or
-    folders); returns a PredictionSummary. Without `workers`: in this process on `device`, every
-    input checked before anything is written. With `workers=N`: on the Ray cluster (RAY_ADDRESS, or
-    a local one), N model actors, one GPU each where the cluster has GPUs; inputs and `out` may be
-    URIs, images already done in `out` are skipped, unreadable ones skipped and listed. tta: as for predict."""
-    from raytrain import inference
-
+    folders); returns a PredictionSummary. Without `workers`: in this process on `device` (default
+    cpu), every input checked before anything is written. With `workers=N`: on the Ray cluster
+    (RAY_ADDRESS, or a local one), N model actors, one GPU each where the cluster has GPUs, so no
+    `device`; inputs and `out` may be URIs, images already done in `out` are skipped, unreadable
+    ones skipped and listed. tta: as for predict."""
+    _optional(POSITIVE, "workers", workers)
+    POSITIVE.check("batch_size", batch_size)
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     if workers is None:
-        started = time.monotonic()
-        written = inference.predict_files(checkpoint, inputs, out, device=device, batch_size=batch_size, progress=progress,
-                                          tta=tta)
-        return inference.PredictionSummary(len(written) // 2, seconds=time.monotonic() - started)
-    from raytrain.data.batch_inference import predict_on_cluster
+        from raytrain.inference.files import predict_files
+
+        return predict_files(checkpoint, inputs, out, device=device or "cpu", batch_size=batch_size, progress=progress,
+                             tta=tta)
+    if device is not None:
+        raise RaytrainError("device is for a run in this process; with workers, each worker takes a GPU when the "
+                            "cluster has them")
+    from raytrain.inference.cluster import predict_on_cluster
 
     checkpoint = checkpoint.path if isinstance(checkpoint, CheckpointInfo) else checkpoint
     return predict_on_cluster(checkpoint, inputs, out, workers=workers, batch_size=batch_size,
@@ -123,11 +161,11 @@ def predict_folder(checkpoint: str | os.PathLike | CheckpointInfo, inputs: str |
 def export(checkpoint: str | os.PathLike | CheckpointInfo, out: str | os.PathLike | None = None, *,
            format: str = "torchscript", tta: str | None = None) -> Path:
     """The checkpoint as a file that loads with torch (or onnxruntime) alone: uint8 images in,
-    probabilities at their size out (README: Export); returns its path. Without `out`, the file
+    probabilities at their size out (docs: Export); returns its path. Without `out`, the file
     goes beside the checkpoint's own (a remote checkpoint needs `out`)."""
-    from raytrain import inference
+    from raytrain.inference.exporting import default_export_path, export_model
 
-    return inference.export_model(checkpoint, out or inference.default_export_path(checkpoint, format), format, tta)
+    return export_model(checkpoint, out or default_export_path(checkpoint, format), format, tta)
 
 
 def serve(checkpoint: str | os.PathLike | CheckpointInfo, *, replicas: int = 1, gpus_per_replica: float = 0,
@@ -136,19 +174,23 @@ def serve(checkpoint: str | os.PathLike | CheckpointInfo, *, replicas: int = 1, 
     """A checkpoint (or an experiment's best, by `metric`) behind an HTTP endpoint on Ray Serve, on
     the cluster in RAY_ADDRESS or a new local one; returns a serving.Server (`.url`, `.handle`,
     `.shutdown()`). POST a PNG or JPEG to the URL for its mask (see raytrain.serving). tta: as for predict."""
+    POSITIVE.check("replicas", replicas)
+    NON_NEGATIVE.check("gpus_per_replica", gpus_per_replica)
+    PORT.check("port", port)
+    POSITIVE.check("max_batch_size", max_batch_size)
+    NON_NEGATIVE.check("batch_wait_timeout_s", batch_wait_timeout_s)
+    _optional(POSITIVE, "num_cpus", num_cpus)
     import pyarrow.fs as pafs
-
-    from raytrain import inference
-    from raytrain.checkpoints import MODEL_FILE, read_checkpoint
-    from raytrain.data.location import filesystem_of
-    from raytrain.image_model import check_tta
 
     if not isinstance(checkpoint, CheckpointInfo):
         filesystem, path = filesystem_of(os.fspath(checkpoint))
         is_checkpoint = filesystem.get_file_info(f"{path}/{MODEL_FILE}").type == pafs.FileType.File
         checkpoint = read_checkpoint(checkpoint) if is_checkpoint else best_checkpoint(checkpoint, metric, mode)
+    from raytrain.inference.image_model import check_tta
+    from raytrain.inference.loading import load_model
+
     check_tta(tta)
-    inference.load_model(checkpoint)  # a bad checkpoint is a one-line error here, not a failed replica
+    load_model(checkpoint)  # a bad checkpoint is a one-line error here, not a failed replica
     try:
         from raytrain import serving
     except ImportError as err:
@@ -167,21 +209,24 @@ def report(experiment: str | os.PathLike, out: str | os.PathLike, *, metric: str
 
 def shard(src: str | os.PathLike, format: str, out: str | os.PathLike, *, classes: list[str] | None = None,
           val_fraction: float = 0.2, seed: int = 0, skip_bad: bool = False, on_skip=None,
-          group_by: str | None = None, val_groups: list[str] | None = None, rows_per_shard: int | None = None) -> dict:
+          group_by: str | None = None, val_groups: list[str] | None = None, rows_per_shard: int = ROWS_PER_SHARD) -> dict:
     """Validate a dataset and write Parquet shards with manifest.json; returns the manifest.
     `group_by` (a regex on sample ids) splits by whole groups: `val_groups`, or about `val_fraction`.
-    rows_per_shard: samples per file (default 32); each file is one read task of the pipeline."""
-    from raytrain.data.shards import ROWS_PER_SHARD, write_shards
-
-    return write_shards(src, format, out, val_fraction=val_fraction, seed=seed, skip_bad=skip_bad,
-                        classes=classes, on_skip=on_skip, group_by=group_by, val_groups=val_groups,
-                        rows_per_shard=rows_per_shard or ROWS_PER_SHARD)
+    rows_per_shard: samples per file; each file is one read task of the pipeline."""
+    POSITIVE.check("rows_per_shard", rows_per_shard)
+    manifest = write_shards(src, format, out, val_fraction=val_fraction, seed=seed, skip_bad=skip_bad,
+                            classes=classes, on_skip=on_skip, group_by=group_by, val_groups=val_groups,
+                            rows_per_shard=rows_per_shard)
+    return manifest.model_dump(mode="json", exclude_none=True)
 
 
 def synth(out: str | os.PathLike, count: int = 200, *, seed: int = 0, size: tuple[int, int] = (384, 128)) -> Path:
     """Synthetic road scenes in the KITTI road layout; returns the folder."""
-    from raytrain.data.synthetic import write_synthetic_kitti
-
+    POSITIVE.check("count", count)
+    try:
+        size = parse_size(size)
+    except ValueError as err:
+        raise RaytrainError(f"size: {err}") from None
     try:
         return write_synthetic_kitti(out, count, seed=seed, size=size)
     except FileExistsError:
@@ -192,8 +237,7 @@ def quickstart(data_dir: str | os.PathLike | None = None, overrides: Overrides =
                num_cpus: int | None = None, verbosity: int = QUIET) -> CheckpointInfo:
     """Synthetic scenes -> shards -> the quickstart search; returns its best checkpoint
     (`.experiment` is the search's directory). Data already made in data_dir is reused."""
-    from raytrain.data.shards import MANIFEST
-
+    _optional(POSITIVE, "num_cpus", num_cpus)
     data_dir = Path(data_dir or cache_dir()).expanduser()
     raw, shards = data_dir / "synthetic", data_dir / "synthetic_shards"
     if not (shards / MANIFEST).is_file():
@@ -215,3 +259,8 @@ def list_configs() -> list[str]:
 def show_config(config: ConfigSource, overrides: Overrides = None) -> str:
     """The fully resolved config as YAML, overrides applied."""
     return load_config(config, overrides).to_yaml()
+
+
+def _optional(rule, name: str, value) -> None:
+    if value is not None:
+        rule.check(name, value)

@@ -1,4 +1,6 @@
-"""`raytrain` on the command line: a thin shell over the Python API.
+"""`raytrain` on the command line: a thin shell over the Python API, built from it. Its choices are
+the API's constants, its defaults the API functions' defaults, and its argument types the rules
+the API enforces too (errors.Rule).
 
 Errors in the user's input print as one line, `raytrain: error: ...`, with exit code 2.
 """
@@ -6,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
-import math
 import os
 import signal
 import sys
@@ -15,13 +17,13 @@ import threading
 import time
 import warnings
 
-from raytrain.errors import RaytrainError, one_line
+from raytrain import api
+from raytrain.config import parse_size
+from raytrain.console import EPOCH_LINES, QUIET, RAY_LOGS
+from raytrain.errors import FRACTION, NON_NEGATIVE, PORT, POSITIVE, RaytrainError, Rule, one_line
 
 
 def _synth(args) -> None:
-    from raytrain import api
-    from raytrain.config import parse_size
-
     try:
         size = parse_size(args.size)
     except ValueError as err:
@@ -33,8 +35,6 @@ def _synth(args) -> None:
 
 
 def _shard(args) -> None:
-    from raytrain import api
-
     def on_skip(message: str) -> None:
         print(f"skipped: {one_line(message)}", file=sys.stderr)
 
@@ -49,14 +49,10 @@ def _shard(args) -> None:
 
 
 def _verbosity(args) -> int:
-    from raytrain.console import EPOCH_LINES, QUIET, RAY_LOGS
-
     return QUIET if args.quiet else RAY_LOGS if args.verbose else EPOCH_LINES
 
 
 def _launch(args, kind: str):
-    from raytrain import api
-
     run = api.train if kind == "train" else api.tune
     result = run(args.config, args.set, resume=args.resume, dry_run=args.dry_run, num_cpus=args.num_cpus,
                  verbosity=_verbosity(args))
@@ -83,17 +79,16 @@ def _train(args) -> None:
 
 
 def _tune(args) -> None:
+    # The config the search runs with (a resumed one's own): what the table ranks by.
+    search = None if args.dry_run else api.resolved_config(args.config, args.set, kind="tune", resume=args.resume).search
     grid = _launch(args, "tune")
-    if args.dry_run:
-        return
-    from raytrain.config import load_config
-
-    _print_search(grid.experiment_path, load_config(args.config, args.set).search)
+    if not args.dry_run:
+        _print_search(grid.experiment_path, search)
 
 
 def _print_search(experiment: str, search) -> None:
-    from raytrain.checkpoints import best_checkpoint_in
     from raytrain.reporting import trials_table
+    from raytrain.selection import best_checkpoint_in
 
     print(trials_table(experiment, search.metric, search.mode))
     best = best_checkpoint_in(experiment, search.metric, search.mode)
@@ -103,8 +98,6 @@ def _print_search(experiment: str, search) -> None:
 
 
 def _quickstart(args) -> None:
-    from raytrain import api
-
     started = time.perf_counter()
     best = api.quickstart(args.data_dir, args.set, num_cpus=args.num_cpus, verbosity=_verbosity(args))
     _print_search(best.experiment, best.config.search)
@@ -124,8 +117,6 @@ def _notes():
 
 
 def _best(args) -> None:
-    from raytrain import api
-
     with _notes():
         best = api.best_checkpoint(args.experiment, args.metric, args.mode)
     if args.json:
@@ -136,8 +127,6 @@ def _best(args) -> None:
 
 
 def _runs(args) -> None:
-    from raytrain import api
-
     found = api.runs(args.storage)
     if args.json:
         print(json.dumps([run.to_dict() for run in found], indent=2))
@@ -151,26 +140,18 @@ def _runs(args) -> None:
 
 
 def _configs(args) -> None:
-    from raytrain import api
-
     print("\n".join(api.list_configs()))
 
 
 def _config_show(args) -> None:
-    from raytrain import api
-
     print(api.show_config(args.config, args.set), end="")
 
 
 def _report(args) -> None:
-    from raytrain import api
-
     print(api.report(args.experiment, args.out, metric=args.metric, mode=args.mode))
 
 
 def _evaluate(args) -> None:
-    from raytrain import api
-
     metrics = api.evaluate(args.checkpoint, args.data, split=args.split, device=args.device, tta=args.tta)
     if args.json:
         print(json.dumps(metrics))
@@ -180,17 +161,14 @@ def _evaluate(args) -> None:
 
 
 def _predict(args) -> None:
-    from raytrain import api
     from raytrain.console import progress_bar, progress_lines
 
     if args.workers is None:
-        summary = api.predict_folder(args.checkpoint, args.inputs, args.out, device=args.device or "cpu",
+        summary = api.predict_folder(args.checkpoint, args.inputs, args.out, device=args.device,
                                      batch_size=args.batch_size, progress=progress_bar("predict"), tta=args.tta)
         print(f"wrote {summary.written} masks and overlays to {args.out}")
         return
-    if args.device:
-        raise RaytrainError("--device is for a run in this process; with --workers each worker takes a GPU when the cluster has them")
-    summary = api.predict_folder(args.checkpoint, args.inputs, args.out, workers=args.workers,
+    summary = api.predict_folder(args.checkpoint, args.inputs, args.out, workers=args.workers, device=args.device,
                                  batch_size=args.batch_size, progress=progress_lines("predict"), tta=args.tta)
     print(f"wrote {summary.written} masks and overlays to {args.out} ({summary.images_per_s:.1f} images/s); "
           f"skipped {summary.already_done} already done")
@@ -201,8 +179,6 @@ def _predict(args) -> None:
 
 def _serve(args) -> None:
     import logging
-
-    from raytrain import api
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # no INFO lines on deploying and shutting down
     with _notes():  # which experiment's best, when given a name's folder
@@ -223,32 +199,38 @@ def _serve(args) -> None:
     print("raytrain: stopped serving", file=sys.stderr)
 
 
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 <= value < math.inf:  # nan fails too
-        raise argparse.ArgumentTypeError(f"expected a number of 0 or more, got {text!r}")
-    return value
+def _typed(rule: Rule):
+    """An argparse type for `rule`: the text converted, then checked as the API checks the value."""
+
+    def parse(text: str):
+        try:
+            value = rule.convert(text)
+        except ValueError:
+            value = None
+        if value is None or not rule.holds(value):
+            raise argparse.ArgumentTypeError(f"expected {rule.expected}, got {text!r}")
+        return value
+
+    parse.__name__ = rule.expected  # argparse names the type in some of its messages
+    return parse
 
 
-def _port(text: str) -> int:
-    if not text.strip().isdigit() or not 0 < int(text) < 65536:
-        raise argparse.ArgumentTypeError(f"expected a TCP port from 1 to 65535, got {text!r}")
-    return int(text)
+_positive_int, _non_negative_float, _fraction, _port = map(_typed, (POSITIVE, NON_NEGATIVE, FRACTION, PORT))
+
+
+def _default(function, parameter: str):
+    """The API's default for one of its arguments: the CLI's default too."""
+    return inspect.signature(function).parameters[parameter].default
 
 
 def _export(args) -> None:
-    from raytrain import api
-
     print(api.export(args.checkpoint, args.out, format=args.format, tta=args.tta))
 
 
 def _device(text: str) -> str:
     if text == "cpu":  # the default: no torch import just to parse the command line
         return text
-    from raytrain.inference import check_device
+    from raytrain.inference.loading import check_device
 
     try:
         check_device(text)
@@ -257,26 +239,9 @@ def _device(text: str) -> str:
     return text
 
 
-def _positive_int(text: str) -> int:
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
-    return int(text)
-
-
 def _names(text: str) -> list[str]:
     """A comma-separated list: `road,car` -> ["road", "car"]."""
     return [name.strip() for name in text.split(",") if name.strip()]
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    # 0 asks for no val split on purpose (all train); nan fails both comparisons.
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number from 0 up to (not including) 1, got {text!r}")
-    return value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -344,20 +309,21 @@ def _add_data_commands(commands) -> None:
     data = commands.add_parser("data", help="make and shard datasets").add_subparsers(dest="data_command", required=True)
     synth = data.add_parser("synth", help="write synthetic road scenes in the KITTI road layout")
     synth.add_argument("--out", required=True)
-    synth.add_argument("--count", type=_positive_int, default=200)
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--size", default="384x128", help="WIDTHxHEIGHT")
+    synth.add_argument("--count", type=_positive_int, default=_default(api.synth, "count"))
+    synth.add_argument("--seed", type=int, default=_default(api.synth, "seed"))
+    synth.add_argument("--size", default="x".join(map(str, _default(api.synth, "size"))), help="WIDTHxHEIGHT")
     synth.set_defaults(func=_synth)
     shard = data.add_parser("shard", help="validate a dataset and write Parquet shards with a manifest")
     shard.add_argument("src", help="dataset folder: a local path or a URI (file://, s3://, gs://, ...)")
-    shard.add_argument("--format", required=True, choices=["kitti", "camvid", "folder"])
+    shard.add_argument("--format", required=True, choices=api.SHARD_FORMATS)
     shard.add_argument(
         "--classes", type=_names, default=None,
         help="comma-separated target classes: one (e.g. road; kitti: road or lane) for a binary mask; default all classes",
     )
     shard.add_argument("--out", required=True, help="output folder, local or a URI; written atomically")
-    shard.add_argument("--val-fraction", type=_fraction, default=0.2, help="share of samples in val: 0 (no val split) up to, not including, 1")
-    shard.add_argument("--seed", type=int, default=0)
+    shard.add_argument("--val-fraction", type=_fraction, default=_default(api.shard, "val_fraction"),
+                       help="share of samples in val: 0 (no val split) up to, not including, 1")
+    shard.add_argument("--seed", type=int, default=_default(api.shard, "seed"))
     shard.add_argument(
         "--group-by", metavar="REGEX",
         help="regex on the sample id naming its group (e.g. '^[^_]+': CamVid's drive, KITTI's category); "
@@ -369,38 +335,40 @@ def _add_data_commands(commands) -> None:
     )
     shard.add_argument("--skip-bad", action="store_true", help="skip bad samples (listed) instead of stopping")
     shard.add_argument(
-        "--rows-per-shard", type=_positive_int, metavar="N",
-        help="samples per Parquet file (default 32); each file is one read task, so smaller files let more CPUs decode",
+        "--rows-per-shard", type=_positive_int, metavar="N", default=_default(api.shard, "rows_per_shard"),
+        help="samples per Parquet file (default %(default)s); each file is one read task, so smaller files let more CPUs decode",
     )
     shard.set_defaults(func=_shard)
 
 
 def _with_tta(sub) -> None:
-    # The choices are image_model.TTA_CHOICES, written out: importing it would import torch.
-    sub.add_argument("--tta", choices=["flip"], help="test-time augmentation: flip averages each image with its mirror image")
+    sub.add_argument("--tta", choices=api.TTA_CHOICES, help="test-time augmentation: flip averages each image with its mirror image")
+
+
+def _with_metric(sub, function, help: str | None = None) -> None:
+    sub.add_argument("--metric", default=_default(function, "metric"), help=help)
+    sub.add_argument("--mode", default=_default(function, "mode"), choices=api.MODES)
 
 
 def _add_result_commands(commands) -> None:
     """best, report, evaluate, predict, export: what a finished run gives."""
     best = commands.add_parser("best", help="the best checkpoint of an experiment")
     best.add_argument("experiment", help="an experiment directory, or a name's folder (its latest experiment)")
-    best.add_argument("--metric", default="val_iou")
-    best.add_argument("--mode", default="max", choices=["min", "max"])
+    _with_metric(best, api.best_checkpoint)
     best.add_argument("--json", action="store_true")
     best.set_defaults(func=_best)
 
     report = commands.add_parser("report", help="PNG plots, the best model's overlays and index.html of an experiment")
     report.add_argument("experiment")
     report.add_argument("--out", required=True, help="folder for the PNGs and index.html")
-    report.add_argument("--metric", default="val_iou")
-    report.add_argument("--mode", default="max", choices=["min", "max"])
+    _with_metric(report, api.report)
     report.set_defaults(func=_report)
 
     evaluate = commands.add_parser("evaluate", help="every metric of a checkpoint on a sharded dataset")
     evaluate.add_argument("checkpoint")
     evaluate.add_argument("data", help="a sharded dataset (the folder or URI with manifest.json)")
-    evaluate.add_argument("--split", default="val", choices=["train", "val"])
-    evaluate.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ...")
+    evaluate.add_argument("--split", default=_default(api.evaluate, "split"), choices=api.SPLITS)
+    evaluate.add_argument("--device", type=_device, default=_default(api.evaluate, "device"), help="cpu, cuda, cuda:1, ...")
     evaluate.add_argument("--json", action="store_true")
     _with_tta(evaluate)
     evaluate.set_defaults(func=_evaluate)
@@ -415,13 +383,14 @@ def _add_result_commands(commands) -> None:
         help="predict on the Ray cluster (RAY_ADDRESS, or a local one) with N model actors, one GPU each when it has GPUs; "
              "images already done in --out are skipped, unreadable ones skipped and listed",
     )
-    predict.add_argument("--batch-size", type=_positive_int, default=8, help="images per model call")
+    predict.add_argument("--batch-size", type=_positive_int, default=_default(api.predict_folder, "batch_size"),
+                         help="images per model call")
     _with_tta(predict)
     predict.set_defaults(func=_predict)
 
     export = commands.add_parser("export", help="a checkpoint as a TorchScript, torch.export or ONNX file")
     export.add_argument("checkpoint")
-    export.add_argument("--format", default="torchscript", choices=["torchscript", "torch.export", "onnx"],
+    export.add_argument("--format", default=_default(api.export, "format"), choices=api.EXPORT_FORMATS,
                         help="onnx needs pip install 'raytrain[onnx]'")
     export.add_argument("--out", help="default: CHECKPOINT/model.torchscript.pt (model.pt2, model.onnx); required for a remote CHECKPOINT")
     _with_tta(export)
@@ -432,15 +401,17 @@ def _add_result_commands(commands) -> None:
 def _add_serve_command(commands) -> None:
     serve = commands.add_parser("serve", help="a checkpoint over HTTP on Ray Serve: POST an image, get its mask")
     serve.add_argument("checkpoint", help="a checkpoint, or an experiment (its best checkpoint by --metric)")
-    serve.add_argument("--replicas", type=_positive_int, default=1, help="model replicas, one CPU each")
-    serve.add_argument("--gpus-per-replica", type=_non_negative_float, default=0, help="GPUs per replica (may be a fraction)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    serve.add_argument("--port", type=_port, default=8000)
-    serve.add_argument("--max-batch-size", type=_positive_int, default=8, help="requests per model call (1: no batching)")
-    serve.add_argument("--batch-wait-timeout-s", type=_non_negative_float, default=0.01,
+    serve.add_argument("--replicas", type=_positive_int, default=_default(api.serve, "replicas"),
+                       help="model replicas, one CPU each")
+    serve.add_argument("--gpus-per-replica", type=_non_negative_float, default=_default(api.serve, "gpus_per_replica"),
+                       help="GPUs per replica (may be a fraction)")
+    serve.add_argument("--host", default=_default(api.serve, "host"), help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=_port, default=_default(api.serve, "port"))
+    serve.add_argument("--max-batch-size", type=_positive_int, default=_default(api.serve, "max_batch_size"),
+                       help="requests per model call (1: no batching)")
+    serve.add_argument("--batch-wait-timeout-s", type=_non_negative_float, default=_default(api.serve, "batch_wait_timeout_s"),
                        help="how long a batch waits to fill before it runs")
-    serve.add_argument("--metric", default="val_iou", help="picks an experiment's best checkpoint")
-    serve.add_argument("--mode", default="max", choices=["min", "max"])
+    _with_metric(serve, api.serve, help="picks an experiment's best checkpoint")
     serve.add_argument("--num-cpus", type=_positive_int, help="logical CPUs of a local Ray cluster (ignored with RAY_ADDRESS)")
     _with_tta(serve)
     serve.set_defaults(func=_serve)

@@ -18,51 +18,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from raytrain.data.location import is_uri
-from raytrain.errors import ConfigError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-
-class _NoAliasLoader(yaml.SafeLoader):
-    """SafeLoader without aliases: `*name` repeats a node by reference, so a few lines of nested
-    aliases expand to billions of entries once validated, dumped or copied. raytrain's YAML never needs them."""
-
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            raise _AliasRefused(None, None, "YAML aliases (*name) are not allowed", self.peek_event().start_mark)
-        return super().compose_node(parent, index)
-
-
-class _AliasRefused(yaml.composer.ComposerError):
-    pass
-
-
-def load_yaml(text: str, source: Any, error: type[Exception] = ConfigError) -> Any:
-    """Parse YAML that raytrain reads (configs, --set values, class maps, saved configs) safely and
-    without aliases; any problem is `error` naming `source` and the line."""
-    try:
-        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}:" if mark else ""
-        problem = getattr(err, "problem", None) or " ".join(str(err).split())
-        what = problem if isinstance(err, _AliasRefused) else f"not valid YAML ({problem})"
-        raise error(f"{source}:{where} {what}") from None
-
-
-def load_yaml_file(path: Any, error: type[Exception] = ConfigError) -> Any:
-    """`load_yaml` of a file: one that cannot be read, or is not UTF-8 text (a binary file, UTF-16),
-    is `error` naming it, like a YAML mistake."""
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise error(f"{path}: cannot read it ({err.strerror or ' '.join(str(err).split())})") from None
-    try:
-        text = data.decode("utf-8-sig")  # a UTF-8 byte order mark is harmless, so allowed
-    except UnicodeDecodeError as err:
-        utf16 = " (it is UTF-16)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
-        raise error(f"{path}: not UTF-8 text{utf16}, byte {err.start} is {data[err.start]:#04x}; raytrain reads YAML in UTF-8") from None
-    return load_yaml(text, path, error)
+from raytrain.errors import ConfigError
+from raytrain.storage.paths import is_uri
+from raytrain.storage.safe_yaml import load_yaml_file, yaml_value
 
 
 class _Section(BaseModel):
@@ -392,11 +352,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set train.epochs=3")
     try:
-        value = yaml.load(raw, Loader=_NoAliasLoader) if raw.strip() else ""  # noqa: S506 - a SafeLoader subclass
-    except _AliasRefused:
-        raise ConfigError(f"--set {text!r}: YAML aliases (*name) are not allowed") from None
-    except yaml.YAMLError:
-        value = raw
+        value = yaml_value(raw)
+    except ValueError as err:
+        raise ConfigError(f"--set {text!r}: {err}") from None
     return key.strip(), value
 
 

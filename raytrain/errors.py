@@ -1,5 +1,12 @@
-"""Errors about the user's input. The CLI prints them as one line and exits with code 2."""
+"""Errors about the user's input, and the rules arguments must follow. The CLI prints these errors
+as one line and exits with code 2."""
+from __future__ import annotations
+
+import math
+import numbers
 import os
+from dataclasses import dataclass
+from typing import Any, Callable
 
 
 class RaytrainError(Exception):
@@ -39,3 +46,34 @@ def one_line(message: object) -> str:
     that are not UTF-8 (surrogates in Python), which would break the line or the encoder."""
     text = str(message).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What an argument must be, one rule for the API (check) and the CLI (which parses text with
+    `convert`, then asks `holds`)."""
+
+    expected: str  # "a positive whole number": the error says "expected <this>, got <value>"
+    holds: Callable[[Any], bool]
+    convert: Callable[[str], Any]  # command-line text -> value; ValueError when it is none
+
+    def check(self, name: str, value: Any, error: type[RaytrainError] = RaytrainError) -> Any:
+        if not self.holds(value):
+            raise error(f"{name}: expected {self.expected}, got {value!r}")
+        return value
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _whole(text: str) -> int:
+    if not text.strip().isdigit():
+        raise ValueError(text)
+    return int(text)
+
+
+POSITIVE = Rule("a positive whole number", lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1, _whole)
+NON_NEGATIVE = Rule("a number of 0 or more", lambda v: _number(v) and 0 <= v < math.inf, float)  # nan fails too
+FRACTION = Rule("a number from 0 up to (not including) 1", lambda v: _number(v) and 0 <= v < 1, float)
+PORT = Rule("a TCP port from 1 to 65535", lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and 0 < v < 65536, _whole)

@@ -21,9 +21,12 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from raytrain.config import Config, load_config, load_yaml
-from raytrain.data.location import filesystem_of, is_uri, join
+from raytrain.config import Config, TrainConfig, load_config
 from raytrain.errors import CheckpointError, ConfigError
+from raytrain.selection import best_checkpoint_in, scored_checkpoints
+from raytrain.storage.atomic import write_atomically
+from raytrain.storage.paths import filesystem_of, is_uri, join
+from raytrain.storage.safe_yaml import load_yaml
 
 MARKER = "experiment.json"
 CONFIG_FILE = "config.yaml"
@@ -50,19 +53,6 @@ def _read_json(location: str) -> dict | None:
     except (FileNotFoundError, ValueError, OSError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def _write_text(location: str, text: str) -> None:
-    """Whole or not at all: a local file is written beside its name and renamed; an object store's
-    single PUT is already atomic."""
-    filesystem, path = filesystem_of(location)
-    if isinstance(filesystem, pafs.LocalFileSystem):
-        partial = Path(f"{path}.partial")
-        partial.write_text(text)
-        os.replace(partial, path)
-        return
-    with filesystem.open_output_stream(path) as stream:
-        stream.write(text.encode())
 
 
 def _subfolders(location: str) -> list[str]:
@@ -104,8 +94,8 @@ def create_experiment(config: Config, kind: str) -> str:
         else:
             continue
         location = join(folder, name)
-        _write_text(join(location, CONFIG_FILE), config.to_yaml())
-        _write_text(join(location, MARKER), json.dumps(_new_record(config, kind), indent=2))
+        write_atomically(join(location, CONFIG_FILE), config.to_yaml().encode())
+        write_atomically(join(location, MARKER), json.dumps(_new_record(config, kind), indent=2).encode())
         return location
     raise ConfigError(f"{folder}: cannot find a free experiment name for {stamp}")
 
@@ -129,7 +119,7 @@ def mark(experiment: str, status: str, **fields) -> None:
     record.update(fields, status=status, updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     if status == RUNNING:
         record.update(host=socket.gethostname(), pid=os.getpid())
-    _write_text(join(experiment, MARKER), json.dumps(record, indent=2))
+    write_atomically(join(experiment, MARKER), json.dumps(record, indent=2).encode())
 
 
 def experiment_config(experiment: str) -> Config:
@@ -199,8 +189,6 @@ def best_checkpoint(experiment: str | os.PathLike, metric: str = "val_iou", mode
     """The best checkpoint of one experiment (all its trials and kept epochs), never of another.
 
     `experiment`: an experiment directory, or the folder of a name: its latest experiment is used."""
-    from raytrain.checkpoints import best_checkpoint_in
-
     resolved = resolve_experiment(experiment)
     return dataclasses.replace(best_checkpoint_in(resolved, metric, mode), experiment=resolved)
 
@@ -224,8 +212,6 @@ class Run:
 
 def runs(storage: str | os.PathLike | None = None) -> list[Run]:
     """Every experiment under `storage` (default: the config's default storage_path), newest first."""
-    from raytrain.config import TrainConfig
-
     root = storage_root(os.fspath(storage) if storage is not None else TrainConfig().storage_path)
     filesystem, path = filesystem_of(root)
     if filesystem.get_file_info(path).type != pafs.FileType.Directory:
@@ -239,8 +225,6 @@ def runs(storage: str | os.PathLike | None = None) -> list[Run]:
 
 
 def _run_of(experiment: str, record: dict) -> Run:
-    from raytrain.checkpoints import scored_checkpoints
-
     metric, mode = record.get("metric", "val_iou"), record.get("mode", "max")
     kind = record.get("kind", "?")
     trials = len([p for p in _subfolders(experiment) if p.rsplit("/", 1)[-1].startswith("trial_")]) if kind == "tune" else 1

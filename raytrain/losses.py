@@ -37,9 +37,6 @@ import torch.nn.functional as F
 from segmentation_models_pytorch.losses import DiceLoss, JaccardLoss, LovaszLoss, TverskyLoss
 from torch import nn
 
-from raytrain.config import Config
-from raytrain.data.shards import read_manifest
-
 BINARY, MULTICLASS = "binary", "multiclass"
 
 # (mode, name) -> builder(ignore_index, class_weights as a float tensor or None) -> nn.Module
@@ -203,14 +200,3 @@ def _lovasz_hinge(ignore_index: int, weights: torch.Tensor | None) -> nn.Module:
 @register("lovasz", MULTICLASS)
 def _lovasz_softmax(ignore_index: int, weights: torch.Tensor | None) -> nn.Module:
     return _ZeroWhenAllIgnored(LovaszLoss(MULTICLASS, ignore_index=ignore_index), ignore_index)
-
-
-def loss_class_weights(config: Config) -> list[float] | None:
-    """The configured weights, or inverse pixel frequencies from the manifest (mean 1)."""
-    weights = config.loss.class_weights
-    if weights != "inverse_frequency":
-        return weights
-    frequencies = read_manifest(config.data.path)["pixel_frequencies"]
-    names = ["background", *config.classes] if config.num_classes == 1 else config.classes
-    inverse = [1.0 / max(frequencies[name], 1e-6) for name in names]
-    return [w * len(inverse) / sum(inverse) for w in inverse]

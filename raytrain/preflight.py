@@ -9,9 +9,9 @@ import os
 import sys
 
 from raytrain.config import Config
-from raytrain.data.shards import read_manifest
+from raytrain.data.manifest import Manifest, read_manifest
 from raytrain.errors import ConfigError, DataError, RaytrainError
-from raytrain.losses import create_loss, loss_class_weights
+from raytrain.losses import create_loss
 from raytrain.models import create_model
 
 
@@ -20,9 +20,10 @@ from raytrain.models import create_model
 TRIAL_DRIVER_CPUS = 0.01
 
 
-def check_ready(config: Config, local_cpus: int | None, *, search: bool = False) -> None:
+def check_ready(config: Config, local_cpus: int | None, *, search: bool = False) -> Manifest:
     """Fail before Ray starts on what would otherwise fail in every worker, or wait forever: a local
     cluster too small for one run, the dataset and its classes, the model and loss of every trial.
+    Returns config.data.path's manifest, read here once for the whole run.
 
     local_cpus: the CPUs of the local cluster about to start, or None for a cluster that is already
     running or remote (it may grow).
@@ -31,18 +32,24 @@ def check_ready(config: Config, local_cpus: int | None, *, search: bool = False)
         raise RaytrainError("train.tracking mlflow needs MLflow: pip install 'raytrain[mlflow]'")
     _check_cluster_fits(config.train, local_cpus, search)
     checked = set()  # each dataset and model once, however many trials share it
+    manifests: dict[str, Manifest] = {}  # each data.path's, read once
     for overrides in _trial_variants(config):
         where = "".join(f"search.space {key}={value!r}: " for key, value in overrides.items())
         try:
             variant = config.with_overrides(overrides)
-            for key, check in [(("data", variant.data.path, tuple(variant.classes)), _check_data),
-                               (("model", variant.model.name, variant.num_classes, tuple(sorted(variant.model.kwargs().items()))), _check_model)]:
+            if variant.data.path not in manifests:
+                manifests[variant.data.path] = _manifest_of(variant)
+            manifest = manifests[variant.data.path]
+            for key, check in [(("data", variant.data.path, tuple(variant.classes)), lambda: _check_data(variant, manifest)),
+                               (("model", variant.model.name, variant.num_classes, tuple(sorted(variant.model.kwargs().items()))),
+                                lambda: _check_model(variant))]:
                 if key not in checked:
-                    check(variant)
+                    check()
                     checked.add(key)
-            _check_loss(variant)
+            _check_loss(variant, manifest)
         except RaytrainError as err:
             raise type(err)(f"{where}{err}") from None
+    return manifests.get(config.data.path) or _manifest_of(config)  # a searched data.path: the base's too
 
 
 def _check_cluster_fits(train, local_cpus: int | None, search: bool) -> None:
@@ -71,19 +78,22 @@ def _check_local_gpus(train) -> None:
         )
 
 
-def _check_data(variant: Config) -> None:
+def _manifest_of(variant: Config) -> Manifest:
     try:
-        manifest = read_manifest(variant.data.path)
+        return read_manifest(variant.data.path)
     except DataError as err:
         raise DataError(f"data.path: {err}") from None
-    counts = manifest["num_samples"]
-    if counts.get("train", 0) < variant.train.num_workers or not counts.get("val"):
+
+
+def _check_data(variant: Config, manifest: Manifest) -> None:
+    train, val = manifest.count("train"), manifest.count("val")
+    if train < variant.train.num_workers or not val:
         raise DataError(
-            f"data.path {variant.data.path}: {counts.get('train', 0)} train and {counts.get('val', 0)} val "
+            f"data.path {variant.data.path}: {train} train and {val} val "
             f"samples; {variant.train.num_workers} workers need at least one train sample each, and "
             "validation at least one sample (shard with --val-fraction above 0)"
         )
-    names = [entry["name"] for entry in manifest["classes"]]
+    names = manifest.class_names
     if names != variant.classes:
         raise ConfigError(
             f"classes {variant.classes} do not match the classes {names} of the dataset in data.path "
@@ -98,9 +108,10 @@ def _check_model(variant: Config) -> None:
         raise ConfigError(f"model: {err.args[0] if err.args else err}") from None  # KeyError's str() adds quotes
 
 
-def _check_loss(variant: Config) -> None:
+def _check_loss(variant: Config, manifest: Manifest) -> None:
     try:
-        create_loss(variant.loss.name, num_classes=variant.num_classes, class_weights=loss_class_weights(variant))
+        class_weights = manifest.class_weights(variant.loss.class_weights)
+        create_loss(variant.loss.name, num_classes=variant.num_classes, class_weights=class_weights)
     except ValueError as err:
         raise ConfigError(f"loss: {err}") from None
 
@@ -131,13 +142,12 @@ def local_cluster_cpus(config: Config, kind: str, num_cpus: int | None = None) -
     return num_cpus or local_cpus(config, search=kind == "tune")
 
 
-def plan(config: Config, kind: str, num_cpus: int | None = None) -> dict:
-    """What `raytrain train|tune` would run, after every check it makes before Ray starts; starts nothing."""
+def plan(config: Config, kind: str, local_cpus: int | None) -> dict:
+    """What `raytrain train|tune` would run, after every check it makes before Ray starts; starts nothing.
+    local_cpus: as for check_ready (local_cluster_cpus)."""
     search = kind == "tune"
-    cpus = local_cluster_cpus(config, kind, num_cpus)
-    check_ready(config, cpus, search=search)
+    manifest = check_ready(config, local_cpus, search=search)
     train, space = config.train, config.search.space
-    counts = read_manifest(config.data.path)["num_samples"]
     return {
         "kind": kind,
         "name": config.name,
@@ -150,8 +160,8 @@ def plan(config: Config, kind: str, num_cpus: int | None = None) -> dict:
         "workers_per_trial": train.num_workers,
         "cpus_per_trial": train.num_workers * train.cpus_per_worker,
         "gpus_per_trial": train.num_workers * train.gpus_per_worker if train.use_gpu else 0,
-        "cluster": f"local, {cpus} logical CPUs" if cpus else "the running cluster",
-        "data": {"path": config.data.path, "train": counts.get("train", 0), "val": counts.get("val", 0),
+        "cluster": f"local, {local_cpus} logical CPUs" if local_cpus else "the running cluster",
+        "data": {"path": config.data.path, "train": manifest.count("train"), "val": manifest.count("val"),
                  "size": "x".join(map(str, config.data.size)), "classes": config.classes},
         "model": config.model.name,
         "loss": config.loss.name,

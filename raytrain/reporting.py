@@ -21,13 +21,16 @@ from matplotlib.figure import Figure  # a Figure without pyplot: no GUI backend,
 from matplotlib.ticker import NullFormatter
 from PIL import Image
 
-from raytrain.checkpoints import METRICS_FILE, CheckpointInfo, best_checkpoint_in
-from raytrain.data.shards import shard_paths
-from raytrain.data.transforms import decode_image, decode_mask, resize
+from raytrain.checkpoints import METRICS_FILE, CheckpointInfo
+from raytrain.data.images import decode_image, decode_mask
+from raytrain.data.manifest import read_manifest
+from raytrain.data.transforms import resize
 from raytrain.errors import CheckpointError
 from raytrain.experiments import resolve_experiment
-from raytrain.inference import load_model, predict
+from raytrain.inference.loading import load_model
+from raytrain.inference.prediction import predict
 from raytrain.metrics import SegmentationMetrics, kitti_precision_recall
+from raytrain.selection import best_checkpoint_in
 from raytrain.viz import overlay_grid
 
 OVERLAY_SAMPLES = 4
@@ -105,7 +108,7 @@ def _trial_of(checkpoint: CheckpointInfo, root: Path, trials: list[Trial]) -> Tr
 def val_samples(checkpoint: CheckpointInfo) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """The val images and masks of the checkpoint's dataset, at its training size, by sample id."""
     config = checkpoint.config
-    table = pq.read_table(shard_paths(config.data.path, "val"), columns=["id", "image", "mask"]).sort_by("id")
+    table = pq.read_table(read_manifest(config.data.path).shard_paths("val"), columns=["id", "image", "mask"]).sort_by("id")
     pairs = [
         resize(decode_image(image), decode_mask(mask), config.data.size)
         for image, mask in zip(table.column("image").to_pylist(), table.column("mask").to_pylist())

@@ -8,7 +8,7 @@ image as its one file) and get, by `?output=` (else `Accept: application/json` m
            {width, height, values}}: the probabilities averaged down to at most PROBABILITY_SIDE
            cells along the longer side, 4 decimals ((h, w) for road; (C, h, w) multi-class).
 Bad requests get a 4xx and one line of text. Requests are batched per replica (@serve.batch); the
-model runs through inference.predict, as `raytrain predict` does.
+model runs through inference.prediction.predict, as `raytrain predict` does.
 """
 from __future__ import annotations
 
@@ -26,7 +26,14 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from raytrain.errors import DataError, RaytrainError
+from raytrain.checkpoints import MAX_PARAMETERS_ENV, max_parameters
+from raytrain.console import QUIET
+from raytrain.data.images import MAX_PIXELS_ENV, max_pixels, read_rgb
+from raytrain.errors import DataError, RaytrainError, one_line
+from raytrain.inference.loading import checkpoint_files, load_model_from_files
+from raytrain.inference.prediction import labels_of, predict
+from raytrain.launch.session import ensure_ray
+from raytrain.viz import overlay
 
 APP_NAME = "raytrain"
 OUTPUTS = ("mask", "overlay", "json")
@@ -46,8 +53,6 @@ class RequestError(DataError):
 
 
 def max_body_bytes() -> int:
-    from raytrain.data.formats import max_pixels
-
     return BYTES_PER_PIXEL * max_pixels() + BODY_HEADROOM
 
 
@@ -63,9 +68,7 @@ async def read_body(request: Request) -> bytes:
 
 
 async def image_of(request: Request) -> np.ndarray:
-    """The request's image as an RGB array, checked as image files are (inference.read_rgb)."""
-    from raytrain.inference import read_rgb
-
+    """The request's image as an RGB array, checked as image files are (data.images.read_rgb)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type not in (*IMAGE_TYPES, MULTIPART):
         raise RequestError(415, f"Content-Type {content_type or 'missing'!r}: send image/png, image/jpeg or {MULTIPART}")
@@ -114,13 +117,9 @@ def output_of(request: Request) -> str:
 
 
 def respond(output: str, image: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> Response:
-    from raytrain.inference import labels_of
-
     if output == "json":
         return JSONResponse(summary(probabilities, classes))
     if output == "overlay":
-        from raytrain.viz import overlay
-
         return Response(png_bytes(overlay(image, probabilities, classes)), media_type="image/png")
     return Response(png_bytes(labels_of(probabilities)), media_type="image/png")
 
@@ -133,8 +132,6 @@ def png_bytes(array: np.ndarray) -> bytes:
 
 def summary(probabilities: np.ndarray, classes: list[str]) -> dict:
     """The JSON answer: each class's share of the mask's pixels and the probabilities, averaged down."""
-    from raytrain.inference import labels_of
-
     labels, binary = labels_of(probabilities), len(classes) == 1
     channels = torch.from_numpy(probabilities[None] if probabilities.ndim == 2 else probabilities)
     height, width = channels.shape[1:]
@@ -154,8 +151,6 @@ class SegmentationServer:
 
     def __init__(self, files: dict[str, bytes], device: str, max_batch_size: int, batch_wait_timeout_s: float,
                  tta: str | None = None):
-        from raytrain.inference import load_model_from_files
-
         # The checkpoint's bytes, not its path: a replica's node need not see the path.
         self.model, self.tta = load_model_from_files(files, device), tta
         self.predict_batch.set_max_batch_size(max_batch_size)
@@ -163,13 +158,9 @@ class SegmentationServer:
 
     @serve.batch  # sizes set per replica in __init__, from the command line
     async def predict_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        from raytrain.inference import predict
-
         return predict(self.model, images, batch_size=len(images), tta=self.tta)
 
     async def __call__(self, request: Request) -> Response:
-        from raytrain.errors import one_line
-
         try:
             if request.method != "POST":
                 raise RequestError(405, f"{request.method}: POST an image")
@@ -217,9 +208,6 @@ def check_resources(replicas: int, gpus_per_replica: float) -> None:
 def limits_set_here() -> dict[str, str]:
     """RAYTRAIN_MAX_PIXELS and RAYTRAIN_MAX_PARAMETERS as this process has them (checked), for the
     replicas: on a cluster of its own they would otherwise run with that cluster's environment."""
-    from raytrain.checkpoints import MAX_PARAMETERS_ENV, max_parameters
-    from raytrain.data.formats import MAX_PIXELS_ENV, max_pixels
-
     max_pixels(), max_parameters()  # a bad value is a one-line error here, not in every request
     return {name: os.environ[name] for name in (MAX_PIXELS_ENV, MAX_PARAMETERS_ENV) if os.environ.get(name, "").strip()}
 
@@ -227,9 +215,6 @@ def limits_set_here() -> dict[str, str]:
 def start(checkpoint: Path, *, replicas: int, gpus_per_replica: float, host: str, port: int, max_batch_size: int,
           batch_wait_timeout_s: float, num_cpus: int | None, tta: str | None = None) -> Server:
     """Start Serve on the cluster (a local one unless RAY_ADDRESS) and deploy the checkpoint."""
-    from raytrain.inference import checkpoint_files
-    from raytrain.launch import QUIET, ensure_ray
-
     check_port_free(host, port)
     ensure_ray(num_cpus, verbosity=QUIET)
     check_resources(replicas, gpus_per_replica)

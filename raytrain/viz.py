@@ -20,8 +20,8 @@ import torch
 from torchvision.utils import draw_segmentation_masks, make_grid
 
 from raytrain.data.formats import CAMVID_CLASSES, CAMVID_COLORS
-from raytrain.data.location import is_uri
 from raytrain.metrics import to_labels
+from raytrain.storage.paths import is_uri
 
 ROAD_RGB = (255, 0, 0)  # the one class of a binary task, whatever its name
 BLEND = 0.5  # weight of the class colour in a multi-class overlay

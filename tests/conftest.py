@@ -66,7 +66,8 @@ def pytest_collection_modifyitems(items):
 def ray_cluster():
     import ray
 
-    from raytrain.launch import QUIET, ensure_ray
+    from raytrain.console import QUIET
+    from raytrain.launch.session import ensure_ray
 
     # Explicit logical CPUs: 2 DDP workers of 1 CPU each, plus room for Ray Data's tasks.
     ensure_ray(4, verbosity=QUIET)

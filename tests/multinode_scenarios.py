@@ -21,11 +21,14 @@ import ray
 import ray.train
 from ray.cluster_utils import Cluster
 
-from raytrain import experiments, launch
+from raytrain import experiments
+from raytrain.data.manifest import read_manifest
+from raytrain.launch.trainer import TRAIN_RUN_NAME, make_trainer
+from raytrain.launch.tuner import run_search
 from raytrain.checkpoints import METRICS_FILE
 from raytrain.data.shards import write_shards
 from raytrain.data.synthetic import write_synthetic_kitti
-from raytrain.loop import train_worker
+from raytrain.training.loop import train_worker
 from tests.conftest import free_port, tiny_config, wait_for
 
 TIMEOUT_S = 480  # a guard against hanging, not a speed goal
@@ -121,7 +124,7 @@ def node_loss(workdir: Path) -> dict:
         return {"node": victim, "registered_epoch_before": registered}
 
     kill = in_background(kill_rank0_node_after_first_checkpoint)
-    result = launch.make_trainer(config, storage_path=str(storage), name="node_loss", train_fn=recording(log)).fit()
+    result = make_trainer(config, read_manifest(config.data.path), storage_path=str(storage), name="node_loss", train_fn=recording(log)).fit()
     kill["thread"].join(timeout=TIMEOUT_S)
     cluster_shutdown(cluster)
     return {
@@ -153,7 +156,7 @@ def search_node_loss(workdir: Path) -> dict:
     experiment = Path(experiments.create_experiment(config, "tune"))
 
     def finished_and_running_trials():
-        progress = {t.name: registered_epoch(t / launch.TRAIN_RUN_NAME) for t in experiment.glob("trial_*")}
+        progress = {t.name: registered_epoch(t / TRAIN_RUN_NAME) for t in experiment.glob("trial_*")}
         finished = [t for t, epoch in progress.items() if epoch == epochs]
         running = [t for t, epoch in progress.items() if 0 < epoch < epochs]
         return (finished, running) if finished and running else None
@@ -161,20 +164,20 @@ def search_node_loss(workdir: Path) -> dict:
     def kill_a_node_of_a_later_trial():
         finished, running = wait_for(finished_and_running_trials, "a finished trial and a later one with a checkpoint", TIMEOUT_S)
         files = {str(p): p.stat().st_size for t in finished
-                 for p in (experiment / t / launch.TRAIN_RUN_NAME).glob("checkpoint_*/*")}
+                 for p in (experiment / t / TRAIN_RUN_NAME).glob("checkpoint_*/*")}
         workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
         victim = next(names[w.node_id] for w in workers if names.get(w.node_id, "head") != "head")
         cluster.remove_node(nodes[victim], allow_graceful=False)
         return {"node": victim, "finished_trials": finished, "running_trials": running, "finished_files": files}
 
     kill = in_background(kill_a_node_of_a_later_trial)
-    grid = launch.tune(config, str(experiment))
+    grid = run_search(config, read_manifest(config.data.path), str(experiment))
     kill["thread"].join(timeout=TIMEOUT_S)
     killed = kill.get("value") or {}
     files_after = {path: Path(path).stat().st_size for path in killed.get("finished_files", {}) if Path(path).is_file()}
     trials = [{"trial": Path(r.path).name, "error": repr(r.error) if r.error else None,
                "final_epoch": (r.metrics or {}).get("epoch"),
-               "checkpoint_epochs": checkpoint_epochs(Path(r.path) / launch.TRAIN_RUN_NAME)} for r in grid]
+               "checkpoint_epochs": checkpoint_epochs(Path(r.path) / TRAIN_RUN_NAME)} for r in grid]
     cluster_shutdown(cluster)
     return {
         "epochs": epochs,

@@ -22,7 +22,8 @@ from pathlib import Path
 # Not Ray: the CLI sets Ray's logging variables before Ray is first imported.
 PRELOAD = [
     "torch", "torchvision", "segmentation_models_pytorch", "pyarrow.parquet", "PIL.Image", "pydantic", "yaml",
-    "raytrain.cli", "raytrain.api", "raytrain.inference", "raytrain.preflight", "raytrain.data.shards",
+    "raytrain.cli", "raytrain.api", "raytrain.inference.files", "raytrain.inference.evaluation", "raytrain.inference.exporting",
+    "raytrain.preflight", "raytrain.data.shards",
 ]
 _context = None
 

@@ -19,7 +19,8 @@ import pytest
 from PIL import Image
 
 import raytrain
-from raytrain.data.location import RemotePath, final_of_temporary, temporary_beside, write_remote_atomically
+from raytrain.storage.atomic import final_of_temporary, temporary_beside, write_atomically
+from raytrain.storage.paths import RemotePath
 from raytrain.errors import DataError
 from tests.conftest import wait_for
 from tests.processes import run_cli
@@ -117,12 +118,12 @@ def test_a_remote_file_appears_whole_or_not_at_all(tmp_path):
     temporary-name-then-move path that s3:// and gs:// take."""
     filesystem = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
     filesystem.create_dir("out")
-    write_remote_atomically(RemotePath(filesystem, "out/a_mask.png", "sub://"), b"whole")
+    write_atomically(RemotePath(filesystem, "out/a_mask.png", "sub://"), b"whole")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["a_mask.png"]
     assert (tmp_path / "out" / "a_mask.png").read_bytes() == b"whole"
     (tmp_path / "out" / "taken").write_text("a file, not a folder")
     with pytest.raises(DataError, match=r"^sub://out/taken/b_mask.png: cannot write"):
-        write_remote_atomically(RemotePath(filesystem, "out/taken/b_mask.png", "sub://"), b"never")
+        write_atomically(RemotePath(filesystem, "out/taken/b_mask.png", "sub://"), b"never")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_mask.png", "taken"]
 
 

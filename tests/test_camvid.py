@@ -44,8 +44,8 @@ def test_camvid_trains_one_epoch_on_two_workers(ray_cluster, camvid_subset, tmp_
     from raytrain.api import train
 
     manifest = write_shards(camvid_subset, "camvid", tmp_path / "shards", classes=None if len(classes) > 1 else classes)
-    assert manifest["num_samples"] == SUBSET and manifest["skipped"] == []
-    assert [c["name"] for c in manifest["classes"]] == classes
+    assert manifest.num_samples == SUBSET and manifest.skipped == []
+    assert manifest.class_names == classes
     config = tiny_config(
         tmp_path / "shards", tmp_path / "results",
         **{"classes": classes, "loss.name": loss, "data.size": "96x72", "train.epochs": 1, "train.batch_size": 4},

@@ -114,7 +114,7 @@ def test_every_yaml_raytrain_reads_refuses_aliases(tmp_path):
     """One loader for configs, --set, class maps and saved configs: an alias (the billion-laughs bomb)
     is a one-line error naming the file, never expanded."""
     from raytrain import experiments
-    from raytrain.config import load_yaml
+    from raytrain.storage.safe_yaml import load_yaml
     from raytrain.errors import CheckpointError, DataError
 
     assert load_yaml("a: &x 1\nb: 2\n", "f.yaml") == {"a": 1, "b": 2}  # an anchor alone repeats nothing

@@ -11,7 +11,8 @@ import yaml
 from PIL import Image
 
 from raytrain.data.formats import CAMVID_CLASSES, CAMVID_COLORS, IGNORE_INDEX, get_format
-from raytrain.data.shards import read_manifest, shard_paths, write_shards
+from raytrain.data.manifest import read_manifest
+from raytrain.data.shards import write_shards
 from raytrain.errors import DataError
 
 # ../shared beside the repository holds CamVid for development; it is never part of the project.
@@ -24,7 +25,7 @@ def _rows(shards):
     return {
         row["id"]: row
         for split in ("train", "val")
-        for path in shard_paths(shards, split)
+        for path in read_manifest(shards).shard_paths(split)
         for row in pq.read_table(path).to_pylist()
     }
 
@@ -56,13 +57,13 @@ def camvid_tree(tmp_path):
 def test_camvid_all_classes_keeps_its_own_split(camvid_tree, tmp_path):
     root, annots = camvid_tree
     manifest = write_shards(root, "camvid", tmp_path / "out", val_fraction=0.0)
-    assert manifest["format"] == "camvid"
-    assert manifest["num_samples"] == {"train": 2, "val": 1}  # own split; test/ never read
-    assert manifest["classes"] == [
+    assert manifest.format == "camvid"
+    assert manifest.num_samples == {"train": 2, "val": 1}  # own split; test/ never read
+    assert [c.model_dump() for c in manifest.classes] == [
         {"name": name, "id": i, "color": list(color)} for i, (name, color) in enumerate(zip(CAMVID_CLASSES, CAMVID_COLORS))
     ]
-    assert manifest["classes"][3] == {"name": "road", "id": 3, "color": [128, 64, 128]}
-    assert set(manifest["pixel_frequencies"]) == set(CAMVID_CLASSES)
+    assert manifest.classes[3].model_dump() == {"name": "road", "id": 3, "color": [128, 64, 128]}
+    assert set(manifest.pixel_frequencies) == set(CAMVID_CLASSES)
     rows = _rows(tmp_path / "out")
     assert {r["id"]: r["split"] for r in rows.values()} == {"0001TP_000010": "train", "0001TP_000020": "train", "0016E5_000030": "val"}
     for stem, row in rows.items():
@@ -75,8 +76,8 @@ def test_camvid_all_classes_keeps_its_own_split(camvid_tree, tmp_path):
 def test_camvid_road_only_is_binary(camvid_tree, tmp_path):
     root, annots = camvid_tree
     manifest = write_shards(root, "camvid", tmp_path / "out", classes=["road"])
-    assert manifest["classes"] == [{"name": "road", "id": 1, "color": [128, 64, 128]}]
-    assert set(manifest["pixel_frequencies"]) == {"background", "road"}
+    assert [c.model_dump() for c in manifest.classes] == [{"name": "road", "id": 1, "color": [128, 64, 128]}]
+    assert set(manifest.pixel_frequencies) == {"background", "road"}
     for stem, row in _rows(tmp_path / "out").items():
         annot = annots[stem]
         expected = np.where(annot == 3, 1, 0).astype(np.uint8)
@@ -109,7 +110,7 @@ def test_camvid_bad_annotation_value_names_the_file(camvid_tree, tmp_path):
     with pytest.raises(DataError, match=rf"^{bad}: mask values \[14\] are not classes of camvid"):
         write_shards(root, "camvid", tmp_path / "out")
     manifest = write_shards(root, "camvid", tmp_path / "out2", classes=["road"], skip_bad=True)
-    assert manifest["num_samples"] == {"train": 1, "val": 1} and len(manifest["skipped"]) == 1
+    assert manifest.num_samples == {"train": 1, "val": 1} and len(manifest.skipped) == 1
     assert not (tmp_path / "out").exists()
 
 
@@ -142,8 +143,8 @@ def test_folder_palette_all_classes_and_binary(tmp_path):
     pairs = {f"img{i}": _palette_mask(i) for i in range(3)}
     root = _folder(tmp_path, PALETTE_MAP, {stem: rgb for stem, (_, rgb) in pairs.items()}, rgb=True)
     manifest = write_shards(root, "folder", tmp_path / "multi", val_fraction=0.0)
-    assert manifest["format"] == "folder"
-    assert manifest["classes"] == [
+    assert manifest.format == "folder"
+    assert [c.model_dump() for c in manifest.classes] == [
         {"name": "road", "id": 0, "color": list(ROAD)}, {"name": "car", "id": 1, "color": list(CAR)},
         {"name": "sky", "id": 2, "color": list(SKY)},
     ]
@@ -152,7 +153,7 @@ def test_folder_palette_all_classes_and_binary(tmp_path):
         assert np.array_equal(_mask(row), np.where(choice == 3, IGNORE_INDEX, choice))
 
     manifest = write_shards(root, "folder", tmp_path / "road", val_fraction=0.0, classes=["road"])
-    assert manifest["classes"] == [{"name": "road", "id": 1, "color": list(ROAD)}]
+    assert [c.model_dump() for c in manifest.classes] == [{"name": "road", "id": 1, "color": list(ROAD)}]
     for stem, row in _rows(tmp_path / "road").items():
         choice = pairs[stem][0]
         assert np.array_equal(_mask(row), np.select([choice == 0, choice == 3], [1, IGNORE_INDEX], 0))
@@ -188,11 +189,11 @@ def test_folder_index_masks_and_class_map_path(tmp_path):
     with pytest.raises(DataError, match="class map not found"):
         write_shards(root, "folder", tmp_path / "out")
     manifest = write_shards(root, "folder", tmp_path / "multi", val_fraction=0.0, class_map=elsewhere)
-    assert [(c["name"], c["id"]) for c in manifest["classes"]] == [("sky", 0), ("road", 1), ("car", 2)]
+    assert [(c.name, c.id) for c in manifest.classes] == [("sky", 0), ("road", 1), ("car", 2)]
     lut = {0: IGNORE_INDEX, 2: 0, 5: 1, 9: 2}
     assert np.array_equal(_mask(_rows(tmp_path / "multi")["x"]), np.vectorize(lut.get)(raw))
     manifest = write_shards(root, "folder", tmp_path / "road", val_fraction=0.0, class_map=elsewhere, classes=["road"])
-    assert [(c["name"], c["id"]) for c in manifest["classes"]] == [("road", 1)]
+    assert [(c.name, c.id) for c in manifest.classes] == [("road", 1)]
     lut = {0: IGNORE_INDEX, 2: 0, 5: 1, 9: 0}
     assert np.array_equal(_mask(_rows(tmp_path / "road")["x"]), np.vectorize(lut.get)(raw))
 
@@ -228,8 +229,8 @@ def real_camvid_subset(tmp_path):
 @pytest.mark.parametrize("classes, values", [(None, set(range(11))), (["road"], {0, 1})])
 def test_real_camvid_subset(real_camvid_subset, tmp_path, classes, values):
     manifest = write_shards(real_camvid_subset, "camvid", tmp_path / "out", classes=classes)
-    assert manifest["num_samples"] == {"train": 6, "val": 3}
-    assert manifest["skipped"] == []
+    assert manifest.num_samples == {"train": 6, "val": 3}
+    assert manifest.skipped == []
     rows = _rows(tmp_path / "out")
     seen = set()
     for row in rows.values():
@@ -239,7 +240,7 @@ def test_real_camvid_subset(real_camvid_subset, tmp_path, classes, values):
         seen |= set(np.unique(mask).tolist())
     assert seen <= values | {IGNORE_INDEX}
     if classes:
-        assert {0, 1} <= seen and 0.05 < manifest["pixel_frequencies"]["road"] < 0.6
+        assert {0, 1} <= seen and 0.05 < manifest.pixel_frequencies["road"] < 0.6
 
 
 def _kitti_with_lanes(tmp_path):
@@ -269,14 +270,14 @@ def _kitti_with_lanes(tmp_path):
 def test_kitti_lane_target_reads_the_lane_ground_truth(tmp_path):
     root, lanes = _kitti_with_lanes(tmp_path)
     road = write_shards(root, "kitti", tmp_path / "road", val_fraction=0.0)
-    assert road["num_samples"]["train"] == 3 and road["classes"][0]["name"] == "road"
+    assert road.num_samples["train"] == 3 and road.class_names == ["road"]
 
     out = tmp_path / "lane"
     run = run_cli(["data", "shard", root, "--format", "kitti", "--classes", "lane", "--out", out, "--val-fraction", "0"], timeout=120)
     assert run.returncode == 0, run.stderr
     manifest = read_manifest(out)
-    assert manifest["classes"] == [{"name": "lane", "id": 1, "color": [255, 0, 255]}]
-    assert set(manifest["pixel_frequencies"]) == {"background", "lane"}
+    assert [c.model_dump() for c in manifest.classes] == [{"name": "lane", "id": 1, "color": [255, 0, 255]}]
+    assert set(manifest.pixel_frequencies) == {"background", "lane"}
     rows = _rows(out)
     assert set(rows) == set(lanes)  # umm has no lane ground truth: not a lane sample
     for stem, row in rows.items():
@@ -315,7 +316,7 @@ def test_cli_mask_values_outside_the_class_map_exit_2(camvid_tree, tmp_path, lay
     run = run_cli([*command, "--skip-bad"], timeout=120)
     assert run.returncode == 0, run.stderr
     assert f"skipped: {bad}: {message}" in run.stderr
-    skipped = read_manifest(out)["skipped"]
+    skipped = read_manifest(out).skipped
     assert len(skipped) == 1 and skipped[0].startswith(f"{bad}: {message}")
 
 
@@ -327,7 +328,7 @@ def test_pixel_limit_comes_from_raytrain_max_pixels(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"um_00000\d.png: image is 32x16, over the limit of 511 pixels \(RAYTRAIN_MAX_PIXELS\)"):
         write_shards(root, "kitti", tmp_path / "out", val_fraction=0.0)
     monkeypatch.setenv("RAYTRAIN_MAX_PIXELS", "512")
-    assert write_shards(root, "kitti", tmp_path / "out", val_fraction=0.0)["num_samples"]["train"] == 2
+    assert write_shards(root, "kitti", tmp_path / "out", val_fraction=0.0).num_samples["train"] == 2
     monkeypatch.setenv("RAYTRAIN_MAX_PIXELS", "lots")
     with pytest.raises(DataError, match="RAYTRAIN_MAX_PIXELS='lots': expected a positive number of pixels"):
         write_shards(root, "kitti", tmp_path / "out2", val_fraction=0.0)

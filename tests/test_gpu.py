@@ -52,7 +52,8 @@ def test_a_two_epoch_run_trains_on_the_gpu(ray_cluster, tiny_shards, tmp_path, c
 
 
 def test_a_gpu_checkpoint_predicts_on_cuda_as_on_the_cpu(gpu_run, synthetic_kitti):
-    from raytrain.inference import load_model, predict
+    from raytrain.inference.loading import load_model
+    from raytrain.inference.prediction import predict
 
     images = sorted((synthetic_kitti / "training" / "image_2").glob("*.png"))[:3]
     on_gpu = load_model(gpu_run, device="cuda")
@@ -78,7 +79,8 @@ def test_a_gpu_checkpoint_exports_and_runs(gpu_run, synthetic_kitti, tmp_path):
     from PIL import Image
 
     from raytrain.api import export
-    from raytrain.inference import load_model, predict
+    from raytrain.inference.loading import load_model
+    from raytrain.inference.prediction import predict
 
     image = np.asarray(Image.open(sorted((synthetic_kitti / "training" / "image_2").glob("*.png"))[0]).convert("RGB"))
     expected = predict(load_model(gpu_run), [image])[0]

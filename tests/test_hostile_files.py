@@ -20,7 +20,8 @@ import pytest
 from PIL import Image
 
 from raytrain.data.formats import encode_kitti_gt
-from raytrain.data.shards import read_manifest, write_shards
+from raytrain.data.manifest import read_manifest
+from raytrain.data.shards import write_shards
 from tests.test_bad_input import (
     NEEDS_PERMISSIONS,
     SHARD,
@@ -339,14 +340,14 @@ def test_sigkill_leftover_is_removed_by_the_next_run_and_nothing_else(tmp_path):
     assert f"raytrain: note: {tmp_path}/.shards.tmp-mine: left alone" in rerun.stderr
     assert not leftover.exists()
     assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / ".shards.tmp-mine/keep.txt").read_text() == "mine too"
-    assert sum(read_manifest(out)["num_samples"].values()) == 700
+    assert sum(read_manifest(out).num_samples.values()) == 700
     assert {p.name for p in out.iterdir()} == {"manifest.json", *(p.name for p in out.glob("*.parquet"))}  # no marker published
 
 
 def test_a_running_writers_temp_folder_is_left_and_a_reused_pids_is_removed(tmp_path):
     """The pid in a leftover's name may be alive: a run still writing (left alone), or a newer
     process that got the same pid (its start time differs: removed)."""
-    from raytrain.data import leftovers
+    from raytrain.storage import leftovers
     import pyarrow.fs as pafs
 
     src = kitti_folder(tmp_path)

@@ -6,7 +6,7 @@ import torch
 
 from raytrain.checkpoints import restore_train_state, save_checkpoint
 from raytrain.errors import CheckpointError
-from raytrain.loop import (
+from raytrain.training.loop import (
     EarlyStopping,
     NonFiniteLoss,
     autocast_dtype,

@@ -5,7 +5,8 @@ import numpy as np
 
 from raytrain.data.formats import IGNORE_INDEX
 from raytrain.data.pipeline import build_datasets, execution_index, read_shards
-from raytrain.data.shards import read_manifest, shard_paths, write_shards
+from raytrain.data.manifest import read_manifest
+from raytrain.data.shards import write_shards
 from tests.conftest import tiny_config
 from tests.test_formats import PALETTE_MAP, _folder, _kitti_with_lanes, _palette_mask, _write_yaml, camvid_tree  # noqa: F401
 
@@ -13,13 +14,13 @@ from tests.test_formats import PALETTE_MAP, _folder, _kitti_with_lanes, _palette
 def _ids(shards, split):
     import pyarrow.parquet as pq
 
-    return sorted(i for path in shard_paths(shards, split) for i in pq.read_table(path, columns=["id"])["id"].to_pylist())
+    return sorted(i for path in read_manifest(shards).shard_paths(split) for i in pq.read_table(path, columns=["id"])["id"].to_pylist())
 
 
 def _check_streams(shards, tmp_path, classes, size=(16, 8)):
     """Both splits deliver every sample once as uint8 NHWC images and uint8 NHW masks of known labels."""
     config = tiny_config(shards, tmp_path / "results", **{"data.size": list(size), "classes": classes})
-    datasets = build_datasets(config)
+    datasets = build_datasets(config, read_manifest(config.data.path))
     labels = set(range(max(2, len(classes)))) | {IGNORE_INDEX}
     for split, dataset in datasets.items():
         ids = []
@@ -44,14 +45,14 @@ def test_camvid_shards_stream_binary_and_all_classes(ray_cluster, camvid_tree, t
     write_shards(root, "camvid", tmp_path / "road", classes=["road"])
     _check_streams(tmp_path / "road", tmp_path, ["road"])
     manifest = write_shards(root, "camvid", tmp_path / "all")
-    _check_streams(tmp_path / "all", tmp_path, [c["name"] for c in manifest["classes"]])
+    _check_streams(tmp_path / "all", tmp_path, manifest.class_names)
 
 
 def test_folder_shards_stream_with_palette_and_index_maps(ray_cluster, tmp_path):
     masks = {f"p{i}": _palette_mask(i)[1] for i in range(4)}
     palette = _folder(tmp_path / "palette", PALETTE_MAP, masks, rgb=True)
     manifest = write_shards(palette, "folder", tmp_path / "palette_shards", val_fraction=0.5)
-    _check_streams(tmp_path / "palette_shards", tmp_path, [c["name"] for c in manifest["classes"]])
+    _check_streams(tmp_path / "palette_shards", tmp_path, manifest.class_names)
     index_map = {"classes": [{"name": "road", "index": 1}, {"name": "rest", "index": 0}], "ignore_index": 255}
     masks = {f"i{i}": np.random.default_rng(i).choice([0, 1, 255], (8, 12)) for i in range(4)}
     indexed = _folder(tmp_path / "index", index_map, masks, rgb=False)
@@ -61,14 +62,14 @@ def test_folder_shards_stream_with_palette_and_index_maps(ray_cluster, tmp_path)
 
 def test_file_uri_dataset_path_reads_the_same_shards(ray_cluster, tiny_shards, tmp_path):
     uri = tiny_shards.as_uri()
-    assert read_manifest(uri) == read_manifest(tiny_shards)
-    assert shard_paths(uri, "train") == shard_paths(tiny_shards, "train")
+    assert read_manifest(uri).model_dump() == read_manifest(tiny_shards).model_dump()
+    assert read_manifest(uri).shard_paths("train") == read_manifest(tiny_shards).shard_paths("train")
     _check_streams(uri, tmp_path, ["road"])
 
 
 def test_every_shard_file_is_its_own_read_task(ray_cluster, tiny_shards):
     """One block per file: every CPU decodes from the first file on (see benchmarks/ingest.py)."""
-    paths = shard_paths(tiny_shards, "train")
+    paths = read_manifest(tiny_shards).shard_paths("train")
     assert len(paths) >= 3
     dataset = read_shards(paths, shuffle=True).materialize()
     assert dataset.num_blocks() == len(paths)
@@ -77,14 +78,14 @@ def test_every_shard_file_is_its_own_read_task(ray_cluster, tiny_shards):
 
 def test_datasets_run_without_the_op_resource_allocator(ray_cluster, tiny_shards, tmp_path):
     """Its CPU budget comes a second into each epoch; until then it ran one task (see read_shards)."""
-    datasets = build_datasets(tiny_config(tiny_shards, tmp_path))
+    datasets = build_datasets(tiny_config(tiny_shards, tmp_path), read_manifest(tiny_shards))
     assert not any(dataset.context.op_resource_reservation_enabled for dataset in datasets.values())
     assert ray_cluster.data.DataContext.get_current().op_resource_reservation_enabled  # left as it was
 
 
 def test_decoding_runs_inside_the_read_tasks(ray_cluster, tiny_shards, tmp_path):
     """Read and transform fuse into one task per file: no extra object-store trip per block."""
-    train = build_datasets(tiny_config(tiny_shards, tmp_path))["train"]
+    train = build_datasets(tiny_config(tiny_shards, tmp_path), read_manifest(tiny_shards))["train"]
     assert sum(len(batch["id"]) for batch in train.iter_batches(batch_size=4)) == len(_ids(tiny_shards, "train"))
     assert "ReadParquet->MapBatches(transform_block)" in train.stats()
 
@@ -96,7 +97,7 @@ def _ordered_ids(dataset, epochs=2):
 
 
 def test_seeded_file_order_changes_every_epoch_and_repeats_across_datasets(ray_cluster, tiny_shards):
-    paths = shard_paths(tiny_shards, "train")
+    paths = read_manifest(tiny_shards).shard_paths("train")
     first, again, other = (_ordered_ids(read_shards(paths, shuffle=True, seed=seed)) for seed in (0, 0, 1))
     assert sorted(first[0]) == sorted(first[1]) == _ids(tiny_shards, "train")
     assert first == again
@@ -107,7 +108,7 @@ def test_seeded_file_order_changes_every_epoch_and_repeats_across_datasets(ray_c
 def test_tasks_see_each_execution_of_a_new_dataset_as_epoch_0_1(ray_cluster, tiny_shards):
     """execution_index reads a private Ray counter: pin its behaviour, in the driver and behind the
     streaming_split coordinator that Ray Train uses, for a dataset made after others were run."""
-    paths = shard_paths(tiny_shards, "train")
+    paths = read_manifest(tiny_shards).shard_paths("train")
 
     def tagged():
         def tag(block):

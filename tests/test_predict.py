@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import raytrain
-from raytrain.data.shards import shard_paths
+from raytrain.data.manifest import read_manifest
 from tests.processes import run_cli
 
 
@@ -29,7 +29,7 @@ def test_evaluate_gives_every_metric_and_the_reported_val_iou(trained_run, check
     run = cli("evaluate", checkpoint, shards, "--json")
     assert run.returncode == 0, run.stderr
     metrics = json.loads(run.stdout)
-    val_rows = sum(pq.read_metadata(path).num_rows for path in shard_paths(shards, "val"))
+    val_rows = sum(pq.read_metadata(path).num_rows for path in read_manifest(shards).shard_paths("val"))
     assert metrics["split"] == "val" and metrics["samples"] == val_rows > 0
     for key in ("accuracy", "precision", "recall", "f1", "iou", "maxf", "ap", "iou_road"):
         assert 0.0 <= metrics[key] <= 1.0, key

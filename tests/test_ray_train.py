@@ -7,13 +7,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from raytrain.data.shards import shard_paths
-from raytrain.launch import make_trainer
+from raytrain.data.manifest import read_manifest
+from raytrain.launch.trainer import make_trainer
 from tests.conftest import VAL_CATEGORIES, tiny_config
 
 
 def ids_of(shards, split):
-    return [i for path in shard_paths(shards, split) for i in pq.read_table(path, columns=["id"])["id"].to_pylist()]
+    return [i for path in read_manifest(shards).shard_paths(split) for i in pq.read_table(path, columns=["id"])["id"].to_pylist()]
 
 
 def test_two_ddp_workers_see_disjoint_data(ray_cluster, tiny_shards, tmp_path):
@@ -32,7 +32,7 @@ def test_two_ddp_workers_see_disjoint_data(ray_cluster, tiny_shards, tmp_path):
         (seen_dir / f"{ray.train.get_context().get_world_rank()}.json").write_text(json.dumps(seen))
 
     config = tiny_config(tiny_shards, tmp_path / "results")
-    make_trainer(config, storage_path=str(tmp_path / "results"), name="ids", train_fn=record_ids).fit()
+    make_trainer(config, read_manifest(config.data.path), storage_path=str(tmp_path / "results"), name="ids", train_fn=record_ids).fit()
     rank0, rank1 = (json.loads((seen_dir / f"{rank}.json").read_text()) for rank in (0, 1))
 
     train_ids = set(ids_of(tiny_shards, "train"))
@@ -72,12 +72,12 @@ import io, json, sys
 import numpy as np, pyarrow.parquet as pq, torch
 from PIL import Image
 import raytrain
-from raytrain.data.shards import shard_paths
+from raytrain.data.manifest import read_manifest
 from raytrain.metrics import SegmentationMetrics
 model = raytrain.load_model({result.checkpoint.path!r})
 assert not model.module.training
 images, masks, groups = [], [], []
-for path in shard_paths({config.data.path!r}, "val"):
+for path in read_manifest({config.data.path!r}).shard_paths("val"):
     table = pq.read_table(path).to_pydict()
     images += [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in table["image"]]
     masks += [np.asarray(Image.open(io.BytesIO(b))) for b in table["mask"]]
@@ -161,7 +161,8 @@ def test_a_local_cluster_finds_itself_beside_another_one(tmp_path):
         assert other.stdout.readline().strip() == "up"
         script = (
             "import ray\n"
-            "from raytrain.launch import QUIET, ensure_ray\n"
+            "from raytrain.console import QUIET\n"
+            "from raytrain.launch.session import ensure_ray\n"
             "ensure_ray(1, verbosity=QUIET)\n"
             "@ray.remote(num_cpus=0)\n"
             "def actors_seen_from_a_worker():\n"

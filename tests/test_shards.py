@@ -18,20 +18,22 @@ import pytest
 from PIL import Image
 
 from raytrain.data.formats import IGNORE_INDEX, decode_kitti_gt, encode_kitti_gt
-from raytrain.data.location import RemotePath
-from raytrain.data.shards import read_manifest, shard_paths, split_of, write_shards
+from raytrain.storage.paths import RemotePath
+from raytrain.data.manifest import read_manifest
+from raytrain.data.shards import write_shards
+from raytrain.data.splits import split_of
 from raytrain.errors import DataError
 from tests.processes import run_cli
 
 
 def test_manifest_and_rows_match_the_source(synthetic_kitti, tiny_shards):
     manifest = read_manifest(tiny_shards)
-    assert manifest["format"] == "kitti"
-    assert manifest["classes"] == [{"name": "road", "id": 1, "color": [255, 0, 255]}]
-    assert manifest["num_samples"]["train"] + manifest["num_samples"]["val"] == 24
-    assert manifest["num_samples"]["val"] > 0
-    assert 0.05 < manifest["pixel_frequencies"]["road"] < 0.5
-    rows = [row for split in ("train", "val") for path in shard_paths(tiny_shards, split) for row in pq.read_table(path).to_pylist()]
+    assert manifest.format == "kitti"
+    assert [c.model_dump() for c in manifest.classes] == [{"name": "road", "id": 1, "color": [255, 0, 255]}]
+    assert manifest.num_samples["train"] + manifest.num_samples["val"] == 24
+    assert manifest.num_samples["val"] > 0
+    assert 0.05 < manifest.pixel_frequencies["road"] < 0.5
+    rows = [row for split in ("train", "val") for path in read_manifest(tiny_shards).shard_paths(split) for row in pq.read_table(path).to_pylist()]
     assert sorted(row["id"] for row in rows) == [f"um_{i:06d}" for i in range(24)]
     row = next(r for r in rows if r["id"] == "um_000003")
     assert row["image"] == (synthetic_kitti / "training/image_2/um_000003.png").read_bytes()  # not re-encoded
@@ -59,7 +61,7 @@ def test_invalid_area_becomes_ignore_label(tmp_path):
     Image.fromarray(np.full((8, 12, 3), 90, np.uint8)).save(root / "training/image_2/um_000000.png")
     Image.fromarray(encode_kitti_gt(road, valid)).save(root / "training/gt_image_2/um_road_000000.png")
     write_shards(root, "kitti", tmp_path / "out", val_fraction=0.0)
-    row = pq.read_table(shard_paths(tmp_path / "out", "train")[0]).to_pylist()[0]
+    row = pq.read_table(read_manifest(tmp_path / "out").shard_paths("train")[0]).to_pylist()[0]
     mask = np.asarray(Image.open(io.BytesIO(row["mask"])))
     expected = road.astype(np.uint8)
     expected[:2] = IGNORE_INDEX
@@ -119,15 +121,13 @@ def test_empty_input_and_existing_output_are_errors(tmp_path, tiny_shards):
         write_shards(tmp_path / "empty", "pascal", tmp_path / "out")
 
 
-def test_inverse_frequency_class_weights_come_from_the_manifest(tiny_shards, tmp_path):
-    from raytrain.losses import loss_class_weights
-    from tests.conftest import tiny_config
-
-    frequencies = read_manifest(tiny_shards)["pixel_frequencies"]
-    background, road = loss_class_weights(tiny_config(tiny_shards, tmp_path, **{"loss.class_weights": "inverse_frequency"}))
+def test_inverse_frequency_class_weights_come_from_the_manifest(tiny_shards):
+    manifest = read_manifest(tiny_shards)
+    frequencies = manifest.pixel_frequencies
+    background, road = manifest.class_weights("inverse_frequency")
     assert road / background == pytest.approx(frequencies["background"] / frequencies["road"])
     assert background + road == pytest.approx(2.0)
-    assert loss_class_weights(tiny_config(tiny_shards, tmp_path, **{"loss.class_weights": [1.0, 3.0]})) == [1.0, 3.0]
+    assert manifest.class_weights([1.0, 3.0]) == [1.0, 3.0]
 
 
 def _shard_cli(*args, timeout=120):
@@ -162,8 +162,8 @@ def test_every_bad_file_is_listed_by_skip_bad(synthetic_kitti, tmp_path):
         assert any(line.startswith(f"skipped: {path}: {message}") for line in listed), (path, listed)
     assert len(listed) == len(bad)
     manifest = read_manifest(tmp_path / "lenient")
-    assert manifest["num_samples"]["train"] + manifest["num_samples"]["val"] == 24 - len(bad)
-    assert len(manifest["skipped"]) == len(bad)
+    assert manifest.num_samples["train"] + manifest.num_samples["val"] == 24 - len(bad)
+    assert len(manifest.skipped) == len(bad)
 
 
 def test_empty_or_missing_input_is_one_line_exit_2(tmp_path):
@@ -184,12 +184,12 @@ def test_file_uris_in_and_out(synthetic_kitti, tiny_shards, tmp_path):
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "uri out" / "manifest.json").is_file()
     manifest = read_manifest(out_uri)
-    assert manifest["num_samples"] == read_manifest(tiny_shards)["num_samples"]
+    assert manifest.num_samples == read_manifest(tiny_shards).num_samples
     for split in ("train", "val"):
-        paths = shard_paths(out_uri, split)
-        assert paths == shard_paths(tmp_path / "uri out", split)
+        paths = read_manifest(out_uri).shard_paths(split)
+        assert paths == read_manifest(tmp_path / "uri out").shard_paths(split)
         assert all(Path(path).is_file() for path in paths)
-    ids = sorted(i for split in ("train", "val") for p in shard_paths(out_uri, split) for i in pq.read_table(p)["id"].to_pylist())
+    ids = sorted(i for split in ("train", "val") for p in read_manifest(out_uri).shard_paths(split) for i in pq.read_table(p)["id"].to_pylist())
     assert ids == [f"um_{i:06d}" for i in range(24)]
     with pytest.raises(DataError, match="already exists"):
         write_shards(synthetic_kitti.as_uri(), "kitti", out_uri)
@@ -202,11 +202,11 @@ def test_remote_filesystem_code_path_reads_and_writes_through_pyarrow(synthetic_
     local = pafs.LocalFileSystem()
     src = RemotePath(local, str(synthetic_kitti), "")
     manifest = write_shards(src, "kitti", f"file://{tmp_path}/remote", val_fraction=0.25, rows_per_shard=4)
-    assert manifest["num_samples"] == read_manifest(tiny_shards)["num_samples"]
-    assert manifest["source"] == str(synthetic_kitti)
+    assert manifest.num_samples == read_manifest(tiny_shards).num_samples
+    assert manifest.source == str(synthetic_kitti)
     for split in ("train", "val"):
-        ours = [r for p in shard_paths(tmp_path / "remote", split) for r in pq.read_table(p).to_pylist()]
-        theirs = [r for p in shard_paths(tiny_shards, split) for r in pq.read_table(p).to_pylist()]
+        ours = [r for p in read_manifest(tmp_path / "remote").shard_paths(split) for r in pq.read_table(p).to_pylist()]
+        theirs = [r for p in read_manifest(tiny_shards).shard_paths(split) for r in pq.read_table(p).to_pylist()]
         assert [r["image"] for r in ours] == [r["image"] for r in theirs]
         assert [r["mask"] for r in ours] == [r["mask"] for r in theirs]
 
@@ -240,7 +240,7 @@ def test_sigkill_mid_write_leaves_no_dataset(tmp_path):
 
     run = _shard_cli(root, "--format", "kitti", "--out", out)
     assert run.returncode == 0, run.stderr
-    assert sum(read_manifest(out)["num_samples"].values()) == 700
+    assert sum(read_manifest(out).num_samples.values()) == 700
 
 
 def test_a_file_that_appears_in_out_while_sharding_survives(tmp_path):
@@ -261,7 +261,7 @@ def test_a_file_that_appears_in_out_while_sharding_survives(tmp_path):
     assert not list(tmp_path.glob(".out.tmp-*"))
     # Into an empty folder, publishing still works.
     (out / "notes.txt").unlink()
-    assert write_shards(src, "kitti", out, val_fraction=0.5)["num_samples"]["train"] > 0
+    assert write_shards(src, "kitti", out, val_fraction=0.5).num_samples["train"] > 0
     assert (out / "manifest.json").is_file()
 
 
@@ -281,7 +281,7 @@ REGEXES = [r"^[^_]+", r"^[^_-]+", r"^.{1,3}", r"\d{2}$", r"^(\w+?)_", r"[A-Z]+",
 
 
 def test_group_by_never_puts_one_group_in_both_splits():
-    from raytrain.data.shards import group_of, plan_group_split
+    from raytrain.data.splits import group_of, plan_group_split
 
     rng = np.random.default_rng(0)
     planned = refused = 0
@@ -312,7 +312,7 @@ def test_group_by_never_puts_one_group_in_both_splits():
 
 
 def test_seeded_val_groups_cover_about_the_val_fraction():
-    from raytrain.data.shards import choose_val_groups
+    from raytrain.data.splits import choose_val_groups
 
     rng = np.random.default_rng(1)
     for _ in range(200):
@@ -337,7 +337,7 @@ def test_shard_cli_records_the_group_split_in_the_manifest(grouped_kitti, tmp_pa
     assert manifest["split"] == {"val_fraction": 0.2, "seed": 0, "group_by": "^[^_]+", "val_groups": ["uu"]}
     assert manifest["groups"] == {"train": {"um": 14, "umm": 5}, "val": {"uu": 5}}
     for split in ("train", "val"):
-        table = pq.read_table(shard_paths(tmp_path / "by_name", split), columns=["id", "group", "split"]).to_pylist()
+        table = pq.read_table(read_manifest(tmp_path / "by_name").shard_paths(split), columns=["id", "group", "split"]).to_pylist()
         assert all(row["group"] == row["id"].split("_")[0] and row["split"] == split for row in table)
         assert len(table) == manifest["num_samples"][split]
 
@@ -345,31 +345,37 @@ def test_shard_cli_records_the_group_split_in_the_manifest(grouped_kitti, tmp_pa
                      "--val-fraction", "0.3", "--seed", "3")
     assert run.returncode == 0, run.stderr
     manifest = read_manifest(tmp_path / "seeded")
-    val_groups = manifest["split"]["val_groups"]
-    assert manifest["groups"]["val"] == {group: CATEGORIES[group] for group in val_groups}
-    assert set(manifest["groups"]["train"]) == set(CATEGORIES) - set(val_groups)
+    val_groups = manifest.split["val_groups"]
+    assert manifest.groups["val"] == {group: CATEGORIES[group] for group in val_groups}
+    assert set(manifest.groups["train"]) == set(CATEGORIES) - set(val_groups)
 
 
 def test_shards_without_groups_have_no_group_column_and_a_bad_groups_entry_is_refused(tiny_shards, tmp_path):
-    from raytrain.data.shards import metric_groups
-
     manifest = read_manifest(tiny_shards)
-    assert "groups" not in manifest and "group_by" not in manifest["split"] and metric_groups(manifest, "val") == []
-    assert "group" not in pq.read_schema(shard_paths(tiny_shards, "val")[0]).names
+    assert manifest.groups is None and "group_by" not in manifest.split and manifest.metric_groups("val") == []
+    assert "group" not in pq.read_schema(read_manifest(tiny_shards).shard_paths("val")[0]).names
     copy = tmp_path / "copy"
     shutil.copytree(tiny_shards, copy)
     for groups in ({"train": {}, "val": {"a b": 1}}, {"val": {"a": 1}}, ["a"], {"train": {"a": "1"}, "val": {}}):
-        (copy / "manifest.json").write_text(json.dumps({**manifest, "groups": groups}))
+        (copy / "manifest.json").write_text(json.dumps({**manifest.model_dump(mode="json"), "groups": groups}))
         with pytest.raises(DataError, match="`groups` must map train and val"):
             read_manifest(copy)
 
 
 def test_per_group_metrics_are_capped(tmp_path):
-    from raytrain.data.shards import MAX_GROUP_METRICS, metric_groups
+    from raytrain.data.manifest import MAX_GROUP_METRICS
 
-    few = {"groups": {"train": {}, "val": {f"g{i}": 1 for i in range(MAX_GROUP_METRICS)}}}
-    many = {"groups": {"train": {}, "val": {f"g{i}": 1 for i in range(MAX_GROUP_METRICS + 1)}}}
-    assert len(metric_groups(few, "val")) == MAX_GROUP_METRICS and metric_groups(many, "val") == []
+    few = manifest_with_groups({f"g{i}": 1 for i in range(MAX_GROUP_METRICS)})
+    many = manifest_with_groups({f"g{i}": 1 for i in range(MAX_GROUP_METRICS + 1)})
+    assert len(few.metric_groups("val")) == MAX_GROUP_METRICS and many.metric_groups("val") == []
+
+
+def manifest_with_groups(val_groups: dict[str, int]):
+    from raytrain.data.manifest import Manifest
+
+    return Manifest(schema_version=1, format="kitti", classes=[{"name": "road", "id": 1, "color": [255, 0, 255]}],
+                    num_samples={"train": 1, "val": sum(val_groups.values())}, files={"train": [], "val": []},
+                    pixel_frequencies={}, groups={"train": {}, "val": val_groups})
 
 
 def test_rows_per_shard_sets_the_files_per_split(synthetic_kitti, tmp_path):
@@ -377,9 +383,9 @@ def test_rows_per_shard_sets_the_files_per_split(synthetic_kitti, tmp_path):
         out = tmp_path / f"rows_{rows}"
         run = _shard_cli(synthetic_kitti, "--format", "kitti", "--out", out, *(["--rows-per-shard", rows] if rows else []))
         assert run.returncode == 0, run.stderr
-        counts = read_manifest(out)["num_samples"]
+        counts = read_manifest(out).num_samples
         assert sum(counts.values()) == 24 and counts["train"] > 5
-        files = {split: len(shard_paths(out, split)) for split in counts}
+        files = {split: len(read_manifest(out).shard_paths(split)) for split in counts}
         assert files == {split: math.ceil(count / (rows or 32)) for split, count in counts.items()}, (files, counts)
     run = _shard_cli(synthetic_kitti, "--format", "kitti", "--out", tmp_path / "zero", "--rows-per-shard", "0")
     assert run.returncode == 2 and "--rows-per-shard" in run.stderr and not (tmp_path / "zero").exists()

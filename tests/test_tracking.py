@@ -63,7 +63,7 @@ def test_a_search_logs_one_run_per_trial(searched_run):
 
 
 def test_tracking_off_adds_no_callbacks(tiny_shards, tmp_path):
-    from raytrain import tracking
+    from raytrain.launch import tracking
 
     config = tiny_config(tiny_shards, tmp_path)
     assert tracking.train_callbacks(config, str(tmp_path)) == []
@@ -80,7 +80,7 @@ def test_remote_storage_needs_a_tracking_uri(tiny_shards, tmp_path):
 
 
 def test_an_unusable_tracking_uri_is_one_line_before_training(tiny_shards, tmp_path):
-    from raytrain import tracking
+    from raytrain.launch import tracking
 
     config = tiny_config(tiny_shards, tmp_path, **{"train.tracking": "mlflow", "train.tracking_uri": "nosuch://x"})
     with pytest.raises(RaytrainError, match="train.tracking_uri nosuch://x"):

@@ -8,20 +8,17 @@ from __future__ import annotations
 
 import errno
 import fnmatch
-import io
 import os
-import re
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-from PIL import Image
 
-from raytrain.data.location import as_path
-from raytrain.errors import DataError, limit_from_env
+from raytrain.data.images import check_8bit, open_image
+from raytrain.errors import DataError
+from raytrain.storage.paths import as_path
 
 IGNORE_INDEX = 255
 
@@ -184,50 +181,6 @@ def _kitti_lister(target: str) -> Callable[[Path], list[Sample]]:
     return list_samples
 
 
-MAX_PIXELS_ENV = "RAYTRAIN_MAX_PIXELS"
-DEFAULT_MAX_PIXELS = 50_000_000  # road images are a few megapixels; a small PNG can claim gigabytes
-
-
-def max_pixels() -> int:
-    return limit_from_env(MAX_PIXELS_ENV, DEFAULT_MAX_PIXELS, "pixels", DataError)
-
-
-def open_checked(source, path) -> Image.Image:
-    """Image.open (which reads only the header) with raytrain's pixel limit checked before any decode.
-
-    Pillow's own bomb check warns on stderr from 89 megapixels and raises past 179: our limit
-    replaces the warning, and its error becomes the same one-line DataError.
-    """
-    limit = max_pixels()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(source)
-        except Image.DecompressionBombError as err:
-            found = re.search(r"\((\d+) pixels\)", str(err))
-            size = f"{found.group(1)} pixels" if found else "too many pixels"
-            raise DataError(f"{path}: image of {size} is over the limit of {limit} pixels ({MAX_PIXELS_ENV})") from None
-    width, height = image.size
-    if width * height > limit:
-        image.close()
-        raise DataError(f"{path}: image is {width}x{height}, over the limit of {limit} pixels ({MAX_PIXELS_ENV})")
-    return image
-
-
-def open_image(path: Path) -> Image.Image:
-    """Open an image file, local or on a remote filesystem (a RemotePath), within the pixel limit."""
-    return open_checked(io.BytesIO(path.read_bytes()), path)
-
-
-# Pillow modes with 8 bits per channel: a 16-bit or float image converted to RGB clips to white.
-EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr")
-
-
-def check_8bit(image: Image.Image, path: Path, what: str = "image") -> None:
-    if image.mode not in EIGHT_BIT_MODES:
-        raise DataError(f"{path}: {what} is Pillow mode {image.mode} (16-bit or float), expected 8 bits per channel")
-
-
 def _load_kitti_mask(path: Path) -> np.ndarray:
     with open_image(path) as gt:
         # Only what KITTI defines: anything else (grayscale, 16-bit, other colours) would decode as road.
@@ -323,7 +276,7 @@ def _color(value, where: str) -> tuple[int, int, int]:
 
 
 def _read_class_map(path: Path) -> dict:
-    from raytrain.config import load_yaml_file
+    from raytrain.storage.safe_yaml import load_yaml_file
 
     if not path.is_file():
         raise DataError(f"{path}: class map not found (folder format needs {CLASS_MAP} or class_map=)")

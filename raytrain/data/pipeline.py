@@ -1,7 +1,7 @@
 """Ray Data: Parquet shards -> decoded, resized, augmented batches for the Train workers.
 
 Decoding runs in Ray Data tasks, not in the training processes; Ray Train's DataConfig then
-streams each worker its own disjoint part (see launch.SplitData). Every epoch is a new Ray Data
+streams each worker its own disjoint part (see launch.trainer.SplitData). Every epoch is a new Ray Data
 execution, so what it costs to start one is paid every epoch (docs/decisions.md).
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import ray.data
 
 from raytrain.config import Config
-from raytrain.data.shards import group_indices, metric_groups, read_manifest, shard_paths
+from raytrain.data.manifest import Manifest, group_indices
 from raytrain.data.transforms import Augment, transform_batch
 
 COLUMNS = ["id", "image", "mask"]
@@ -41,7 +41,6 @@ def transform_block(block: dict, size, augment: Augment | None = None, seed: int
         if groups:
             batch["group"] = group_indices(rows["group"], rows["id"], groups)
         yield batch
-
 
 
 def execution_index() -> int:
@@ -79,14 +78,15 @@ def read_shards(paths: list[str], *, shuffle: bool, seed: int | None = None, col
         context.use_datasource_v2, context.op_resource_reservation_enabled = saved
 
 
-def build_datasets(config: Config) -> dict[str, ray.data.Dataset]:
+def build_datasets(config: Config, manifest: Manifest) -> dict[str, ray.data.Dataset]:
+    """The train and val datasets of config.data.path, whose manifest is `manifest`."""
     data = config.data
     seed = config.train.seed
-    train = read_shards(shard_paths(data.path, "train"), shuffle=True, seed=seed).map_batches(
+    train = read_shards(manifest.shard_paths("train"), shuffle=True, seed=seed).map_batches(
         transform_block, fn_kwargs={"size": data.size, "augment": augment_of(config), "seed": seed}, batch_size=None
     )
-    groups = metric_groups(read_manifest(data.path), "val")  # val metrics per group: rows carry their group
-    val = read_shards(shard_paths(data.path, "val"), shuffle=False, columns=COLUMNS + ["group"] * bool(groups)).map_batches(
+    groups = manifest.metric_groups("val")  # val metrics per group: rows carry their group
+    val = read_shards(manifest.shard_paths("val"), shuffle=False, columns=COLUMNS + ["group"] * bool(groups)).map_batches(
         transform_block, fn_kwargs={"size": data.size, "groups": groups}, batch_size=None
     )
     return {"train": train, "val": val}

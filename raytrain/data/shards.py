@@ -8,16 +8,9 @@ mask fails now with its file named, not hours into training.
 """
 from __future__ import annotations
 
-import hashlib
 import io
-import itertools
-import json
-import math
 import os
-import re
-from collections import Counter
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -26,19 +19,18 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
 
-from raytrain.data import leftovers
-from raytrain.data.formats import (
-    FORMATS, IGNORE_INDEX, DatasetFormat, Sample, check_8bit, file_problem, get_format, open_checked, os_errors_named,
-)
-from raytrain.data.location import as_path, filesystem_of, join
-from raytrain.errors import DataError
+from raytrain.data.formats import FORMATS, IGNORE_INDEX, DatasetFormat, Sample, file_problem, get_format, os_errors_named
+from raytrain.data.images import check_8bit, open_checked
+from raytrain.data.manifest import MANIFEST, SCHEMA_VERSION, SPLITS, Manifest
+from raytrain.data.splits import SplitRule, plan_group_split
+from raytrain.errors import FRACTION, DataError
+from raytrain.storage import leftovers
+from raytrain.storage.paths import as_path, filesystem_of
 
-MANIFEST = "manifest.json"
+
 # One Parquet file is one Ray Data read task: small files let every CPU decode (a 230-image KITTI
 # train split in 256-row files was a single task on one CPU) and shuffle files at a fine grain.
 ROWS_PER_SHARD = 32
-SCHEMA_VERSION = 1
-SPLITS = ("train", "val")
 
 SCHEMA = pa.schema(
     [
@@ -51,107 +43,8 @@ SCHEMA = pa.schema(
         ("mask", pa.binary()),
     ]
 )
+
 GROUPED_SCHEMA = SCHEMA.append(pa.field("group", pa.string()))
-# A group names metric keys (val_iou@<group>): Tune, TensorBoard and MLflow all take these characters.
-GROUP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-# Per-group metrics are reported for at most this many groups of a split: every key is a Tune
-# metric, a TensorBoard curve and an MLflow metric each epoch (docs/decisions.md).
-MAX_GROUP_METRICS = 16
-
-
-def split_of(sample_id: str, val_fraction: float, seed: int) -> str:
-    """Deterministic split by id: adding or removing other samples never moves this one."""
-    digest = hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()
-    return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
-
-
-@dataclass(frozen=True)
-class GroupSplit:
-    """Whole groups of samples to val: `group_by` the regex, `groups` each sample id's group."""
-
-    group_by: str
-    groups: dict[str, str]
-    val_groups: tuple[str, ...]
-
-    def split_of(self, sample_id: str) -> str:
-        return "val" if self.groups[sample_id] in self.val_groups else "train"
-
-
-def group_of(sample_id: str, pattern: re.Pattern) -> str | None:
-    """The sample's group: the regex's first capture group if it has one, else what it matches."""
-    found = pattern.search(sample_id)
-    return (found.group(1 if pattern.groups else 0) or None) if found else None
-
-
-def choose_val_groups(sizes: dict[str, int], val_fraction: float, seed: int) -> tuple[str, ...]:
-    """A seeded choice of whole groups (at least one, never all) whose samples come closest to
-    val_fraction of all. Groups are taken in an order drawn from (seed, name), so adding a group
-    does not reorder the others."""
-    order = sorted(sizes, key=lambda name: hashlib.sha256(f"{seed}:{name}".encode()).digest())
-    covered = list(itertools.accumulate(sizes[name] for name in order))
-    target = val_fraction * covered[-1]
-    count = min(range(1, len(order)), key=lambda k: abs(covered[k - 1] - target))
-    return tuple(sorted(order[:count]))
-
-
-def plan_group_split(ids: Sequence[str], group_by: str, val_groups: Sequence[str] | None,
-                     val_fraction: float, seed: int) -> GroupSplit:
-    """Every id's group by the regex `group_by`, and the groups that go to val: `val_groups`, or a
-    seeded choice covering about val_fraction of the samples. Raises a one-line DataError naming
-    the flag on a regex that does not compile or misses an id, an unknown group, or an empty split."""
-    flag = f"--group-by {group_by!r}"
-    try:
-        pattern = re.compile(group_by)
-    except re.error as err:
-        raise DataError(f"{flag}: not a regular expression ({err})") from None
-    groups = {sample_id: group_of(sample_id, pattern) for sample_id in ids}
-    missed = [sample_id for sample_id, group in groups.items() if group is None]
-    if len(missed) == len(ids):
-        raise DataError(f"{flag}: matches none of the {len(ids)} sample ids (e.g. {ids[0]!r})")
-    if missed:
-        raise DataError(f"{flag}: does not match sample id {missed[0]!r} ({len(missed)} of {len(ids)} ids); every sample needs a group")
-    for sample_id, group in groups.items():
-        if not GROUP_NAME.fullmatch(group):
-            raise DataError(f"{flag}: group {group!r} of sample {sample_id!r} is not a name of letters, digits, _, - and . "
-                            "(it names metric keys)")
-    sizes = dict(sorted(Counter(groups.values()).items()))
-    chosen = _val_groups(flag, sizes, val_groups, val_fraction, seed)
-    return GroupSplit(group_by, groups, chosen)
-
-
-def _val_groups(flag: str, sizes: dict[str, int], val_groups, val_fraction: float, seed: int) -> tuple[str, ...]:
-    known = ", ".join(list(sizes)[:12]) + (", ..." if len(sizes) > 12 else "")
-    if len(sizes) < 2:
-        raise DataError(f"{flag}: one group ({known}) cannot be split into train and val; use a regex that finds several")
-    if val_groups is None:
-        if val_fraction <= 0:
-            raise DataError(f"{flag} with --val-fraction 0 puts no group in val; give --val-groups or a --val-fraction above 0")
-        return choose_val_groups(sizes, val_fraction, seed)
-    chosen = tuple(sorted(set(val_groups)))
-    if not chosen:
-        raise DataError(f"--val-groups: no group given (groups of {flag}: {known})")
-    unknown = [name for name in chosen if name not in sizes]
-    if unknown:
-        raise DataError(f"--val-groups {unknown[0]!r}: no such group (groups of {flag}: {known})")
-    if len(chosen) == len(sizes):
-        raise DataError(f"--val-groups {','.join(chosen)}: every group in val leaves no training samples")
-    return chosen
-
-
-def metric_groups(manifest: dict, split: str) -> list[str]:
-    """The groups of `split` that get their own metrics: none for a dataset sharded without
-    --group-by, nor beyond MAX_GROUP_METRICS groups."""
-    groups = sorted(manifest.get("groups", {}).get(split, {}))
-    return groups if len(groups) <= MAX_GROUP_METRICS else []
-
-
-def group_indices(names, ids, groups: list[str]) -> np.ndarray:
-    """Each row's group as its index into `groups` (the manifest's), int64."""
-    index = {name: position for position, name in enumerate(groups)}
-    unknown = [(sample_id, name) for sample_id, name in zip(ids, names) if name not in index]
-    if unknown:
-        raise DataError(f"sample {unknown[0][0]!r}: its group {unknown[0][1]!r} is not one of the manifest's {groups}")
-    return np.array([index[name] for name in names], dtype=np.int64)
 
 
 def encode_mask(mask: np.ndarray) -> bytes:
@@ -238,14 +131,14 @@ def write_shards(
     progress: Callable[[int, int], None] | None = None,
     group_by: str | None = None,
     val_groups: Sequence[str] | None = None,
-) -> dict:
-    """Shard the dataset at `src` into `out`; return the manifest.
+) -> Manifest:
+    """Shard the dataset at `src` into `out`; return its manifest.
 
     `src` and `out` are local paths or any pyarrow filesystem URI (s3://, gs://, file://).
     Atomic: everything is written into a hidden sibling directory on the same filesystem that is
     moved to `out` only when complete (manifest.json last where a filesystem cannot move folders),
     so an interrupted run leaves no dataset that looks finished. Such a run's hidden directory is
-    removed by the next run into the same `out` once its process is provably gone (see leftovers.py).
+    removed by the next run into the same `out` once its process is provably gone (see storage/leftovers.py).
 
     `classes` picks the targets: None keeps all of the format's classes (class indices 0..C-1),
     one name gives a binary mask (that class 1, every other labelled class 0). `class_map` is the
@@ -270,13 +163,13 @@ def write_shards(
     grouping = None if group_by is None else plan_group_split([s.id for s in samples], group_by, val_groups, val_fraction, seed)
     tmp = leftovers.make_temp_dir(filesystem, out_path, str(out))
     try:
-        manifest = _write(
-            samples, dataset_format, filesystem, tmp, _Split(val_fraction, seed, grouping), rows_per_shard, skip_bad,
+        written = _write(
+            samples, dataset_format, filesystem, tmp, SplitRule(val_fraction, seed, grouping), rows_per_shard, skip_bad,
             on_skip or (lambda message: None), progress or (lambda done, total: None),
         )
-        manifest["source"] = str(src_path)
+        manifest = Manifest.model_validate({**written, "source": str(src_path)}).at(out)
         with filesystem.open_output_stream(f"{tmp}/{MANIFEST}") as stream:
-            stream.write(json.dumps(manifest, indent=2).encode())
+            stream.write(manifest.to_json().encode())
         leftovers.unmark(filesystem, tmp)
         _publish(filesystem, tmp, out_path, str(out))
     finally:
@@ -290,8 +183,7 @@ def _source(src, fmt: str, val_fraction: float, classes, class_map) -> tuple[Pat
     if fmt not in FORMATS:
         get_format(fmt)  # raises: unknown format
     # 0 is allowed from Python (all samples train; tests and CamVid, whose splits are its own, use it).
-    if not (isinstance(val_fraction, (int, float)) and math.isfinite(val_fraction) and 0 <= val_fraction < 1):
-        raise DataError(f"val_fraction {val_fraction!r}: expected a number from 0 up to (not including) 1")
+    FRACTION.check("val_fraction", val_fraction, DataError)
     src_path = as_path(src)
     # An unreadable folder, a link loop or a file where a folder belongs: one line naming it.
     with os_errors_named(src, "cannot read the dataset"):
@@ -343,27 +235,7 @@ def _has_files(filesystem: pafs.FileSystem, path: str) -> bool:
     return kind != pafs.FileType.NotFound
 
 
-@dataclass(frozen=True)
-class _Split:
-    """How samples are split: by id (val_fraction, seed), by a dataset's own split, or by whole groups."""
-
-    val_fraction: float
-    seed: int
-    grouping: GroupSplit | None
-
-    def of(self, sample: Sample) -> str:
-        if self.grouping:
-            return self.grouping.split_of(sample.id)
-        return sample.split or split_of(sample.id, self.val_fraction, self.seed)
-
-    def describe(self) -> dict:
-        described = {"val_fraction": self.val_fraction, "seed": self.seed}
-        if self.grouping:
-            described.update(group_by=self.grouping.group_by, val_groups=list(self.grouping.val_groups))
-        return described
-
-
-def _write(samples, fmt, filesystem, tmp, split_rule: _Split, rows_per_shard, skip_bad, on_skip, progress) -> dict:
+def _write(samples, fmt, filesystem, tmp, split_rule: SplitRule, rows_per_shard, skip_bad, on_skip, progress) -> dict:
     pixel_counts = np.zeros(_mask_values(fmt), dtype=np.int64)
     buffers: dict[str, list[dict]] = {split: [] for split in SPLITS}
     files: dict[str, list[str]] = {split: [] for split in SPLITS}
@@ -437,66 +309,3 @@ def _manifest(fmt: DatasetFormat, counts, files, split: dict, pixel_counts: np.n
         "pixel_frequencies": {name: float(c) / max(1, int(pixel_counts.sum())) for name, c in zip(names, pixel_counts)},
         "skipped": skipped,
     }
-
-
-def read_manifest(dataset: str | os.PathLike) -> dict:
-    """The manifest of a sharded dataset: a local folder or any pyarrow filesystem URI."""
-    path = join(dataset, MANIFEST)
-    filesystem, manifest_path = filesystem_of(path)
-    if filesystem.get_file_info(manifest_path).type != pafs.FileType.File:
-        raise DataError(f"{path}: no manifest; shard the data first with `raytrain data shard`")
-    try:
-        with filesystem.open_input_stream(manifest_path) as stream:
-            manifest = json.loads(stream.read())
-    except OSError as err:
-        raise DataError(f"{path}: cannot read it ({file_problem(as_path(path), err)})") from None
-    except ValueError as err:  # JSONDecodeError, and bytes that are not UTF-8 at all
-        raise DataError(f"{path}: not valid JSON ({' '.join(str(err).split())})") from None
-    if not isinstance(manifest, dict):
-        raise DataError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise DataError(f"{path}: schema_version {manifest.get('schema_version')} is not {SCHEMA_VERSION}")
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not all(isinstance(files.get(split), list) for split in SPLITS):
-        raise DataError(f"{path}: `files` must list the {' and '.join(SPLITS)} shard files")
-    for split in SPLITS:
-        for name in files[split]:
-            if not _relative_inside(name):
-                # A manifest must not make raytrain read files elsewhere (/etc/..., ../other-data).
-                raise DataError(f"{path}: files.{split} entry {name!r} is not a relative path inside the dataset folder")
-    _check_groups(manifest.get("groups"), path)
-    return manifest
-
-
-def _check_groups(groups, path: str) -> None:
-    """`groups` (absent without --group-by): per split, group name -> sample count."""
-    if groups is None:
-        return
-    well_formed = isinstance(groups, dict) and all(
-        isinstance(groups.get(split), dict)
-        and all(isinstance(name, str) and GROUP_NAME.fullmatch(name) and type(count) is int for name, count in groups[split].items())
-        for split in SPLITS
-    )
-    if not well_formed:
-        raise DataError(f"{path}: `groups` must map train and val to group names (letters, digits, _, -, .) and sample counts")
-
-
-def _relative_inside(name) -> bool:
-    if not isinstance(name, str) or not name.strip() or "\\" in name or "\0" in name:
-        return False
-    parts = PurePosixPath(name).parts
-    return bool(parts) and not PurePosixPath(name).is_absolute() and ".." not in parts and ":" not in parts[0] and not name.startswith("~")
-
-
-def shard_paths(dataset: str | os.PathLike, split: str) -> list[str]:
-    """The split's Parquet files: local paths for local data (file:// included), else URIs."""
-    manifest = read_manifest(dataset)
-    filesystem, root = filesystem_of(dataset)
-    if not isinstance(filesystem, pafs.LocalFileSystem):
-        return [join(dataset, name) for name in manifest["files"][split]]
-    root_path = Path(root).resolve()
-    paths = [(root_path / name).resolve() for name in manifest["files"][split]]
-    for name, path in zip(manifest["files"][split], paths):
-        if not path.is_relative_to(root_path):  # a symbolic link inside that leads out
-            raise DataError(f"{join(dataset, MANIFEST)}: files.{split} entry {name!r} leads outside the dataset folder, to {path}")
-    return [str(path) for path in paths]

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow.fs as pafs
 from PIL import Image
 
-from raytrain.data import leftovers
+from raytrain.storage import leftovers
 from raytrain.data.formats import encode_kitti_gt, os_errors_named
 
 F32 = np.float32

@@ -6,7 +6,6 @@ Masks are resized with nearest neighbour so class indices (and IGNORE_INDEX) are
 """
 from __future__ import annotations
 
-import io
 import itertools
 import zlib
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from raytrain.data.formats import IGNORE_INDEX
+from raytrain.data.images import decode_image, decode_mask
 
 
 @dataclass(frozen=True)
@@ -25,16 +25,6 @@ class Augment:
     blur: float = 0.0
     blur_sigma: tuple[float, float] = (0.5, 1.5)
     noise: float = 0.0
-
-
-def decode_image(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"))
-
-
-def decode_mask(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as mask:
-        return np.asarray(mask)
 
 
 def resize(image: np.ndarray, mask: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -134,26 +124,3 @@ def transform_batch(
         "image": np.stack([image for image, _ in pairs]),
         "mask": np.stack([mask for _, mask in pairs]),
     }
-
-
-# ImageNet statistics: what pretrained encoders expect, and a sane scale for scratch models too.
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
-
-
-def to_model_input(images, device=None, size: tuple[int, int] | None = None):
-    """uint8 (N, H, W, 3) -> normalised float32 (N, 3, H, W) on `device` (None: where it is), resized
-    to size (width, height) if given. predict and every exported model resize here: bilinear,
-    antialiased when shrinking as PIL's resize of the training images is."""
-    import torch
-    import torch.nn.functional as F
-
-    if device is not None:
-        images = images.to(device, non_blocking=True)
-    images = images.permute(0, 3, 1, 2).float()
-    if size is not None:
-        images = F.interpolate(images, size=(size[1], size[0]), mode="bilinear", align_corners=False, antialias=True)
-    images = images.div_(255)
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
-    return (images - mean) / std

@@ -21,12 +21,10 @@ import torch.distributed as dist
 
 from raytrain.checkpoints import restore_train_state, save_checkpoint, unwrap
 from raytrain.config import Config
-from raytrain.data.shards import metric_groups, read_manifest
-from raytrain.data.transforms import to_model_input
 from raytrain.errors import RaytrainError
-from raytrain.losses import create_loss, loss_class_weights
+from raytrain.losses import create_loss
 from raytrain.metrics import SegmentationMetrics
-from raytrain.models import create_model, to_probabilities
+from raytrain.models import create_model, to_model_input, to_probabilities
 
 if TYPE_CHECKING:
     from raytrain.viz import TensorBoardLogger
@@ -77,8 +75,9 @@ class Worker:
 
 
 def train_worker(loop_config: dict) -> None:
-    """loop_config: {"config": the resolved Config as a dict, "log_dir": where rank 0 writes TensorBoard,
-    "initial_checkpoint": a ray.train.Checkpoint to start from, or None}."""
+    """loop_config: {"config": the resolved Config as a dict, "manifest": its dataset's Manifest,
+    "log_dir": where rank 0 writes TensorBoard, "initial_checkpoint": a ray.train.Checkpoint to start
+    from, or None}."""
     worker = setup(loop_config)
     for epoch in range(worker.start_epoch, worker.config.train.epochs):
         report, samples = run_epoch(worker, epoch)
@@ -92,7 +91,7 @@ def train_worker(loop_config: dict) -> None:
 
 def setup(loop_config: dict) -> Worker:
     """Seed; build model, loss, optimiser and schedule; restore a checkpoint if there is one."""
-    config = Config.model_validate(loop_config["config"])
+    config, manifest = Config.model_validate(loop_config["config"]), loop_config["manifest"]
     context, device = ray.train.get_context(), ray.train.torch.get_device()
     seed_everything(config.train.seed)  # before the model: its initial weights come from the seed
     if device.type == "cpu":
@@ -101,9 +100,10 @@ def setup(loop_config: dict) -> Worker:
     channels_last = config.train.channels_last if config.train.channels_last is not None else device.type == "cuda"
     model, eval_model = build_model(config, channels_last)
     # .to(device): class weights are a buffer of the loss, and must sit where the logits are.
-    loss_fn = create_loss(config.loss.name, num_classes=config.num_classes, class_weights=loss_class_weights(config)).to(device)
+    class_weights = manifest.class_weights(config.loss.class_weights)
+    loss_fn = create_loss(config.loss.name, num_classes=config.num_classes, class_weights=class_weights).to(device)
     optimizer = create_optimizer(config, model.parameters())
-    scheduler = create_scheduler(config, optimizer, steps_per_epoch(config, context.get_world_size()))
+    scheduler = create_scheduler(config, optimizer, steps_per_epoch(manifest.count("train"), config.train.batch_size, context.get_world_size()))
     start_epoch = restore(config, model, optimizer, scheduler, loop_config.get("initial_checkpoint"))
     is_rank0 = context.get_world_rank() == 0
     return Worker(
@@ -112,7 +112,7 @@ def setup(loop_config: dict) -> Worker:
         amp_dtype=amp_dtype, channels_last=channels_last, start_epoch=start_epoch,
         train_shard=ray.train.get_dataset_shard("train"), val_shard=ray.train.get_dataset_shard("val"),
         metrics=SegmentationMetrics(config.num_classes, class_names=config.classes, from_logits=True,
-                                    groups=metric_groups(read_manifest(config.data.path), "val")),
+                                    groups=manifest.metric_groups("val")),
         early_stopping=EarlyStopping.for_config(config),
         logger=open_logger(loop_config.get("log_dir"), config) if is_rank0 else None,
         is_rank0=is_rank0,
@@ -346,10 +346,9 @@ def create_scheduler(config: Config, optimizer, steps_per_epoch: int) -> torch.o
     )
 
 
-def steps_per_epoch(config: Config, world_size: int) -> int:
+def steps_per_epoch(train_samples: int, batch_size: int, world_size: int) -> int:
     """Batches per worker and epoch: the train split is cut into equal parts, one per worker."""
-    samples = read_manifest(config.data.path)["num_samples"]["train"] // world_size
-    return max(1, math.ceil(samples / config.train.batch_size))
+    return max(1, math.ceil(train_samples // world_size / batch_size))
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

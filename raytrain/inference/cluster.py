@@ -1,6 +1,6 @@
 """Predict a folder of images on a Ray cluster: Ray Data streams the image paths through a fixed
 pool of model actors, each of which reads its images, predicts them with raytrain.predict (through
-inference.masks_and_overlays, as the one-process loop does) and writes each PNG atomically.
+prediction.masks_and_overlays, as the one-process loop does) and writes each PNG atomically.
 
 Only paths go out to the actors and one short status per image comes back: the dataset is never
 held in memory. Images whose mask and overlay are already in the output folder are not predicted
@@ -19,12 +19,15 @@ from typing import Callable, Sequence
 import numpy as np
 import pyarrow.fs as pafs
 
-from raytrain.data.location import as_path, filesystem_of, final_of_temporary, join
+from raytrain.data.images import read_rgb
 from raytrain.errors import DataError, RaytrainError, one_line
-from raytrain.inference import (
-    PredictionSummary, check_prediction, load_model_from_files, mask_name, masks_and_overlays, overlay_name, read_rgb,
-    save_png, write_prediction_record, write_whole,
+from raytrain.inference.files import (
+    PredictionSummary, check_prediction, mask_name, overlay_name, save_png, write_prediction_record,
 )
+from raytrain.inference.loading import load_model_from_files
+from raytrain.inference.prediction import masks_and_overlays
+from raytrain.storage.atomic import final_of_temporary, write_atomically
+from raytrain.storage.paths import as_path, filesystem_of, join
 
 UNREADABLE_LIST = "unreadable_inputs.txt"
 ACTORS_START_S = 600  # autoscaled GPU nodes take minutes to join
@@ -73,7 +76,8 @@ def _run(todo: list[str], files: dict[str, bytes], out, workers, batch_size, cpu
     import ray  # here, not at the top: a refused run answers before Ray's second of imports
     import ray.data
 
-    from raytrain.launch import QUIET, ensure_ray, user_error_inside
+    from raytrain.console import QUIET
+    from raytrain.launch.session import ensure_ray, user_error_inside
 
     ensure_ray(verbosity=QUIET)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
@@ -149,5 +153,5 @@ def _write_unreadable_list(out: str | os.PathLike, unreadable: list[str]) -> str
         if filesystem.get_file_info(path).type == pafs.FileType.File:
             filesystem.delete_file(path)
         return None
-    write_whole(as_path(location), "".join(f"{one_line(error)}\n" for error in unreadable).encode())
+    write_atomically(location, "".join(f"{one_line(error)}\n" for error in unreadable).encode())
     return location

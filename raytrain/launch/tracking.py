@@ -21,9 +21,9 @@ import ray.train
 from ray.train.v2._internal.execution.callback import ControllerCallback
 from ray.tune.result import AUTO_RESULT_KEYS, DEBUG_METRICS
 
-from raytrain.checkpoints import best_location
+from raytrain.selection import best_location
 from raytrain.config import Config
-from raytrain.data.location import filesystem_of, join
+from raytrain.storage.paths import filesystem_of, join
 from raytrain.errors import CheckpointError, RaytrainError
 
 DATABASE = "mlflow.db"  # the default store, inside the experiment directory

@@ -1,4 +1,4 @@
-"""Local paths and pyarrow filesystem URIs (s3://, gs://, file://, ...) for datasets and shards.
+"""Local paths and pyarrow filesystem URIs (s3://, gs://, file://, ...): every location raytrain reads or writes.
 
 A plain path or a file:// URI stays a `pathlib.Path`, so local data behaves exactly as it always
 did. Any other URI becomes a `RemotePath`: the few pathlib operations the format readers use,
@@ -6,11 +6,8 @@ served by the filesystem that `pyarrow.fs.FileSystem.from_uri` picks for it.
 """
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import os
-import re
-import uuid
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit, urlunsplit
 
@@ -126,39 +123,3 @@ class RemotePath:
 
     def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
         self.filesystem.create_dir(self.path, recursive=parents)  # object stores have no folders to collide with
-
-
-_TEMPORARY = re.compile(r"\.(?P<final>.+)\.[0-9a-f]{8}(?P<suffix>\.[^.]*)?")
-
-
-def temporary_beside(final: str) -> str:
-    """A new hidden name beside `final` (a local path or a filesystem path) to write it under before
-    the rename: `.<name>.<8 hex digits><suffix>`, which `final_of_temporary` reads back."""
-    folder, _, name = final.rpartition("/")
-    return f"{folder}/.{name}.{uuid.uuid4().hex[:8]}{PurePosixPath(name).suffix}"
-
-
-def final_of_temporary(name: str) -> str | None:
-    """The file name a temporary_beside() name was written for; None for any other name."""
-    match = _TEMPORARY.fullmatch(name)
-    if match is None or (match["suffix"] or "") != PurePosixPath(match["final"]).suffix:
-        return None
-    return match["final"]
-
-
-def write_remote_atomically(path: RemotePath, data: bytes) -> RemotePath:
-    """`data` as the file `path` on its remote filesystem, whole or not at all: written under a
-    hidden temporary name beside it, then moved (an object store's move is a server-side copy, so
-    the final name never holds a partial object). A failure removes the temporary and is a DataError."""
-    temporary = temporary_beside(path.path)
-    try:
-        with path.filesystem.open_output_stream(temporary) as stream:
-            stream.write(data)
-        path.filesystem.move(temporary, path.path)
-    except BaseException as err:
-        with contextlib.suppress(pa.ArrowException, OSError):
-            path.filesystem.delete_file(temporary)
-        if isinstance(err, (pa.ArrowException, OSError)):
-            raise DataError(f"{path}: cannot write ({' '.join(str(err).split())})") from None
-        raise
-    return path

@@ -7,11 +7,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from raytrain.data.transforms import to_model_input
 from raytrain.errors import RaytrainError
-from raytrain.models import to_probabilities
-
-TTA_CHOICES = ("flip",)  # test-time augmentation: None, or one of these
+from raytrain.inference import TTA_CHOICES
+from raytrain.models import to_model_input, to_probabilities
 
 
 def check_tta(tta: str | None) -> str | None:

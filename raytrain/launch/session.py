@@ -1,0 +1,71 @@
+"""Ray itself: join the cluster in RAY_ADDRESS or start a local one with explicit logical CPUs,
+and find the user's error inside what Ray raises (a worker's or trial's error arrives wrapped)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+
+import ray
+
+from raytrain.console import EPOCH_LINES, RAY_LOGS
+from raytrain.errors import RaytrainError
+
+
+def ensure_ray(num_cpus: int | None = None, verbosity: int = EPOCH_LINES) -> None:
+    """Join the cluster in RAY_ADDRESS, or start a local one with explicit logical CPUs."""
+    if ray.is_initialized():
+        return
+    log_to_driver = verbosity >= RAY_LOGS
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=log_to_driver)
+        return
+    port = free_port()
+    with environment(
+        # Every process of this cluster is told its own address. Ray Train frees the CPUs of a stopped
+        # run (a trial that ASHA stops, that PBT pauses) from a helper that looks "the" cluster up on
+        # this machine; with a second cluster running (another search, a test) the lookup fails and
+        # those CPUs stay taken for good: later trials wait forever.
+        RAY_ADDRESS=f"{ray.util.get_node_ip_address()}:{port}", RAY_GCS_SERVER_PORT=str(port),
+        # Ray starts its workers at nice 15, so on a busy machine training yields to every other
+        # process; Ray's own job submission runs at 0 too. A RAY_worker_niceness the user set wins.
+        RAY_worker_niceness=os.environ.get("RAY_worker_niceness", "0"),
+    ):
+        # The dashboard stays on: its State API is how Ray Train frees the workers of stopped trials.
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), log_to_driver=log_to_driver)
+
+
+@contextlib.contextmanager
+def environment(**values: str):
+    """Set environment variables for what runs inside, then restore the caller's environment."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name, None) if value is None else os.environ.update({name: value})
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
+
+
+def user_error_inside(err: BaseException) -> RaytrainError | None:
+    """The RaytrainError behind `err`: itself, or the one a Ray Train worker or Tune trial raised,
+    which reaches the driver wrapped (TrainingFailedError's worker_failures, RayTaskError's cause)."""
+    pending, seen = [err], set()
+    while pending:
+        current = pending.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        # RayTaskError.cause; Ray Train's UserExceptionWithTraceback keeps the worker's exception in _base_exc.
+        wrapped = getattr(current, "cause", None) or getattr(current, "_base_exc", None)
+        if isinstance(current, RaytrainError) and wrapped is None:
+            return current
+        pending += [wrapped, getattr(current, "controller_failure", None), *getattr(current, "worker_failures", {}).values()]
+        pending += [current.__cause__, current.__context__]
+    return None

@@ -1,0 +1,147 @@
+"""One Ray Train run: a TorchTrainer of N DDP workers, each running training.loop.train_worker on
+its part of the datasets that data.pipeline builds, checkpointing into the experiment directory."""
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+import ray
+import ray.train
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from raytrain.config import Config
+from raytrain.console import EPOCH_LINES, QUIET, epoch_line
+from raytrain.data.manifest import Manifest
+from raytrain.data.pipeline import build_datasets
+from raytrain.launch import tracking
+from raytrain.launch.session import ensure_ray, user_error_inside
+from raytrain.training.loop import train_worker
+
+
+TRAIN_RUN_NAME = "train"  # inside a trial directory: EXPERIMENT/<trial>/train/checkpoint_*
+
+
+TENSORBOARD_DIR = "tensorboard"  # inside a run directory, written by rank 0
+
+
+class SplitData(DataConfig):
+    """Train is split into equal parts (DDP needs the same number of steps on every worker);
+    val is split unevenly so that every val sample is evaluated exactly once per epoch.
+
+    Blocks keep the dataset's order (preserve_order), not the order their tasks finish in, and the
+    splitter then ignores locality and hands each block to the split with the fewest rows so far:
+    which worker sees which samples in which order is the same in every run with the same seed.
+    """
+
+    preserve_order = True  # no measurable cost: docs/decisions.md (benchmarks/order.py)
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        output = [{} for _ in range(world_size)]
+        for name, dataset in datasets.items():
+            dataset = dataset.copy(dataset)
+            options = self._resolve_execution_options(name)  # a copy: the driver's stay as they are
+            options.preserve_order = self.preserve_order
+            dataset.context.execution_options = options
+            for rank, split in enumerate(dataset.streaming_split(world_size, equal=(name == "train"))):
+                output[rank][name] = split
+        return output
+
+
+class _EpochLinesTrain(ray.train.UserCallback):
+    """Runs in Ray Train's controller actor, whose prints never reach the terminal: it sends its lines
+    through a Ray queue to a thread in the driver."""
+
+    def __init__(self, label: str, epochs: int):
+        from ray.util.queue import Queue
+
+        self.label, self.epochs = label, epochs
+        self.queue = Queue(actor_options={"num_cpus": 0})
+
+    def after_report(self, run_context, metrics, checkpoint):
+        self.queue.put(epoch_line(self.label, metrics[0], self.epochs))
+
+    def print_lines_until(self, done: threading.Event) -> threading.Thread:
+        from ray.util.queue import Empty
+
+        def pump():
+            while not done.is_set() or not self.queue.empty():
+                try:
+                    print(self.queue.get(timeout=0.5), flush=True)
+                except Empty:
+                    continue
+
+        thread = threading.Thread(target=pump, daemon=True)
+        thread.start()
+        return thread
+
+
+def make_trainer(
+    config: Config,
+    manifest: Manifest,
+    *,
+    storage_path: str,
+    name: str,
+    train_fn: Callable[[dict], None] = train_worker,
+    callbacks: list | None = None,
+    initial_checkpoint: ray.train.Checkpoint | None = None,
+) -> TorchTrainer:
+    """manifest: config.data.path's, read once on the driver; the workers get it with the config.
+    initial_checkpoint: where a new run starts (PBT's copy of a better trial); a run restarted after
+    a failure carries on from its own latest checkpoint instead."""
+    train = config.train
+    resources = {"CPU": train.cpus_per_worker}
+    if train.use_gpu:
+        resources["GPU"] = train.gpus_per_worker
+    return TorchTrainer(
+        train_fn,
+        train_loop_config={
+            "config": config.model_dump(mode="json"),
+            "manifest": manifest,
+            "log_dir": f"{storage_path}/{name}/{TENSORBOARD_DIR}",
+            "initial_checkpoint": initial_checkpoint,
+        },
+        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=train.checkpoints_to_keep,
+                checkpoint_score_attribute=config.search.metric,
+                checkpoint_score_order=config.search.mode,
+            ),
+            failure_config=FailureConfig(max_failures=train.max_failures),
+            callbacks=callbacks,
+        ),
+        datasets=build_datasets(config, manifest),
+        dataset_config=SplitData(),
+    )
+
+
+def storage_and_name(experiment: str) -> tuple[str, str]:
+    """(storage path, name) as Ray Train and Tune take an experiment directory."""
+    parent, name = experiment.rstrip("/").rsplit("/", 1)
+    return parent, name
+
+
+def run_training(config: Config, manifest: Manifest, experiment: str, *, num_cpus: int | None = None,
+                 verbosity: int = QUIET) -> ray.train.Result:
+    """One run into `experiment` (a new directory, or one to continue from its last checkpoint), on
+    the cluster in RAY_ADDRESS or a local one of `num_cpus` logical CPUs."""
+    ensure_ray(num_cpus, verbosity=verbosity)
+    storage_path, name = storage_and_name(experiment)
+    lines = _EpochLinesTrain(config.name, config.train.epochs) if verbosity >= EPOCH_LINES else None
+    done = threading.Event()
+    printer = lines.print_lines_until(done) if lines else None
+    try:
+        callbacks = [*([lines] if lines else []), *tracking.train_callbacks(config, experiment)]
+        return make_trainer(config, manifest, storage_path=storage_path, name=name, callbacks=callbacks or None).fit()
+    except Exception as err:
+        user_error = user_error_inside(err)
+        if user_error is None:
+            raise
+        raise user_error from None
+    finally:
+        done.set()
+        if printer:
+            printer.join(timeout=5)

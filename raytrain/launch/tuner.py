@@ -1,0 +1,230 @@
+"""One Ray Tune search: every trial is a Ray Train run (trainer.make_trainer) of the base config
+with the trial's sampled values, under ASHA, HyperBand, PBT or FIFO."""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import ray
+import ray.train
+import ray.tune
+from ray.train.torch import TorchTrainer
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+from raytrain.config import Config
+from raytrain.console import EPOCH_LINES, QUIET, RAY_LOGS, epoch_line
+from raytrain.data.manifest import Manifest, read_manifest
+from raytrain.errors import RaytrainError
+from raytrain.launch import tracking
+from raytrain.launch.session import ensure_ray, environment, user_error_inside
+from raytrain.launch.trainer import TRAIN_RUN_NAME, make_trainer, storage_and_name
+from raytrain.preflight import TRIAL_DRIVER_CPUS
+
+
+TUNE_CHECKPOINTS_TO_KEEP = 4  # pbt: copies a trial can still be cloned from while the others move on
+
+
+class _EpochLinesTune(ray.tune.Callback):
+    """Tune calls this in the driver: one line per trial and epoch, in place of Tune's status tables."""
+
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        print(epoch_line(f"trial {trial.trial_id}", result, self.epochs), flush=True)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        if trial.checkpoint is not None:  # pbt: from a better trial's checkpoint, or its own after a pause
+            source = Path(trial.checkpoint.path)
+            print(f"trial {trial.trial_id}  restarts from {source.parent.name}/{source.name} with {trial.config.get('search', {})}", flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        print(f"trial {trial.trial_id}  done", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        print(f"trial {trial.trial_id}  failed", flush=True)
+
+
+class _RelayToTune(ray.train.UserCallback):
+    """Runs in Ray Train's controller: hands each epoch's metrics, and on PBT's epochs the checkpoint,
+    to the trial function, which reports them to Tune. (Ray's TuneReportCallback relays metrics only,
+    and PBT clones trials by their Tune checkpoints: docs/decisions.md.)"""
+
+    def __init__(self, checkpoint_every: int | None, epochs: int):
+        from ray.util.queue import Queue
+
+        self.checkpoint_every, self.epochs = checkpoint_every, epochs
+        # One item at a time: Train waits for Tune's decision (stop, pause) before its next epoch.
+        self.queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+
+    def after_report(self, run_context, metrics, checkpoint):
+        epoch = metrics[0]["epoch"]
+        # PBT's epochs, except the last, where _PopulationBasedTraining leaves trials alone.
+        relay = checkpoint is not None and self.checkpoint_every and epoch % self.checkpoint_every == 0 and epoch < self.epochs
+        self.queue.put((metrics[0], checkpoint if relay else None))
+
+    def fit_and_report(self, trainer: TorchTrainer) -> None:
+        """trainer.fit() in a thread while this one reports to Tune; Tune ends the trial by raising
+        in ray.tune.report, and the Train run, owned by this trial's actor, ends with it."""
+        failure = []
+
+        def fit():
+            try:
+                trainer.fit()
+            except BaseException as err:  # re-raised below, in Tune's thread
+                failure.append(err)
+            finally:
+                self.queue.put(None)
+
+        thread = threading.Thread(target=fit, daemon=True)
+        thread.start()
+        while (item := self.queue.get()) is not None:
+            metrics, checkpoint = item
+            ray.tune.report(metrics, checkpoint=checkpoint)
+        thread.join()
+        if failure:
+            raise failure[0]
+
+
+def _run_trial(params: dict, base: dict, manifest: Manifest, experiment: str) -> None:
+    """One Tune trial: the base config with this trial's sampled values, trained by Ray Train. The
+    base's manifest serves every trial but one that searches data.path itself."""
+    config = Config.model_validate(base).with_overrides(params.get("search", {}))
+    if config.data.path != manifest.location:
+        manifest = read_manifest(config.data.path)
+    trial_path = f"{experiment}/{_trial_dirname(ray.tune.get_context().get_trial_id())}"
+    start = ray.tune.get_checkpoint()  # pbt: Tune's copy of the checkpoint this trial continues from
+    # A new Train run for each start, named after it: a run of an existing name carries on from its
+    # own last checkpoint (right when the same start is retried, wrong for a new one).
+    name = TRAIN_RUN_NAME if start is None else f"{TRAIN_RUN_NAME}_from_{Path(start.path).parent.name}_{Path(start.path).name}"
+    scheduler = config.search.scheduler
+    relay = _RelayToTune(scheduler.perturbation_interval if scheduler.name == "pbt" else None, config.train.epochs)
+    relay.fit_and_report(make_trainer(config, manifest, storage_path=trial_path, name=name, callbacks=[relay], initial_checkpoint=start))
+
+
+def _trial_dirname(trial_id: str) -> str:
+    return f"trial_{trial_id}"
+
+
+def _trial_dirname_of(trial) -> str:
+    return _trial_dirname(trial.trial_id)
+
+
+def _search_space(config: Config) -> dict:
+    samplers = {
+        "choice": ray.tune.choice,
+        "grid": ray.tune.grid_search,
+        "uniform": lambda values: ray.tune.uniform(*values),
+        "loguniform": lambda values: ray.tune.loguniform(*values),
+        "randint": lambda values: ray.tune.randint(values[0], values[1] + 1),  # inclusive high
+    }
+    space = {}
+    for key, spec in config.search.space.items():
+        (kind, values), = spec.items()
+        space[key] = samplers[kind](values)
+    return space
+
+
+def _scheduler(config: Config):
+    scheduler = config.search.scheduler
+    if scheduler.name == "fifo":
+        return ray.tune.schedulers.FIFOScheduler()
+    if scheduler.name == "pbt":
+        # Lists shift to a neighbouring value; ranges are multiplied by 0.8 or 1.2 (or resampled).
+        samplers, mutations = _search_space(config), {}
+        for key in config.search.pbt_mutations:
+            (kind, values), = config.search.space[key].items()
+            mutations[key] = values if kind in ("choice", "grid") else samplers[key]
+        return _PopulationBasedTraining(
+            config.train.epochs,
+            time_attr="epoch",
+            perturbation_interval=scheduler.perturbation_interval,
+            hyperparam_mutations={"search": mutations},
+            synch=scheduler.synch,
+        )
+    # HyperBand runs as its asynchronous form (ASHA over several brackets): Tune's synchronous
+    # HyperBandScheduler pauses trials, and a paused trial here would restart its Train run from scratch.
+    return ray.tune.schedulers.ASHAScheduler(
+        time_attr="epoch",
+        max_t=config.train.epochs,
+        grace_period=scheduler.grace_period,
+        reduction_factor=scheduler.reduction_factor,
+        brackets=3 if scheduler.name == "hyperband" else 1,
+    )
+
+
+class _PopulationBasedTraining(ray.tune.schedulers.PopulationBasedTraining):
+    """Tune's PBT, except at a trial's last epoch: a copy then would have nothing left to train, and
+    pausing it there (synch) would train its last epochs again."""
+
+    def __init__(self, epochs: int, **kwargs):
+        super().__init__(**kwargs)
+        self.epochs = epochs
+
+    def on_trial_result(self, tune_controller, trial, result):
+        epochs = trial.config.get("search", {}).get("train.epochs", self.epochs)
+        if result.get("epoch", 0) >= epochs:
+            return ray.tune.schedulers.TrialScheduler.CONTINUE
+        return super().on_trial_result(tune_controller, trial, result)
+
+
+def _search_algorithm(config: Config):
+    if config.search.algorithm == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError:
+            raise RaytrainError("search.algorithm optuna needs Optuna: pip install 'raytrain[optuna]'") from None
+        return OptunaSearch(seed=config.train.seed)
+    # max_concurrent here: Tune ignores TuneConfig.max_concurrent_trials when given a generator.
+    return ray.tune.search.BasicVariantGenerator(random_state=config.train.seed, max_concurrent=config.search.max_concurrent_trials or 0)
+
+
+def run_search(config: Config, manifest: Manifest, experiment: str, *, resume: bool = False,
+               num_cpus: int | None = None, verbosity: int = QUIET) -> ray.tune.ResultGrid:
+    """A search into `experiment` (a new directory, or one whose search to continue with `resume`),
+    on the cluster in RAY_ADDRESS or a local one of `num_cpus` logical CPUs. Raises the first
+    trial's error when every trial failed."""
+    ensure_ray(num_cpus, verbosity=verbosity)
+    trainable = ray.tune.with_parameters(_run_trial, base=config.model_dump(mode="json"), manifest=manifest,
+                                         experiment=experiment)
+    trainable = ray.tune.with_resources(trainable, {"CPU": TRIAL_DRIVER_CPUS})
+    if resume:
+        tuner = ray.tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
+    else:
+        storage_path, name = storage_and_name(experiment)
+        tuner = ray.tune.Tuner(
+            trainable,
+            param_space={"search": _search_space(config)},
+            tune_config=ray.tune.TuneConfig(
+                metric=config.search.metric,
+                mode=config.search.mode,
+                scheduler=_scheduler(config),
+                search_alg=_search_algorithm(config),
+                num_samples=config.search.num_samples,
+                max_concurrent_trials=config.search.max_concurrent_trials,
+                time_budget_s=config.search.time_budget_s,
+                trial_dirname_creator=_trial_dirname_of,
+            ),
+            run_config=ray.tune.RunConfig(
+                name=name,
+                storage_path=storage_path,
+                # A trial whose node is lost is rerun; finished trials are kept in the experiment state.
+                failure_config=ray.tune.FailureConfig(max_failures=config.train.max_failures),
+                checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=TUNE_CHECKPOINTS_TO_KEEP),
+                # Tune's result files (progress.csv, result.json), which ResultGrid and `raytrain report`
+                # read, named here because Tune's automatic loggers are off (see below).
+                callbacks=[*([_EpochLinesTune(config.train.epochs)] if verbosity >= EPOCH_LINES else []),
+                           *tracking.tune_callbacks(config, experiment), CSVLoggerCallback(), JsonLoggerCallback()],
+                verbose=2 if verbosity >= RAY_LOGS else 0,
+            ),
+        )
+    # Tune's new console output prints its header box even at verbose=0; the legacy one is silent.
+    # No automatic loggers: Tune's TensorBoard one would copy every curve rank 0 already writes
+    # (docs/decisions.md); the CSV and JSON ones are in the callbacks above.
+    with environment(RAY_AIR_NEW_OUTPUT=os.environ.get("RAY_AIR_NEW_OUTPUT", "1" if verbosity >= RAY_LOGS else "0"),
+                     TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1"):
+        grid = tuner.fit()
+    if grid.errors and len(grid.errors) == len(grid):
+        raise user_error_inside(grid.errors[0]) or grid.errors[0]
+    return grid

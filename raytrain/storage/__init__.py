@@ -1,0 +1,4 @@
+"""The ground floor: where files live and how they are written. Local paths and URIs (paths),
+whole-or-nothing writes (atomic), temp folders of killed runs (leftovers), the safe YAML reader
+(safe_yaml). Everything in raytrain may import it; it imports nothing of raytrain but its errors.
+"""

@@ -1,0 +1,98 @@
+"""Whole-or-nothing writes: one policy for every file raytrain writes, local or remote.
+
+The data goes to a hidden temporary name beside the final one (`temporary_beside`), which is then
+renamed (local: os.replace) or moved (an object store's move is a server-side copy). So the final
+name never holds a partial file, and a killed run leaves only hidden temporaries, which
+`final_of_temporary` recognises. A failure removes the temporary and is a one-line DataError.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import uuid
+from pathlib import Path, PurePosixPath
+from typing import Callable
+
+import pyarrow as pa
+
+from raytrain.errors import DataError
+from raytrain.storage.paths import RemotePath, as_path
+
+_TEMPORARY = re.compile(r"\.(?P<final>.+)\.[0-9a-f]{8}(?P<suffix>\.[^.]*)?")
+
+
+def temporary_beside(final: str) -> str:
+    """A new hidden name beside `final` (a local path or a filesystem path) to write it under before
+    the rename: `.<name>.<8 hex digits><suffix>`, which `final_of_temporary` reads back."""
+    folder, _, name = final.rpartition("/")
+    return f"{folder}/.{name}.{uuid.uuid4().hex[:8]}{PurePosixPath(name).suffix}"
+
+
+def final_of_temporary(name: str) -> str | None:
+    """The file name a temporary_beside() name was written for; None for any other name."""
+    match = _TEMPORARY.fullmatch(name)
+    if match is None or (match["suffix"] or "") != PurePosixPath(match["final"]).suffix:
+        return None
+    return match["final"]
+
+
+def write_atomically(target: str | os.PathLike | RemotePath, data: bytes | Callable[[str], None]):
+    """`data` as the file `target` (a local path or any URI), whole or not at all; returns the
+    target as a Path or RemotePath. `data` is the bytes, or, for a local target only, a function
+    that writes the file at the temporary path it is given (torch.jit.save, onnx's save).
+    A local file gets the permissions open() would give it."""
+    path = as_path(target)
+    if isinstance(path, RemotePath):
+        if callable(data):
+            raise TypeError("write_atomically: a remote target takes bytes, not a writer")
+        return _write_remote(path, data)
+    return _write_local(path.expanduser(), data if callable(data) else lambda tmp: Path(tmp).write_bytes(data))
+
+
+def _write_local(path: Path, write: Callable[[str], None]) -> Path:
+    tmp = temporary_beside(str(path))
+    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as err:
+        raise DataError(f"{path}: cannot write ({err.strerror or err})") from None
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise DataError(f"{path}: cannot write ({err.strerror or err})") from None
+        raise
+    return path
+
+
+def _write_remote(path: RemotePath, data: bytes) -> RemotePath:
+    temporary = temporary_beside(path.path)
+    try:
+        with path.filesystem.open_output_stream(temporary) as stream:
+            stream.write(data)
+        path.filesystem.move(temporary, path.path)
+    except BaseException as err:
+        with contextlib.suppress(pa.ArrowException, OSError):
+            path.filesystem.delete_file(temporary)
+        if isinstance(err, (pa.ArrowException, OSError)):
+            raise DataError(f"{path}: cannot write ({' '.join(str(err).split())})") from None
+        raise
+    return path
+
+
+def _umask() -> int:
+    """The process's umask; /proc reads it without the brief os.umask() change other threads could see."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -1,0 +1,69 @@
+"""The one YAML reader of raytrain: configs, --set values, class maps, the config inside a checkpoint.
+
+Safe (no Python objects) and without aliases: `*name` repeats a node by reference, so a few lines
+of nested aliases expand to billions of entries once validated, dumped or copied. raytrain's YAML
+never needs them.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from raytrain.errors import ConfigError
+
+ALIASES_REFUSED = "YAML aliases (*name) are not allowed"
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader without aliases."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise _AliasRefused(None, None, ALIASES_REFUSED, self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
+class _AliasRefused(yaml.composer.ComposerError):
+    pass
+
+
+def load_yaml(text: str, source: Any, error: type[Exception] = ConfigError) -> Any:
+    """Parse YAML that raytrain reads (configs, --set values, class maps, saved configs) safely and
+    without aliases; any problem is `error` naming `source` and the line."""
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}:" if mark else ""
+        problem = getattr(err, "problem", None) or " ".join(str(err).split())
+        what = problem if isinstance(err, _AliasRefused) else f"not valid YAML ({problem})"
+        raise error(f"{source}:{where} {what}") from None
+
+
+def load_yaml_file(path: Any, error: type[Exception] = ConfigError) -> Any:
+    """`load_yaml` of a file: one that cannot be read, or is not UTF-8 text (a binary file, UTF-16),
+    is `error` naming it, like a YAML mistake."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise error(f"{path}: cannot read it ({err.strerror or ' '.join(str(err).split())})") from None
+    try:
+        text = data.decode("utf-8-sig")  # a UTF-8 byte order mark is harmless, so allowed
+    except UnicodeDecodeError as err:
+        utf16 = " (it is UTF-16)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise error(f"{path}: not UTF-8 text{utf16}, byte {err.start} is {data[err.start]:#04x}; raytrain reads YAML in UTF-8") from None
+    return load_yaml(text, path, error)
+
+
+def yaml_value(text: str) -> Any:
+    """A value typed on the command line (`--set key=VALUE`) as YAML reads it: a number, a list, a
+    bool; text that is not valid YAML stays the text it is, and empty text is "". Aliases are a ValueError."""
+    if not text.strip():
+        return ""
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    except _AliasRefused:
+        raise ValueError(ALIASES_REFUSED) from None
+    except yaml.YAMLError:
+        return text

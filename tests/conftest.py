@@ -4,51 +4,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def set_dotted(tree: dict, **dotted) -> dict:
-    """tree with each dotted key (`train.epochs`) set to its value, sections made as needed."""
-    for key, value in dotted.items():
-        *parents, last = key.split(".")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return tree
-
-
-def read_events(log_dir: Path | str):
-    """Every scalar and image in a TensorBoard log folder, loaded."""
-    from tensorboard.backend.event_processing.event_accumulator import IMAGES, SCALARS, EventAccumulator
-
-    accumulator = EventAccumulator(str(log_dir), size_guidance={SCALARS: 0, IMAGES: 0})
-    accumulator.Reload()
-    return accumulator
+from tests.helpers import REPO, VAL_CATEGORIES, H, W, camvid_annot, kitti_categories, tiny_config
 
 
 def pytest_sessionstart(session):
-    """tests/processes.py's fork server imports torch and raytrain while pytest collects, on the other core."""
+    """tests/helpers.py's fork server imports torch and raytrain while pytest collects, on the other core."""
     import multiprocessing.forkserver
 
-    from tests.processes import forkserver
+    from tests.helpers import forkserver
 
     forkserver()
     multiprocessing.forkserver.ensure_running()
@@ -92,19 +62,8 @@ def tiny_shards(synthetic_kitti, tmp_path_factory):
     return out
 
 
-# KITTI road's three categories, as in its file names (um_000000.png): the groups of `grouped_shards`.
-CATEGORIES = {"um": 14, "umm": 5, "uu": 5}
-VAL_CATEGORIES = ["umm", "uu"]
 
 
-def kitti_categories(root: Path, categories: dict[str, int] = CATEGORIES) -> Path:
-    """Rename a synthetic KITTI folder's samples (all `um_*`) into consecutive runs of `categories`."""
-    names = [name for name, count in categories.items() for _ in range(count)]
-    for index, name in enumerate(names):
-        for folder, kind in (("image_2", ""), ("gt_image_2", "road_")):
-            old = root / "training" / folder / f"um_{kind}{index:06d}.png"
-            old.rename(old.with_name(f"{name}_{kind}{index:06d}.png"))
-    return root
 
 
 @pytest.fixture(scope="session")
@@ -125,18 +84,6 @@ def grouped_shards(grouped_kitti, tmp_path_factory):
     return out
 
 
-def tiny_config(shards, storage, **overrides):
-    """A valid Config for tiny, fast runs on `shards`, storing results under `storage`."""
-    from raytrain.config import load_config
-
-    base = {
-        "name": "tiny",
-        "data": {"path": str(shards), "size": "64x32", "shuffle_buffer": 0},
-        "model": {"name": "unet", "base_channels": 4, "depth": 2},
-        "optim": {"lr": 3e-3},
-        "train": {"epochs": 2, "batch_size": 4, "num_workers": 2, "storage_path": str(storage), "max_failures": 0},
-    }
-    return load_config(base, overrides)
 
 
 def _tracking() -> str:
@@ -173,15 +120,6 @@ def searched_run(ray_cluster, tiny_shards, tmp_path_factory):
     return config, grid
 
 
-def wait_for(condition, what: str, timeout: float = 480):
-    """Poll `condition` until it returns something true, and return that; a guard against hanging."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise TimeoutError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
@@ -209,3 +147,21 @@ def run_scenario():
     yield run
     for workdir in workdirs:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def camvid_tree(tmp_path):
+    """A CamVid-layout folder of W x H images: train (2), val (1) and a test split raytrain never reads."""
+    from PIL import Image
+    import numpy as np
+
+    root = tmp_path / "camvid"
+    annots = {}
+    for split, stems in {"train": ["0001TP_000010", "0001TP_000020"], "val": ["0016E5_000030"], "test": ["Seq05_0001"]}.items():
+        (root / split).mkdir(parents=True)
+        (root / f"{split}annot").mkdir()
+        for k, stem in enumerate(stems):
+            Image.fromarray(np.full((H, W, 3), 40 * k, np.uint8)).save(root / split / f"{stem}.jpg")
+            annots[stem] = camvid_annot(len(annots))
+            Image.fromarray(annots[stem], mode="L").save(root / f"{split}annot" / f"{stem}.png")
+    return root, annots

@@ -29,7 +29,7 @@ from raytrain.checkpoints import METRICS_FILE
 from raytrain.data.shards import write_shards
 from raytrain.data.synthetic import write_synthetic_kitti
 from raytrain.training.loop import train_worker
-from tests.conftest import free_port, tiny_config, wait_for
+from tests.helpers import free_port, tiny_config, wait_for
 
 TIMEOUT_S = 480  # a guard against hanging, not a speed goal
 
@@ -194,8 +194,8 @@ def batch_predict(workdir: Path) -> dict:
     from ray.util.state import list_tasks
 
     import raytrain
-    from tests.test_bad_input import checkpoint
-    from tests.test_batch_predict import write_images
+    from tests.helpers import checkpoint
+    from tests.helpers import write_images
 
     cluster, nodes = start_cluster(["node_a", "node_b"])
     write_images(workdir / "images", 20, (24, 40))

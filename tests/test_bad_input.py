@@ -8,64 +8,24 @@ and the fragments its one-line message must contain.
 """
 from __future__ import annotations
 
-import functools
-import io
-import os
-import resource
-import shutil
-import struct
-import subprocess
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
+from tests.helpers import MEMORY_LIMIT, REACH_RAY, SHARD, assert_one_line_error, big_png, check_one_line_and_nothing_written, checkpoint, config, finished_experiment, kitti_folder, kitti_um_and_uu, mask_value_outside_class_map, needs_a_fresh_interpreter, png_header, run_raytrain, shards, shards_without_val, snapshot
 
-from tests.processes import run_cli, run_cli_fresh
-from tests.conftest import kitti_categories, set_dotted
 
 # ---------------------------------------------------------------- the files a row needs
 
 
-def shards(tmp: Path) -> Path:
-    """A real sharded dataset: 16 synthetic KITTI-layout scenes at 64x32."""
-    from raytrain.data.shards import write_shards
-    from raytrain.data.synthetic import write_synthetic_kitti
-
-    raw = write_synthetic_kitti(tmp / "raw", 16, seed=0, size=(64, 32))
-    write_shards(raw, "kitti", tmp / "shards", val_fraction=0.25)
-    return tmp / "shards"
 
 
-def shards_without_val(tmp: Path) -> Path:
-    from raytrain.data.shards import write_shards
-
-    write_shards(kitti_folder(tmp), "kitti", tmp / "shards", val_fraction=0.0)
-    return tmp / "shards"
 
 
-def config(tmp: Path, data: Path | str | None = None, **dotted) -> Path:
-    """tmp/c.yaml: a tiny valid run on `data` (default: fresh shards), with dotted keys replaced."""
-    text = {
-        "name": "bad",
-        "data": {"path": str(data if data is not None else shards(tmp)), "size": "64x32", "shuffle_buffer": 0},
-        "model": {"name": "unet", "base_channels": 4, "depth": 2},
-        "train": {"epochs": 1, "batch_size": 2, "num_workers": 2, "max_failures": 0, "storage_path": str(tmp / "results")},
-    }
-    (tmp / "c.yaml").write_text(yaml.safe_dump(set_dotted(text, **dotted)))
-    return tmp / "c.yaml"
 
 
-def finished_experiment(tmp: Path) -> None:
-    """A finished `raytrain train` experiment of tmp/c.yaml's config."""
-    from raytrain import experiments
-    from raytrain.config import load_config
-
-    experiment = experiments.create_experiment(load_config(config(tmp)), "train")
-    experiments.mark(experiment, experiments.FINISHED)
 
 
 # Nine levels of nine references: 387 million strings once expanded, from a few hundred bytes.
@@ -86,15 +46,8 @@ def text_file(name: str, text: str):
     return lambda tmp: (tmp / name).write_text(text)
 
 
-def kitti_folder(tmp: Path) -> Path:
-    from raytrain.data.synthetic import write_synthetic_kitti
-
-    return write_synthetic_kitti(tmp / "raw", 4, seed=0, size=(32, 16))
 
 
-def kitti_um_and_uu(tmp: Path) -> Path:
-    """kitti_folder's 4 samples as 2 of KITTI's um category and 2 of uu."""
-    return kitti_categories(kitti_folder(tmp), {"um": 2, "uu": 2})
 
 
 def corrupt_image(tmp: Path) -> None:
@@ -111,14 +64,6 @@ def image_without_mask(tmp: Path) -> None:
     (kitti_folder(tmp) / "training/gt_image_2/um_road_000003.png").unlink()
 
 
-def mask_value_outside_class_map(tmp: Path) -> None:
-    root = tmp / "raw"
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    (root / "classes.yaml").write_text("classes: [{name: other, index: 0}, {name: road, index: 1}]\n")
-    for i in range(2):
-        Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(root / f"images/{i}.png")
-        Image.fromarray(np.full((8, 8), 7 if i else 1, np.uint8)).save(root / f"masks/{i}.png")
 
 
 def kitti_gt_as(change):
@@ -147,18 +92,6 @@ def same_stem_png_and_jpg(tmp: Path) -> None:
     Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(tmp / "raw/images/0.jpg")
 
 
-def checkpoint(tmp: Path, name: str = "ckpt", metrics: dict | None = None) -> Path:
-    """A real checkpoint directory of a tiny model, as the training loop saves it."""
-    import torch
-
-    from raytrain.checkpoints import save_checkpoint
-    from raytrain.config import load_config
-    from raytrain.models import create_model
-
-    run = load_config({"data": {"path": str(tmp / "shards"), "size": "32x16"}, "model": {"name": "simple", "depth": 1}})
-    model = create_model("simple", depth=1)
-    optimizer = torch.optim.Adam(model.parameters())
-    return save_checkpoint(tmp / "exp" / name, model, optimizer, None, 1, run, metrics or {"val_iou": 0.5})
 
 
 def checkpoint_with(file: str, content: bytes | str):
@@ -203,7 +136,6 @@ def nothing(tmp: Path) -> None:
 # ---------------------------------------------------------------- the table
 
 C = "{tmp}/c.yaml"
-SHARD = ["data", "shard", "{tmp}/raw", "--format", "kitti", "--out", "{tmp}/out"]
 TRAIN = ["train", C, "--num-cpus", "4"]  # enough CPUs: the rows below fail on their own fault
 CASES = [
     # config files
@@ -407,63 +339,19 @@ CASES = [
 ]
 
 
-# Rows that get as far as starting Ray, which keeps its own record of the failed run under train.storage_path.
-REACH_RAY = {"workers-nan-loss"}
 
 
-def snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    """Every file, folder and link below root with its size and modification time (of a link itself:
-    a broken link or a loop has no target to stat)."""
-    return {str(p.relative_to(root)): (p.lstat().st_size, p.lstat().st_mtime_ns) for p in root.rglob("*")}
 
 
-# As root, the CLI runs without the two capabilities that let root read and write any file (util-linux's
-# setpriv), so that rows about unreadable files and read-only folders see what a user sees. setpriv
-# works on a fresh program, so those rows (marked as_a_user) run in a fresh interpreter.
-AS_A_USER = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 and shutil.which("setpriv") else []
-PERMISSIONS_HOLD = os.geteuid() != 0 or bool(AS_A_USER)
-NEEDS_PERMISSIONS = [
-    pytest.mark.skipif(not PERMISSIONS_HOLD, reason="runs as root without setpriv: root reads and writes files whatever their permissions"),
-    pytest.mark.as_a_user,
-]
-
-# The bomb rows' memory bound: what the CLI may allocate (RLIMIT_DATA: heap and private writable
-# mappings). Not an address-space limit, which torch's libraries alone exceed, and not max RSS, which
-# counts the libraries' pages too and so depends on what the page cache holds (a fresh virtual
-# environment read 240 MB more). It is counted from after the imports: what the command allocates.
-MEMORY_LIMIT = 2**30
 
 
-def needs_a_fresh_interpreter(request) -> bool:
-    return request.node.get_closest_marker("as_a_user") is not None or request.node.callspec.id in REACH_RAY
 
 
-def run_raytrain(args: list[str], cwd: Path, fresh: bool = False, memory_limit: int | None = None) -> subprocess.CompletedProcess:
-    """The CLI with args in its own process, forked or a fresh interpreter; allowed at most
-    memory_limit bytes of data where given."""
-    if not fresh:
-        return run_cli(args, cwd, memory_limit=memory_limit)
-    limit = None if memory_limit is None else lambda: resource.setrlimit(resource.RLIMIT_DATA, (memory_limit, memory_limit))
-    return run_cli_fresh(args, cwd, prefix=AS_A_USER, preexec_fn=limit)
 
 
-def assert_one_line_error(run: subprocess.CompletedProcess, fragments: list[str], tmp: Path) -> None:
-    assert "Traceback" not in run.stdout + run.stderr, run.stderr
-    assert run.returncode == 2, run.stderr
-    lines = run.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("raytrain: error: "), run.stderr
-    for fragment in fragments:
-        assert fragment.format(tmp=tmp) in lines[0]
 
 
-def check_one_line_and_nothing_written(tmp: Path, args: list[str], setup, fragments: list[str],
-                                       fresh: bool = False, memory_limit: int | None = None) -> None:
-    """setup(tmp), then the CLI with args: exit 2, one line holding every fragment, tmp unchanged."""
-    setup(tmp)
-    before = snapshot(tmp)
-    run = run_raytrain([a.format(tmp=tmp) for a in args], tmp, fresh, memory_limit)
-    assert_one_line_error(run, fragments, tmp)  # a MemoryError would be a traceback
-    assert snapshot(tmp) == before  # also: no temporary file left
+
 
 
 @pytest.mark.parametrize("args, setup, fragments", CASES)
@@ -498,16 +386,8 @@ def test_a_fresh_interpreter_answers_as_the_forked_cli(tmp_path, args, setup, fr
 # ---------------------------------------------------------------- decompression bombs
 
 
-@functools.cache
-def _big_png_bytes() -> bytes:
-    encoded = io.BytesIO()
-    Image.new("RGB", (12000, 12000)).save(encoded, format="PNG")  # seconds of zlib: made once
-    return encoded.getvalue()
 
 
-def big_png(path: Path) -> None:
-    """A real 12000x12000 RGB PNG of about 420 KB: 144 megapixels, 432 MB once decoded."""
-    path.write_bytes(_big_png_bytes())
 
 
 def big_kitti_sample(tmp: Path) -> None:
@@ -517,12 +397,6 @@ def big_kitti_sample(tmp: Path) -> None:
     big_png(root / "gt_image_2/um_road_000001.png")  # all outside the valid area: legal, and the same bytes
 
 
-def png_header(path: Path, width: int, height: int) -> None:
-    """A PNG whose header claims width x height (no pixel data): enough for Image.open."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IEND", b""))
 
 
 def street(make):

@@ -22,18 +22,11 @@ import raytrain
 from raytrain.storage.atomic import final_of_temporary, temporary_beside, write_atomically
 from raytrain.storage.paths import RemotePath
 from raytrain.errors import DataError
-from tests.conftest import wait_for
-from tests.processes import run_cli
-from tests.test_bad_input import checkpoint
+from tests.helpers import wait_for, write_images
+from tests.helpers import run_cli
+from tests.helpers import checkpoint
 
 
-def write_images(folder: Path, count: int, size: tuple[int, int], seed: int = 0) -> Path:
-    """`count` noise images of (height, width) `size`, img00.png, img01.png, ..."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True)
-    for index in range(count):
-        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(folder / f"img{index:02d}.png")
-    return folder
 
 
 def assert_predicted_like_raytrain_predict(ckpt: Path, images: list[Path], out: Path) -> None:

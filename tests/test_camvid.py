@@ -12,8 +12,8 @@ from raytrain.config import load_config
 from raytrain.data.formats import CAMVID_CLASSES
 from raytrain.data.shards import write_shards
 from raytrain.experiments import best_checkpoint
-from tests.conftest import tiny_config
-from tests.processes import run_cli, run_cli_fresh
+from tests.helpers import tiny_config
+from tests.helpers import run_cli, run_cli_fresh
 
 REAL_CAMVID = Path(os.environ.get("RAYTRAIN_CAMVID", Path(__file__).resolve().parents[2] / "shared/datasets/camvid"))
 SUBSET = {"train": 24, "val": 8}

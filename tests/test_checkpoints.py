@@ -9,7 +9,7 @@ import torch
 import raytrain
 from raytrain.checkpoints import MODEL_FILE, fetch_checkpoint, read_checkpoint
 from raytrain.errors import CheckpointError
-from tests.processes import run_cli
+from tests.helpers import run_cli
 
 
 def test_best_checkpoint_is_the_same_through_a_uri(trained_run):
@@ -41,7 +41,7 @@ def test_a_remote_checkpoint_is_fetched_once_whole_and_loads(trained_run, tmp_pa
 
 
 def test_a_fetch_copies_only_what_loading_needs(tmp_path):
-    from tests.test_bad_input import checkpoint
+    from tests.helpers import checkpoint
 
     source = checkpoint(tmp_path)
     assert (source / "train_state.pt").is_file()
@@ -52,7 +52,7 @@ def test_a_fetch_copies_only_what_loading_needs(tmp_path):
 
 @pytest.mark.parametrize("name,size", [("model.pt", 9 * 10**9), ("config.yaml", 2 * 2**20)])
 def test_a_fetch_refuses_a_file_over_its_limit_before_copying_a_byte(tmp_path, name, size):
-    from tests.test_bad_input import checkpoint
+    from tests.helpers import checkpoint
 
     source = checkpoint(tmp_path)
     os.truncate(source / name, size)  # sparse: costs no disk here, and would cost the download there

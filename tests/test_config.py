@@ -18,7 +18,7 @@ search:
     optim.lr: {loguniform: [1.0e-4, 1.0e-2]}
     model.depth: {choice: [2, 3, 4]}
 """
-from tests.processes import run_cli
+from tests.helpers import run_cli
 
 
 def write(tmp_path, text):

@@ -17,8 +17,8 @@ import pytest
 
 import raytrain
 from raytrain import experiments
-from tests.processes import run_cli
-from tests.conftest import tiny_config
+from tests.helpers import run_cli
+from tests.helpers import tiny_config
 
 
 def _cli(*args: str, cwd=None, env=None) -> subprocess.CompletedProcess:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import raytrain
-from tests.test_bad_input import assert_one_line_error, shards, snapshot
+from tests.helpers import assert_one_line_error, shards, snapshot
 
 SIZES = [(375, 1242), (61, 97)]  # a KITTI image, and an odd size that is no multiple of anything
 

@@ -2,12 +2,10 @@
 import io
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from PIL import Image
 
 from raytrain.data.formats import CAMVID_CLASSES, CAMVID_COLORS, IGNORE_INDEX, get_format
@@ -15,10 +13,7 @@ from raytrain.data.manifest import read_manifest
 from raytrain.data.shards import write_shards
 from raytrain.errors import DataError
 
-# ../shared beside the repository holds CamVid for development; it is never part of the project.
-REAL_CAMVID = Path(os.environ.get("RAYTRAIN_CAMVID", Path(__file__).resolve().parents[2] / "shared/datasets/camvid"))
-W, H = 12, 8
-from tests.processes import run_cli
+from tests.helpers import CAR, H, PALETTE_MAP, REAL_CAMVID, ROAD, SKY, W, folder_dataset, kitti_with_lanes, palette_mask, run_cli, write_yaml
 
 
 def _rows(shards):
@@ -34,24 +29,8 @@ def _mask(row):
     return np.asarray(Image.open(io.BytesIO(row["mask"])))
 
 
-def _camvid_annot(seed):
-    annot = np.random.default_rng(seed).integers(0, 12, (H, W)).astype(np.uint8)  # 0..10 classes, 11 void
-    annot[0, :4] = [3, 11, 0, 10]
-    return annot
 
 
-@pytest.fixture
-def camvid_tree(tmp_path):
-    root = tmp_path / "camvid"
-    annots = {}
-    for split, stems in {"train": ["0001TP_000010", "0001TP_000020"], "val": ["0016E5_000030"], "test": ["Seq05_0001"]}.items():
-        (root / split).mkdir(parents=True)
-        (root / f"{split}annot").mkdir()
-        for k, stem in enumerate(stems):
-            Image.fromarray(np.full((H, W, 3), 40 * k, np.uint8)).save(root / split / f"{stem}.jpg")
-            annots[stem] = _camvid_annot(len(annots))
-            Image.fromarray(annots[stem], mode="L").save(root / f"{split}annot" / f"{stem}.png")
-    return root, annots
 
 
 def test_camvid_all_classes_keeps_its_own_split(camvid_tree, tmp_path):
@@ -114,34 +93,17 @@ def test_camvid_bad_annotation_value_names_the_file(camvid_tree, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-ROAD, CAR, SKY, VOID = (128, 64, 128), (64, 0, 128), (70, 130, 180), (0, 0, 0)
 
 
-def _folder(tmp_path, class_map, masks, rgb):
-    root = tmp_path / "folder"
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    (root / "classes.yaml").write_text(yaml.safe_dump(class_map))
-    for stem, mask in masks.items():
-        Image.fromarray(np.full((H, W, 3), 90, np.uint8)).save(root / "images" / f"{stem}.png")
-        Image.fromarray(mask.astype(np.uint8), mode="RGB" if rgb else "L").save(root / "masks" / f"{stem}.png")
-    return root
 
 
-def _palette_mask(seed):
-    choice = np.random.default_rng(seed).integers(0, 4, (H, W))
-    return choice, np.array([ROAD, CAR, SKY, VOID], np.uint8)[choice]
 
 
-PALETTE_MAP = {
-    "classes": [{"name": "road", "color": list(ROAD)}, {"name": "car", "color": list(CAR)}, {"name": "sky", "color": list(SKY)}],
-    "ignore_color": list(VOID),
-}
 
 
 def test_folder_palette_all_classes_and_binary(tmp_path):
-    pairs = {f"img{i}": _palette_mask(i) for i in range(3)}
-    root = _folder(tmp_path, PALETTE_MAP, {stem: rgb for stem, (_, rgb) in pairs.items()}, rgb=True)
+    pairs = {f"img{i}": palette_mask(i) for i in range(3)}
+    root = folder_dataset(tmp_path, PALETTE_MAP, {stem: rgb for stem, (_, rgb) in pairs.items()}, rgb=True)
     manifest = write_shards(root, "folder", tmp_path / "multi", val_fraction=0.0)
     assert manifest.format == "folder"
     assert [c.model_dump() for c in manifest.classes] == [
@@ -160,10 +122,10 @@ def test_folder_palette_all_classes_and_binary(tmp_path):
 
 
 def test_folder_unknown_colour_is_an_error_naming_the_mask(tmp_path):
-    _, good = _palette_mask(0)
+    _, good = palette_mask(0)
     bad = good.copy()
     bad[1, 1] = (1, 2, 3)
-    root = _folder(tmp_path, PALETTE_MAP, {"a": good, "b": bad}, rgb=True)
+    root = folder_dataset(tmp_path, PALETTE_MAP, {"a": good, "b": bad}, rgb=True)
     mask_path = root / "masks" / "b.png"
     with pytest.raises(DataError, match=rf"^{mask_path}: mask colours \[\[1, 2, 3\]\] are not classes of folder"):
         write_shards(root, "folder", tmp_path / "out")
@@ -171,21 +133,18 @@ def test_folder_unknown_colour_is_an_error_naming_the_mask(tmp_path):
     # no ignore_color: black pixels are unknown too
     no_ignore = {"classes": PALETTE_MAP["classes"]}
     with pytest.raises(DataError, match=r"mask colours \[\[0, 0, 0\]"):
-        write_shards(root, "folder", tmp_path / "out", class_map=_write_yaml(tmp_path / "plain.yaml", no_ignore))
+        write_shards(root, "folder", tmp_path / "out", class_map=write_yaml(tmp_path / "plain.yaml", no_ignore))
 
 
-def _write_yaml(path, data):
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 def test_folder_index_masks_and_class_map_path(tmp_path):
     # Indices need not be 0..C-1: classes are numbered in index order (sky 2 -> 0, road 5 -> 1, car 9 -> 2).
     class_map = {"classes": [{"name": "road", "index": 5}, {"name": "car", "index": 9}, {"name": "sky", "index": 2}], "ignore_index": 0}
     raw = np.random.default_rng(0).choice([0, 2, 5, 9], (H, W))
-    root = _folder(tmp_path, class_map, {"x": raw}, rgb=False)
+    root = folder_dataset(tmp_path, class_map, {"x": raw}, rgb=False)
     (root / "classes.yaml").unlink()
-    elsewhere = _write_yaml(tmp_path / "map.yaml", class_map)
+    elsewhere = write_yaml(tmp_path / "map.yaml", class_map)
     with pytest.raises(DataError, match="class map not found"):
         write_shards(root, "folder", tmp_path / "out")
     manifest = write_shards(root, "folder", tmp_path / "multi", val_fraction=0.0, class_map=elsewhere)
@@ -243,32 +202,10 @@ def test_real_camvid_subset(real_camvid_subset, tmp_path, classes, values):
         assert {0, 1} <= seen and 0.05 < manifest.pixel_frequencies["road"] < 0.6
 
 
-def _kitti_with_lanes(tmp_path):
-    """um_ images with road and ego-lane ground truth, umm_ images with road ground truth only."""
-    from raytrain.data.formats import encode_kitti_gt
-
-    root = tmp_path / "kitti"
-    (root / "training/image_2").mkdir(parents=True)
-    (root / "training/gt_image_2").mkdir()
-    lanes = {}
-    for k, stem in enumerate(["um_000000", "um_000001", "umm_000000"]):
-        category, number = stem.split("_")
-        road = np.zeros((H, W), bool)
-        road[4:, 2:10] = True
-        Image.fromarray(np.full((H, W, 3), 30 * k, np.uint8)).save(root / "training/image_2" / f"{stem}.png")
-        Image.fromarray(encode_kitti_gt(road)).save(root / "training/gt_image_2" / f"{category}_road_{number}.png")
-        if category == "um":
-            lane = np.zeros((H, W), bool)
-            lane[4:, 4 + k : 7 + k] = True
-            valid = np.ones((H, W), bool)
-            valid[0] = False
-            Image.fromarray(encode_kitti_gt(lane, valid)).save(root / "training/gt_image_2" / f"um_lane_{number}.png")
-            lanes[stem] = np.where(valid, lane, IGNORE_INDEX).astype(np.uint8)
-    return root, lanes
 
 
 def test_kitti_lane_target_reads_the_lane_ground_truth(tmp_path):
-    root, lanes = _kitti_with_lanes(tmp_path)
+    root, lanes = kitti_with_lanes(tmp_path)
     road = write_shards(root, "kitti", tmp_path / "road", val_fraction=0.0)
     assert road.num_samples["train"] == 3 and road.class_names == ["road"]
 
@@ -300,10 +237,10 @@ def test_cli_mask_values_outside_the_class_map_exit_2(camvid_tree, tmp_path, lay
         Image.fromarray(annot, mode="L").save(bad)
         message = "mask values [12] are not classes of camvid"
     else:
-        _, good = _palette_mask(0)
+        _, good = palette_mask(0)
         wrong = good.copy()
         wrong[2, 3] = (9, 9, 9)
-        root = _folder(tmp_path, PALETTE_MAP, {"a": good, "b": wrong}, rgb=True)
+        root = folder_dataset(tmp_path, PALETTE_MAP, {"a": good, "b": wrong}, rgb=True)
         bad = root / "masks" / "b.png"
         message = "mask colours [[9, 9, 9]] are not classes of folder"
     out = tmp_path / "out"

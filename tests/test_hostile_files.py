@@ -22,7 +22,7 @@ from PIL import Image
 from raytrain.data.formats import encode_kitti_gt
 from raytrain.data.manifest import read_manifest
 from raytrain.data.shards import write_shards
-from tests.test_bad_input import (
+from tests.helpers import (
     NEEDS_PERMISSIONS,
     SHARD,
     check_one_line_and_nothing_written,

@@ -19,7 +19,7 @@ from raytrain.training.loop import (
 )
 from raytrain.losses import create_loss
 from raytrain.models import create_model
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "poly", "onecycle"])

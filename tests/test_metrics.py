@@ -8,8 +8,8 @@ import torch.multiprocessing as mp
 from sklearn.metrics import accuracy_score, f1_score, jaccard_score, precision_score, recall_score
 
 from raytrain.metrics import SegmentationMetrics
-from tests.conftest import free_port
-from tests.processes import forkserver
+from tests.helpers import free_port
+from tests.helpers import forkserver
 
 IGNORE = 255
 

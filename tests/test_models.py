@@ -12,8 +12,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 import raytrain.models
 from raytrain.models import allowed_depths, count_parameters, create_model, list_models, to_probabilities
-from tests.conftest import free_port
-from tests.processes import forkserver
+from tests.helpers import free_port
+from tests.helpers import forkserver
 
 SMALL_ENCODER = "resnet18"
 

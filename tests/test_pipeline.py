@@ -7,8 +7,8 @@ from raytrain.data.formats import IGNORE_INDEX
 from raytrain.data.pipeline import build_datasets, execution_index, read_shards
 from raytrain.data.manifest import read_manifest
 from raytrain.data.shards import write_shards
-from tests.conftest import tiny_config
-from tests.test_formats import PALETTE_MAP, _folder, _kitti_with_lanes, _palette_mask, _write_yaml, camvid_tree  # noqa: F401
+from tests.helpers import tiny_config
+from tests.helpers import PALETTE_MAP, folder_dataset, kitti_with_lanes, palette_mask
 
 
 def _ids(shards, split):
@@ -35,7 +35,7 @@ def _check_streams(shards, tmp_path, classes, size=(16, 8)):
 
 def test_kitti_road_and_lane_shards_stream(ray_cluster, tiny_shards, tmp_path):
     _check_streams(tiny_shards, tmp_path, ["road"])
-    root, _ = _kitti_with_lanes(tmp_path)
+    root, _ = kitti_with_lanes(tmp_path)
     write_shards(root, "kitti", tmp_path / "lane", val_fraction=0.5, classes=["lane"])
     _check_streams(tmp_path / "lane", tmp_path, ["lane"])
 
@@ -49,13 +49,13 @@ def test_camvid_shards_stream_binary_and_all_classes(ray_cluster, camvid_tree, t
 
 
 def test_folder_shards_stream_with_palette_and_index_maps(ray_cluster, tmp_path):
-    masks = {f"p{i}": _palette_mask(i)[1] for i in range(4)}
-    palette = _folder(tmp_path / "palette", PALETTE_MAP, masks, rgb=True)
+    masks = {f"p{i}": palette_mask(i)[1] for i in range(4)}
+    palette = folder_dataset(tmp_path / "palette", PALETTE_MAP, masks, rgb=True)
     manifest = write_shards(palette, "folder", tmp_path / "palette_shards", val_fraction=0.5)
     _check_streams(tmp_path / "palette_shards", tmp_path, manifest.class_names)
     index_map = {"classes": [{"name": "road", "index": 1}, {"name": "rest", "index": 0}], "ignore_index": 255}
     masks = {f"i{i}": np.random.default_rng(i).choice([0, 1, 255], (8, 12)) for i in range(4)}
-    indexed = _folder(tmp_path / "index", index_map, masks, rgb=False)
+    indexed = folder_dataset(tmp_path / "index", index_map, masks, rgb=False)
     manifest = write_shards(indexed, "folder", tmp_path / "index_shards", val_fraction=0.5, classes=["road"])
     _check_streams(tmp_path / "index_shards", tmp_path, ["road"])
 

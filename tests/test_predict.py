@@ -12,7 +12,7 @@ from PIL import Image
 
 import raytrain
 from raytrain.data.manifest import read_manifest
-from tests.processes import run_cli
+from tests.helpers import run_cli
 
 
 def cli(*args, timeout=300):

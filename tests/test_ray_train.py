@@ -9,7 +9,7 @@ import pytest
 
 from raytrain.data.manifest import read_manifest
 from raytrain.launch.trainer import make_trainer
-from tests.conftest import VAL_CATEGORIES, tiny_config
+from tests.helpers import VAL_CATEGORIES, tiny_config
 
 
 def ids_of(shards, split):

@@ -13,8 +13,8 @@ from tensorboard.backend.event_processing.event_multiplexer import EventMultiple
 from raytrain.api import best_checkpoint, load_model, predict
 from raytrain.reporting import write_report
 from raytrain.viz import GRID_GAP
-from tests.processes import run_cli
-from tests.conftest import VAL_CATEGORIES, read_events, tiny_config
+from tests.helpers import run_cli
+from tests.helpers import VAL_CATEGORIES, read_events, tiny_config
 
 EPOCHS = 2
 CURVE_PNGS = {"loss.png", "accuracy.png", "f1.png", "iou.png"}

@@ -1,7 +1,7 @@
 """The same seed gives the same run on CPU: weights, file order, shuffle buffer and augmentation."""
 import math
 
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 KEYS = ("train_loss", "val_loss", "val_iou", "val_f1")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 
-from tests.conftest import tiny_config, wait_for
+from tests.helpers import tiny_config, wait_for
 
 
 def checkpoint_epochs(run_dir: Path) -> list[int]:

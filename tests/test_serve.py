@@ -23,8 +23,8 @@ import torch
 from PIL import Image
 
 import raytrain
-from tests.conftest import free_port, wait_for
-from tests.test_bad_input import checkpoint
+from tests.helpers import free_port, wait_for
+from tests.helpers import checkpoint
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 MAX_PIXELS = 20_000  # the server's RAYTRAIN_MAX_PIXELS: IMAGE fits, BIG_IMAGE does not

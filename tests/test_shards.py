@@ -23,7 +23,7 @@ from raytrain.data.manifest import read_manifest
 from raytrain.data.shards import write_shards
 from raytrain.data.splits import split_of
 from raytrain.errors import DataError
-from tests.processes import run_cli
+from tests.helpers import run_cli
 
 
 def test_manifest_and_rows_match_the_source(synthetic_kitti, tiny_shards):
@@ -328,7 +328,7 @@ def test_seeded_val_groups_cover_about_the_val_fraction():
 
 
 def test_shard_cli_records_the_group_split_in_the_manifest(grouped_kitti, tmp_path):
-    from tests.conftest import CATEGORIES
+    from tests.helpers import CATEGORIES
 
     run = _shard_cli(grouped_kitti, "--format", "kitti", "--out", tmp_path / "by_name", "--group-by", "^[^_]+", "--val-groups", "uu")
     assert run.returncode == 0, run.stderr

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from raytrain.errors import ConfigError, RaytrainError
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 mlflow = pytest.importorskip("mlflow")
 

@@ -21,9 +21,9 @@ from PIL import Image
 
 import raytrain
 from raytrain.errors import RaytrainError
-from tests.conftest import set_dotted
-from tests.processes import cli_environment, run_cli
-from tests.test_bad_input import (
+from tests.helpers import set_dotted
+from tests.helpers import cli_environment, run_cli
+from tests.helpers import (
     MEMORY_LIMIT, NEEDS_PERMISSIONS, check_one_line_and_nothing_written, checkpoint, needs_a_fresh_interpreter, shards,
 )
 

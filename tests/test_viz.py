@@ -6,7 +6,7 @@ import pytest
 
 from raytrain.data.formats import CAMVID_CLASSES, CAMVID_COLORS, IGNORE_INDEX
 from raytrain.viz import GRID_GAP, TensorBoardLogger, mask_overlay, overlay, overlay_grid, palette
-from tests.conftest import read_events
+from tests.helpers import read_events
 
 
 def _image(rng, height=12, width=20):

@@ -1,0 +1,419 @@
+"""What the tests share: child processes for the CLI, the files and runs they build, and the checks
+of the one-line error promise. Tests and conftest.py import from here, never from each other.
+
+Child processes: `run_cli` forks each call from a server process that has imported torch and
+raytrain once (multiprocessing's forkserver with preload): every call is still its own process,
+with its own exit code, standard streams, working directory and environment, but skips the seconds a
+fresh interpreter spends importing torch. `run_cli_fresh` is `python -m raytrain.cli` itself; the
+rows that need a fresh interpreter use it (dropped capabilities, starting Ray, signals), and
+e2e/test_bad_input.py checks that both give the same answers. `forkserver()` is the same server for
+torch.multiprocessing (start_method="forkserver"): its DDP workers skip the imports too.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import multiprocessing
+import os
+import resource
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from raytrain.data.formats import IGNORE_INDEX
+
+REPO = Path(__file__).resolve().parents[1]
+# ../shared beside the repository holds CamVid for development; it is never part of the project.
+REAL_CAMVID = Path(os.environ.get("RAYTRAIN_CAMVID", REPO.parent / "shared/datasets/camvid"))
+
+# ---------------------------------------------------------------- child processes
+
+# Not Ray: the CLI sets Ray's logging variables before Ray is first imported.
+PRELOAD = [
+    "torch", "torchvision", "segmentation_models_pytorch", "pyarrow.parquet", "PIL.Image", "pydantic", "yaml",
+    "raytrain.cli", "raytrain.api", "raytrain.inference.files", "raytrain.inference.evaluation", "raytrain.inference.exporting",
+    "raytrain.preflight", "raytrain.data.shards",
+]
+_context = None
+
+
+def forkserver():
+    """multiprocessing's forkserver context, its server preloaded with PRELOAD."""
+    global _context
+    if _context is None:
+        _context = multiprocessing.get_context("forkserver")
+        _context.set_forkserver_preload(PRELOAD)
+    return _context
+
+
+def cli_environment() -> dict[str, str]:
+    # A local cluster of --num-cpus, never the test session's shared one.
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+
+def _data_size() -> int:
+    """This process's data (heap and private writable mappings: what RLIMIT_DATA counts), in bytes."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmData:"))
+
+
+def _child(args: list[str], cwd: str, env: dict[str, str], umask: int | None, memory_limit: int | None,
+           stdout: str, stderr: str) -> None:
+    if memory_limit is not None:  # on top of what the server's imports hold: what the command itself allocates
+        limit = _data_size() + memory_limit
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+    os.chdir(cwd)
+    if umask is not None:
+        os.umask(umask)
+    os.environ.clear()
+    os.environ.update(env)
+    for fd, path in ((1, stdout), (2, stderr)):
+        opened = os.open(path, os.O_WRONLY | os.O_TRUNC)
+        os.dup2(opened, fd)
+        os.close(opened)
+    from raytrain.cli import main
+
+    sys.exit(main(args))
+
+
+def run_cli(args: list, cwd: Path | str | None = None, env: dict[str, str] | None = None,
+            timeout: float = 600, umask: int | None = None, memory_limit: int | None = None) -> subprocess.CompletedProcess:
+    """`raytrain ARGS` in a forked child process; stdout and stderr as text, like subprocess.run.
+    memory_limit: the bytes of data the command may allocate (RLIMIT_DATA over what the imports hold)."""
+    args = [str(a) for a in args]
+    with tempfile.TemporaryDirectory(prefix="raytrain-cli-") as streams:
+        stdout, stderr = Path(streams, "stdout"), Path(streams, "stderr")
+        stdout.touch()
+        stderr.touch()
+        process = forkserver().Process(
+            target=_child, args=(args, str(cwd or os.getcwd()), env or cli_environment(), umask, memory_limit, str(stdout), str(stderr)),
+        )
+        process.start()
+        process.join(timeout)
+        if process.is_alive():
+            process.kill()
+            process.join()
+            raise subprocess.TimeoutExpired(["raytrain", *args], timeout)
+        return subprocess.CompletedProcess(
+            ["raytrain", *args], process.exitcode,
+            stdout.read_text(), stderr.read_text(),
+        )
+
+
+def run_cli_fresh(args: list, cwd: Path | str | None = None, env: dict[str, str] | None = None,
+                  timeout: float = 600, prefix: list[str] = (), preexec_fn=None) -> subprocess.CompletedProcess:
+    """`python -m raytrain.cli ARGS` in a fresh interpreter, optionally under a prefix command."""
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "raytrain.cli", *map(str, args)], capture_output=True, text=True,
+        timeout=timeout, cwd=cwd, env=env or cli_environment(), preexec_fn=preexec_fn,
+    )
+
+
+# ---------------------------------------------------------------- small tools
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def set_dotted(tree: dict, **dotted) -> dict:
+    """tree with each dotted key (`train.epochs`) set to its value, sections made as needed."""
+    for key, value in dotted.items():
+        *parents, last = key.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return tree
+
+
+def read_events(log_dir: Path | str):
+    """Every scalar and image in a TensorBoard log folder, loaded."""
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, SCALARS, EventAccumulator
+
+    accumulator = EventAccumulator(str(log_dir), size_guidance={SCALARS: 0, IMAGES: 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def wait_for(condition, what: str, timeout: float = 480):
+    """Poll `condition` until it returns something true, and return that; a guard against hanging."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def tiny_config(shards, storage, **overrides):
+    """A valid Config for tiny, fast runs on `shards`, storing results under `storage`."""
+    from raytrain.config import load_config
+
+    base = {
+        "name": "tiny",
+        "data": {"path": str(shards), "size": "64x32", "shuffle_buffer": 0},
+        "model": {"name": "unet", "base_channels": 4, "depth": 2},
+        "optim": {"lr": 3e-3},
+        "train": {"epochs": 2, "batch_size": 4, "num_workers": 2, "storage_path": str(storage), "max_failures": 0},
+    }
+    return load_config(base, overrides)
+
+
+# ---------------------------------------------------------------- files the tests make
+
+# KITTI road's three categories, as in its file names (um_000000.png): the groups of `grouped_shards`.
+CATEGORIES = {"um": 14, "umm": 5, "uu": 5}
+VAL_CATEGORIES = ["umm", "uu"]
+
+
+def kitti_categories(root: Path, categories: dict[str, int] = CATEGORIES) -> Path:
+    """Rename a synthetic KITTI folder's samples (all `um_*`) into consecutive runs of `categories`."""
+    names = [name for name, count in categories.items() for _ in range(count)]
+    for index, name in enumerate(names):
+        for folder, kind in (("image_2", ""), ("gt_image_2", "road_")):
+            old = root / "training" / folder / f"um_{kind}{index:06d}.png"
+            old.rename(old.with_name(f"{name}_{kind}{index:06d}.png"))
+    return root
+
+
+def shards(tmp: Path) -> Path:
+    """A real sharded dataset: 16 synthetic KITTI-layout scenes at 64x32."""
+    from raytrain.data.shards import write_shards
+    from raytrain.data.synthetic import write_synthetic_kitti
+
+    raw = write_synthetic_kitti(tmp / "raw", 16, seed=0, size=(64, 32))
+    write_shards(raw, "kitti", tmp / "shards", val_fraction=0.25)
+    return tmp / "shards"
+
+
+def shards_without_val(tmp: Path) -> Path:
+    from raytrain.data.shards import write_shards
+
+    write_shards(kitti_folder(tmp), "kitti", tmp / "shards", val_fraction=0.0)
+    return tmp / "shards"
+
+
+def config(tmp: Path, data: Path | str | None = None, **dotted) -> Path:
+    """tmp/c.yaml: a tiny valid run on `data` (default: fresh shards), with dotted keys replaced."""
+    text = {
+        "name": "bad",
+        "data": {"path": str(data if data is not None else shards(tmp)), "size": "64x32", "shuffle_buffer": 0},
+        "model": {"name": "unet", "base_channels": 4, "depth": 2},
+        "train": {"epochs": 1, "batch_size": 2, "num_workers": 2, "max_failures": 0, "storage_path": str(tmp / "results")},
+    }
+    (tmp / "c.yaml").write_text(yaml.safe_dump(set_dotted(text, **dotted)))
+    return tmp / "c.yaml"
+
+
+def finished_experiment(tmp: Path) -> None:
+    """A finished `raytrain train` experiment of tmp/c.yaml's config."""
+    from raytrain import experiments
+    from raytrain.config import load_config
+
+    experiment = experiments.create_experiment(load_config(config(tmp)), "train")
+    experiments.mark(experiment, experiments.FINISHED)
+
+
+def kitti_folder(tmp: Path) -> Path:
+    from raytrain.data.synthetic import write_synthetic_kitti
+
+    return write_synthetic_kitti(tmp / "raw", 4, seed=0, size=(32, 16))
+
+
+def kitti_um_and_uu(tmp: Path) -> Path:
+    """kitti_folder's 4 samples as 2 of KITTI's um category and 2 of uu."""
+    return kitti_categories(kitti_folder(tmp), {"um": 2, "uu": 2})
+
+
+def mask_value_outside_class_map(tmp: Path) -> None:
+    root = tmp / "raw"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.yaml").write_text("classes: [{name: other, index: 0}, {name: road, index: 1}]\n")
+    for i in range(2):
+        Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(root / f"images/{i}.png")
+        Image.fromarray(np.full((8, 8), 7 if i else 1, np.uint8)).save(root / f"masks/{i}.png")
+
+
+def checkpoint(tmp: Path, name: str = "ckpt", metrics: dict | None = None) -> Path:
+    """A real checkpoint directory of a tiny model, as the training loop saves it."""
+    import torch
+
+    from raytrain.checkpoints import save_checkpoint
+    from raytrain.config import load_config
+    from raytrain.models import create_model
+
+    run = load_config({"data": {"path": str(tmp / "shards"), "size": "32x16"}, "model": {"name": "simple", "depth": 1}})
+    model = create_model("simple", depth=1)
+    optimizer = torch.optim.Adam(model.parameters())
+    return save_checkpoint(tmp / "exp" / name, model, optimizer, None, 1, run, metrics or {"val_iou": 0.5})
+
+
+def write_images(folder: Path, count: int, size: tuple[int, int], seed: int = 0) -> Path:
+    """`count` noise images of (height, width) `size`, img00.png, img01.png, ..."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    for index in range(count):
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(folder / f"img{index:02d}.png")
+    return folder
+
+
+@functools.cache
+def big_png_bytes() -> bytes:
+    encoded = io.BytesIO()
+    Image.new("RGB", (12000, 12000)).save(encoded, format="PNG")  # seconds of zlib: made once
+    return encoded.getvalue()
+
+
+def big_png(path: Path) -> None:
+    """A real 12000x12000 RGB PNG of about 420 KB: 144 megapixels, 432 MB once decoded."""
+    path.write_bytes(big_png_bytes())
+
+
+def png_header(path: Path, width: int, height: int) -> None:
+    """A PNG whose header claims width x height (no pixel data): enough for Image.open."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IEND", b""))
+
+
+# The small datasets of the format tests: W x H images, in these colours.
+W, H = 12, 8
+ROAD, CAR, SKY, VOID = (128, 64, 128), (64, 0, 128), (70, 130, 180), (0, 0, 0)
+
+
+def camvid_annot(seed):
+    annot = np.random.default_rng(seed).integers(0, 12, (H, W)).astype(np.uint8)  # 0..10 classes, 11 void
+    annot[0, :4] = [3, 11, 0, 10]
+    return annot
+
+
+def folder_dataset(tmp_path, class_map, masks, rgb):
+    root = tmp_path / "folder"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.yaml").write_text(yaml.safe_dump(class_map))
+    for stem, mask in masks.items():
+        Image.fromarray(np.full((H, W, 3), 90, np.uint8)).save(root / "images" / f"{stem}.png")
+        Image.fromarray(mask.astype(np.uint8), mode="RGB" if rgb else "L").save(root / "masks" / f"{stem}.png")
+    return root
+
+
+def palette_mask(seed):
+    choice = np.random.default_rng(seed).integers(0, 4, (H, W))
+    return choice, np.array([ROAD, CAR, SKY, VOID], np.uint8)[choice]
+
+
+PALETTE_MAP = {
+    "classes": [{"name": "road", "color": list(ROAD)}, {"name": "car", "color": list(CAR)}, {"name": "sky", "color": list(SKY)}],
+    "ignore_color": list(VOID),
+}
+
+
+def write_yaml(path, data):
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def kitti_with_lanes(tmp_path):
+    """um_ images with road and ego-lane ground truth, umm_ images with road ground truth only."""
+    from raytrain.data.formats import encode_kitti_gt
+
+    root = tmp_path / "kitti"
+    (root / "training/image_2").mkdir(parents=True)
+    (root / "training/gt_image_2").mkdir()
+    lanes = {}
+    for k, stem in enumerate(["um_000000", "um_000001", "umm_000000"]):
+        category, number = stem.split("_")
+        road = np.zeros((H, W), bool)
+        road[4:, 2:10] = True
+        Image.fromarray(np.full((H, W, 3), 30 * k, np.uint8)).save(root / "training/image_2" / f"{stem}.png")
+        Image.fromarray(encode_kitti_gt(road)).save(root / "training/gt_image_2" / f"{category}_road_{number}.png")
+        if category == "um":
+            lane = np.zeros((H, W), bool)
+            lane[4:, 4 + k : 7 + k] = True
+            valid = np.ones((H, W), bool)
+            valid[0] = False
+            Image.fromarray(encode_kitti_gt(lane, valid)).save(root / "training/gt_image_2" / f"um_lane_{number}.png")
+            lanes[stem] = np.where(valid, lane, IGNORE_INDEX).astype(np.uint8)
+    return root, lanes
+
+
+# ---------------------------------------------------------------- one line, exit 2, nothing written
+
+# The command of the data rows: shard {tmp}/raw (a KITTI-layout folder) into {tmp}/out.
+SHARD = ["data", "shard", "{tmp}/raw", "--format", "kitti", "--out", "{tmp}/out"]
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file, folder and link below root with its size and modification time (of a link itself:
+    a broken link or a loop has no target to stat)."""
+    return {str(p.relative_to(root)): (p.lstat().st_size, p.lstat().st_mtime_ns) for p in root.rglob("*")}
+
+
+# As root, the CLI runs without the two capabilities that let root read and write any file (util-linux's
+# setpriv), so that rows about unreadable files and read-only folders see what a user sees. setpriv
+# works on a fresh program, so those rows (marked as_a_user) run in a fresh interpreter.
+AS_A_USER = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 and shutil.which("setpriv") else []
+PERMISSIONS_HOLD = os.geteuid() != 0 or bool(AS_A_USER)
+NEEDS_PERMISSIONS = [
+    pytest.mark.skipif(not PERMISSIONS_HOLD, reason="runs as root without setpriv: root reads and writes files whatever their permissions"),
+    pytest.mark.as_a_user,
+]
+
+# The bomb rows' memory bound: what the CLI may allocate (RLIMIT_DATA: heap and private writable
+# mappings). Not an address-space limit, which torch's libraries alone exceed, and not max RSS, which
+# counts the libraries' pages too and so depends on what the page cache holds (a fresh virtual
+# environment read 240 MB more). It is counted from after the imports: what the command allocates.
+MEMORY_LIMIT = 2**30
+
+# Rows that get as far as starting Ray, which keeps its own record of the failed run under train.storage_path.
+REACH_RAY = {"workers-nan-loss"}
+
+
+def needs_a_fresh_interpreter(request) -> bool:
+    return request.node.get_closest_marker("as_a_user") is not None or request.node.callspec.id in REACH_RAY
+
+
+def run_raytrain(args: list[str], cwd: Path, fresh: bool = False, memory_limit: int | None = None) -> subprocess.CompletedProcess:
+    """The CLI with args in its own process, forked or a fresh interpreter; allowed at most
+    memory_limit bytes of data where given."""
+    if not fresh:
+        return run_cli(args, cwd, memory_limit=memory_limit)
+    limit = None if memory_limit is None else lambda: resource.setrlimit(resource.RLIMIT_DATA, (memory_limit, memory_limit))
+    return run_cli_fresh(args, cwd, prefix=AS_A_USER, preexec_fn=limit)
+
+
+def assert_one_line_error(run: subprocess.CompletedProcess, fragments: list[str], tmp: Path) -> None:
+    assert "Traceback" not in run.stdout + run.stderr, run.stderr
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("raytrain: error: "), run.stderr
+    for fragment in fragments:
+        assert fragment.format(tmp=tmp) in lines[0]
+
+
+def check_one_line_and_nothing_written(tmp: Path, args: list[str], setup, fragments: list[str],
+                                       fresh: bool = False, memory_limit: int | None = None) -> None:
+    """setup(tmp), then the CLI with args: exit 2, one line holding every fragment, tmp unchanged."""
+    setup(tmp)
+    before = snapshot(tmp)
+    run = run_raytrain([a.format(tmp=tmp) for a in args], tmp, fresh, memory_limit)
+    assert_one_line_error(run, fragments, tmp)  # a MemoryError would be a traceback
+    assert snapshot(tmp) == before  # also: no temporary file left

@@ -1,0 +1,29 @@
+"""Exported models and flip test-time augmentation: an exported file (ONNX through onnxruntime,
+TorchScript, torch.export) takes uint8 images of any size and gives raytrain.predict's numbers;
+tta="flip" is the mean of the image's and its mirror image's probabilities wherever it is offered."""
+
+import numpy as np
+import pytest
+
+import raytrain
+from tests.helpers import shards
+from tests.helpers import batches, make_checkpoint
+
+
+def test_flip_tta_is_the_mean_of_the_image_and_its_mirror_image(tmp_path):
+    model = raytrain.load_model(make_checkpoint(tmp_path))
+    images = [image for batch in batches(2) for image in batch]
+    mirrored = [image[:, ::-1].copy() for image in images]
+    plain, of_mirrored = raytrain.predict(model, images), raytrain.predict(model, mirrored)
+    for got, one, other in zip(raytrain.predict(model, images, tta="flip"), plain, of_mirrored):
+        np.testing.assert_allclose(got, (one + other[:, ::-1]) / 2, atol=1e-6)
+        assert np.abs(got - one).max() > 1e-2
+    with pytest.raises(raytrain.RaytrainError, match="'mirror'"):
+        raytrain.predict(model, images, tta="mirror")
+
+
+def test_evaluate_with_flip_tta_scores_the_averaged_probabilities(tmp_path):
+    data, ckpt = shards(tmp_path), make_checkpoint(tmp_path)
+    plain = raytrain.evaluate(ckpt, data)
+    flipped = raytrain.evaluate(ckpt, data, tta="flip")
+    assert flipped["samples"] == plain["samples"] > 0 and flipped["ap"] != plain["ap"]

@@ -6,7 +6,7 @@ raytrain once (multiprocessing's forkserver with preload): every call is still i
 with its own exit code, standard streams, working directory and environment, but skips the seconds a
 fresh interpreter spends importing torch. `run_cli_fresh` is `python -m raytrain.cli` itself; the
 rows that need a fresh interpreter use it (dropped capabilities, starting Ray, signals), and
-e2e/test_bad_input.py checks that both give the same answers. `forkserver()` is the same server for
+unit/cli/test_bad_input.py checks that both give the same answers. `forkserver()` is the same server for
 torch.multiprocessing (start_method="forkserver"): its DDP workers skip the imports too.
 """
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """KITTI-layout folders -> validated Parquet shards with a manifest, written atomically."""
 
 import json
+import os
 import shutil
 
 import pyarrow.parquet as pq
@@ -45,3 +46,21 @@ def manifest_with_groups(val_groups: dict[str, int]):
     return Manifest(schema_version=1, format="kitti", classes=[{"name": "road", "id": 1, "color": [255, 0, 255]}],
                     num_samples={"train": 1, "val": sum(val_groups.values())}, files={"train": [], "val": []},
                     pixel_frequencies={}, groups={"train": {}, "val": val_groups})
+
+
+def test_a_manifest_written_by_write_shards_reads_back(tiny_shards):
+    manifest = read_manifest(tiny_shards)
+    assert manifest.format == "kitti" and manifest.class_names == ["road"]
+    assert manifest.count("train") + manifest.count("val") == 24 and manifest.count("val") > 0
+    assert manifest.num_samples == {"train": manifest.count("train"), "val": manifest.count("val")}
+    for split in ("train", "val"):
+        paths = manifest.shard_paths(split)
+        assert len(paths) == -(-manifest.count(split) // 4)  # rows_per_shard=4
+        assert all(os.path.isfile(path) and os.path.dirname(path) .startswith(str(tiny_shards)) for path in paths)
+    assert manifest.groups is None and manifest.metric_groups("val") == []
+
+
+def test_the_groups_of_a_grouped_manifest(grouped_shards):
+    manifest = read_manifest(grouped_shards)
+    assert manifest.groups == {"train": {"um": 14}, "val": {"umm": 5, "uu": 5}}
+    assert manifest.metric_groups("val") == ["umm", "uu"] and manifest.count("val") == 10

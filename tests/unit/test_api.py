@@ -1,5 +1,5 @@
-"""Experiments you can find again: a new directory per run, best checkpoints from one experiment
-only, explicit resume, `raytrain runs`, and a Python API with a twin for every command."""
+"""The package's Python API: every submodule imports, every public function runs without Ray,
+and the wheel ships its configs and runs away from the source tree."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Checkpoints found and loaded where they live: local folders and pyarrow URIs."""
+"""checkpoints: a fetch copies only what loading needs, and refuses a file over its limit."""
 
 import os
 

@@ -1,5 +1,5 @@
-"""Experiments you can find again: a new directory per run, best checkpoints from one experiment
-only, explicit resume, `raytrain runs`, and a Python API with a twin for every command."""
+"""experiments: a new directory per run, a name folder resolves to its latest experiment,
+`raytrain runs` lists newest first (written without Ray)."""
 
 from __future__ import annotations
 

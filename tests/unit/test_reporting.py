@@ -1,4 +1,5 @@
-"""Real runs on the session Ray cluster -> TensorBoard event files and `raytrain report` output."""
+"""reporting: the report of a multiclass run, written without Ray (the reports of real runs are
+e2e/test_report.py)."""
 
 from __future__ import annotations
 

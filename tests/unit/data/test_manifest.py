@@ -1,4 +1,5 @@
-"""KITTI-layout folders -> validated Parquet shards with a manifest, written atomically."""
+"""data/manifest: a dataset's manifest read back, its class weights, groups and shard paths;
+a bad `groups` entry is refused."""
 
 import json
 import os

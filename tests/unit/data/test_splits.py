@@ -1,4 +1,4 @@
-"""KITTI-layout folders -> validated Parquet shards with a manifest, written atomically."""
+"""data/splits: the train/val split by id, and by group (`--group-by`), never one group in both."""
 
 import re
 

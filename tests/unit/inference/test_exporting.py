@@ -1,6 +1,5 @@
-"""Exported models and flip test-time augmentation: an exported file (ONNX through onnxruntime,
-TorchScript, torch.export) takes uint8 images of any size and gives raytrain.predict's numbers;
-tta="flip" is the mean of the image's and its mirror image's probabilities wherever it is offered."""
+"""inference/exporting: an exported file (ONNX through onnxruntime, TorchScript, torch.export)
+takes uint8 images of any size and gives raytrain.predict's numbers."""
 
 import json
 import os

@@ -1,8 +1,5 @@
-"""Predict on a Ray cluster (raytrain predict --workers N): the same masks as raytrain.predict, from
-model actors on two nodes; a killed run, rerun, does only the rest; writes are whole or absent.
-
-Real clusters in subprocesses (conftest.run_scenario, a real `raytrain` CLI process), real files.
-"""
+"""inference/files: masks of another model are never mixed into an output folder (no Ray: the
+record is checked before anything starts)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""Exported models and flip test-time augmentation: an exported file (ONNX through onnxruntime,
-TorchScript, torch.export) takes uint8 images of any size and gives raytrain.predict's numbers;
-tta="flip" is the mean of the image's and its mirror image's probabilities wherever it is offered."""
+"""inference/image_model: whole-image probabilities at each image's size, and flip test-time
+augmentation: tta="flip" is the mean of the image's and its mirror image's probabilities."""
 
 import numpy as np
 import pytest

@@ -1,9 +1,5 @@
-"""Checkpoints from elsewhere: a checkpoint is data, never code, and loading one costs about its
-files' size, whatever its config.yaml claims. Predict and export write whole files, with the
-permissions the umask gives, where they were asked to and nowhere else.
-
-Real files, real `raytrain` subprocesses (the bad-input table's helpers), real torch.
-"""
+"""inference/loading: raytrain.load_model gives the module with its config, and a checkpoint's
+bounds are API errors too."""
 
 from __future__ import annotations
 

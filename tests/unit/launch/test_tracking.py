@@ -1,4 +1,5 @@
-"""train.tracking: mlflow, read back with MLflow's own client from the store a real run wrote."""
+"""launch/tracking: the checks made before training (tracking off, remote storage, an unusable
+tracking URI); the MLflow runs of real runs are e2e/test_tracking.py."""
 
 from pathlib import Path
 

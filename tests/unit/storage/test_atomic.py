@@ -1,8 +1,5 @@
-"""Predict on a Ray cluster (raytrain predict --workers N): the same masks as raytrain.predict, from
-model actors on two nodes; a killed run, rerun, does only the rest; writes are whole or absent.
-
-Real clusters in subprocesses (conftest.run_scenario, a real `raytrain` CLI process), real files.
-"""
+"""storage/atomic: a remote file appears whole or not at all; a temporary name reads back to its
+final name."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""Untrusted files: what a dataset folder, a config or a manifest can really hold (broken links,
-link loops, folders named like images, unreadable files, names that are not UTF-8, binary text,
-paths that lead out of the dataset), and runs that are killed. Each bad-input row is a real
-`raytrain` subprocess that must answer with one line, exit code 2, and nothing written.
-"""
+"""storage/leftovers: a shard run killed mid-write leaves a temporary folder that the next run
+removes, and only that; a running writer's folder is left alone."""
 
 from __future__ import annotations
 

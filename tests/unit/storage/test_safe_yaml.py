@@ -1,4 +1,4 @@
-"""The config schema: YAML in, typed config out, and one-line errors that name the key and file."""
+"""storage/safe_yaml: every YAML file raytrain reads refuses aliases."""
 
 import pytest
 

@@ -3,7 +3,6 @@ model actors on two nodes; a killed run, rerun, does only the rest; writes are w
 
 Real clusters in subprocesses (conftest.run_scenario, a real `raytrain` CLI process), real files.
 """
-
 from __future__ import annotations
 
 import json
@@ -21,6 +20,8 @@ import raytrain
 from raytrain.storage.atomic import temporary_beside
 from tests.helpers import wait_for, write_images
 from tests.helpers import checkpoint
+
+
 
 
 def assert_predicted_like_raytrain_predict(ckpt: Path, images: list[Path], out: Path) -> None:

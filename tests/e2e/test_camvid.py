@@ -1,6 +1,5 @@
 """Real CamVid (when present beside the repository): shard a subset, train one epoch with 2 DDP
 workers; the camvid_road recipe plans on a CamVid-style drive split and runs as one command."""
-
 import math
 import os
 

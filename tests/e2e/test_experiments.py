@@ -1,6 +1,5 @@
 """Experiments you can find again: a new directory per run, best checkpoints from one experiment
 only, explicit resume, `raytrain runs`, and a Python API with a twin for every command."""
-
 from __future__ import annotations
 
 import json

@@ -1,5 +1,4 @@
 """Real runs on the session Ray cluster -> TensorBoard event files and `raytrain report` output."""
-
 from __future__ import annotations
 
 import re

@@ -1,5 +1,4 @@
 """train.tracking: mlflow, read back with MLflow's own client from the store a real run wrote."""
-
 import json
 from pathlib import Path
 

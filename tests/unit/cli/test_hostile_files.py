@@ -3,7 +3,6 @@ link loops, folders named like images, unreadable files, names that are not UTF-
 paths that lead out of the dataset), and runs that are killed. Each bad-input row is a real
 `raytrain` subprocess that must answer with one line, exit code 2, and nothing written.
 """
-
 from __future__ import annotations
 
 import json
@@ -31,19 +30,13 @@ from tests.helpers import (
 
 
 IMAGES, MASKS = "raw/training/image_2", "raw/training/gt_image_2"
-
-
 FOLDER_SHARD = ["data", "shard", "{tmp}/raw", "--format", "folder", "--out", "{tmp}/out"]
-
-
 CAMVID_SHARD = ["data", "shard", "{tmp}/raw", "--format", "camvid", "--out", "{tmp}/out", "--val-fraction", "0"]
 
 
 
 
 RANDOM_BYTES = np.random.default_rng(0).bytes(300)
-
-
 UTF16 = "name: bad\n".encode("utf-16")
 
 

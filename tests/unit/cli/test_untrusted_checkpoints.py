@@ -4,7 +4,6 @@ permissions the umask gives, where they were asked to and nowhere else.
 
 Real files, real `raytrain` subprocesses (the bad-input table's helpers), real torch.
 """
-
 from __future__ import annotations
 
 import os
@@ -27,10 +26,7 @@ from tests.helpers import (
     MEMORY_LIMIT, NEEDS_PERMISSIONS, check_one_line_and_nothing_written, checkpoint, needs_a_fresh_interpreter, shards,
 )
 
-
 CKPT = "{tmp}/exp/ckpt"
-
-
 PREDICT = ["predict", CKPT, "{tmp}/street.png", "--out", "{tmp}/out"]
 
 

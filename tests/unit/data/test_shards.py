@@ -1,5 +1,4 @@
 """KITTI-layout folders -> validated Parquet shards with a manifest, written atomically."""
-
 import io
 import json
 import math

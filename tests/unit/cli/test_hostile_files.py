@@ -32,10 +32,6 @@ from tests.helpers import (
 IMAGES, MASKS = "raw/training/image_2", "raw/training/gt_image_2"
 FOLDER_SHARD = ["data", "shard", "{tmp}/raw", "--format", "folder", "--out", "{tmp}/out"]
 CAMVID_SHARD = ["data", "shard", "{tmp}/raw", "--format", "camvid", "--out", "{tmp}/out", "--val-fraction", "0"]
-
-
-
-
 RANDOM_BYTES = np.random.default_rng(0).bytes(300)
 UTF16 = "name: bad\n".encode("utf-16")
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks, in one go on a machine with one CUDA GPU (docs/decisions.md, "The GPU path"):
-#   1. tests/test_gpu.py: 2-epoch runs on the GPU through Ray Train (NCCL) in fp32, bf16, fp16,
+#   1. tests/e2e/test_gpu.py: 2-epoch runs on the GPU through Ray Train (NCCL) in fp32, bf16, fp16,
 #      channels_last and torch.compile; load_model, predict, evaluate and export on cuda;
 #   2. benchmarks/gpu.py: U-Net/ResNet-34 at 1248x384, fp32 against bf16 + channels_last, fed by
 #      Ray Data with kitti_search's 4 CPUs per GPU worker and with all but one of the machine's;
@@ -42,7 +42,7 @@ step() {  # step NAME SECONDS COMMAND...: one check, its own time limit, its log
     [ $code -eq 0 ] || status=1
 }
 
-step tests 240 $PYTHON -m pytest -q -p no:cacheprovider -m gpu -rs --maxfail=2 --durations=10 tests/test_gpu.py
+step tests 240 $PYTHON -m pytest -q -p no:cacheprovider -m gpu -rs --maxfail=2 --durations=10 tests/e2e/test_gpu.py
 step benchmark 150 $PYTHON benchmarks/gpu.py "${bench[@]}"
 sed -n '/^{/,$p' "$OUT/benchmark.log" > "$OUT/gpu.json"
 

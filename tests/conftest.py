@@ -124,7 +124,7 @@ def searched_run(ray_cluster, tiny_shards, tmp_path_factory):
 
 @pytest.fixture
 def run_scenario():
-    """run(name) runs tests/multinode_scenarios.py's scenario `name` on a multi-node cluster of its
+    """run(name) runs tests/e2e/multinode_scenarios.py's scenario `name` on a multi-node cluster of its
     own, in a subprocess, and returns its result.json; its WORKDIR (result["workdir"]) lasts until
     the test ends."""
     workdirs = []
@@ -137,7 +137,7 @@ def run_scenario():
         env.pop("RAY_ADDRESS", None)
         (workdir / "ray").mkdir()
         process = subprocess.run(
-            [sys.executable, "-m", "tests.multinode_scenarios", name, str(workdir)],
+            [sys.executable, "-m", "tests.e2e.multinode_scenarios", name, str(workdir)],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
         )
         result_file = workdir / "result.json"

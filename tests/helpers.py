@@ -6,7 +6,7 @@ raytrain once (multiprocessing's forkserver with preload): every call is still i
 with its own exit code, standard streams, working directory and environment, but skips the seconds a
 fresh interpreter spends importing torch. `run_cli_fresh` is `python -m raytrain.cli` itself; the
 rows that need a fresh interpreter use it (dropped capabilities, starting Ray, signals), and
-e2e/test_bad_input.py checks that both give the same answers. `forkserver()` is the same server for
+unit/cli/test_bad_input.py checks that both give the same answers. `forkserver()` is the same server for
 torch.multiprocessing (start_method="forkserver"): its DDP workers skip the imports too.
 """
 from __future__ import annotations
@@ -28,10 +28,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
+from raytrain import experiments
 from raytrain.data.formats import IGNORE_INDEX
+
 
 REPO = Path(__file__).resolve().parents[1]
 # ../shared beside the repository holds CamVid for development; it is never part of the project.
@@ -360,6 +363,7 @@ def kitti_with_lanes(tmp_path):
 
 # The command of the data rows: shard {tmp}/raw (a KITTI-layout folder) into {tmp}/out.
 SHARD = ["data", "shard", "{tmp}/raw", "--format", "kitti", "--out", "{tmp}/out"]
+C = "{tmp}/c.yaml"  # the config file of the bad-input table's rows
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     """Every file, folder and link below root with its size and modification time (of a link itself:
@@ -417,3 +421,73 @@ def check_one_line_and_nothing_written(tmp: Path, args: list[str], setup, fragme
     run = run_raytrain([a.format(tmp=tmp) for a in args], tmp, fresh, memory_limit)
     assert_one_line_error(run, fragments, tmp)  # a MemoryError would be a traceback
     assert snapshot(tmp) == before  # also: no temporary file left
+
+
+# ---------------------------------------------------------------- shared by the files that one test file was split into
+
+SIZES = [(375, 1242), (61, 97)]  # a KITTI image, and an odd size that is no multiple of anything
+
+
+SIMPLE, UNET = {"name": "simple", "depth": 1}, {"name": "unet", "base_channels": 4, "depth": 2}
+
+
+def make_checkpoint(tmp, options=UNET, classes=("road",)):
+    """A checkpoint of a lab model at a training size of 64x32 with seeded random weights, its head
+    scaled so that the probabilities spread out as a trained model's do."""
+    from raytrain.checkpoints import save_checkpoint
+    from raytrain.config import load_config
+    from raytrain.models import create_model
+
+    config = load_config({"classes": list(classes), "data": {"path": str(tmp), "size": "64x32"}, "model": options})
+    torch.manual_seed(0)
+    model = create_model(**options, num_classes=config.num_classes)
+    with torch.no_grad():
+        model.head.weight.mul_(20)
+    return save_checkpoint(tmp / options["name"], model, torch.optim.Adam(model.parameters()), None, 1, config, {})
+
+
+def batches(seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (2, height, width, 3), dtype=np.uint8) for height, width in SIZES]
+
+
+def shard_by_drive(src: Path, out: Path, val_drive: str) -> Path:
+    """Shards as data/README.md recommends: binary road, one whole drive held out for val."""
+    done = run_cli(["data", "shard", src, "--format", "camvid", "--classes", "road", "--group-by", "^[^_]+",
+                    "--val-groups", val_drive, "--out", out], timeout=120)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def _hand_made_run(config, epochs=(1, 2), ious=(0.3, 0.5)) -> str:
+    """An experiment of `config` with real checkpoint files, written without Ray."""
+    import torch
+
+    from raytrain.checkpoints import save_checkpoint
+    from raytrain.models import create_model
+
+    experiment = experiments.create_experiment(config, "train")
+    torch.manual_seed(0)
+    model = create_model(config.model.name, num_classes=1, **config.model.kwargs())
+    optimizer = torch.optim.Adam(model.parameters())
+    for epoch, iou in zip(epochs, ious):
+        metrics = {"epoch": epoch, "train_loss": 1.0, "val_loss": 1.0, "val_f1": iou + 0.1, "val_iou": iou}
+        save_checkpoint(Path(experiment) / f"checkpoint_{epoch:06d}", model, optimizer, None, epoch, config, metrics)
+    experiments.mark(experiment, experiments.FINISHED)
+    return experiment
+
+
+CURVE_PNGS = {"loss.png", "accuracy.png", "f1.png", "iou.png"}
+
+
+def _check_report(out: Path, index: Path, expected_pngs: set[str]):
+    assert index == out / "index.html"
+    pngs = {path.name for path in out.glob("*.png")}
+    assert pngs == expected_pngs
+    page = index.read_text()
+    for name in pngs:
+        assert f'<img src="{name}"' in page
+        with Image.open(out / name) as image:
+            pixels = np.asarray(image.convert("RGB"))
+        assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 2, f"{name} is blank"
+    return page

@@ -1,6 +1,6 @@
 """Multi-node Ray scenarios on one machine, each in a process of its own (ray.init is once per process).
 
-    python -m tests.multinode_scenarios {node_loss|search_node_loss|batch_predict} WORKDIR
+    python -m tests.e2e.multinode_scenarios {node_loss|search_node_loss|batch_predict} WORKDIR
 
 Starts a real cluster with ray.cluster_utils.Cluster: a head with 1 CPU (Ray Data tasks, the Tune
 trial) and worker nodes node_a, node_b[, node_c] with 2 CPUs and a custom resource of their own name.

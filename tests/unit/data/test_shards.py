@@ -3,7 +3,6 @@ import io
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -41,13 +40,6 @@ def test_manifest_and_rows_match_the_source(synthetic_kitti, tiny_shards):
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(row["mask"]))), decode_kitti_gt(gt))
     assert (row["width"], row["height"]) == (64, 32)
     assert row["split"] == split_of("um_000003", 0.25, 0)
-
-
-def test_split_is_deterministic_by_id():
-    splits = [split_of(f"um_{i:06d}", 0.2, seed=0) for i in range(1000)]
-    assert splits == [split_of(f"um_{i:06d}", 0.2, seed=0) for i in range(1000)]
-    assert 0.15 < splits.count("val") / 1000 < 0.25
-    assert splits != [split_of(f"um_{i:06d}", 0.2, seed=1) for i in range(1000)]
 
 
 def test_invalid_area_becomes_ignore_label(tmp_path):
@@ -119,15 +111,6 @@ def test_empty_input_and_existing_output_are_errors(tmp_path, tiny_shards):
         write_shards(tmp_path / "empty", "kitti", tiny_shards)
     with pytest.raises(DataError, match="unknown dataset format 'pascal'"):
         write_shards(tmp_path / "empty", "pascal", tmp_path / "out")
-
-
-def test_inverse_frequency_class_weights_come_from_the_manifest(tiny_shards):
-    manifest = read_manifest(tiny_shards)
-    frequencies = manifest.pixel_frequencies
-    background, road = manifest.class_weights("inverse_frequency")
-    assert road / background == pytest.approx(frequencies["background"] / frequencies["road"])
-    assert background + road == pytest.approx(2.0)
-    assert manifest.class_weights([1.0, 3.0]) == [1.0, 3.0]
 
 
 def _shard_cli(*args, timeout=120):
@@ -265,68 +248,6 @@ def test_a_file_that_appears_in_out_while_sharding_survives(tmp_path):
     assert (out / "manifest.json").is_file()
 
 
-# ---------------------------------------------------------------- --group-by: whole groups to val
-
-
-def _random_ids(rng, count: int) -> list[str]:
-    """Ids as datasets name them (a drive or category, a separator, a frame number), now and then odd."""
-    prefixes = ["0001TP", "0006R0", "0016E5", "Seq05VD", "um", "umm", "uu", "a", "b-c", "d.e"]
-    separators = ["_", "_", "-", ""]
-    ids = {f"{rng.choice(prefixes)}{rng.choice(separators)}{int(rng.integers(0, 10**rng.integers(1, 7))):06d}"
-           for _ in range(count)}
-    return sorted(ids)
-
-
-REGEXES = [r"^[^_]+", r"^[^_-]+", r"^.{1,3}", r"\d{2}$", r"^(\w+?)_", r"[A-Z]+", r"^(.)", r"\d", r"^\D+", r"[05]", r"@", r"(x)?"]
-
-
-def test_group_by_never_puts_one_group_in_both_splits():
-    from raytrain.data.splits import group_of, plan_group_split
-
-    rng = np.random.default_rng(0)
-    planned = refused = 0
-    for case in range(400):
-        ids = _random_ids(rng, int(rng.integers(1, 60)))
-        regex = str(rng.choice(REGEXES))
-        named = None
-        if rng.random() < 0.3:  # some of the groups the regex finds, by name
-            found = sorted({g for g in (group_of(i, re.compile(regex)) for i in ids) if g})
-            named = list(rng.choice(found, size=int(rng.integers(1, len(found) + 1)), replace=False)) if found else ["x"]
-        try:
-            split = plan_group_split(ids, regex, named, float(rng.uniform(0, 0.9)), int(rng.integers(0, 5)))
-        except DataError as err:  # a regex that misses an id, one group, every group named: said, never half-split
-            assert str(err).startswith(("--group-by", "--val-groups")), err
-            refused += 1
-            continue
-        planned += 1
-        by_group: dict[str, set[str]] = {}
-        for sample_id in ids:
-            assert split.groups[sample_id] == group_of(sample_id, re.compile(regex))
-            by_group.setdefault(split.groups[sample_id], set()).add(split.split_of(sample_id))
-        assert all(len(splits) == 1 for splits in by_group.values()), (case, regex, by_group)
-        assert {s for splits in by_group.values() for s in splits} == {"train", "val"}, (case, regex)
-        assert set(split.val_groups) == {g for g, splits in by_group.items() if splits == {"val"}}
-        if named is not None:
-            assert set(split.val_groups) == set(named)
-    assert planned > 100 and refused > 50  # both kinds of outcome were exercised
-
-
-def test_seeded_val_groups_cover_about_the_val_fraction():
-    from raytrain.data.splits import choose_val_groups
-
-    rng = np.random.default_rng(1)
-    for _ in range(200):
-        sizes = {f"g{i}": int(rng.integers(1, 50)) for i in range(int(rng.integers(2, 30)))}
-        fraction, seed = float(rng.uniform(0.05, 0.5)), int(rng.integers(0, 3))
-        chosen = choose_val_groups(sizes, fraction, seed)
-        assert chosen == choose_val_groups(dict(reversed(sizes.items())), fraction, seed)  # not by listing order
-        assert 0 < len(chosen) < len(sizes)
-        share, total = sum(sizes[g] for g in chosen), sum(sizes.values())
-        target = fraction * total
-        # a prefix of a seeded order: within one group of the target, or the first group on its own
-        assert abs(share - target) <= max(sizes.values()) or len(chosen) == 1
-
-
 def test_shard_cli_records_the_group_split_in_the_manifest(grouped_kitti, tmp_path):
     from tests.helpers import CATEGORIES
 
@@ -348,34 +269,6 @@ def test_shard_cli_records_the_group_split_in_the_manifest(grouped_kitti, tmp_pa
     val_groups = manifest.split["val_groups"]
     assert manifest.groups["val"] == {group: CATEGORIES[group] for group in val_groups}
     assert set(manifest.groups["train"]) == set(CATEGORIES) - set(val_groups)
-
-
-def test_shards_without_groups_have_no_group_column_and_a_bad_groups_entry_is_refused(tiny_shards, tmp_path):
-    manifest = read_manifest(tiny_shards)
-    assert manifest.groups is None and "group_by" not in manifest.split and manifest.metric_groups("val") == []
-    assert "group" not in pq.read_schema(read_manifest(tiny_shards).shard_paths("val")[0]).names
-    copy = tmp_path / "copy"
-    shutil.copytree(tiny_shards, copy)
-    for groups in ({"train": {}, "val": {"a b": 1}}, {"val": {"a": 1}}, ["a"], {"train": {"a": "1"}, "val": {}}):
-        (copy / "manifest.json").write_text(json.dumps({**manifest.model_dump(mode="json"), "groups": groups}))
-        with pytest.raises(DataError, match="`groups` must map train and val"):
-            read_manifest(copy)
-
-
-def test_per_group_metrics_are_capped(tmp_path):
-    from raytrain.data.manifest import MAX_GROUP_METRICS
-
-    few = manifest_with_groups({f"g{i}": 1 for i in range(MAX_GROUP_METRICS)})
-    many = manifest_with_groups({f"g{i}": 1 for i in range(MAX_GROUP_METRICS + 1)})
-    assert len(few.metric_groups("val")) == MAX_GROUP_METRICS and many.metric_groups("val") == []
-
-
-def manifest_with_groups(val_groups: dict[str, int]):
-    from raytrain.data.manifest import Manifest
-
-    return Manifest(schema_version=1, format="kitti", classes=[{"name": "road", "id": 1, "color": [255, 0, 255]}],
-                    num_samples={"train": 1, "val": sum(val_groups.values())}, files={"train": [], "val": []},
-                    pixel_frequencies={}, groups={"train": {}, "val": val_groups})
 
 
 def test_rows_per_shard_sets_the_files_per_split(synthetic_kitti, tmp_path):

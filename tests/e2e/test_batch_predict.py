@@ -5,7 +5,6 @@ Real clusters in subprocesses (conftest.run_scenario, a real `raytrain` CLI proc
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -14,16 +13,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pyarrow.fs as pafs
 import pytest
 from PIL import Image
 
 import raytrain
-from raytrain.storage.atomic import final_of_temporary, temporary_beside, write_atomically
-from raytrain.storage.paths import RemotePath
-from raytrain.errors import DataError
+from raytrain.storage.atomic import temporary_beside
 from tests.helpers import wait_for, write_images
-from tests.helpers import run_cli
 from tests.helpers import checkpoint
 
 
@@ -104,52 +99,3 @@ def test_a_killed_run_rerun_does_only_the_rest(ray_cluster, tmp_path):
     assert not leftover.exists() and (out / ".not-ours").read_text() == "kept"
     assert json.loads((out / "prediction.json").read_text())["checkpoint"] == str(ckpt)
     assert_predicted_like_raytrain_predict(ckpt, images[::8], out)
-
-
-def test_a_remote_file_appears_whole_or_not_at_all(tmp_path):
-    """A filesystem other than the local one (here a SubTreeFileSystem over a folder) takes the
-    temporary-name-then-move path that s3:// and gs:// take."""
-    filesystem = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
-    filesystem.create_dir("out")
-    write_atomically(RemotePath(filesystem, "out/a_mask.png", "sub://"), b"whole")
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["a_mask.png"]
-    assert (tmp_path / "out" / "a_mask.png").read_bytes() == b"whole"
-    (tmp_path / "out" / "taken").write_text("a file, not a folder")
-    with pytest.raises(DataError, match=r"^sub://out/taken/b_mask.png: cannot write"):
-        write_atomically(RemotePath(filesystem, "out/taken/b_mask.png", "sub://"), b"never")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_mask.png", "taken"]
-
-
-def _record(ckpt: Path, **changes) -> str:
-    record = {"checkpoint": str(ckpt), "model_sha256": hashlib.sha256((ckpt / "model.pt").read_bytes()).hexdigest(), "tta": "none"}
-    return json.dumps({**record, **changes})
-
-
-@pytest.mark.parametrize("record,expected", [
-    (lambda ckpt: _record(ckpt, checkpoint="/elsewhere/best", model_sha256="0" * 64), ["/elsewhere/best", "tta none", "new --out"]),
-    (lambda ckpt: _record(ckpt), ["another model or tta", "tta none", "new --out"]),  # same weights, but --tta flip below
-    (lambda ckpt: "{not json", ["prediction.json", "not a record of raytrain predict"]),
-], ids=["other-weights", "other-tta", "not-a-record"])
-@pytest.mark.parametrize("workers", [[], ["--workers", "1"]], ids=["one-process", "workers"])
-def test_masks_of_another_model_are_never_mixed_into_an_output_folder(tmp_path, record, expected, workers):
-    ckpt = checkpoint(tmp_path)
-    write_images(tmp_path / "images", 2, (16, 32))
-    out = tmp_path / "masks"
-    out.mkdir()
-    (out / "prediction.json").write_text(record(ckpt))
-    (out / "img00_mask.png").write_bytes(b"an earlier mask")
-    result = run_cli(["predict", ckpt, tmp_path / "images", "--out", out, *workers, "--tta", "flip"])
-    assert result.returncode == 2, result.stderr
-    [line] = result.stderr.splitlines()
-    assert line.startswith("raytrain: error: ") and all(fragment in line for fragment in expected), line
-    assert sorted(p.name for p in out.iterdir()) == ["img00_mask.png", "prediction.json"]
-    assert (out / "img00_mask.png").read_bytes() == b"an earlier mask"
-
-
-def test_a_temporary_name_reads_back_to_its_final_name_and_nothing_else_does():
-    for final in ("img00_mask.png", "prediction.json", "scene.tar.gz", "no_suffix"):
-        temporary = temporary_beside(f"/out/{final}")
-        folder, _, name = temporary.rpartition("/")
-        assert folder == "/out" and name.startswith(".") and final_of_temporary(name) == final
-    for other in (".not-ours", "img00_mask.png", ".img00_mask.png.x1y2z3.png", ".img00_mask.png.0123abcd.jpg"):
-        assert final_of_temporary(other) is None

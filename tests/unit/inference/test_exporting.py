@@ -1,6 +1,6 @@
-"""Exported models and flip test-time augmentation: an exported file (ONNX through onnxruntime,
-TorchScript, torch.export) takes uint8 images of any size and gives raytrain.predict's numbers;
-tta="flip" is the mean of the image's and its mirror image's probabilities wherever it is offered."""
+"""inference/exporting: an exported file (ONNX through onnxruntime, TorchScript, torch.export)
+takes uint8 images of any size and gives raytrain.predict's numbers."""
+
 import json
 import os
 import subprocess
@@ -12,38 +12,14 @@ import pytest
 import torch
 
 import raytrain
-from tests.helpers import assert_one_line_error, shards, snapshot
-
-SIZES = [(375, 1242), (61, 97)]  # a KITTI image, and an odd size that is no multiple of anything
+from tests.helpers import assert_one_line_error, snapshot
+from tests.helpers import SIMPLE, UNET, batches, make_checkpoint
 
 
 def cli(*args, env=None):
     environment = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     return subprocess.run([sys.executable, "-m", "raytrain.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=300, env={**environment, **(env or {})})
-
-
-SIMPLE, UNET = {"name": "simple", "depth": 1}, {"name": "unet", "base_channels": 4, "depth": 2}
-
-
-def make_checkpoint(tmp, options=UNET, classes=("road",)):
-    """A checkpoint of a lab model at a training size of 64x32 with seeded random weights, its head
-    scaled so that the probabilities spread out as a trained model's do."""
-    from raytrain.checkpoints import save_checkpoint
-    from raytrain.config import load_config
-    from raytrain.models import create_model
-
-    config = load_config({"classes": list(classes), "data": {"path": str(tmp), "size": "64x32"}, "model": options})
-    torch.manual_seed(0)
-    model = create_model(**options, num_classes=config.num_classes)
-    with torch.no_grad():
-        model.head.weight.mul_(20)
-    return save_checkpoint(tmp / options["name"], model, torch.optim.Adam(model.parameters()), None, 1, config, {})
-
-
-def batches(seed=0):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 256, (2, height, width, 3), dtype=np.uint8) for height, width in SIZES]
 
 
 def predicted(model, images, tta=None):
@@ -87,25 +63,6 @@ def test_torch_exports_take_the_same_images_and_give_predicts_numbers(tmp_path, 
         with torch.no_grad():
             probabilities = exported(torch.from_numpy(images)).numpy()
         np.testing.assert_allclose(probabilities, predicted(model, images, "flip"), atol=1e-6)
-
-
-def test_flip_tta_is_the_mean_of_the_image_and_its_mirror_image(tmp_path):
-    model = raytrain.load_model(make_checkpoint(tmp_path))
-    images = [image for batch in batches(2) for image in batch]
-    mirrored = [image[:, ::-1].copy() for image in images]
-    plain, of_mirrored = raytrain.predict(model, images), raytrain.predict(model, mirrored)
-    for got, one, other in zip(raytrain.predict(model, images, tta="flip"), plain, of_mirrored):
-        np.testing.assert_allclose(got, (one + other[:, ::-1]) / 2, atol=1e-6)
-        assert np.abs(got - one).max() > 1e-2
-    with pytest.raises(raytrain.RaytrainError, match="'mirror'"):
-        raytrain.predict(model, images, tta="mirror")
-
-
-def test_evaluate_with_flip_tta_scores_the_averaged_probabilities(tmp_path):
-    data, ckpt = shards(tmp_path), make_checkpoint(tmp_path)
-    plain = raytrain.evaluate(ckpt, data)
-    flipped = raytrain.evaluate(ckpt, data, tta="flip")
-    assert flipped["samples"] == plain["samples"] > 0 and flipped["ap"] != plain["ap"]
 
 
 def test_onnx_export_without_onnx_installed_is_one_line_naming_the_extra(tmp_path):

@@ -20,7 +20,6 @@ import yaml
 from PIL import Image
 
 import raytrain
-from raytrain.errors import RaytrainError
 from tests.helpers import set_dotted
 from tests.helpers import cli_environment, run_cli
 from tests.helpers import (
@@ -190,9 +189,6 @@ def test_bad_checkpoint_or_output_is_one_line_and_nothing_written(request, tmp_p
     check_one_line_and_nothing_written(tmp_path, args, setup, fragments, needs_a_fresh_interpreter(request))  # also: no .adir.* file left
 
 
-# ---------------------------------------------------------------- loading: what the checkpoint asks for is not done
-
-
 def cli(args: list, cwd: Path, umask: int | None = None, timeout: int = 600, **env) -> subprocess.CompletedProcess:
     return run_cli(args, cwd, {**cli_environment(), **env}, timeout, umask)
 
@@ -220,34 +216,6 @@ def test_encoder_weights_in_the_config_are_never_downloaded(tmp_path):
         torch.testing.assert_close(loaded.module.state_dict()[name], tensor)
 
 
-def test_load_model_gives_the_module_with_its_config(tmp_path):
-    ckpt = checkpoint(tmp_path)
-    model = raytrain.load_model(ckpt)
-    assert isinstance(model, raytrain.LoadedModel) and isinstance(model.module, torch.nn.Module)
-    assert model.config.data.size == (32, 16) and model.classes == ["road"] and model.path == ckpt
-    assert not model.module.training and not hasattr(model.module, "raytrain_config")
-    [probabilities] = raytrain.predict(model, [np.zeros((20, 40, 3), np.uint8)])
-    assert probabilities.shape == (20, 40)
-    with pytest.raises(TypeError, match="what raytrain.load_model returns"):
-        raytrain.predict(model.module, [np.zeros((20, 40, 3), np.uint8)])
-    for device in ("banana", "cuda:7", "meta"):
-        with pytest.raises(RaytrainError, match=f"'{device}'"):
-            raytrain.load_model(ckpt, device)
-
-
-def test_checkpoint_bounds_are_api_errors_too(tmp_path, monkeypatch):
-    ckpt = checkpoint(tmp_path)
-    monkeypatch.setenv("RAYTRAIN_MAX_PARAMETERS", "1000")  # the simple model has 2465
-    with pytest.raises(RaytrainError, match="2465 parameters, over the limit of 1000"):
-        raytrain.load_model(ckpt)
-    monkeypatch.setenv("RAYTRAIN_MAX_PARAMETERS", "lots")
-    with pytest.raises(RaytrainError, match="RAYTRAIN_MAX_PARAMETERS='lots'"):
-        raytrain.load_model(ckpt)
-
-
-# ---------------------------------------------------------------- outputs: where asked, whole, with the umask's mode
-
-
 def test_export_of_a_file_uri_goes_beside_the_checkpoint(tmp_path):
     ckpt = checkpoint(tmp_path)
     work = tmp_path / "work"
@@ -266,9 +234,6 @@ def test_predict_and_export_files_have_the_umasks_mode(tmp_path):
     written = [tmp_path / "out/street_mask.png", tmp_path / "out/street_overlay.png", tmp_path / "model.ts"]
     assert [oct(path.stat().st_mode & 0o777) for path in written] == ["0o640"] * 3  # not mkstemp's 0o600
     assert not [p for p in tmp_path.rglob(".*") if p.is_file()]  # no temporary file left behind
-
-
-# ---------------------------------------------------------------- best_checkpoint: damage is skipped, named, never wins
 
 
 def damaged_experiment(tmp: Path) -> Path:

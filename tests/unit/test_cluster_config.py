@@ -5,14 +5,13 @@ import os
 import re
 import shlex
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
 
 from raytrain.config import load_config, shipped_configs
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 GPU_INSTANCE_FAMILIES = ("g4dn", "g5", "g6", "g6e", "p3", "p4d", "p4de", "p5")
 
 

@@ -14,10 +14,11 @@ from raytrain.api import best_checkpoint, load_model, predict
 from raytrain.reporting import write_report
 from raytrain.viz import GRID_GAP
 from tests.helpers import run_cli
-from tests.helpers import VAL_CATEGORIES, read_events, tiny_config
+from tests.helpers import VAL_CATEGORIES, read_events
+from tests.helpers import CURVE_PNGS, _check_report
+
 
 EPOCHS = 2
-CURVE_PNGS = {"loss.png", "accuracy.png", "f1.png", "iou.png"}
 
 
 @pytest.fixture(scope="module")
@@ -68,19 +69,6 @@ def test_tensorboard_logdir_of_a_search_shows_every_trial(experiment):
         assert (experiment / trial / "result.json").is_file() and (experiment / trial / "progress.csv").is_file()
     # one copy of the curves: rank 0's, not Tune's too (it would add a run per trial of ray/tune/* tags)
     assert set(runs) == {f"{trial}/train/tensorboard/{run}" for trial in trials for run in ("train", "val")}
-
-
-def _check_report(out: Path, index: Path, expected_pngs: set[str]):
-    assert index == out / "index.html"
-    pngs = {path.name for path in out.glob("*.png")}
-    assert pngs == expected_pngs
-    page = index.read_text()
-    for name in pngs:
-        assert f'<img src="{name}"' in page
-        with Image.open(out / name) as image:
-            pixels = np.asarray(image.convert("RGB"))
-        assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 2, f"{name} is blank"
-    return page
 
 
 def test_report_of_a_search(experiment, tmp_path):
@@ -141,33 +129,3 @@ def test_report_command(experiment, tmp_path):
     not_an_experiment = _cli("report", str(tmp_path / "out"), "--out", str(tmp_path / "bad"))
     assert not_an_experiment.returncode == 2 and "no trial has reported any metrics" in not_an_experiment.stderr
     assert not (tmp_path / "bad").exists()  # nothing half-written
-
-
-def test_report_of_a_multiclass_run_shows_the_palette_and_no_pr_curve(tiny_shards, tmp_path):
-    """A 2-class (softmax) run saved by hand with real checkpoint files: no Ray needed to report it."""
-    import torch
-
-    from raytrain.checkpoints import save_checkpoint
-    from raytrain.models import create_model
-    from raytrain.reporting import val_samples
-    from raytrain.viz import overlay
-
-    config = tiny_config(tiny_shards, tmp_path, name="two_classes", classes=["background", "road"])
-    run = tmp_path / "two_classes"
-    torch.manual_seed(0)
-    model = create_model(config.model.name, num_classes=2, **config.model.kwargs())
-    optimizer = torch.optim.Adam(model.parameters())
-    for epoch, iou in ((1, 0.3), (2, 0.4)):
-        metrics = {"epoch": epoch, "train_loss": 1.0 / epoch, "val_loss": 1.2 / epoch, "val_accuracy": 0.5,
-                   "val_f1": iou + 0.1, "val_iou": iou}
-        save_checkpoint(run / f"checkpoint_{epoch}", model, optimizer, None, epoch, config, metrics)
-
-    out = tmp_path / "report"
-    _check_report(out, write_report(run, out), CURVE_PNGS | {"overlays.png"})
-    grid = np.asarray(Image.open(out / "overlays.png").convert("RGB"))
-    best = best_checkpoint(run)
-    assert best.path == run / "checkpoint_2"
-    image = val_samples(best)[0][0]
-    height, width = image.shape[:2]
-    expected = overlay(image, predict(load_model(best), [image])[0], ["background", "road"])
-    np.testing.assert_array_equal(grid[:height, :width], expected)

@@ -1,6 +1,6 @@
 """A real multi-node Ray cluster on one machine: DDP across nodes, and the loss of a node.
 
-Each scenario runs in its own process (tests/multinode_scenarios.py: ray.cluster_utils.Cluster with a
+Each scenario runs in its own process (tests/e2e/multinode_scenarios.py: ray.cluster_utils.Cluster with a
 head and worker nodes node_a, node_b, node_c of their own), with a private RAY_TMPDIR so that no
 other Ray driver on the machine can attach to it, and reports what happened in result.json
 (conftest.run_scenario).

@@ -1,0 +1,72 @@
+"""Experiments you can find again: a new directory per run, best checkpoints from one experiment
+only, explicit resume, `raytrain runs`, and a Python API with a twin for every command."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import raytrain
+from raytrain import experiments
+from tests.helpers import tiny_config
+
+
+def _cli(*args: str, cwd=None, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "raytrain.cli", *args], capture_output=True, text=True,
+                          timeout=600, cwd=cwd, env=env)
+
+
+def _checkpoint_epochs(directory: Path) -> list[int]:
+    return sorted(json.loads(p.read_text())["epoch"] for p in directory.rglob("checkpoint_*/metrics.json"))
+
+
+@pytest.mark.ray
+def test_train_twice_gives_two_fresh_runs_and_resume_continues_the_latest(ray_cluster, tiny_shards, tmp_path):
+    config = tiny_config(tiny_shards, tmp_path / "results", **{"name": "twice", "train.epochs": 1, "train.num_workers": 1})
+    first, second = raytrain.train(config), raytrain.train(config.with_overrides({"optim.lr": 1e-2}))
+    assert first.path != second.path
+    for result in (first, second):  # each trained its own epoch 1, from scratch
+        assert list(result.metrics_dataframe["epoch"]) == [1] and _checkpoint_epochs(Path(result.path)) == [1]
+    epoch_one = {p: p.stat().st_mtime_ns for p in Path(second.path).rglob("checkpoint_*/*")}
+
+    resumed = raytrain.train(config, {"train.epochs": 2}, resume=True)
+    assert resumed.path == second.path and resumed.metrics["epoch"] == 2
+    assert _checkpoint_epochs(Path(second.path)) == [1, 2] and _checkpoint_epochs(Path(first.path)) == [1]
+    assert resumed.checkpoint and raytrain.load_model(resumed.checkpoint.path)  # loads with the run's own config
+    assert {p: p.stat().st_mtime_ns for p in epoch_one} == epoch_one  # epoch 1 was not trained again
+    assert json.loads((Path(second.path) / experiments.MARKER).read_text())["status"] == "finished"
+    assert experiments.experiment_config(second.path).optim.lr == 1e-2
+    with pytest.raises(raytrain.RaytrainError, match="nothing to resume"):
+        raytrain.train(config, resume=second.path)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_quickstart_command_twice_gives_two_searches(tmp_path):
+    """The README's first command, small, run twice: the data is made once, each search is new and
+    keeps its own best checkpoint."""
+    args = ["quickstart", "--data-dir", str(tmp_path / "data"),
+            "--set", f"train.storage_path={tmp_path / 'results'}", "--set", "train.epochs=1",
+            "--set", "search.num_samples=1", "--set", "search.scheduler.grace_period=1", "--set", "search.space={optim.lr: {choice: [0.003]}}",
+            "--set", "data.size=64x32", "--set", "model.base_channels=4"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    outputs = []
+    for _ in range(2):
+        done = _cli(*args, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        outputs.append(done.stdout)
+    assert "making 400 synthetic road scenes" in outputs[0] and "making" not in outputs[1]
+    found = [[line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("experiment: ")] for out in outputs]
+    assert found[0][0] == found[0][-1] and found[1][0] == found[1][-1]  # printed at the start and at the end
+    assert found[0][0] != found[1][0]
+    for out, (experiment, *_) in zip(outputs, found):  # each search's best is its own
+        best = [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("best checkpoint: ")]
+        assert best and Path(best[0]).is_relative_to(experiment)
+        assert raytrain.best_checkpoint(experiment).path == Path(best[0])
+    runs = raytrain.runs(tmp_path / "results")
+    assert [run.path for run in runs] == [found[1][0], found[0][0]]  # newest first
+    assert all((run.kind, run.trials, run.status) == ("tune", 1, "finished") for run in runs)

@@ -1,0 +1,41 @@
+"""storage/paths: plain paths and file:// URIs stay pathlib Paths; other URIs become RemotePaths."""
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+
+from raytrain.errors import DataError
+from raytrain.storage.paths import RemotePath, as_path, filesystem_of, is_uri, join
+
+
+def test_is_uri():
+    assert is_uri("s3://bucket/key") and is_uri("file:///tmp/x")
+    assert not is_uri("/tmp/x") and not is_uri(Path("relative/x"))
+
+
+def test_local_paths_and_file_uris_are_paths(tmp_path):
+    assert as_path(str(tmp_path)) == tmp_path and isinstance(as_path(str(tmp_path)), Path)
+    assert as_path(f"file://{tmp_path}") == tmp_path
+    filesystem, path = filesystem_of("relative/x")
+    assert isinstance(filesystem, pafs.LocalFileSystem) and path == str(Path("relative/x").absolute())
+
+
+def test_join_keeps_the_kind_of_location(tmp_path):
+    assert join(str(tmp_path), "a.json") == str(tmp_path / "a.json")
+    assert join("s3://bucket/folder/?region=x", "a.json") == "s3://bucket/folder/a.json?region=x"
+
+
+def test_a_remote_path_walks_a_filesystem_like_pathlib(tmp_path):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "scene.png").write_bytes(b"png bytes")
+    root = RemotePath(pafs.LocalFileSystem(), str(tmp_path), "mock://")
+    image = root / "folder" / "scene.png"
+    assert str(image) == f"mock://{tmp_path}/folder/scene.png"
+    assert (image.name, image.stem, image.suffix) == ("scene.png", "scene", ".png")
+    assert image.is_file() and not image.is_dir() and (root / "folder").is_dir() and not (root / "nothing").exists()
+    assert image.read_bytes() == b"png bytes" and list((root / "folder").iterdir()) == [image]
+
+
+def test_an_unusable_uri_is_a_data_error_naming_it():
+    with pytest.raises(DataError, match="nope://x: not a usable filesystem URI"):
+        filesystem_of("nope://x")

@@ -1,0 +1,84 @@
+"""preflight: the checks and the plan that `raytrain train|tune` make before Ray starts, called in
+process on tiny shards; and the camvid_road recipe, which plans on a CamVid-style drive split."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from raytrain.config import load_config
+from raytrain.data.manifest import read_manifest
+from tests.helpers import run_cli, shard_by_drive, tiny_config
+
+
+def camvid_drives(root: Path, drives: dict[str, int], size=(48, 36)) -> Path:
+    """A CamVid-style folder (class-index PNG annotations, road = 3, 11 = void) whose frames come
+    from the given drives, all in train/ as CamVid's own drives are."""
+    rng = np.random.default_rng(0)
+    for folder in ("train", "trainannot", "val", "valannot"):
+        (root / folder).mkdir(parents=True)
+    for drive, count in drives.items():
+        for frame in range(count):
+            annot = rng.integers(0, 12, (size[1], size[0])).astype(np.uint8)
+            annot[size[1] // 2 :] = 3  # the road: the lower half
+            Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(root / "train" / f"{drive}_{frame:06d}.png")
+            Image.fromarray(annot, mode="L").save(root / "trainannot" / f"{drive}_{frame:06d}.png")
+    return root
+
+
+def test_camvid_road_config_validates_and_plans_on_a_drive_split(tmp_path):
+    config = load_config("camvid_road")
+    assert config.classes == ["road"] and Path(config.data.path) == Path("data/camvid_road_by_drive").resolve()
+    assert config.search.time_budget_s is not None and config.search.time_budget_s <= 30 * 60
+    shards = shard_by_drive(camvid_drives(tmp_path / "camvid", {"0001TP": 6, "0006R0": 3}), tmp_path / "shards", "0006R0")
+    done = run_cli(["tune", "camvid_road", "--dry-run", "--set", f"data.path={shards}",
+                    "--set", f"train.storage_path={tmp_path / 'results'}"], timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "dry run: nothing started" in done.stdout
+    plan = dict(line.split(":", 1) for line in done.stdout.splitlines()[1:])
+    assert plan["name"].strip() == "camvid_road" and plan["kind"].strip() == "tune"
+    assert f"path={shards}, train=6, val=3" in plan["data"]  # drive 0006R0 held out whole
+    assert float(plan["time_budget_s"]) == config.search.time_budget_s
+    assert not (tmp_path / "results").exists()
+
+
+def test_check_ready_returns_the_manifest_of_a_config_that_passes(tiny_shards, tmp_path):
+    from raytrain.preflight import check_ready
+
+    manifest = check_ready(tiny_config(tiny_shards, tmp_path), local_cpus=4)
+    assert manifest.class_names == ["road"] and manifest.count("train") + manifest.count("val") == 24
+
+
+def test_a_missing_shard_folder_is_one_line_naming_it(tmp_path):
+    from raytrain.errors import DataError
+    from raytrain.preflight import check_ready
+
+    missing = tmp_path / "no_shards_here"
+    with pytest.raises(DataError) as caught:
+        check_ready(tiny_config(missing, tmp_path), local_cpus=4)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("data.path: ") and str(missing) in message
+
+
+def test_a_cluster_too_small_for_the_workers_is_refused_before_ray(tiny_shards, tmp_path):
+    from raytrain.errors import RaytrainError
+    from raytrain.preflight import check_ready
+
+    with pytest.raises(RaytrainError):
+        check_ready(tiny_config(tiny_shards, tmp_path), local_cpus=2)  # 2 workers + 1 CPU for Ray Data
+
+
+def test_the_plan_of_a_train_run(tiny_shards, tmp_path):
+    from raytrain.preflight import plan
+
+    config = tiny_config(tiny_shards, tmp_path)
+    lines = plan(config, "train", local_cpus=4)
+    manifest = read_manifest(tiny_shards)
+    assert lines["kind"] == "train" and lines["name"] == "tiny" and lines["trials"] == 1
+    assert lines["scheduler"] is None and lines["search_space"] == {} and lines["epochs"] == 2
+    assert lines["workers_per_trial"] == 2 and lines["cpus_per_trial"] == 2 and lines["gpus_per_trial"] == 0
+    assert lines["cluster"] == "local, 4 logical CPUs" and lines["model"] == "unet"
+    assert lines["data"] == {"path": str(tiny_shards), "train": manifest.count("train"), "val": manifest.count("val"),
+                             "size": "64x32", "classes": ["road"]}
+    assert plan(config, "train", local_cpus=None)["cluster"] == "the running cluster"

@@ -1,0 +1,42 @@
+"""reporting: the report of a multiclass run, written without Ray (the reports of real runs are
+e2e/test_report.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from raytrain.api import best_checkpoint, load_model, predict
+from raytrain.reporting import write_report
+from tests.helpers import tiny_config
+from tests.helpers import CURVE_PNGS, _check_report
+
+
+def test_report_of_a_multiclass_run_shows_the_palette_and_no_pr_curve(tiny_shards, tmp_path):
+    """A 2-class (softmax) run saved by hand with real checkpoint files: no Ray needed to report it."""
+    import torch
+
+    from raytrain.checkpoints import save_checkpoint
+    from raytrain.models import create_model
+    from raytrain.reporting import val_samples
+    from raytrain.viz import overlay
+
+    config = tiny_config(tiny_shards, tmp_path, name="two_classes", classes=["background", "road"])
+    run = tmp_path / "two_classes"
+    torch.manual_seed(0)
+    model = create_model(config.model.name, num_classes=2, **config.model.kwargs())
+    optimizer = torch.optim.Adam(model.parameters())
+    for epoch, iou in ((1, 0.3), (2, 0.4)):
+        metrics = {"epoch": epoch, "train_loss": 1.0 / epoch, "val_loss": 1.2 / epoch, "val_accuracy": 0.5,
+                   "val_f1": iou + 0.1, "val_iou": iou}
+        save_checkpoint(run / f"checkpoint_{epoch}", model, optimizer, None, epoch, config, metrics)
+
+    out = tmp_path / "report"
+    _check_report(out, write_report(run, out), CURVE_PNGS | {"overlays.png"})
+    grid = np.asarray(Image.open(out / "overlays.png").convert("RGB"))
+    best = best_checkpoint(run)
+    assert best.path == run / "checkpoint_2"
+    image = val_samples(best)[0][0]
+    height, width = image.shape[:2]
+    expected = overlay(image, predict(load_model(best), [image])[0], ["background", "road"])
+    np.testing.assert_array_equal(grid[:height, :width], expected)

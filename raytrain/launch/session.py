@@ -10,6 +10,7 @@ import ray
 
 from raytrain.console import EPOCH_LINES, RAY_LOGS
 from raytrain.errors import RaytrainError
+from raytrain.preflight import local_object_store_bytes
 
 
 def ensure_ray(num_cpus: int | None = None, verbosity: int = EPOCH_LINES) -> None:
@@ -32,7 +33,9 @@ def ensure_ray(num_cpus: int | None = None, verbosity: int = EPOCH_LINES) -> Non
         RAY_worker_niceness=os.environ.get("RAY_worker_niceness", "0"),
     ):
         # The dashboard stays on: its State API is how Ray Train frees the workers of stopped trials.
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), log_to_driver=log_to_driver)
+        # The object store's size stated, so that preflight's data.cache budget is the one Ray uses.
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), object_store_memory=local_object_store_bytes(),
+                 log_to_driver=log_to_driver)
 
 
 @contextlib.contextmanager

@@ -13,9 +13,10 @@ from ray.train.torch import TorchTrainer
 from raytrain.config import Config
 from raytrain.console import EPOCH_LINES, QUIET, epoch_line
 from raytrain.data.manifest import Manifest
-from raytrain.data.pipeline import build_datasets
+from raytrain.data.pipeline import FIRST_EPOCH, build_datasets
 from raytrain.launch import tracking
 from raytrain.launch.session import ensure_ray, user_error_inside
+from raytrain.preflight import cache_decision
 from raytrain.training.loop import train_worker
 
 
@@ -26,8 +27,8 @@ TENSORBOARD_DIR = "tensorboard"  # inside a run directory, written by rank 0
 
 
 class SplitData(DataConfig):
-    """Train is split into equal parts (DDP needs the same number of steps on every worker);
-    val is split unevenly so that every val sample is evaluated exactly once per epoch.
+    """Train (and its cached first epoch) is split into equal parts (DDP needs the same number of
+    steps on every worker); val is split unevenly so that every val sample is evaluated exactly once per epoch.
 
     Blocks keep the dataset's order (preserve_order), not the order their tasks finish in, and the
     splitter then ignores locality and hands each block to the split with the fewest rows so far:
@@ -43,7 +44,7 @@ class SplitData(DataConfig):
             options = self._resolve_execution_options(name)  # a copy: the driver's stay as they are
             options.preserve_order = self.preserve_order
             dataset.context.execution_options = options
-            for rank, split in enumerate(dataset.streaming_split(world_size, equal=(name == "train"))):
+            for rank, split in enumerate(dataset.streaming_split(world_size, equal=(name != "val"))):
                 output[rank][name] = split
         return output
 
@@ -76,6 +77,16 @@ class _EpochLinesTrain(ray.train.UserCallback):
         return thread
 
 
+def cluster_datasets(config: Config, manifest: Manifest, verbosity: int = QUIET) -> dict[str, ray.data.Dataset]:
+    """config's datasets on the running cluster: decoded by all its CPUs, and cached when data.cache
+    and its object store allow (preflight.cache_decision; a note when auto streams instead)."""
+    resources = ray.cluster_resources()
+    cache, note = cache_decision(config, manifest, resources.get("object_store_memory"))
+    if note and verbosity >= EPOCH_LINES:
+        print(note, flush=True)
+    return build_datasets(config, manifest, cpus=int(resources.get("CPU", 1)), cache=cache)
+
+
 def make_trainer(
     config: Config,
     manifest: Manifest,
@@ -85,10 +96,13 @@ def make_trainer(
     train_fn: Callable[[dict], None] = train_worker,
     callbacks: list | None = None,
     initial_checkpoint: ray.train.Checkpoint | None = None,
+    datasets: dict[str, ray.data.Dataset] | None = None,
 ) -> TorchTrainer:
     """manifest: config.data.path's, read once on the driver; the workers get it with the config.
     initial_checkpoint: where a new run starts (PBT's copy of a better trial); a run restarted after
-    a failure carries on from its own latest checkpoint instead."""
+    a failure carries on from its own latest checkpoint instead.
+    datasets: cluster_datasets' (a search shares them between its trials); made here when None."""
+    datasets = datasets if datasets is not None else cluster_datasets(config, manifest)
     train = config.train
     resources = {"CPU": train.cpus_per_worker}
     if train.use_gpu:
@@ -100,6 +114,7 @@ def make_trainer(
             "manifest": manifest,
             "log_dir": f"{storage_path}/{name}/{TENSORBOARD_DIR}",
             "initial_checkpoint": initial_checkpoint,
+            "first_epoch_dataset": FIRST_EPOCH if FIRST_EPOCH in datasets else "train",
         },
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -113,7 +128,7 @@ def make_trainer(
             failure_config=FailureConfig(max_failures=train.max_failures),
             callbacks=callbacks,
         ),
-        datasets=build_datasets(config, manifest),
+        datasets=datasets,
         dataset_config=SplitData(),
     )
 
@@ -135,7 +150,9 @@ def run_training(config: Config, manifest: Manifest, experiment: str, *, num_cpu
     printer = lines.print_lines_until(done) if lines else None
     try:
         callbacks = [*([lines] if lines else []), *tracking.train_callbacks(config, experiment)]
-        return make_trainer(config, manifest, storage_path=storage_path, name=name, callbacks=callbacks or None).fit()
+        datasets = cluster_datasets(config, manifest, verbosity)
+        return make_trainer(config, manifest, storage_path=storage_path, name=name, callbacks=callbacks or None,
+                            datasets=datasets).fit()
     except Exception as err:
         user_error = user_error_inside(err)
         if user_error is None:

@@ -18,7 +18,7 @@ from raytrain.data.manifest import Manifest, read_manifest
 from raytrain.errors import RaytrainError
 from raytrain.launch import tracking
 from raytrain.launch.session import ensure_ray, environment, user_error_inside
-from raytrain.launch.trainer import TRAIN_RUN_NAME, make_trainer, storage_and_name
+from raytrain.launch.trainer import TRAIN_RUN_NAME, cluster_datasets, make_trainer, storage_and_name
 from raytrain.preflight import TRIAL_DRIVER_CPUS
 
 
@@ -87,9 +87,14 @@ class _RelayToTune(ray.train.UserCallback):
             raise failure[0]
 
 
-def _run_trial(params: dict, base: dict, manifest: Manifest, experiment: str) -> None:
+# Searched keys that change what a trial's datasets hold: such a search cannot share one set.
+DATASET_KEYS = ("data.path", "data.size", "data.cache")
+
+
+def _run_trial(params: dict, base: dict, manifest: Manifest, experiment: str, datasets: dict | None) -> None:
     """One Tune trial: the base config with this trial's sampled values, trained by Ray Train. The
-    base's manifest serves every trial but one that searches data.path itself."""
+    base's manifest serves every trial but one that searches data.path itself; `datasets`, decoded
+    (and cached) once by the driver, every trial of a search whose space leaves them alone."""
     config = Config.model_validate(base).with_overrides(params.get("search", {}))
     if config.data.path != manifest.location:
         manifest = read_manifest(config.data.path)
@@ -100,7 +105,8 @@ def _run_trial(params: dict, base: dict, manifest: Manifest, experiment: str) ->
     name = TRAIN_RUN_NAME if start is None else f"{TRAIN_RUN_NAME}_from_{Path(start.path).parent.name}_{Path(start.path).name}"
     scheduler = config.search.scheduler
     relay = _RelayToTune(scheduler.perturbation_interval if scheduler.name == "pbt" else None, config.train.epochs)
-    relay.fit_and_report(make_trainer(config, manifest, storage_path=trial_path, name=name, callbacks=[relay], initial_checkpoint=start))
+    relay.fit_and_report(make_trainer(config, manifest, storage_path=trial_path, name=name, callbacks=[relay],
+                                      initial_checkpoint=start, datasets=datasets))
 
 
 def _trial_dirname(trial_id: str) -> str:
@@ -186,8 +192,10 @@ def run_search(config: Config, manifest: Manifest, experiment: str, *, resume: b
     on the cluster in RAY_ADDRESS or a local one of `num_cpus` logical CPUs. Raises the first
     trial's error when every trial failed."""
     ensure_ray(num_cpus, verbosity=verbosity)
+    shared = not any(key in config.search.space for key in DATASET_KEYS)
     trainable = ray.tune.with_parameters(_run_trial, base=config.model_dump(mode="json"), manifest=manifest,
-                                         experiment=experiment)
+                                         experiment=experiment,
+                                         datasets=cluster_datasets(config, manifest, verbosity) if shared else None)
     trainable = ray.tune.with_resources(trainable, {"CPU": TRIAL_DRIVER_CPUS})
     if resume:
         tuner = ray.tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)

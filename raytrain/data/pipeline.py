@@ -94,6 +94,8 @@ def build_datasets(config: Config, manifest: Manifest, *, cpus: int, cache: bool
     val = decoded_split(manifest, "val", config.data.size, cpus, shuffle=False)
     if not cache:
         return {"train": train, "val": val}
+    for split in (train, val):  # the cache keeps the blocks in the dataset's order, not their tasks' finishing order
+        split.context.execution_options.preserve_order = True
     first = train.materialize()
     later = first.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True))
     return {FIRST_EPOCH: first, "train": later, "val": val.materialize()}

@@ -12,8 +12,6 @@ import sys
 from raytrain.config import Config
 from raytrain.data.manifest import Manifest, read_manifest
 from raytrain.errors import ConfigError, DataError, RaytrainError
-from raytrain.losses import create_loss
-from raytrain.models import create_model
 
 
 # A Tune trial's own process only drives a Train run; Tune cannot schedule a trial that asks for
@@ -143,6 +141,9 @@ def _check_data(variant: Config, manifest: Manifest) -> None:
 
 
 def _check_model(variant: Config) -> None:
+    # Here, not at the top: launch.session imports this module in Ray's processes, which need no torch.
+    from raytrain.models import create_model
+
     try:
         create_model(variant.model.name, num_classes=variant.num_classes, **variant.model.kwargs())
     except (ValueError, KeyError) as err:
@@ -150,6 +151,8 @@ def _check_model(variant: Config) -> None:
 
 
 def _check_loss(variant: Config, manifest: Manifest) -> None:
+    from raytrain.losses import create_loss
+
     try:
         class_weights = manifest.class_weights(variant.loss.class_weights)
         create_loss(variant.loss.name, num_classes=variant.num_classes, class_weights=class_weights)

@@ -2,7 +2,7 @@
 
 Ray Data tasks only decode and resize; augmentation runs batched on each worker's device
 (training/augment.py). Ray Train's DataConfig streams each worker its own disjoint part (see
-launch.trainer.SplitData). A decoded split that fits the object store's budget is kept there
+launch.controller.SplitData). A decoded split that fits the object store's budget is kept there
 after one pass (data.cache), so later epochs and later trials decode nothing; otherwise every epoch
 is a new Ray Data execution that decodes again (docs/decisions.md).
 """

@@ -7,14 +7,15 @@ from typing import Callable
 
 import ray
 import ray.train
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from raytrain.config import Config
-from raytrain.console import EPOCH_LINES, QUIET, epoch_line
+from raytrain.console import EPOCH_LINES, QUIET
 from raytrain.data.manifest import Manifest
 from raytrain.data.pipeline import FIRST_EPOCH, build_datasets
 from raytrain.launch import tracking
+from raytrain.launch.controller import EpochLines, SplitData
 from raytrain.launch.session import ensure_ray, user_error_inside
 from raytrain.preflight import cache_decision
 from raytrain.training.loop import train_worker
@@ -24,57 +25,6 @@ TRAIN_RUN_NAME = "train"  # inside a trial directory: EXPERIMENT/<trial>/train/c
 
 
 TENSORBOARD_DIR = "tensorboard"  # inside a run directory, written by rank 0
-
-
-class SplitData(DataConfig):
-    """Train (and its cached first epoch) is split into equal parts (DDP needs the same number of
-    steps on every worker); val is split unevenly so that every val sample is evaluated exactly once per epoch.
-
-    Blocks keep the dataset's order (preserve_order), not the order their tasks finish in, and the
-    splitter then ignores locality and hands each block to the split with the fewest rows so far:
-    which worker sees which samples in which order is the same in every run with the same seed.
-    """
-
-    preserve_order = True  # no measurable cost: docs/decisions.md (benchmarks/order.py)
-
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        output = [{} for _ in range(world_size)]
-        for name, dataset in datasets.items():
-            dataset = dataset.copy(dataset)
-            options = self._resolve_execution_options(name)  # a copy: the driver's stay as they are
-            options.preserve_order = self.preserve_order
-            dataset.context.execution_options = options
-            for rank, split in enumerate(dataset.streaming_split(world_size, equal=(name != "val"))):
-                output[rank][name] = split
-        return output
-
-
-class _EpochLinesTrain(ray.train.UserCallback):
-    """Runs in Ray Train's controller actor, whose prints never reach the terminal: it sends its lines
-    through a Ray queue to a thread in the driver."""
-
-    def __init__(self, label: str, epochs: int):
-        from ray.util.queue import Queue
-
-        self.label, self.epochs = label, epochs
-        self.queue = Queue(actor_options={"num_cpus": 0})
-
-    def after_report(self, run_context, metrics, checkpoint):
-        self.queue.put(epoch_line(self.label, metrics[0], self.epochs))
-
-    def print_lines_until(self, done: threading.Event) -> threading.Thread:
-        from ray.util.queue import Empty
-
-        def pump():
-            while not done.is_set() or not self.queue.empty():
-                try:
-                    print(self.queue.get(timeout=0.5), flush=True)
-                except Empty:
-                    continue
-
-        thread = threading.Thread(target=pump, daemon=True)
-        thread.start()
-        return thread
 
 
 def cluster_datasets(config: Config, manifest: Manifest, verbosity: int = QUIET) -> dict[str, ray.data.Dataset]:
@@ -145,7 +95,7 @@ def run_training(config: Config, manifest: Manifest, experiment: str, *, num_cpu
     the cluster in RAY_ADDRESS or a local one of `num_cpus` logical CPUs."""
     ensure_ray(num_cpus, verbosity=verbosity)
     storage_path, name = storage_and_name(experiment)
-    lines = _EpochLinesTrain(config.name, config.train.epochs) if verbosity >= EPOCH_LINES else None
+    lines = EpochLines(config.name, config.train.epochs) if verbosity >= EPOCH_LINES else None
     done = threading.Event()
     printer = lines.print_lines_until(done) if lines else None
     try:

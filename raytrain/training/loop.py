@@ -167,8 +167,9 @@ def open_logger(log_dir: str | None, config: Config) -> TensorBoardLogger | None
 def run_epoch(worker: Worker, epoch: int) -> tuple[dict, dict | None]:
     """Train, then evaluate; returns the epoch's report, summed over workers, and rank 0's overlay samples."""
     started = time.perf_counter()
+    batches = FirstBatchClock(train_batches(worker, epoch))
     train_loss, train_seen = train_one_epoch(
-        worker.model, train_batches(worker, epoch), worker.loss_fn, worker.optimizer, worker.device, epoch,
+        worker.model, batches, worker.loss_fn, worker.optimizer, worker.device, epoch,
         scheduler=worker.scheduler, scaler=worker.scaler, amp_dtype=worker.amp_dtype,
         grad_clip=worker.config.train.grad_clip, channels_last=worker.channels_last,
     )
@@ -191,6 +192,7 @@ def run_epoch(worker: Worker, epoch: int) -> tuple[dict, dict | None]:
         val_loss=val_loss / max(val_seen, 1),
         lr=worker.optimizer.param_groups[0]["lr"],
         images_per_s=train_seen / train_seconds,
+        first_batch_s=batches.first_batch_s,  # the epoch's fixed cost: its Ray Data execution's start
         epoch_s=time.perf_counter() - started,
     )
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in report.items()}, samples
@@ -407,6 +409,20 @@ def model_input(batch: dict, device, channels_last: bool) -> tuple[torch.Tensor,
     images = normalise(images)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     return images.contiguous(memory_format=memory_format), masks.long()
+
+
+class FirstBatchClock:
+    """Iterates `batches`, timing how long the first one took to arrive (seconds, None until then)."""
+
+    def __init__(self, batches):
+        self.batches, self.first_batch_s = batches, None
+
+    def __iter__(self):
+        started = time.perf_counter()
+        for batch in self.batches:
+            if self.first_batch_s is None:
+                self.first_batch_s = time.perf_counter() - started
+            yield batch
 
 
 class EarlyStopping:

@@ -58,9 +58,9 @@ def test_a_split_of_one_file_is_decoded_by_two_cpus_at_once(ray_cluster, one_fil
 
 
 def batches_of_each_rank(dataset, world_size: int = 2) -> list[list[tuple]]:
-    """Each rank's (id, image bytes, mask bytes) in order, through the trainer's SplitData, all
+    """Each rank's (id, image bytes, mask bytes) in order, through the controller's SplitData, all
     ranks read at once as DDP workers read them."""
-    from raytrain.launch.trainer import SplitData
+    from raytrain.launch.controller import SplitData
 
     splits = SplitData().configure({"train": dataset}, world_size, None, None)
     out: list[list[tuple]] = [[] for _ in range(world_size)]

@@ -1,6 +1,7 @@
 """GPU training speed: U-Net/ResNet-34 at 384x1248, bf16 + channels_last against fp32.
 
     python benchmarks/gpu.py [--images 160] [--batch-size 8] [--epochs 3] [--repeats 2] [--data-cpus 4,16]
+                             [--alone-batches 8,32] [--compile]
 
 smp:Unet with a ResNet-34 encoder (encoder_weights none) on synthetic KITTI-layout scenes of
 1248x384, fed by raytrain's own Ray Data pipeline (decode; augmented on the GPU) with raytrain's
@@ -9,7 +10,8 @@ alternating. Reported per precision: steady-state images/s (epochs 2..E), peak G
 (torch.cuda.max_memory_allocated), the fraction of each epoch's training time spent waiting
 for the next batch (time blocked on the iterator; the epoch ends with a device sync), and the
 model alone: images/s of train steps on one batch already on the device (the ceiling that data
-feeding can reach). Ray Data gets `--data-cpus` logical CPUs, each count a separate Ray cluster:
+feeding can reach), and a sweep of the model alone over --alone-batches, both precisions and (with
+--compile) torch.compile, with each one's peak memory: the batch sizes that fit. Ray Data gets `--data-cpus` logical CPUs, each count a separate Ray cluster:
 4 is what kitti_search gives each GPU worker (cpus_per_worker). Without a CUDA device it prints
 {"skipped": "no CUDA device"}; `--device cpu --size 128x64` runs the same code on the CPU as a
 smoke test. Prints one JSON object.
@@ -98,7 +100,8 @@ def model_alone(model, batch, loss_fn, optimizer, device, amp_dtype, channels_la
     """Images/s of train steps on one batch that is already on the device: no data feeding at all."""
     from raytrain.training.loop import autocast, forward, grad_scaler, train_step
 
-    batch = {name: tensor.to(device) for name, tensor in batch.items()}
+    # Parameters of the augmentation stay on the host, as the loop keeps them.
+    batch = {name: tensor if name == "augment" else tensor.to(device) for name, tensor in batch.items()}
     scaler, precision = grad_scaler(device, amp_dtype), autocast(device, amp_dtype)
     for step in range(3 + steps):  # 3 warm-up steps
         if step == 3:
@@ -108,6 +111,53 @@ def model_alone(model, batch, loss_fn, optimizer, device, amp_dtype, channels_la
         train_step(model, loss, optimizer, scaler, None)
     synchronize(device)
     return steps * len(masks) / (time.perf_counter() - started)
+
+
+def model_sweep(config, device: torch.device, batch_sizes: list[int], compile_options: list[bool]) -> list[dict]:
+    """The model alone (no data feeding) at each batch size, precision and compile setting, on one
+    synthetic batch already on the device (augmentation included, as in training): images/s and
+    peak memory."""
+    import numpy as np
+
+    from raytrain.losses import create_loss
+    from raytrain.models import create_model
+    from raytrain.training.augment import augment_of, batch_params
+    from raytrain.training.loop import create_optimizer
+
+    width, height = config.data.size
+    rows = []
+    for batch_size in batch_sizes:
+        rng = np.random.default_rng(0)
+        batch = {
+            "image": torch.from_numpy(rng.integers(0, 256, (batch_size, height, width, 3), dtype=np.uint8)),
+            "mask": torch.from_numpy(rng.integers(0, 2, (batch_size, height, width), dtype=np.uint8)),
+            "augment": torch.from_numpy(batch_params(augment_of(config.data), (width, height),
+                                                     [str(i) for i in range(batch_size)], seed=0, epoch=0)),
+        }
+        for mode, (amp_dtype, channels_last) in MODES.items():
+            for compiled in compile_options:
+                torch.manual_seed(0)
+                model = create_model(config.model.name, num_classes=config.num_classes, **config.model.kwargs()).to(device)
+                if channels_last:
+                    model = model.to(memory_format=torch.channels_last)
+                optimizer = create_optimizer(config, model.parameters())
+                loss_fn = create_loss(config.loss.name, num_classes=config.num_classes).to(device)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats(device)
+                try:
+                    rate = model_alone(torch.compile(model) if compiled else model, batch, loss_fn, optimizer, device,
+                                       amp_dtype, channels_last)
+                    error = None
+                except torch.OutOfMemoryError:
+                    rate, error = None, "out of memory"
+                peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+                rows.append({"batch_size": batch_size, "mode": mode, "compile": compiled,
+                             "images_per_s": round(rate, 2) if rate else None,
+                             "peak_memory_gib": round(peak, 2) if peak is not None else None, "error": error})
+                log(f"  model alone, batch {batch_size}, {mode}, compile {compiled}: {rows[-1]}")
+                del model, optimizer
+    return rows
 
 
 def synchronize(device: torch.device) -> None:
@@ -124,6 +174,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--data-cpus", default="4", help="logical CPUs for Ray Data, comma-separated: one cluster each")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test of this script")
+    parser.add_argument("--alone-batches", default="8,32", help="batch sizes of the model-alone sweep, comma-separated")
+    parser.add_argument("--compile", action="store_true", help="the sweep also with torch.compile")
     args = parser.parse_args()
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -147,6 +199,8 @@ def main() -> int:
         "optim": {"lr": 1e-3},
         "train": {"batch_size": args.batch_size, "num_workers": 1},
     })
+    sweep = model_sweep(config, device, [int(n) for n in args.alone_batches.split(",")],
+                        [False, True] if args.compile else [False])
     by_cpus = {}
     for data_cpus in [int(n) for n in args.data_cpus.split(",")]:
         session.ensure_ray(data_cpus)  # the driver trains; Ray Data's tasks decode on these
@@ -167,6 +221,7 @@ def main() -> int:
             "data": "raytrain's Ray Data pipeline (PNG decode; augmentation on the GPU) on data_cpus logical CPUs of "
                     f"{os.cpu_count()}",
         },
+        "model_alone_sweep": sweep,
         **by_cpus,
         "note": NOISE_NOTE,
     })

@@ -73,14 +73,14 @@ def cache_decision(config: Config, manifest: Manifest, store_bytes: float | None
     size = decoded_bytes(config, manifest)
     if store_bytes is None or size <= CACHE_SHARE * store_bytes:
         return True, None
-    budget = f"{gib(size)} decoded, over the budget of {gib(CACHE_SHARE * store_bytes)} ({CACHE_SHARE:.0%} of the {gib(store_bytes)} object store)"
+    budget = f"{human_size(size)} decoded, over the budget of {human_size(CACHE_SHARE * store_bytes)} ({CACHE_SHARE:.0%} of the {human_size(store_bytes)} object store)"
     if mode == "memory":
         raise ConfigError(f"data.cache memory: the splits of {config.data.path} are {budget}: set data.cache=auto or off, or a smaller data.size")
     return False, f"data.cache auto: streaming the splits, decoded every epoch: they are {budget}"
 
 
-def gib(size: float) -> str:
-    return f"{size / 2**30:.2f} GiB"
+def human_size(size: float) -> str:
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
 
 
 def local_object_store_bytes() -> int:
@@ -214,7 +214,7 @@ def plan(config: Config, kind: str, local_cpus: int | None) -> dict:
 
 
 def _cache_plan(config: Config, manifest: Manifest, local_cpus: int | None) -> str:
-    size = gib(decoded_bytes(config, manifest))
+    size = human_size(decoded_bytes(config, manifest))
     if local_cpus is None:
         return f"data.cache {config.data.cache}: {size} decoded; decided against the running cluster's object store"
     on, note = cache_decision(config, manifest, local_object_store_bytes())

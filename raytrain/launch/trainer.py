@@ -3,6 +3,7 @@ its part of the datasets that data.pipeline builds, checkpointing into the exper
 from __future__ import annotations
 
 import threading
+import time
 from typing import Callable
 
 import ray
@@ -17,7 +18,7 @@ from raytrain.data.pipeline import FIRST_EPOCH, build_datasets
 from raytrain.launch import tracking
 from raytrain.launch.controller import EpochLines, SplitData
 from raytrain.launch.session import ensure_ray, user_error_inside
-from raytrain.preflight import cache_decision
+from raytrain.preflight import cache_decision, decoded_bytes, human_size
 from raytrain.training.loop import train_worker
 
 
@@ -34,7 +35,12 @@ def cluster_datasets(config: Config, manifest: Manifest, verbosity: int = QUIET)
     cache, note = cache_decision(config, manifest, resources.get("object_store_memory"))
     if note and verbosity >= EPOCH_LINES:
         print(note, flush=True)
-    return build_datasets(config, manifest, cpus=int(resources.get("CPU", 1)), cache=cache)
+    started = time.perf_counter()
+    datasets = build_datasets(config, manifest, cpus=int(resources.get("CPU", 1)), cache=cache)
+    if cache and verbosity >= EPOCH_LINES:
+        size = human_size(decoded_bytes(config, manifest))
+        print(f"data.cache: {size} decoded into Ray's object store in {time.perf_counter() - started:.1f} s", flush=True)
+    return datasets
 
 
 def make_trainer(

@@ -1,15 +1,17 @@
 """GPU training speed: U-Net/ResNet-34 at 384x1248, bf16 + channels_last against fp32.
 
     python benchmarks/gpu.py [--images 160] [--batch-size 8] [--epochs 3] [--repeats 2] [--data-cpus 4,16]
+                             [--alone-batches 8,32] [--compile]
 
 smp:Unet with a ResNet-34 encoder (encoder_weights none) on synthetic KITTI-layout scenes of
-1248x384, fed by raytrain's own Ray Data pipeline (decode, augment) with raytrain's
+1248x384, fed by raytrain's own Ray Data pipeline (decode; augmented on the GPU) with raytrain's
 `train_one_epoch`, in one process on one GPU: fp32, and bf16 autocast with channels_last,
 alternating. Reported per precision: steady-state images/s (epochs 2..E), peak GPU memory
 (torch.cuda.max_memory_allocated), the fraction of each epoch's training time spent waiting
 for the next batch (time blocked on the iterator; the epoch ends with a device sync), and the
 model alone: images/s of train steps on one batch already on the device (the ceiling that data
-feeding can reach). Ray Data gets `--data-cpus` logical CPUs, each count a separate Ray cluster:
+feeding can reach), and a sweep of the model alone over --alone-batches, both precisions and (with
+--compile) torch.compile, with each one's peak memory: the batch sizes that fit. Ray Data gets `--data-cpus` logical CPUs, each count a separate Ray cluster:
 4 is what kitti_search gives each GPU worker (cpus_per_worker). Without a CUDA device it prints
 {"skipped": "no CUDA device"}; `--device cpu --size 128x64` runs the same code on the CPU as a
 smoke test. Prints one JSON object.
@@ -52,7 +54,8 @@ def run(config, mode: str, device: torch.device, epochs: int) -> dict:
     from raytrain.data.manifest import read_manifest
     from raytrain.data.pipeline import build_datasets
     from raytrain.losses import create_loss
-    from raytrain.training.loop import create_optimizer, to_tensors, train_one_epoch
+    from raytrain.training.augment import augment_of
+    from raytrain.training.loop import ToTensors, create_optimizer, host_batches, train_one_epoch
     from raytrain.models import create_model
 
     amp_dtype, channels_last = MODES[mode]
@@ -62,15 +65,20 @@ def run(config, mode: str, device: torch.device, epochs: int) -> dict:
         model = model.to(memory_format=torch.channels_last)
     loss_fn = create_loss(config.loss.name, num_classes=config.num_classes).to(device)
     optimizer = create_optimizer(config, model.parameters())
-    train = build_datasets(config, read_manifest(config.data.path))["train"]
+    import ray
+
+    # Streamed, decoding every epoch: the feed this measures (a cached split decodes only once).
+    datasets = build_datasets(config, read_manifest(config.data.path), cpus=int(ray.cluster_resources()["CPU"]), cache=False)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     rates, wait_fractions, first_batch = [], [], None
     for epoch in range(epochs):
+        train = datasets["train"]
         batches = TimedBatches(train.iter_torch_batches(
-            batch_size=config.train.batch_size, collate_fn=to_tensors, prefetch_batches=2,
-            local_shuffle_buffer_size=config.data.shuffle_buffer or None,
+            batch_size=config.train.batch_size, prefetch_batches=2,
+            collate_fn=ToTensors(augment_of(config.data), config.data.size, seed=config.train.seed, epoch=epoch),
+            local_shuffle_buffer_size=config.data.shuffle_buffer or None, **host_batches(device),
         ))
         started = time.perf_counter()
         _, seen = train_one_epoch(model, batches, loss_fn, optimizer, device, epoch,
@@ -92,7 +100,8 @@ def model_alone(model, batch, loss_fn, optimizer, device, amp_dtype, channels_la
     """Images/s of train steps on one batch that is already on the device: no data feeding at all."""
     from raytrain.training.loop import autocast, forward, grad_scaler, train_step
 
-    batch = {name: tensor.to(device) for name, tensor in batch.items()}
+    # Parameters of the augmentation stay on the host, as the loop keeps them.
+    batch = {name: tensor if name == "augment" else tensor.to(device) for name, tensor in batch.items()}
     scaler, precision = grad_scaler(device, amp_dtype), autocast(device, amp_dtype)
     for step in range(3 + steps):  # 3 warm-up steps
         if step == 3:
@@ -102,6 +111,53 @@ def model_alone(model, batch, loss_fn, optimizer, device, amp_dtype, channels_la
         train_step(model, loss, optimizer, scaler, None)
     synchronize(device)
     return steps * len(masks) / (time.perf_counter() - started)
+
+
+def model_sweep(config, device: torch.device, batch_sizes: list[int], compile_options: list[bool]) -> list[dict]:
+    """The model alone (no data feeding) at each batch size, precision and compile setting, on one
+    synthetic batch already on the device (augmentation included, as in training): images/s and
+    peak memory."""
+    import numpy as np
+
+    from raytrain.losses import create_loss
+    from raytrain.models import create_model
+    from raytrain.training.augment import augment_of, batch_params
+    from raytrain.training.loop import create_optimizer
+
+    width, height = config.data.size
+    rows = []
+    for batch_size in batch_sizes:
+        rng = np.random.default_rng(0)
+        batch = {
+            "image": torch.from_numpy(rng.integers(0, 256, (batch_size, height, width, 3), dtype=np.uint8)),
+            "mask": torch.from_numpy(rng.integers(0, 2, (batch_size, height, width), dtype=np.uint8)),
+            "augment": torch.from_numpy(batch_params(augment_of(config.data), (width, height),
+                                                     [str(i) for i in range(batch_size)], seed=0, epoch=0)),
+        }
+        for mode, (amp_dtype, channels_last) in MODES.items():
+            for compiled in compile_options:
+                torch.manual_seed(0)
+                model = create_model(config.model.name, num_classes=config.num_classes, **config.model.kwargs()).to(device)
+                if channels_last:
+                    model = model.to(memory_format=torch.channels_last)
+                optimizer = create_optimizer(config, model.parameters())
+                loss_fn = create_loss(config.loss.name, num_classes=config.num_classes).to(device)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats(device)
+                try:
+                    rate = model_alone(torch.compile(model) if compiled else model, batch, loss_fn, optimizer, device,
+                                       amp_dtype, channels_last)
+                    error = None
+                except torch.OutOfMemoryError:
+                    rate, error = None, "out of memory"
+                peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+                rows.append({"batch_size": batch_size, "mode": mode, "compile": compiled,
+                             "images_per_s": round(rate, 2) if rate else None,
+                             "peak_memory_gib": round(peak, 2) if peak is not None else None, "error": error})
+                log(f"  model alone, batch {batch_size}, {mode}, compile {compiled}: {rows[-1]}")
+                del model, optimizer
+    return rows
 
 
 def synchronize(device: torch.device) -> None:
@@ -118,6 +174,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--data-cpus", default="4", help="logical CPUs for Ray Data, comma-separated: one cluster each")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test of this script")
+    parser.add_argument("--alone-batches", default="8,32", help="batch sizes of the model-alone sweep, comma-separated")
+    parser.add_argument("--compile", action="store_true", help="the sweep also with torch.compile")
     args = parser.parse_args()
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -141,9 +199,11 @@ def main() -> int:
         "optim": {"lr": 1e-3},
         "train": {"batch_size": args.batch_size, "num_workers": 1},
     })
+    sweep = model_sweep(config, device, [int(n) for n in args.alone_batches.split(",")],
+                        [False, True] if args.compile else [False])
     by_cpus = {}
     for data_cpus in [int(n) for n in args.data_cpus.split(",")]:
-        session.ensure_ray(data_cpus)  # the driver trains; Ray Data's tasks decode and augment on these
+        session.ensure_ray(data_cpus)  # the driver trains; Ray Data's tasks decode on these
         runs = {mode: [] for mode in MODES}
         for repeat in range(args.repeats):
             for mode in MODES:
@@ -158,9 +218,10 @@ def main() -> int:
             "model": "smp:Unet encoder resnet34, encoder_weights none", "size": f"{size[0]}x{size[1]}",
             "batch_size": args.batch_size, "train_images": "80% of " + str(args.images), "epochs_per_run": args.epochs,
             "repeats": args.repeats, "device": device_name(device),
-            "data": "raytrain's Ray Data pipeline (PNG decode, augment) on data_cpus logical CPUs of "
+            "data": "raytrain's Ray Data pipeline (PNG decode; augmentation on the GPU) on data_cpus logical CPUs of "
                     f"{os.cpu_count()}",
         },
+        "model_alone_sweep": sweep,
         **by_cpus,
         "note": NOISE_NOTE,
     })

@@ -2,8 +2,10 @@
 # The GPU checks, in one go on a machine with one CUDA GPU (docs/decisions.md, "The GPU path"):
 #   1. tests/e2e/test_gpu.py: 2-epoch runs on the GPU through Ray Train (NCCL) in fp32, bf16, fp16,
 #      channels_last and torch.compile; load_model, predict, evaluate and export on cuda;
-#   2. benchmarks/gpu.py: U-Net/ResNet-34 at 1248x384, fp32 against bf16 + channels_last, fed by
-#      Ray Data with kitti_search's 4 CPUs per GPU worker and with all but one of the machine's;
+#   2. benchmarks/gpu.py: U-Net/ResNet-34 at 1248x384, fp32 against bf16 + channels_last: the model
+#      alone at batch 8 and 32, with and without torch.compile (peak memory of each), then fed by
+#      Ray Data (decode only; augmentation on the GPU) with kitti_search's 4 CPUs per GPU worker and
+#      with all but one of the machine's (data-wait share of each epoch);
 #   3. a 2-trial kitti_search on synthetic 1248x384 scenes, two trials sharing the GPU (0.5 each),
 #      then its best checkpoint evaluated on cuda.
 # Without a GPU it runs the same steps small, on the CPU (tests skip, benchmark at 128x64, the
@@ -26,9 +28,9 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'torchvision', tor
 print('gpu:', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)" | tee "$OUT/versions.txt" || exit 1
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/versions.txt"
 if $PYTHON -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
-    size=1248x384 bench=(--images 160 --epochs 3 --repeats 1 --data-cpus "4,$(($(nproc) - 1))") use_gpu=true device=cuda cpus_per_worker=4
+    size=1248x384 bench=(--images 160 --epochs 3 --repeats 1 --data-cpus "4,$(($(nproc) - 1))" --alone-batches 8,32 --compile) use_gpu=true device=cuda cpus_per_worker=4
 else
-    size=128x64 bench=(--device cpu --size 128x64 --images 24 --epochs 2 --repeats 1 --data-cpus 2) use_gpu=false device=cpu cpus_per_worker=1
+    size=128x64 bench=(--device cpu --size 128x64 --images 24 --epochs 2 --repeats 1 --data-cpus 2 --alone-batches 2,4) use_gpu=false device=cpu cpus_per_worker=1
 fi
 status=0
 step() {  # step NAME SECONDS COMMAND...: one check, its own time limit, its log in $OUT
@@ -43,7 +45,7 @@ step() {  # step NAME SECONDS COMMAND...: one check, its own time limit, its log
 }
 
 step tests 240 $PYTHON -m pytest -q -p no:cacheprovider -m gpu -rs --maxfail=2 --durations=10 tests/e2e/test_gpu.py
-step benchmark 150 $PYTHON benchmarks/gpu.py "${bench[@]}"
+step benchmark 240 $PYTHON benchmarks/gpu.py "${bench[@]}"
 sed -n '/^{/,$p' "$OUT/benchmark.log" > "$OUT/gpu.json"
 
 work=$(mktemp -d)

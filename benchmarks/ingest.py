@@ -3,7 +3,7 @@
     python benchmarks/ingest.py [--images 320] [--size 384x128] [--cpus N] [--repeats 3]
 
 Both read the SAME Parquet shards (made here with raytrain.data.synthetic + write_shards), apply the
-SAME transforms (transform_batch with augmentation: decode, scale/crop, flip, jitter) and use the
+SAME transforms (decode_batch: decode and resize; augmentation is the training device's) and use the
 SAME CPUs (Ray gets --cpus logical CPUs; the DataLoader --cpus worker processes). Each epoch is
 consumed as raytrain/loop.py does (iter_torch_batches, then to_model_input) by a trivial consumer.
 The two alternate, epoch by epoch, after one warm-up epoch each; the figures are medians.
@@ -25,23 +25,23 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from common import emit, header, spread  # noqa: E402  (the JSON header; stdout kept for the result alone)
 from raytrain.config import load_config, parse_size  # noqa: E402
-from raytrain.data.pipeline import COLUMNS, ROWS_PER_TASK, augment_of, build_datasets  # noqa: E402
-from raytrain.data.manifest import read_manifest
+from raytrain.data.pipeline import COLUMNS, ROWS_PER_TASK, build_datasets  # noqa: E402
+from raytrain.data.manifest import read_manifest  # noqa: E402
 from raytrain.data.shards import write_shards  # noqa: E402
 from raytrain.data.synthetic import write_synthetic_kitti  # noqa: E402
-from raytrain.data.transforms import transform_batch
+from raytrain.data.transforms import decode_batch  # noqa: E402
 from raytrain.models import to_model_input  # noqa: E402
-from raytrain.training.loop import to_tensors  # noqa: E402
+from raytrain.training.loop import ToTensors  # noqa: E402
 
 GOAL_RATIO = 1.0
 
 
 class ParquetShards(torch.utils.data.IterableDataset):
     """The DataLoader's side: each worker streams its share of the Parquet files, ROWS_PER_TASK rows
-    at a time, through the same transform_batch as the Ray Data pipeline."""
+    at a time, through the same decode_batch as the Ray Data pipeline."""
 
-    def __init__(self, files: list[str], size, augment):
-        self.files, self.size, self.augment = files, size, augment
+    def __init__(self, files: list[str], size):
+        self.files, self.size = files, size
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -49,7 +49,7 @@ class ParquetShards(torch.utils.data.IterableDataset):
         for path in self.files[worker::workers]:
             for record_batch in pq.ParquetFile(path).iter_batches(batch_size=ROWS_PER_TASK, columns=COLUMNS):
                 batch = {name: record_batch.column(name).to_numpy(zero_copy_only=False) for name in COLUMNS}
-                yield transform_batch(batch, self.size, self.augment)
+                yield decode_batch(batch, self.size)
 
 
 def consume(batches) -> tuple[int, float, float]:
@@ -93,15 +93,16 @@ def main() -> int:
         # address="local": a cluster of its own, even beside one that another job started here.
         ray.init(address="local", num_cpus=args.cpus, log_to_driver=False, include_dashboard=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
-        train = build_datasets(config, read_manifest(config.data.path))["train"]
+        # Streamed, as before the decoded cache: both sides decode every epoch.
+        train = build_datasets(config, read_manifest(config.data.path), cpus=args.cpus, cache=False)["train"]
         loader = torch.utils.data.DataLoader(
-            ParquetShards(read_manifest(shards).shard_paths("train"), size, augment_of(config)),
+            ParquetShards(read_manifest(shards).shard_paths("train"), size),
             batch_size=None, num_workers=args.cpus, persistent_workers=True, prefetch_factor=2,
-            collate_fn=to_tensors,
+            collate_fn=ToTensors(),
         )
 
         def ray_epoch():
-            return consume(train.iter_torch_batches(batch_size=args.batch_size, collate_fn=to_tensors, prefetch_batches=2))
+            return consume(train.iter_torch_batches(batch_size=args.batch_size, collate_fn=ToTensors(), prefetch_batches=2))
 
         def loader_epoch():
             return consume(loader)  # ROWS_PER_TASK-row batches; the consumer does not care

@@ -1,4 +1,4 @@
-"""What keeping Ray Data's block order costs a training run (trainer.SplitData sets preserve_order,
+"""What keeping Ray Data's block order costs a training run (controller.SplitData sets preserve_order,
 which makes runs with the same seed repeatable).
 
     python benchmarks/order.py [--repeats 2] [--epochs 4]
@@ -14,7 +14,7 @@ from statistics import median
 from common import NOISE_NOTE, emit, header, log, scratch_dir, synthetic_shards
 
 import raytrain
-from raytrain.launch import trainer
+from raytrain.launch import controller
 
 
 def main() -> None:
@@ -27,7 +27,7 @@ def main() -> None:
     figures = {"preserve_order": [], "any_order": []}
     for repeat in range(args.repeats):
         for preserve in (True, False):
-            trainer.SplitData.preserve_order = preserve
+            controller.SplitData.preserve_order = preserve
             result = raytrain.train("quickstart", {
                 "data.path": str(shards), "train.storage_path": str(scratch / "results"), "train.epochs": args.epochs})
             images_per_s = float(result.metrics["images_per_s"])

@@ -3,8 +3,8 @@
     python benchmarks/overhead.py [--repeats 3] [--epochs 3] [--threads 1]
 
 Both sides get the same CPUs: the trainer computes with `--threads` torch threads and one more
-CPU decodes and augments (plain: one DataLoader worker process; Ray: one logical CPU left to Ray
-Data's tasks beside a worker with cpus_per_worker=threads). Both run raytrain's own
+CPU decodes (plain: one DataLoader worker process; Ray: one logical CPU left to Ray Data's tasks
+beside a worker with cpus_per_worker=threads); both augment in the training process, on its device. Both run raytrain's own
 `train_one_epoch`/`evaluate` on the quickstart data (400 synthetic scenes 192x64, its U-Net, batch 4,
 the same transforms and augmentation). The runs alternate plain, Ray, plain, Ray, ...
 
@@ -29,10 +29,10 @@ import torch
 
 from raytrain.config import load_config
 from raytrain.data.manifest import read_manifest
-from raytrain.data.pipeline import augment_of
-from raytrain.data.transforms import Augment, transform_sample
+from raytrain.data.transforms import decode_sample
 from raytrain.losses import create_loss
-from raytrain.training.loop import create_optimizer, evaluate, train_one_epoch
+from raytrain.training.augment import augment_of
+from raytrain.training.loop import ToTensors, create_optimizer, evaluate, train_one_epoch
 from raytrain.metrics import SegmentationMetrics
 from raytrain.models import create_model
 
@@ -51,21 +51,30 @@ def quickstart_config(shards: Path, storage: Path, epochs: int, threads: int):
 
 
 class ShardRows(torch.utils.data.Dataset):
-    """The Parquet rows of one split, transformed per sample exactly as the Ray Data pipeline does."""
+    """The Parquet rows of one split, decoded per sample exactly as the Ray Data pipeline does."""
 
-    def __init__(self, dataset: Path, split: str, size, augment: Augment | None):
-        table = pq.read_table(read_manifest(dataset).shard_paths(split), columns=["image", "mask"])
-        self.images, self.masks = table["image"].to_pylist(), table["mask"].to_pylist()
-        self.size, self.augment = size, augment
+    def __init__(self, dataset: Path, split: str, size):
+        table = pq.read_table(read_manifest(dataset).shard_paths(split), columns=["id", "image", "mask"])
+        self.ids, self.images, self.masks = table["id"].to_pylist(), table["image"].to_pylist(), table["mask"].to_pylist()
+        self.size = size
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index):
-        rng = np.random.default_rng()
-        image, mask = transform_sample(self.images[index], self.masks[index], self.size, self.augment, rng)
-        # A copy: decoded arrays are read-only, and torch warns about tensors over read-only memory.
-        return {"image": torch.from_numpy(image.copy()), "mask": torch.from_numpy(mask.copy())}
+        image, mask = decode_sample(self.images[index], self.masks[index], self.size)
+        return self.ids[index], image, mask
+
+
+class Collate:
+    """The loop's ToTensors over DataLoader samples: the same tensors and augmentation parameters."""
+
+    def __init__(self, to_tensors: ToTensors):
+        self.to_tensors = to_tensors
+
+    def __call__(self, samples):
+        ids, images, masks = zip(*samples)
+        return self.to_tensors({"id": np.array(ids), "image": np.stack(images), "mask": np.stack(masks)})
 
 
 def plain_run(config, threads: int) -> dict:
@@ -73,12 +82,14 @@ def plain_run(config, threads: int) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(config.train.seed)
     data = config.data
-    augment = augment_of(config)  # the same augmentation as the Ray Data pipeline
+    augment = augment_of(data)  # the same augmentation as the worker loop's
     loader_options = dict(batch_size=config.train.batch_size, num_workers=1, persistent_workers=True, prefetch_factor=2)
     train_loader = torch.utils.data.DataLoader(
-        ShardRows(data.path, "train", data.size, augment), shuffle=True, drop_last=False, **loader_options
+        ShardRows(data.path, "train", data.size), shuffle=True, drop_last=False,
+        collate_fn=Collate(ToTensors(augment, data.size)), **loader_options
     )
-    val_loader = torch.utils.data.DataLoader(ShardRows(data.path, "val", data.size, None), **loader_options)
+    val_loader = torch.utils.data.DataLoader(ShardRows(data.path, "val", data.size), collate_fn=Collate(ToTensors()),
+                                             **loader_options)
     model = create_model(config.model.name, num_classes=config.num_classes, **config.model.kwargs())
     loss_fn = create_loss(config.loss.name, num_classes=config.num_classes)
     optimizer = create_optimizer(config, model.parameters())

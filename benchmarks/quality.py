@@ -1,7 +1,7 @@
 """Model quality within a stated CPU budget: the quickstart's synthetic val IoU, and CamVid val
 road IoU (binary) and 11-class mIoU.
 
-    python benchmarks/quality.py [--camvid-size 160x120] [--camvid-epochs 10] [--skip-quickstart]
+    python benchmarks/quality.py [--camvid-size 160x120] [--camvid-epochs 10] [--skip-quickstart] [--set KEY=VALUE]
     python benchmarks/quality.py --camvid-road-recipe [--budget-s 1680]
 
 Every run is a plain `raytrain train` of the quickstart settings (tune_configs/quickstart.yaml: the
@@ -72,11 +72,15 @@ def train_and_score(config, scratch: Path, name: str) -> dict:
     return result
 
 
+SETTINGS: list[str] = []  # --set KEY=VALUE, applied to every run
+
+
 def quickstart_config(shards: Path, storage: Path, **overrides):
-    return load_config(REPO / "tune_configs/quickstart.yaml", {
+    config = load_config(REPO / "tune_configs/quickstart.yaml", {
         "data.path": str(shards), "train.num_workers": WORKERS, "train.storage_path": str(storage),
         "train.max_failures": 0, **overrides,
     })
+    return load_config(config, SETTINGS)
 
 
 def timed_raytrain(args: list[str]) -> float:
@@ -134,10 +138,13 @@ def main() -> int:
     parser.add_argument("--camvid-size", default="160x120", help="WIDTHxHEIGHT for CamVid (its images are 480x360)")
     parser.add_argument("--camvid-epochs", type=int, default=10)
     parser.add_argument("--skip-quickstart", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every run, as raytrain's --set (repeatable)")
     parser.add_argument("--camvid-road-recipe", action="store_true", help="the held-out-drive road recipe against the baseline")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="--camvid-road-recipe: each run's time budget (default: camvid_road's search.time_budget_s)")
     args = parser.parse_args()
+    SETTINGS.extend(args.set)
     if args.camvid_road_recipe:
         return recipe_main(args.budget_s or load_config("camvid_road").search.time_budget_s)
     camvid_size = parse_size(args.camvid_size)

@@ -80,6 +80,9 @@ class DataConfig(_Section):
         0, ge=0, le=1, description="additive Gaussian pixel noise: each image's deviation is drawn in [0, noise] x 255"
     )
     shuffle_buffer: int = Field(64, ge=0, description="samples in each worker's local shuffle buffer")
+    cache: Literal["auto", "off", "memory"] = Field(
+        "auto", description="keep the decoded splits in Ray's object store after one pass: auto when they fit its budget"
+    )
 
     _parse_size = field_validator("size", mode="before")(lambda v: parse_size(v))
 

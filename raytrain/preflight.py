@@ -6,27 +6,30 @@ import importlib.util
 import itertools
 import math
 import os
+import shutil
 import sys
 
 from raytrain.config import Config
 from raytrain.data.manifest import Manifest, read_manifest
 from raytrain.errors import ConfigError, DataError, RaytrainError
-from raytrain.losses import create_loss
-from raytrain.models import create_model
 
 
 # A Tune trial's own process only drives a Train run; Tune cannot schedule a trial that asks for
 # nothing, so it takes a token share of a CPU, which a local cluster must have room for too.
 TRIAL_DRIVER_CPUS = 0.01
+# data.cache auto keeps the decoded splits when they take at most this share of the object store:
+# the rest is for Ray Data's streaming, Train's checkpoints and Tune's objects.
+CACHE_SHARE = 0.5
 
 
 def check_ready(config: Config, local_cpus: int | None, *, search: bool = False) -> Manifest:
     """Fail before Ray starts on what would otherwise fail in every worker, or wait forever: a local
-    cluster too small for one run, the dataset and its classes, the model and loss of every trial.
+    cluster too small for one run, the dataset and its classes, the model and loss of every trial,
+    a data.cache of memory that a local cluster's object store cannot hold.
     Returns config.data.path's manifest, read here once for the whole run.
 
     local_cpus: the CPUs of the local cluster about to start, or None for a cluster that is already
-    running or remote (it may grow).
+    running or remote (it may grow; its object store is checked once joined).
     """
     if config.train.tracking == "mlflow" and importlib.util.find_spec("mlflow") is None:
         raise RaytrainError("train.tracking mlflow needs MLflow: pip install 'raytrain[mlflow]'")
@@ -47,9 +50,45 @@ def check_ready(config: Config, local_cpus: int | None, *, search: bool = False)
                     check()
                     checked.add(key)
             _check_loss(variant, manifest)
+            if local_cpus is not None:
+                cache_decision(variant, manifest, local_object_store_bytes())
         except RaytrainError as err:
             raise type(err)(f"{where}{err}") from None
     return manifests.get(config.data.path) or _manifest_of(config)  # a searched data.path: the base's too
+
+
+def decoded_bytes(config: Config, manifest: Manifest) -> int:
+    """The decoded train and val splits at the training size: uint8 RGB and a uint8 mask per pixel."""
+    width, height = config.data.size
+    return (manifest.count("train") + manifest.count("val")) * width * height * 4
+
+
+def cache_decision(config: Config, manifest: Manifest, store_bytes: float | None) -> tuple[bool, str | None]:
+    """(whether the decoded splits are kept in the object store, a note for the user or None).
+    store_bytes: the object store's size, or None where it is not known yet (a remote cluster, not
+    joined): then only data.cache decides. data.cache memory that does not fit is a ConfigError."""
+    mode = config.data.cache
+    if mode == "off":
+        return False, None
+    size = decoded_bytes(config, manifest)
+    if store_bytes is None or size <= CACHE_SHARE * store_bytes:
+        return True, None
+    budget = f"{human_size(size)} decoded, over the budget of {human_size(CACHE_SHARE * store_bytes)} ({CACHE_SHARE:.0%} of the {human_size(store_bytes)} object store)"
+    if mode == "memory":
+        raise ConfigError(f"data.cache memory: the splits of {config.data.path} are {budget}: set data.cache=auto or off, or a smaller data.size")
+    return False, f"data.cache auto: streaming the splits, decoded every epoch: they are {budget}"
+
+
+def human_size(size: float) -> str:
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+
+
+def local_object_store_bytes() -> int:
+    """The object store a local Ray cluster gets here: Ray's default rule (30% of the memory available,
+    at most what /dev/shm holds), which launch.session passes to ray.init so that this is the truth."""
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    shm = shutil.disk_usage("/dev/shm").total * 0.95 if os.path.isdir("/dev/shm") else math.inf
+    return int(min(0.3 * available, shm, 200 * 2**30))
 
 
 def _check_cluster_fits(train, local_cpus: int | None, search: bool) -> None:
@@ -102,6 +141,9 @@ def _check_data(variant: Config, manifest: Manifest) -> None:
 
 
 def _check_model(variant: Config) -> None:
+    # Here, not at the top: launch.session imports this module in Ray's processes, which need no torch.
+    from raytrain.models import create_model
+
     try:
         create_model(variant.model.name, num_classes=variant.num_classes, **variant.model.kwargs())
     except (ValueError, KeyError) as err:
@@ -109,6 +151,8 @@ def _check_model(variant: Config) -> None:
 
 
 def _check_loss(variant: Config, manifest: Manifest) -> None:
+    from raytrain.losses import create_loss
+
     try:
         class_weights = manifest.class_weights(variant.loss.class_weights)
         create_loss(variant.loss.name, num_classes=variant.num_classes, class_weights=class_weights)
@@ -163,6 +207,15 @@ def plan(config: Config, kind: str, local_cpus: int | None) -> dict:
         "cluster": f"local, {local_cpus} logical CPUs" if local_cpus else "the running cluster",
         "data": {"path": config.data.path, "train": manifest.count("train"), "val": manifest.count("val"),
                  "size": "x".join(map(str, config.data.size)), "classes": config.classes},
+        "cache": _cache_plan(config, manifest, local_cpus),
         "model": config.model.name,
         "loss": config.loss.name,
     }
+
+
+def _cache_plan(config: Config, manifest: Manifest, local_cpus: int | None) -> str:
+    size = human_size(decoded_bytes(config, manifest))
+    if local_cpus is None:
+        return f"data.cache {config.data.cache}: {size} decoded; decided against the running cluster's object store"
+    on, note = cache_decision(config, manifest, local_object_store_bytes())
+    return f"on: {size} decoded, kept in the object store" if on else note or f"off: {size} decoded every epoch"

@@ -1,64 +1,56 @@
-"""Ray Data: Parquet shards -> decoded, resized, augmented batches for the Train workers.
+"""Ray Data: Parquet shards -> decoded uint8 batches at the training size, for the Train workers.
 
-Decoding runs in Ray Data tasks, not in the training processes; Ray Train's DataConfig then
-streams each worker its own disjoint part (see launch.trainer.SplitData). Every epoch is a new Ray Data
-execution, so what it costs to start one is paid every epoch (docs/decisions.md).
+Ray Data tasks only decode and resize; augmentation runs batched on each worker's device
+(training/augment.py). Ray Train's DataConfig streams each worker its own disjoint part (see
+launch.controller.SplitData). A decoded split that fits the object store's budget is kept there
+after one pass (data.cache), so later epochs and later trials decode nothing; otherwise every epoch
+is a new Ray Data execution that decodes again (docs/decisions.md).
 """
 from __future__ import annotations
+
+import math
 
 import ray.data
 
 from raytrain.config import Config
 from raytrain.data.manifest import Manifest, group_indices
-from raytrain.data.transforms import Augment, transform_batch
+from raytrain.data.transforms import decode_batch
 
 COLUMNS = ["id", "image", "mask"]
 ROWS_PER_TASK = 16
+# The train split's first epoch when the split is cached: the streamed order, which later epochs
+# ("train") reshuffle by block.
+FIRST_EPOCH = "train_first_epoch"
 
 
-def augment_of(config: Config) -> Augment | None:
-    """The training augmentation the config asks for; None when data.augment is off."""
-    data = config.data
-    if not data.augment:
-        return None
-    return Augment(data.hflip, tuple(data.scale), data.color_jitter, data.blur, tuple(data.blur_sigma), data.noise)
+def decode_block(block: dict, size, groups: list[str] | None = None):
+    """A whole read block -> decoded batches of ROWS_PER_TASK rows, yielded one at a time.
 
-
-def transform_block(block: dict, size, augment: Augment | None = None, seed: int | None = None,
-                    groups: list[str] | None = None):
-    """A whole read block -> transformed batches of ROWS_PER_TASK rows, yielded one at a time.
-
-    Taken whole (map_batches with batch_size=None) so that Ray fuses this map into the Parquet read
-    task; the small batches bound the decoding's scratch memory, and Ray still packs what a task
-    yields into one block per task. Why both: docs/decisions.md ("Decode inside the read task").
-    With a seed, each sample's augmentation depends on (seed, epoch, its id) only. With `groups`,
-    each row's group becomes its index into them ("group"), which the metrics count by.
+    Taken whole (map_batches with batch_size=None) so that, with one block per file, Ray fuses this
+    map into the Parquet read task; the small batches bound the decoding's scratch memory, and Ray
+    still packs what a task yields into one block per task. With `groups`, each row's group becomes
+    its index into them ("group"), which the metrics count by.
     """
-    epoch = execution_index() if augment is not None and seed is not None else 0
     for start in range(0, len(block["id"]), ROWS_PER_TASK):
         rows = {name: column[start : start + ROWS_PER_TASK] for name, column in block.items()}
-        batch = transform_batch(rows, size, augment, seed=seed, epoch=epoch)
+        batch = decode_batch(rows, size)
         if groups:
             batch["group"] = group_indices(rows["group"], rows["id"], groups)
         yield batch
 
 
-def execution_index() -> int:
-    """In a Ray Data task: which execution of its dataset this is, from 0. Every epoch of a Ray Train
-    run executes the dataset anew, so this is the epoch (counted from the run's or the restarted
-    worker group's start).
-
-    Ray has no public API for it. Ray 2.60's ExecutionIdxUpdateCallback increments the private
-    DataContext._execution_idx after each successful execution, and map tasks run under their
-    operator's DataContext; FileShuffleConfig reseeds from the same counter. It is private, which is
-    one reason pyproject.toml pins Ray below the next minor version (tests/test_pipeline.py checks it).
-    """
-    return ray.data.DataContext.get_current()._execution_idx
+def read_blocks(files: int, rows: int, cpus: int) -> int:
+    """Blocks to read a split into: one per file, or, with fewer files than CPUs, enough blocks of at
+    least ROWS_PER_TASK rows for every CPU. Ray then splits each file's rows into blocks and decodes
+    them in a map of their own (a read split further does not fuse with the map), so the decode's
+    parallelism no longer depends on how many files a split has."""
+    return max(files, min(cpus, math.ceil(rows / ROWS_PER_TASK)))
 
 
-def read_shards(paths: list[str], *, shuffle: bool, seed: int | None = None, columns: list[str] = COLUMNS) -> ray.data.Dataset:
-    """One read task (and one block) per shard file, files in a new random order each epoch if `shuffle`:
-    with a seed, an order drawn from (seed, epoch), the same in every run.
+def read_shards(paths: list[str], *, shuffle: bool, seed: int | None = None, columns: list[str] = COLUMNS,
+                blocks: int | None = None) -> ray.data.Dataset:
+    """A read of `paths` into `blocks` blocks (default one per file), files in a new random order each
+    epoch if `shuffle`: with a seed, an order drawn from (seed, epoch), the same in every run.
 
     The read is Ray Data's V1 Parquet reader, and Ray Data's per-operator resource allocator is off
     for these datasets: Ray core's CPU slots still bound the tasks, and the executor's output
@@ -73,20 +65,37 @@ def read_shards(paths: list[str], *, shuffle: bool, seed: int | None = None, col
         # Reseeded from (seed, execution index) every execution. The new dataset copies the driver's
         # DataContext, whose index stays 0: executions advance only their own dataset's copy.
         order = ray.data.FileShuffleConfig(seed=seed) if shuffle else None
-        return ray.data.read_parquet(paths, shuffle=order, override_num_blocks=max(1, len(paths))).select_columns(columns)
+        blocks = blocks or max(1, len(paths))
+        return ray.data.read_parquet(paths, shuffle=order, override_num_blocks=blocks).select_columns(columns)
     finally:
         context.use_datasource_v2, context.op_resource_reservation_enabled = saved
 
 
-def build_datasets(config: Config, manifest: Manifest) -> dict[str, ray.data.Dataset]:
-    """The train and val datasets of config.data.path, whose manifest is `manifest`."""
-    data = config.data
+def decoded_split(manifest: Manifest, split: str, size, cpus: int, *, shuffle: bool, seed: int | None = None) -> ray.data.Dataset:
+    """One split of the dataset, decoded and resized to `size` by every one of `cpus` CPUs."""
+    paths = manifest.shard_paths(split)
+    groups = manifest.metric_groups(split) if split == "val" else []  # val metrics per group
+    blocks = read_blocks(len(paths), manifest.count(split), cpus)
+    columns = COLUMNS + ["group"] * bool(groups)
+    return read_shards(paths, shuffle=shuffle, seed=seed, columns=columns, blocks=blocks).map_batches(
+        decode_block, fn_kwargs={"size": size, "groups": groups}, batch_size=None
+    )
+
+
+def build_datasets(config: Config, manifest: Manifest, *, cpus: int, cache: bool) -> dict[str, ray.data.Dataset]:
+    """The datasets of config.data.path, whose manifest is `manifest`, for a cluster of `cpus` CPUs.
+
+    cache: decode both splits once now, into the object store. Train's first epoch then reads them in
+    the order a streamed first epoch would (FIRST_EPOCH), and every later epoch in a new block order
+    drawn from (seed, epoch); without a cache, every epoch decodes its files again, in a new file order.
+    """
     seed = config.train.seed
-    train = read_shards(manifest.shard_paths("train"), shuffle=True, seed=seed).map_batches(
-        transform_block, fn_kwargs={"size": data.size, "augment": augment_of(config), "seed": seed}, batch_size=None
-    )
-    groups = manifest.metric_groups("val")  # val metrics per group: rows carry their group
-    val = read_shards(manifest.shard_paths("val"), shuffle=False, columns=COLUMNS + ["group"] * bool(groups)).map_batches(
-        transform_block, fn_kwargs={"size": data.size, "groups": groups}, batch_size=None
-    )
-    return {"train": train, "val": val}
+    train = decoded_split(manifest, "train", config.data.size, cpus, shuffle=True, seed=seed)
+    val = decoded_split(manifest, "val", config.data.size, cpus, shuffle=False)
+    if not cache:
+        return {"train": train, "val": val}
+    for split in (train, val):  # the cache keeps the blocks in the dataset's order, not their tasks' finishing order
+        split.context.execution_options.preserve_order = True
+    first = train.materialize()
+    later = first.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True))
+    return {FIRST_EPOCH: first, "train": later, "val": val.materialize()}

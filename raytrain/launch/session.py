@@ -10,6 +10,7 @@ import ray
 
 from raytrain.console import EPOCH_LINES, RAY_LOGS
 from raytrain.errors import RaytrainError
+from raytrain.preflight import local_object_store_bytes
 
 
 def ensure_ray(num_cpus: int | None = None, verbosity: int = EPOCH_LINES) -> None:
@@ -30,9 +31,14 @@ def ensure_ray(num_cpus: int | None = None, verbosity: int = EPOCH_LINES) -> Non
         # Ray starts its workers at nice 15, so on a busy machine training yields to every other
         # process; Ray's own job submission runs at 0 too. A RAY_worker_niceness the user set wins.
         RAY_worker_niceness=os.environ.get("RAY_worker_niceness", "0"),
+        # Ray Train's controller sees a worker's report, or its end, when it next polls: every 2 s by
+        # default, up to 4 s a trial; a poll every 0.5 s is one small remote call.
+        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"),
     ):
         # The dashboard stays on: its State API is how Ray Train frees the workers of stopped trials.
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), log_to_driver=log_to_driver)
+        # The object store's size stated, so that preflight's data.cache budget is the one Ray uses.
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), object_store_memory=local_object_store_bytes(),
+                 log_to_driver=log_to_driver)
 
 
 @contextlib.contextmanager

@@ -3,19 +3,22 @@ its part of the datasets that data.pipeline builds, checkpointing into the exper
 from __future__ import annotations
 
 import threading
+import time
 from typing import Callable
 
 import ray
 import ray.train
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from raytrain.config import Config
-from raytrain.console import EPOCH_LINES, QUIET, epoch_line
+from raytrain.console import EPOCH_LINES, QUIET
 from raytrain.data.manifest import Manifest
-from raytrain.data.pipeline import build_datasets
+from raytrain.data.pipeline import FIRST_EPOCH, build_datasets
 from raytrain.launch import tracking
+from raytrain.launch.controller import EpochLines, SplitData
 from raytrain.launch.session import ensure_ray, user_error_inside
+from raytrain.preflight import cache_decision, decoded_bytes, human_size
 from raytrain.training.loop import train_worker
 
 
@@ -25,55 +28,19 @@ TRAIN_RUN_NAME = "train"  # inside a trial directory: EXPERIMENT/<trial>/train/c
 TENSORBOARD_DIR = "tensorboard"  # inside a run directory, written by rank 0
 
 
-class SplitData(DataConfig):
-    """Train is split into equal parts (DDP needs the same number of steps on every worker);
-    val is split unevenly so that every val sample is evaluated exactly once per epoch.
-
-    Blocks keep the dataset's order (preserve_order), not the order their tasks finish in, and the
-    splitter then ignores locality and hands each block to the split with the fewest rows so far:
-    which worker sees which samples in which order is the same in every run with the same seed.
-    """
-
-    preserve_order = True  # no measurable cost: docs/decisions.md (benchmarks/order.py)
-
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        output = [{} for _ in range(world_size)]
-        for name, dataset in datasets.items():
-            dataset = dataset.copy(dataset)
-            options = self._resolve_execution_options(name)  # a copy: the driver's stay as they are
-            options.preserve_order = self.preserve_order
-            dataset.context.execution_options = options
-            for rank, split in enumerate(dataset.streaming_split(world_size, equal=(name == "train"))):
-                output[rank][name] = split
-        return output
-
-
-class _EpochLinesTrain(ray.train.UserCallback):
-    """Runs in Ray Train's controller actor, whose prints never reach the terminal: it sends its lines
-    through a Ray queue to a thread in the driver."""
-
-    def __init__(self, label: str, epochs: int):
-        from ray.util.queue import Queue
-
-        self.label, self.epochs = label, epochs
-        self.queue = Queue(actor_options={"num_cpus": 0})
-
-    def after_report(self, run_context, metrics, checkpoint):
-        self.queue.put(epoch_line(self.label, metrics[0], self.epochs))
-
-    def print_lines_until(self, done: threading.Event) -> threading.Thread:
-        from ray.util.queue import Empty
-
-        def pump():
-            while not done.is_set() or not self.queue.empty():
-                try:
-                    print(self.queue.get(timeout=0.5), flush=True)
-                except Empty:
-                    continue
-
-        thread = threading.Thread(target=pump, daemon=True)
-        thread.start()
-        return thread
+def cluster_datasets(config: Config, manifest: Manifest, verbosity: int = QUIET) -> dict[str, ray.data.Dataset]:
+    """config's datasets on the running cluster: decoded by all its CPUs, and cached when data.cache
+    and its object store allow (preflight.cache_decision; a note when auto streams instead)."""
+    resources = ray.cluster_resources()
+    cache, note = cache_decision(config, manifest, resources.get("object_store_memory"))
+    if note and verbosity >= EPOCH_LINES:
+        print(note, flush=True)
+    started = time.perf_counter()
+    datasets = build_datasets(config, manifest, cpus=int(resources.get("CPU", 1)), cache=cache)
+    if cache and verbosity >= EPOCH_LINES:
+        size = human_size(decoded_bytes(config, manifest))
+        print(f"data.cache: {size} decoded into Ray's object store in {time.perf_counter() - started:.1f} s", flush=True)
+    return datasets
 
 
 def make_trainer(
@@ -85,10 +52,13 @@ def make_trainer(
     train_fn: Callable[[dict], None] = train_worker,
     callbacks: list | None = None,
     initial_checkpoint: ray.train.Checkpoint | None = None,
+    datasets: dict[str, ray.data.Dataset] | None = None,
 ) -> TorchTrainer:
     """manifest: config.data.path's, read once on the driver; the workers get it with the config.
     initial_checkpoint: where a new run starts (PBT's copy of a better trial); a run restarted after
-    a failure carries on from its own latest checkpoint instead."""
+    a failure carries on from its own latest checkpoint instead.
+    datasets: cluster_datasets' (a search shares them between its trials); made here when None."""
+    datasets = datasets if datasets is not None else cluster_datasets(config, manifest)
     train = config.train
     resources = {"CPU": train.cpus_per_worker}
     if train.use_gpu:
@@ -100,6 +70,7 @@ def make_trainer(
             "manifest": manifest,
             "log_dir": f"{storage_path}/{name}/{TENSORBOARD_DIR}",
             "initial_checkpoint": initial_checkpoint,
+            "first_epoch_dataset": FIRST_EPOCH if FIRST_EPOCH in datasets else "train",
         },
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -113,7 +84,7 @@ def make_trainer(
             failure_config=FailureConfig(max_failures=train.max_failures),
             callbacks=callbacks,
         ),
-        datasets=build_datasets(config, manifest),
+        datasets=datasets,
         dataset_config=SplitData(),
     )
 
@@ -130,12 +101,14 @@ def run_training(config: Config, manifest: Manifest, experiment: str, *, num_cpu
     the cluster in RAY_ADDRESS or a local one of `num_cpus` logical CPUs."""
     ensure_ray(num_cpus, verbosity=verbosity)
     storage_path, name = storage_and_name(experiment)
-    lines = _EpochLinesTrain(config.name, config.train.epochs) if verbosity >= EPOCH_LINES else None
+    lines = EpochLines(config.name, config.train.epochs) if verbosity >= EPOCH_LINES else None
     done = threading.Event()
     printer = lines.print_lines_until(done) if lines else None
     try:
         callbacks = [*([lines] if lines else []), *tracking.train_callbacks(config, experiment)]
-        return make_trainer(config, manifest, storage_path=storage_path, name=name, callbacks=callbacks or None).fit()
+        datasets = cluster_datasets(config, manifest, verbosity)
+        return make_trainer(config, manifest, storage_path=storage_path, name=name, callbacks=callbacks or None,
+                            datasets=datasets).fit()
     except Exception as err:
         user_error = user_error_inside(err)
         if user_error is None:

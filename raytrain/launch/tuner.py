@@ -3,13 +3,11 @@ with the trial's sampled values, under ASHA, HyperBand, PBT or FIFO."""
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 
 import ray
 import ray.train
 import ray.tune
-from ray.train.torch import TorchTrainer
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from raytrain.config import Config
@@ -17,8 +15,9 @@ from raytrain.console import EPOCH_LINES, QUIET, RAY_LOGS, epoch_line
 from raytrain.data.manifest import Manifest, read_manifest
 from raytrain.errors import RaytrainError
 from raytrain.launch import tracking
+from raytrain.launch.controller import RelayToTune
 from raytrain.launch.session import ensure_ray, environment, user_error_inside
-from raytrain.launch.trainer import TRAIN_RUN_NAME, make_trainer, storage_and_name
+from raytrain.launch.trainer import TRAIN_RUN_NAME, cluster_datasets, make_trainer, storage_and_name
 from raytrain.preflight import TRIAL_DRIVER_CPUS
 
 
@@ -46,50 +45,14 @@ class _EpochLinesTune(ray.tune.Callback):
         print(f"trial {trial.trial_id}  failed", flush=True)
 
 
-class _RelayToTune(ray.train.UserCallback):
-    """Runs in Ray Train's controller: hands each epoch's metrics, and on PBT's epochs the checkpoint,
-    to the trial function, which reports them to Tune. (Ray's TuneReportCallback relays metrics only,
-    and PBT clones trials by their Tune checkpoints: docs/decisions.md.)"""
-
-    def __init__(self, checkpoint_every: int | None, epochs: int):
-        from ray.util.queue import Queue
-
-        self.checkpoint_every, self.epochs = checkpoint_every, epochs
-        # One item at a time: Train waits for Tune's decision (stop, pause) before its next epoch.
-        self.queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
-
-    def after_report(self, run_context, metrics, checkpoint):
-        epoch = metrics[0]["epoch"]
-        # PBT's epochs, except the last, where _PopulationBasedTraining leaves trials alone.
-        relay = checkpoint is not None and self.checkpoint_every and epoch % self.checkpoint_every == 0 and epoch < self.epochs
-        self.queue.put((metrics[0], checkpoint if relay else None))
-
-    def fit_and_report(self, trainer: TorchTrainer) -> None:
-        """trainer.fit() in a thread while this one reports to Tune; Tune ends the trial by raising
-        in ray.tune.report, and the Train run, owned by this trial's actor, ends with it."""
-        failure = []
-
-        def fit():
-            try:
-                trainer.fit()
-            except BaseException as err:  # re-raised below, in Tune's thread
-                failure.append(err)
-            finally:
-                self.queue.put(None)
-
-        thread = threading.Thread(target=fit, daemon=True)
-        thread.start()
-        while (item := self.queue.get()) is not None:
-            metrics, checkpoint = item
-            ray.tune.report(metrics, checkpoint=checkpoint)
-        thread.join()
-        if failure:
-            raise failure[0]
+# Searched keys that change what a trial's datasets hold: such a search cannot share one set.
+DATASET_KEYS = ("data.path", "data.size", "data.cache")
 
 
-def _run_trial(params: dict, base: dict, manifest: Manifest, experiment: str) -> None:
+def _run_trial(params: dict, base: dict, manifest: Manifest, experiment: str, datasets: dict | None) -> None:
     """One Tune trial: the base config with this trial's sampled values, trained by Ray Train. The
-    base's manifest serves every trial but one that searches data.path itself."""
+    base's manifest serves every trial but one that searches data.path itself; `datasets`, decoded
+    (and cached) once by the driver, every trial of a search whose space leaves them alone."""
     config = Config.model_validate(base).with_overrides(params.get("search", {}))
     if config.data.path != manifest.location:
         manifest = read_manifest(config.data.path)
@@ -99,8 +62,9 @@ def _run_trial(params: dict, base: dict, manifest: Manifest, experiment: str) ->
     # own last checkpoint (right when the same start is retried, wrong for a new one).
     name = TRAIN_RUN_NAME if start is None else f"{TRAIN_RUN_NAME}_from_{Path(start.path).parent.name}_{Path(start.path).name}"
     scheduler = config.search.scheduler
-    relay = _RelayToTune(scheduler.perturbation_interval if scheduler.name == "pbt" else None, config.train.epochs)
-    relay.fit_and_report(make_trainer(config, manifest, storage_path=trial_path, name=name, callbacks=[relay], initial_checkpoint=start))
+    relay = RelayToTune(scheduler.perturbation_interval if scheduler.name == "pbt" else None, config.train.epochs)
+    relay.fit_and_report(make_trainer(config, manifest, storage_path=trial_path, name=name, callbacks=[relay],
+                                      initial_checkpoint=start, datasets=datasets))
 
 
 def _trial_dirname(trial_id: str) -> str:
@@ -186,8 +150,10 @@ def run_search(config: Config, manifest: Manifest, experiment: str, *, resume: b
     on the cluster in RAY_ADDRESS or a local one of `num_cpus` logical CPUs. Raises the first
     trial's error when every trial failed."""
     ensure_ray(num_cpus, verbosity=verbosity)
+    shared = not any(key in config.search.space for key in DATASET_KEYS)
     trainable = ray.tune.with_parameters(_run_trial, base=config.model_dump(mode="json"), manifest=manifest,
-                                         experiment=experiment)
+                                         experiment=experiment,
+                                         datasets=cluster_datasets(config, manifest, verbosity) if shared else None)
     trainable = ray.tune.with_resources(trainable, {"CPU": TRIAL_DRIVER_CPUS})
     if resume:
         tuner = ray.tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)

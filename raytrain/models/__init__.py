@@ -7,7 +7,7 @@ over the channels otherwise).
 Names: ``simple`` and ``unet`` (the lab's models, lab.py) and ``smp:<Arch>`` for the architectures of
 segmentation-models-pytorch (smp_adapter.py). ``depth`` is a knob of every model; ``allowed_depths(name)``
 tells its range. registry.py holds the names; pruning.py keeps every model trainable under DDP;
-``to_model_input`` (inputs.py) is how uint8 images become what every model takes.
+``to_model_input`` (inputs.py) is how uint8 images become what every model takes; ``normalise`` its last step, which training takes after its device-side augmentation.
 """
 from raytrain.models.registry import (
     allowed_depths,
@@ -18,7 +18,7 @@ from raytrain.models.registry import (
     to_probabilities,
 )
 
-from raytrain.models.inputs import to_model_input
+from raytrain.models.inputs import normalise, to_model_input
 
 # Importing these also registers their names ("simple", "unet", "smp:<Arch>").
 from raytrain.models.lab import SimpleNet, UNet
@@ -33,6 +33,7 @@ __all__ = [
     "create_model",
     "list_models",
     "register",
+    "normalise",
     "to_model_input",
     "to_probabilities",
 ]

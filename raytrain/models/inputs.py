@@ -1,5 +1,6 @@
-"""What every model takes: uint8 RGB images, scaled and normalised on their device. Training,
-predict and every exported file go through `to_model_input`, so they see the same numbers.
+"""What every model takes: uint8 RGB images, scaled and normalised on their device. Predict and
+every exported file go through `to_model_input`, training through `normalise` after its device-side
+augmentation, so all of them see the same numbers.
 """
 from __future__ import annotations
 
@@ -20,7 +21,12 @@ def to_model_input(images, device=None, size: tuple[int, int] | None = None):
     images = images.permute(0, 3, 1, 2).float()
     if size is not None:
         images = F.interpolate(images, size=(size[1], size[0]), mode="bilinear", align_corners=False, antialias=True)
-    images = images.div_(255)
+    return normalise(images)
+
+
+def normalise(images):
+    """float (N, 3, H, W) in [0, 255] -> the model's input: scaled to [0, 1], then ImageNet-normalised."""
+    images = images / 255
     mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
     return (images - mean) / std

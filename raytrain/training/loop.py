@@ -24,7 +24,8 @@ from raytrain.config import Config
 from raytrain.errors import RaytrainError
 from raytrain.losses import create_loss
 from raytrain.metrics import SegmentationMetrics
-from raytrain.models import create_model, to_model_input, to_probabilities
+from raytrain.models import create_model, normalise, to_probabilities
+from raytrain.training.augment import Augment, augment_batch, augment_of, batch_params
 
 if TYPE_CHECKING:
     from raytrain.viz import TensorBoardLogger
@@ -38,14 +39,21 @@ class NonFiniteLoss(RaytrainError):
 
 
 class ToTensors(NumpyBatchCollateFn):
-    """Ray Data batch -> tensors, with each image's group index where the val rows carry one; the
-    string ids stay behind (they only serve data tests and logs)."""
+    """Ray Data batch -> tensors, with each image's group index where the val rows carry one, and,
+    for training, each sample's augmentation parameters ("augment", drawn from (seed, epoch, its id)
+    on the host, where it costs microseconds). The string ids stay behind."""
+
+    def __init__(self, augment: Augment | None = None, size: tuple[int, int] | None = None, *,
+                 seed: int | None = None, epoch: int = 0):
+        super().__init__()
+        self.augment, self.size, self.seed, self.epoch = augment, size, seed, epoch
 
     def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
-        return {name: torch.from_numpy(batch[name]) for name in ("image", "mask", "group") if name in batch}
-
-
-to_tensors = ToTensors()
+        tensors = {name: torch.from_numpy(batch[name]) for name in ("image", "mask", "group") if name in batch}
+        if self.augment is not None:
+            params = batch_params(self.augment, self.size, batch["id"], seed=self.seed, epoch=self.epoch)
+            tensors["augment"] = torch.from_numpy(params)
+        return tensors
 
 
 # ---------------------------------------------------------------- the worker: what Ray Train runs
@@ -67,6 +75,7 @@ class Worker:
     channels_last: bool
     start_epoch: int
     train_shard: ray.data.DataIterator
+    first_epoch_shard: ray.data.DataIterator  # train_shard itself, or the cached split in its streamed order
     val_shard: ray.data.DataIterator
     metrics: SegmentationMetrics
     early_stopping: EarlyStopping
@@ -77,7 +86,7 @@ class Worker:
 def train_worker(loop_config: dict) -> None:
     """loop_config: {"config": the resolved Config as a dict, "manifest": its dataset's Manifest,
     "log_dir": where rank 0 writes TensorBoard, "initial_checkpoint": a ray.train.Checkpoint to start
-    from, or None}."""
+    from, or None, "first_epoch_dataset": the dataset of epoch 0 (launch.trainer.make_trainer)}."""
     worker = setup(loop_config)
     for epoch in range(worker.start_epoch, worker.config.train.epochs):
         report, samples = run_epoch(worker, epoch)
@@ -110,7 +119,9 @@ def setup(loop_config: dict) -> Worker:
         config=config, device=device, model=model, eval_model=eval_model, loss_fn=loss_fn,
         optimizer=optimizer, scheduler=scheduler, scaler=grad_scaler(device, amp_dtype),
         amp_dtype=amp_dtype, channels_last=channels_last, start_epoch=start_epoch,
-        train_shard=ray.train.get_dataset_shard("train"), val_shard=ray.train.get_dataset_shard("val"),
+        train_shard=ray.train.get_dataset_shard("train"),
+        first_epoch_shard=ray.train.get_dataset_shard(loop_config.get("first_epoch_dataset", "train")),
+        val_shard=ray.train.get_dataset_shard("val"),
         metrics=SegmentationMetrics(config.num_classes, class_names=config.classes, from_logits=True,
                                     groups=manifest.metric_groups("val")),
         early_stopping=EarlyStopping.for_config(config),
@@ -156,14 +167,17 @@ def open_logger(log_dir: str | None, config: Config) -> TensorBoardLogger | None
 def run_epoch(worker: Worker, epoch: int) -> tuple[dict, dict | None]:
     """Train, then evaluate; returns the epoch's report, summed over workers, and rank 0's overlay samples."""
     started = time.perf_counter()
+    batches = FirstBatchClock(train_batches(worker, epoch))
     train_loss, train_seen = train_one_epoch(
-        worker.model, train_batches(worker, epoch), worker.loss_fn, worker.optimizer, worker.device, epoch,
+        worker.model, batches, worker.loss_fn, worker.optimizer, worker.device, epoch,
         scheduler=worker.scheduler, scaler=worker.scaler, amp_dtype=worker.amp_dtype,
         grad_clip=worker.config.train.grad_clip, channels_last=worker.channels_last,
     )
     train_seconds = time.perf_counter() - started
     worker.metrics.reset()
-    val_batches = worker.val_shard.iter_torch_batches(batch_size=worker.config.train.batch_size, collate_fn=to_tensors)
+    val_batches = worker.val_shard.iter_torch_batches(
+        batch_size=worker.config.train.batch_size, collate_fn=ToTensors(), **host_batches(worker.device)
+    )
     val_loss, val_seen, samples = evaluate(
         worker.eval_model, val_batches, worker.loss_fn, worker.metrics, worker.device, amp_dtype=worker.amp_dtype,
         channels_last=worker.channels_last, keep=OVERLAY_SAMPLES if worker.logger else 0,
@@ -178,18 +192,28 @@ def run_epoch(worker: Worker, epoch: int) -> tuple[dict, dict | None]:
         val_loss=val_loss / max(val_seen, 1),
         lr=worker.optimizer.param_groups[0]["lr"],
         images_per_s=train_seen / train_seconds,
+        first_batch_s=batches.first_batch_s,  # the epoch's fixed cost: its Ray Data execution's start
         epoch_s=time.perf_counter() - started,
     )
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in report.items()}, samples
 
 
 def train_batches(worker: Worker, epoch: int):
-    shuffle_buffer, seed = worker.config.data.shuffle_buffer, worker.config.train.seed
-    return worker.train_shard.iter_torch_batches(
-        batch_size=worker.config.train.batch_size, collate_fn=to_tensors, prefetch_batches=2,
-        local_shuffle_buffer_size=shuffle_buffer or None,
-        local_shuffle_seed=(seed * 10_007 + epoch) if shuffle_buffer else None,  # a new, seeded order each epoch
+    data, seed = worker.config.data, worker.config.train.seed
+    shard = worker.first_epoch_shard if epoch == 0 else worker.train_shard
+    return shard.iter_torch_batches(
+        batch_size=worker.config.train.batch_size, prefetch_batches=2,
+        collate_fn=ToTensors(augment_of(data), data.size, seed=seed, epoch=epoch),
+        local_shuffle_buffer_size=data.shuffle_buffer or None,
+        local_shuffle_seed=(seed * 10_007 + epoch) if data.shuffle_buffer else None,  # a new, seeded order each epoch
+        **host_batches(worker.device),
     )
+
+
+def host_batches(device: torch.device) -> dict:
+    """Batches stay on the host, pinned for a GPU, and each step copies them without waiting
+    (forward's non_blocking), so the copy overlaps the work already queued on the device."""
+    return {"device": "cpu", "pin_memory": device.type == "cuda"}
 
 
 def report_and_checkpoint(worker: Worker, epoch: int, report: dict, samples: dict | None) -> None:
@@ -218,8 +242,9 @@ def grad_scaler(device: torch.device, amp_dtype: torch.dtype | None) -> torch.am
 
 
 def forward(model, loss_fn, batch: dict, device, precision, channels_last: bool):
-    """The batch to the device, then the model and loss under `precision`: (logits, masks, loss)."""
-    images, masks = model_input(batch["image"], device, channels_last), batch["mask"].to(device).long()
+    """The batch to the device, augmented there when it carries parameters ("augment"), then the
+    model and loss under `precision`: (logits, masks, loss)."""
+    images, masks = model_input(batch, device, channels_last)
     with precision:
         logits = model(images)
         loss = loss_fn(logits, masks)
@@ -373,9 +398,31 @@ def sum_over_workers(*values: float, device) -> list[float]:
     return tensor.tolist()
 
 
-def model_input(images: torch.Tensor, device, channels_last: bool) -> torch.Tensor:
-    images = to_model_input(images, device)
-    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+def model_input(batch: dict, device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normalised float images, long masks) on `device`, augmented when the batch says how."""
+    images = batch["image"].to(device, non_blocking=True)
+    masks = batch["mask"].to(device, non_blocking=True)
+    if "augment" in batch:
+        images, masks = augment_batch(images, masks, batch["augment"])
+    else:
+        images = images.permute(0, 3, 1, 2).float()
+    images = normalise(images)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return images.contiguous(memory_format=memory_format), masks.long()
+
+
+class FirstBatchClock:
+    """Iterates `batches`, timing how long the first one took to arrive (seconds, None until then)."""
+
+    def __init__(self, batches):
+        self.batches, self.first_batch_s = batches, None
+
+    def __iter__(self):
+        started = time.perf_counter()
+        for batch in self.batches:
+            if self.first_batch_s is None:
+                self.first_batch_s = time.perf_counter() - started
+            yield batch
 
 
 class EarlyStopping:

@@ -1,0 +1,103 @@
+"""Ray Data's decode on a real local cluster: every CPU decodes whatever the file count, and the
+decoded cache hands the first epoch the same batches as streaming does, then decodes nothing more."""
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from raytrain.data.manifest import read_manifest
+from raytrain.data.pipeline import FIRST_EPOCH, build_datasets, decoded_split
+from raytrain.data.shards import write_shards
+from raytrain.data.synthetic import write_synthetic_kitti
+from tests.helpers import tiny_config
+
+KITTI_SIZE = (1248, 384)
+DECODE_TASK = "MapBatches(decode_block)"  # the decode map, apart from the read when a file is split
+
+
+def decode_tasks(seen: set, expected: int, timeout_s: float = 20):
+    """The decode tasks not in `seen` once `expected` of them have finished (task events reach the
+    State API a second or so late)."""
+    from ray.util.state import list_tasks
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        tasks = [t for t in list_tasks(filters=[("name", "=", DECODE_TASK)], detail=True, limit=10_000)
+                 if t.task_id not in seen and t.state == "FINISHED" and t.end_time_ms]
+        if len(tasks) >= expected or time.monotonic() > deadline:
+            seen.update(t.task_id for t in tasks)
+            return tasks
+
+
+@pytest.fixture(scope="module")
+def one_file_split(tmp_path_factory):
+    """64 scenes at KITTI size whose train split is one Parquet file: decoding a block takes long
+    enough (about a second) for a second task to start beside it."""
+    root = tmp_path_factory.mktemp("one_file")
+    raw = write_synthetic_kitti(root / "kitti", 64, seed=2, size=KITTI_SIZE)
+    write_shards(raw, "kitti", root / "shards", val_fraction=0.2, rows_per_shard=64)
+    manifest = read_manifest(root / "shards")
+    assert len(manifest.shard_paths("train")) == 1
+    return manifest
+
+
+def test_a_split_of_one_file_is_decoded_by_two_cpus_at_once(ray_cluster, one_file_split):
+    seen: set = set()
+    overlapping = False
+    for attempt in range(3):  # the first pass may wait for a second worker process to start
+        dataset = decoded_split(one_file_split, "train", KITTI_SIZE, cpus=2, shuffle=True, seed=0)
+        assert sum(len(batch["id"]) for batch in dataset.iter_batches(batch_size=8)) == one_file_split.count("train")
+        tasks = sorted(decode_tasks(seen, expected=2), key=lambda t: t.start_time_ms)
+        assert len(tasks) == 2, [t.name for t in tasks]  # the one file, split in two blocks
+        first, second = tasks
+        if second.start_time_ms < first.end_time_ms and first.worker_pid != second.worker_pid:
+            overlapping = True
+            break
+    assert overlapping, "the two decode tasks of the one file never ran at the same time"
+
+
+def batches_of_each_rank(dataset, world_size: int = 2) -> list[list[tuple]]:
+    """Each rank's (id, image bytes, mask bytes) in order, through the controller's SplitData, all
+    ranks read at once as DDP workers read them."""
+    from raytrain.launch.controller import SplitData
+
+    splits = SplitData().configure({"train": dataset}, world_size, None, None)
+    out: list[list[tuple]] = [[] for _ in range(world_size)]
+
+    def read(rank):
+        for batch in splits[rank]["train"].iter_batches(batch_size=4):
+            out[rank] += [(i, img.tobytes(), m.tobytes()) for i, img, m in zip(batch["id"], batch["image"], batch["mask"])]
+
+    threads = [threading.Thread(target=read, args=(rank,)) for rank in range(world_size)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    return out
+
+
+def test_the_first_epochs_batches_are_the_same_with_the_cache_on_and_off(ray_cluster, tiny_shards, tmp_path):
+    config = tiny_config(tiny_shards, tmp_path, **{"train.seed": 3})
+    manifest = read_manifest(tiny_shards)
+    streamed = build_datasets(config, manifest, cpus=4, cache=False)
+    cached = build_datasets(config, manifest, cpus=4, cache=True)
+    assert set(cached) == {FIRST_EPOCH, "train", "val"} and set(streamed) == {"train", "val"}
+    first = batches_of_each_rank(streamed["train"])
+    assert batches_of_each_rank(cached[FIRST_EPOCH]) == first
+    assert all(first) and len({row[0] for rank in first for row in rank}) == manifest.count("train")
+    # Later epochs: the same rows in a new order (the cache's block order, drawn per epoch).
+    later = batches_of_each_rank(cached["train"])
+    assert sorted(row for rank in later for row in rank) == sorted(row for rank in first for row in rank)
+    assert later != first
+
+
+def test_cached_epochs_decode_nothing(ray_cluster, one_file_split, tmp_path):
+    seen: set = set()
+    config = tiny_config(one_file_split.location, tmp_path, **{"data.size": list(KITTI_SIZE), "train.seed": 0})
+    datasets = build_datasets(config, one_file_split, cpus=2, cache=True)
+    assert len(decode_tasks(seen, expected=3)) >= 3  # train's two blocks and val's decoded once, now
+    for _ in range(2):
+        images = [batch["image"] for batch in datasets["train"].iter_batches(batch_size=8)]
+        assert sum(len(b) for b in images) == one_file_split.count("train") and images[0].dtype == np.uint8
+    assert decode_tasks(seen, expected=1, timeout_s=3) == []

@@ -1,10 +1,8 @@
 """Shards of every format -> the Ray Data pipeline -> the batches the training loop reads."""
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 
 from raytrain.data.formats import IGNORE_INDEX
-from raytrain.data.pipeline import build_datasets, execution_index, read_shards
+from raytrain.data.pipeline import FIRST_EPOCH, build_datasets, read_shards
 from raytrain.data.manifest import read_manifest
 from raytrain.data.shards import write_shards
 from tests.helpers import tiny_config
@@ -20,9 +18,11 @@ def _ids(shards, split):
 def _check_streams(shards, tmp_path, classes, size=(16, 8)):
     """Both splits deliver every sample once as uint8 NHWC images and uint8 NHW masks of known labels."""
     config = tiny_config(shards, tmp_path / "results", **{"data.size": list(size), "classes": classes})
-    datasets = build_datasets(config, read_manifest(config.data.path))
+    manifest = read_manifest(config.data.path)
+    streamed, cached = (build_datasets(config, manifest, cpus=4, cache=cache) for cache in (False, True))
     labels = set(range(max(2, len(classes)))) | {IGNORE_INDEX}
-    for split, dataset in datasets.items():
+    for split, dataset in [*streamed.items(), *cached.items()]:
+        split = "train" if split == FIRST_EPOCH else split
         ids = []
         for batch in dataset.iter_batches(batch_size=3):
             assert set(batch) == {"id", "image", "mask"}
@@ -78,16 +78,19 @@ def test_every_shard_file_is_its_own_read_task(ray_cluster, tiny_shards):
 
 def test_datasets_run_without_the_op_resource_allocator(ray_cluster, tiny_shards, tmp_path):
     """Its CPU budget comes a second into each epoch; until then it ran one task (see read_shards)."""
-    datasets = build_datasets(tiny_config(tiny_shards, tmp_path), read_manifest(tiny_shards))
+    datasets = build_datasets(tiny_config(tiny_shards, tmp_path), read_manifest(tiny_shards), cpus=4, cache=False)
     assert not any(dataset.context.op_resource_reservation_enabled for dataset in datasets.values())
     assert ray_cluster.data.DataContext.get_current().op_resource_reservation_enabled  # left as it was
 
 
 def test_decoding_runs_inside_the_read_tasks(ray_cluster, tiny_shards, tmp_path):
-    """Read and transform fuse into one task per file: no extra object-store trip per block."""
-    train = build_datasets(tiny_config(tiny_shards, tmp_path), read_manifest(tiny_shards))["train"]
+    """With at least a file per CPU, read and decode fuse into one task per file: no extra
+    object-store trip per block. (Fewer files than CPUs: tests/e2e/test_decode_and_cache.py.)"""
+    manifest = read_manifest(tiny_shards)
+    assert len(manifest.shard_paths("train")) >= 4
+    train = build_datasets(tiny_config(tiny_shards, tmp_path), manifest, cpus=4, cache=False)["train"]
     assert sum(len(batch["id"]) for batch in train.iter_batches(batch_size=4)) == len(_ids(tiny_shards, "train"))
-    assert "ReadParquet->MapBatches(transform_block)" in train.stats()
+    assert "ReadParquet->MapBatches(decode_block)" in train.stats()
 
 
 def _ordered_ids(dataset, epochs=2):
@@ -103,25 +106,3 @@ def test_seeded_file_order_changes_every_epoch_and_repeats_across_datasets(ray_c
     assert first == again
     assert first[0] != first[1]
     assert first != other
-
-
-def test_tasks_see_each_execution_of_a_new_dataset_as_epoch_0_1(ray_cluster, tiny_shards):
-    """execution_index reads a private Ray counter: pin its behaviour, in the driver and behind the
-    streaming_split coordinator that Ray Train uses, for a dataset made after others were run."""
-    paths = read_manifest(tiny_shards).shard_paths("train")
-
-    def tagged():
-        def tag(block):
-            return {"id": block["id"], "epoch": np.full(len(block["id"]), execution_index())}
-
-        return read_shards(paths, shuffle=True, seed=0).map_batches(tag, batch_size=None)
-
-    def epochs_seen(iterator):
-        return [{int(e) for batch in iterator.iter_batches(batch_size=None) for e in batch["epoch"]} for _ in range(2)]
-
-    assert epochs_seen(tagged()) == [{0}, {1}]
-    assert epochs_seen(tagged()) == [{0}, {1}]  # the earlier executions did not leak into this one
-    splits = tagged().streaming_split(2, equal=True)
-    with ThreadPoolExecutor(2) as pool:  # each epoch starts when every split asks for it
-        per_split = list(pool.map(epochs_seen, splits))
-    assert per_split == [[{0}, {1}]] * 2

@@ -82,3 +82,64 @@ def test_the_plan_of_a_train_run(tiny_shards, tmp_path):
     assert lines["data"] == {"path": str(tiny_shards), "train": manifest.count("train"), "val": manifest.count("val"),
                              "size": "64x32", "classes": ["road"]}
     assert plan(config, "train", local_cpus=None)["cluster"] == "the running cluster"
+
+
+# ---------------------------------------------------------------- the decoded cache's budget
+
+
+def cache_config(shards, tmp_path, mode, size=(64, 32)):
+    return tiny_config(shards, tmp_path, **{"data.cache": mode, "data.size": list(size)})
+
+
+def test_decoded_bytes_are_both_splits_at_the_training_size(tiny_shards, tmp_path):
+    from raytrain.data.manifest import read_manifest
+    from raytrain.preflight import decoded_bytes
+
+    manifest = read_manifest(tiny_shards)
+    images = manifest.count("train") + manifest.count("val")
+    assert decoded_bytes(cache_config(tiny_shards, tmp_path, "auto", (64, 32)), manifest) == images * 64 * 32 * 4
+
+
+@pytest.mark.parametrize("mode, store, expected", [
+    ("off", 10**12, (False, None)),
+    ("auto", 10**12, (True, None)),
+    ("memory", 10**12, (True, None)),
+    ("auto", None, (True, None)),  # a cluster not joined yet: decided again once joined
+])
+def test_cache_decision_when_the_splits_fit(tiny_shards, tmp_path, mode, store, expected):
+    from raytrain.data.manifest import read_manifest
+    from raytrain.preflight import cache_decision
+
+    assert cache_decision(cache_config(tiny_shards, tmp_path, mode), read_manifest(tiny_shards), store) == expected
+
+
+def test_cache_auto_streams_with_a_note_and_memory_refuses_when_over_the_budget(tiny_shards, tmp_path):
+    from raytrain.data.manifest import read_manifest
+    from raytrain.errors import ConfigError
+    from raytrain.preflight import CACHE_SHARE, cache_decision, decoded_bytes
+
+    manifest = read_manifest(tiny_shards)
+    config = cache_config(tiny_shards, tmp_path, "auto")
+    store = decoded_bytes(config, manifest) / CACHE_SHARE - 1  # one byte short of fitting
+    on, note = cache_decision(config, manifest, store)
+    assert not on and "data.cache auto" in note and "streaming" in note and "over the budget" in note
+    assert cache_decision(config, manifest, store + 1) == (True, None)
+    with pytest.raises(ConfigError, match="data.cache memory.*over the budget"):
+        cache_decision(cache_config(tiny_shards, tmp_path, "memory"), manifest, store)
+
+
+def test_the_plan_says_whether_the_cache_is_on_and_its_size(tiny_shards, tmp_path):
+    from raytrain.preflight import plan
+
+    assert plan(cache_config(tiny_shards, tmp_path, "auto"), "train", 4)["cache"] == "on: 0.2 MiB decoded, kept in the object store"
+    assert plan(cache_config(tiny_shards, tmp_path, "off"), "train", 4)["cache"] == "off: 0.2 MiB decoded every epoch"
+    assert "decided against the running cluster" in plan(cache_config(tiny_shards, tmp_path, "auto"), "train", None)["cache"]
+
+
+def test_local_object_store_is_ray_s_default_share_of_the_available_memory():
+    import os
+
+    from raytrain.preflight import local_object_store_bytes
+
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    assert 0 < local_object_store_bytes() <= 0.3 * available * 1.05  # memory moves between the two reads

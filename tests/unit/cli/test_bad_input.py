@@ -181,6 +181,11 @@ CASES = [
     pytest.param(
         ["train", C, "--num-cpus", "2"], lambda t: config(t), ["train.num_workers=2", "needs 3 CPUs", "--num-cpus"], id="workers-do-not-fit",
     ),
+    pytest.param(["train", C], lambda t: config(t, "d", **{"data.cache": "ram"}), ["{tmp}/c.yaml", "data.cache", "'auto', 'off' or 'memory'"], id="config-cache-unknown"),
+    pytest.param(
+        [*TRAIN, "--set", "data.cache=memory", "--set", "data.size=30000x30000"], lambda t: config(t),
+        ["data.cache memory", "{tmp}/shards", "GiB decoded, over the budget", "object store", "data.cache=auto"], id="cache-memory-over-budget",
+    ),
     pytest.param(
         [*TRAIN, "--set", "train.use_gpu=true"], lambda t: config(t), ["train.use_gpu", "needs 2 GPUs", "has 0", "RAY_ADDRESS"],
         id="gpus-asked-none-here", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU"),

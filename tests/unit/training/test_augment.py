@@ -12,6 +12,8 @@ from raytrain.training.augment import (
 )
 
 H, W = 24, 40
+COLUMNS = {"zoom": ZOOM, "top": TOP, "left": LEFT, "flip": FLIP, "brightness": BRIGHTNESS, "contrast": CONTRAST,
+           "saturation": SATURATION, "blur_sigma": BLUR_SIGMA, "noise_std": NOISE_STD, "noise_seed": NOISE_SEED}
 
 
 def batch(n=3, seed=0):
@@ -26,7 +28,7 @@ def params(n=3, **columns):
     table = np.zeros((n, PARAMS))
     table[:, [ZOOM, BRIGHTNESS, CONTRAST, SATURATION]] = 1.0
     for column, value in columns.items():
-        table[:, globals()[column.upper()]] = value
+        table[:, COLUMNS[column]] = value
     return torch.from_numpy(table)
 
 
@@ -186,3 +188,46 @@ def test_warped_output_is_channels_last_for_the_model():
     images, masks = batch()
     out, _ = augment_batch(images, masks, params(flip=1))
     assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
+
+
+def block_pattern(seed, width=80, height=40, block=16):
+    """Random class blocks (asymmetric, so a flip shows), a band of IGNORE_INDEX, and an image that
+    encodes each pixel's class: red 1, green 0, blue unknown."""
+    rng = np.random.default_rng(seed)
+    mask = np.kron(rng.integers(0, 2, (height // 8, width // 16 + 1)), np.ones((8, block)))[:height, :width].astype(np.uint8)
+    mask[:, -block:] = IGNORE_INDEX
+    colours = np.zeros((256, 3), np.uint8)
+    colours[0], colours[1], colours[IGNORE_INDEX] = (20, 230, 20), (230, 20, 20), (20, 20, 230)
+    return colours[mask], mask
+
+
+def test_flip_zoom_crop_and_jitter_keep_every_pixel_aligned():
+    """The image's colour says each pixel's class; after the augmentation the mask must agree with
+    it everywhere but where bilinear blends two labels (within 2 pixels of a label border)."""
+    augment = Augment(hflip=0.5, scale=(0.7, 1.5), color_jitter=0.3)
+    pairs = [block_pattern(seed) for seed in range(40)]
+    images = torch.from_numpy(np.stack([image for image, _ in pairs]))
+    masks = torch.from_numpy(np.stack([mask for _, mask in pairs]))
+    table = torch.from_numpy(batch_params(augment, (80, 40), [f"s{i}" for i in range(40)], seed=1, epoch=0))
+    out_images, out_masks = augment_batch(images, masks, table)
+    changed, checked = 0, []
+    for i in range(40):
+        out_image, out_mask = as_hwc(out_images)[i], out_masks[i].numpy()
+        changed += not np.array_equal(out_mask, masks[i].numpy())
+        r, g, b = (out_image[..., c] for c in range(3))
+        image_class = np.select([(r - g > 60) & (r - b > 60), (g - r > 60) & (g - b > 60), (b - r > 60) & (b - g > 60)],
+                                [1, 0, IGNORE_INDEX], -1)
+        decided = image_class >= 0
+        padded_mask = np.pad(out_mask, 2, mode="edge")
+        border = np.zeros(out_mask.shape, bool)
+        for dy in range(5):
+            for dx in range(5):
+                border |= padded_mask[dy : dy + 40, dx : dx + 80] != out_mask
+        border[:2] = border[-2:] = border[:, :2] = border[:, -2:] = True  # labels beyond the crop are unseen
+        inside = decided & ~border
+        checked.append(inside.mean())
+        assert np.array_equal(out_mask[inside], image_class[inside].astype(np.uint8)), i
+        padding = (out_image.max(axis=2) < 60) & (out_mask == IGNORE_INDEX)  # a zoom-out's padding
+        assert np.all(decided | border | padding), i
+    assert changed >= 30
+    assert np.mean(checked) > 0.4  # most pixels are checked: the test has teeth

@@ -177,3 +177,50 @@ def test_early_stopping_waits_for_patience_epochs_without_improvement():
     minimise = EarlyStopping("val_loss", "min", patience=1)
     assert [minimise.should_stop({"val_loss": v}) for v in (1.0, 0.5, 0.6)] == [False, False, True]
 
+
+
+def test_training_batches_carry_each_samples_augmentation_drawn_from_seed_epoch_and_id():
+    import numpy as np
+
+    from raytrain.training.augment import Augment, batch_params
+    from raytrain.training.loop import ToTensors
+
+    batch = {"id": np.array(["b", "a"]), "image": np.zeros((2, 8, 16, 3), np.uint8), "mask": np.zeros((2, 8, 16), np.uint8)}
+    augment = Augment(blur=0.5, noise=0.1)
+    tensors = ToTensors(augment, (16, 8), seed=3, epoch=2)(batch)
+    assert set(tensors) == {"image", "mask", "augment"}
+    assert np.array_equal(tensors["augment"].numpy(), batch_params(augment, (16, 8), ["b", "a"], seed=3, epoch=2))
+    assert set(ToTensors()(batch)) == {"image", "mask"}  # validation: no augmentation
+
+
+def test_model_input_is_augmented_on_the_device_when_the_batch_says_how():
+    import numpy as np
+
+    from raytrain.models import to_model_input
+    from raytrain.training.augment import Augment
+    from raytrain.training.loop import ToTensors, model_input
+
+    rng = np.random.default_rng(0)
+    batch = {"id": np.array(["a", "b"]), "image": rng.integers(0, 256, (2, 8, 16, 3), dtype=np.uint8),
+             "mask": rng.integers(0, 2, (2, 8, 16), dtype=np.uint8)}
+    plain_images, plain_masks = model_input(ToTensors()(batch), "cpu", channels_last=False)
+    assert torch.allclose(plain_images, to_model_input(torch.from_numpy(batch["image"])))
+    assert plain_masks.dtype == torch.long
+    flipped = ToTensors(Augment(hflip=1.0, scale=(1.0, 1.0), color_jitter=0.0), (16, 8), seed=0)(batch)
+    images, masks = model_input(flipped, "cpu", channels_last=True)
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(images, plain_images.flip(-1), atol=1e-5) and torch.equal(masks, plain_masks.flip(-1))
+
+
+def test_first_batch_clock_times_the_first_batch_only():
+    import time
+
+    from raytrain.training.loop import FirstBatchClock
+
+    def slow_start():
+        time.sleep(0.05)
+        yield from range(3)
+
+    clock = FirstBatchClock(slow_start())
+    assert clock.first_batch_s is None
+    assert list(clock) == [0, 1, 2] and 0.05 <= clock.first_batch_s < 1

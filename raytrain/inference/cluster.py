@@ -10,8 +10,6 @@ An input that is not a readable image is skipped and listed in OUT/unreadable_in
 """
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 import time
 from typing import Callable, Sequence
@@ -26,6 +24,7 @@ from raytrain.inference.files import (
 )
 from raytrain.inference.loading import load_model_from_files
 from raytrain.inference.prediction import masks_and_overlays
+from raytrain.launch.session import quiet_progress_warning
 from raytrain.storage.atomic import final_of_temporary, write_atomically
 from raytrain.storage.paths import as_path, filesystem_of, join
 
@@ -90,7 +89,7 @@ def _run(todo: list[str], files: dict[str, bytes], out, workers, batch_size, cpu
     dataset.context.wait_for_min_actors_s = ACTORS_START_S
     unreadable, count = [], 0
     try:
-        with _quiet_progress_warning():
+        with quiet_progress_warning():
             for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
                 unreadable += [error for error in batch["error"] if error]
                 count += len(batch["error"])
@@ -106,19 +105,6 @@ def _run(todo: list[str], files: dict[str, bytes], out, workers, batch_size, cpu
             raise
         raise user_error from None
     return unreadable
-
-
-@contextlib.contextmanager
-def _quiet_progress_warning():
-    """Ray Data warns that its progress bars are off each time it runs without them; here the
-    progress lines are our own (console.progress_lines), so the warning is only noise."""
-    logger = logging.getLogger("ray.data._internal.progress")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 class ModelActor:

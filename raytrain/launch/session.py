@@ -3,6 +3,7 @@ and find the user's error inside what Ray raises (a worker's or trial's error ar
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 
@@ -75,3 +76,16 @@ def user_error_inside(err: BaseException) -> RaytrainError | None:
         pending += [wrapped, getattr(current, "controller_failure", None), *getattr(current, "worker_failures", {}).values()]
         pending += [current.__cause__, current.__context__]
     return None
+
+
+@contextlib.contextmanager
+def quiet_progress_warning():
+    """Ray Data warns that its progress bars are off each time it runs without them in a process;
+    raytrain prints its own progress (console), so in the driver the warning is only noise."""
+    logger = logging.getLogger("ray.data._internal.progress")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -17,7 +17,7 @@ from raytrain.data.manifest import Manifest
 from raytrain.data.pipeline import FIRST_EPOCH, build_datasets
 from raytrain.launch import tracking
 from raytrain.launch.controller import EpochLines, SplitData
-from raytrain.launch.session import ensure_ray, user_error_inside
+from raytrain.launch.session import ensure_ray, quiet_progress_warning, user_error_inside
 from raytrain.preflight import cache_decision, decoded_bytes, human_size
 from raytrain.training.loop import train_worker
 
@@ -36,7 +36,8 @@ def cluster_datasets(config: Config, manifest: Manifest, verbosity: int = QUIET)
     if note and verbosity >= EPOCH_LINES:
         print(note, flush=True)
     started = time.perf_counter()
-    datasets = build_datasets(config, manifest, cpus=int(resources.get("CPU", 1)), cache=cache)
+    with quiet_progress_warning():  # a cache is filled here, in the driver
+        datasets = build_datasets(config, manifest, cpus=int(resources.get("CPU", 1)), cache=cache)
     if cache and verbosity >= EPOCH_LINES:
         size = human_size(decoded_bytes(config, manifest))
         print(f"data.cache: {size} decoded into Ray's object store in {time.perf_counter() - started:.1f} s", flush=True)

@@ -62,10 +62,6 @@ def tiny_shards(synthetic_kitti, tmp_path_factory):
     return out
 
 
-
-
-
-
 @pytest.fixture(scope="session")
 def grouped_kitti(tmp_path_factory):
     """24 synthetic scenes at 64x32 named as KITTI's categories: 14 um, 5 umm, 5 uu."""
@@ -82,8 +78,6 @@ def grouped_shards(grouped_kitti, tmp_path_factory):
     out = tmp_path_factory.mktemp("shards") / "grouped"
     write_shards(grouped_kitti, "kitti", out, rows_per_shard=4, group_by="^[^_]+", val_groups=VAL_CATEGORIES)
     return out
-
-
 
 
 def _tracking() -> str:
@@ -118,8 +112,6 @@ def searched_run(ray_cluster, tiny_shards, tmp_path_factory):
     grid = tune(config)
     assert not grid.errors
     return config, grid
-
-
 
 
 @pytest.fixture

@@ -491,3 +491,17 @@ def _check_report(out: Path, index: Path, expected_pngs: set[str]):
             pixels = np.asarray(image.convert("RGB"))
         assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 2, f"{name} is blank"
     return page
+
+
+def check_bad_input_row(request, tmp_path, args, setup, fragments) -> None:
+    """One row of the bad-input table: one line naming the fault, exit code 2, nothing written (a
+    row that reaches Ray leaves no checkpoint; its results folder is Ray's own)."""
+    setup(tmp_path)
+    before = snapshot(tmp_path)
+    run = run_raytrain([a.format(tmp=tmp_path) for a in args], tmp_path, needs_a_fresh_interpreter(request))
+    assert_one_line_error(run, fragments, tmp_path)
+    after = snapshot(tmp_path)
+    if request.node.callspec.id in REACH_RAY:
+        assert not [p for p in after if "checkpoint_" in p]
+        after = {p: s for p, s in after.items() if not p.startswith("results")}
+    assert after == before

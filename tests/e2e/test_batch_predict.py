@@ -22,8 +22,6 @@ from tests.helpers import wait_for, write_images
 from tests.helpers import checkpoint
 
 
-
-
 def assert_predicted_like_raytrain_predict(ckpt: Path, images: list[Path], out: Path) -> None:
     model = raytrain.load_model(ckpt)
     for image in images:

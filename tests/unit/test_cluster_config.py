@@ -114,7 +114,6 @@ def test_rayjob_has_a_cpu_head_and_an_autoscaling_gpu_group(rayjob):
     assert cluster["rayVersion"] in images.pop()
 
 
-
 def _ray_pod_templates(rayjob):
     """(template, labels KubeRay adds) for the head and every worker group of the RayJob's cluster."""
     cluster = rayjob["spec"]["rayClusterSpec"]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tests.helpers import C, MEMORY_LIMIT, REACH_RAY, SHARD, assert_one_line_error, big_png, check_one_line_and_nothing_written, checkpoint, config, finished_experiment, kitti_folder, kitti_um_and_uu, mask_value_outside_class_map, needs_a_fresh_interpreter, png_header, run_raytrain, shards, shards_without_val, snapshot
+from tests.helpers import C, MEMORY_LIMIT, SHARD, assert_one_line_error, big_png, check_bad_input_row, check_one_line_and_nothing_written, checkpoint, config, finished_experiment, kitti_folder, kitti_um_and_uu, mask_value_outside_class_map, png_header, run_raytrain, shards, shards_without_val
 
 # ---------------------------------------------------------------- the files a row needs
 
@@ -37,10 +37,6 @@ def text_file(name: str, text: str):
     return lambda tmp: (tmp / name).write_text(text)
 
 
-
-
-
-
 def corrupt_image(tmp: Path) -> None:
     image = kitti_folder(tmp) / "training/image_2/um_000001.png"
     image.write_bytes(image.read_bytes()[:100])
@@ -53,8 +49,6 @@ def mask_of_other_size(tmp: Path) -> None:
 
 def image_without_mask(tmp: Path) -> None:
     (kitti_folder(tmp) / "training/gt_image_2/um_road_000003.png").unlink()
-
-
 
 
 def kitti_gt_as(change):
@@ -81,8 +75,6 @@ def image_16bit(tmp: Path) -> None:
 def same_stem_png_and_jpg(tmp: Path) -> None:
     mask_value_outside_class_map(tmp)
     Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(tmp / "raw/images/0.jpg")
-
-
 
 
 def checkpoint_with(file: str, content: bytes | str):
@@ -329,33 +321,9 @@ CASES = [
 ]
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 @pytest.mark.parametrize("args, setup, fragments", CASES)
 def test_bad_input_is_one_line_exit_2_and_nothing_written(request, tmp_path, args, setup, fragments):
-    setup(tmp_path)
-    before = snapshot(tmp_path)
-    run = run_raytrain([a.format(tmp=tmp_path) for a in args], tmp_path, needs_a_fresh_interpreter(request))
-    assert_one_line_error(run, fragments, tmp_path)
-    after = snapshot(tmp_path)
-    if request.node.callspec.id in REACH_RAY:
-        assert not [p for p in after if "checkpoint_" in p]
-        after = {p: s for p, s in after.items() if not p.startswith("results")}
-    assert after == before
-
+    check_bad_input_row(request, tmp_path, args, setup, fragments)
 
 
 # A sample of rows, one per kind of input, that a fresh `python -m raytrain.cli` must answer exactly as the
@@ -376,17 +344,11 @@ def test_a_fresh_interpreter_answers_as_the_forked_cli(tmp_path, args, setup, fr
 # ---------------------------------------------------------------- decompression bombs
 
 
-
-
-
-
 def big_kitti_sample(tmp: Path) -> None:
     """A 12000x12000 image with its mask: before the limit, `data shard` took 3 GB on them and exit 0."""
     root = kitti_folder(tmp) / "training"
     big_png(root / "image_2/um_000001.png")
     big_png(root / "gt_image_2/um_road_000001.png")  # all outside the valid area: legal, and the same bytes
-
-
 
 
 def street(make):

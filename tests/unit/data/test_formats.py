@@ -29,10 +29,6 @@ def _mask(row):
     return np.asarray(Image.open(io.BytesIO(row["mask"])))
 
 
-
-
-
-
 def test_camvid_all_classes_keeps_its_own_split(camvid_tree, tmp_path):
     root, annots = camvid_tree
     manifest = write_shards(root, "camvid", tmp_path / "out", val_fraction=0.0)
@@ -93,14 +89,6 @@ def test_camvid_bad_annotation_value_names_the_file(camvid_tree, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-
-
-
-
-
-
-
-
 def test_folder_palette_all_classes_and_binary(tmp_path):
     pairs = {f"img{i}": palette_mask(i) for i in range(3)}
     root = folder_dataset(tmp_path, PALETTE_MAP, {stem: rgb for stem, (_, rgb) in pairs.items()}, rgb=True)
@@ -134,8 +122,6 @@ def test_folder_unknown_colour_is_an_error_naming_the_mask(tmp_path):
     no_ignore = {"classes": PALETTE_MAP["classes"]}
     with pytest.raises(DataError, match=r"mask colours \[\[0, 0, 0\]"):
         write_shards(root, "folder", tmp_path / "out", class_map=write_yaml(tmp_path / "plain.yaml", no_ignore))
-
-
 
 
 def test_folder_index_masks_and_class_map_path(tmp_path):
@@ -200,8 +186,6 @@ def test_real_camvid_subset(real_camvid_subset, tmp_path, classes, values):
     assert seen <= values | {IGNORE_INDEX}
     if classes:
         assert {0, 1} <= seen and 0.05 < manifest.pixel_frequencies["road"] < 0.6
-
-
 
 
 def test_kitti_lane_target_reads_the_lane_ground_truth(tmp_path):

@@ -178,7 +178,6 @@ def test_early_stopping_waits_for_patience_epochs_without_improvement():
     assert [minimise.should_stop({"val_loss": v}) for v in (1.0, 0.5, 0.6)] == [False, False, True]
 
 
-
 def test_training_batches_carry_each_samples_augmentation_drawn_from_seed_epoch_and_id():
     import numpy as np
 

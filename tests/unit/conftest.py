@@ -1,6 +1,6 @@
 """The quick tier's guard: nothing under tests/unit may start Ray. A unit test that uses the
 session's `ray_cluster` fixture or carries the `ray` marker is a usage error at collection, and a
-unit session that leaves Ray initialised in this process fails at its end."""
+unit test that leaves Ray initialised in this process, where it was not before, fails."""
 from __future__ import annotations
 
 import sys
@@ -21,8 +21,14 @@ def pytest_collection_modifyitems(config, items):
         raise pytest.UsageError("tests/unit must start no Ray; move these to tests/e2e: " + ", ".join(on_ray))
 
 
-@pytest.fixture(scope="session", autouse=True)
-def no_ray_started():
-    yield
+def ray_initialised() -> bool:
     ray = sys.modules.get("ray")
-    assert ray is None or not ray.is_initialized(), "a test under tests/unit started Ray in the pytest process"
+    return ray is not None and ray.is_initialized()
+
+
+@pytest.fixture(autouse=True)
+def no_ray_started():
+    """Test by test: in a whole-suite run the e2e tests' cluster is up before or after these."""
+    before = ray_initialised()
+    yield
+    assert before or not ray_initialised(), "a test under tests/unit started Ray in the pytest process"

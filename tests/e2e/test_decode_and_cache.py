@@ -16,10 +16,14 @@ KITTI_SIZE = (1248, 384)
 DECODE_TASK = "MapBatches(decode_block)"  # the decode map, apart from the read when a file is split
 
 
-def decode_tasks(seen: set, expected: int, timeout_s: float = 20, name: str = DECODE_TASK):
-    """The finished tasks whose name contains `name` and that are not in `seen`, once `expected` of
-    them are there or `timeout_s` has passed (task events reach the State API a second or so late);
-    they are added to `seen`."""
+def now_ms() -> float:
+    return time.time() * 1000
+
+
+def decode_tasks(since_ms: float, expected: int, timeout_s: float = 20, name: str = DECODE_TASK):
+    """The finished tasks whose name contains `name` and that started after `since_ms` (earlier
+    tests' tasks, on the cluster the session shares, are not this test's), once `expected` of them
+    are there or `timeout_s` has passed (task events reach the State API a second or so late)."""
     import ray
     from ray.util.state import list_tasks
 
@@ -27,9 +31,9 @@ def decode_tasks(seen: set, expected: int, timeout_s: float = 20, name: str = DE
     deadline = time.monotonic() + timeout_s
     while True:
         tasks = [t for t in list_tasks(address=address, detail=True, limit=10_000)
-                 if name in t.name and t.task_id not in seen and t.state == "FINISHED" and t.end_time_ms]
+                 if name in t.name and t.state == "FINISHED" and t.end_time_ms
+                 and t.start_time_ms and t.start_time_ms >= since_ms]
         if len(tasks) >= expected or time.monotonic() > deadline:
-            seen.update(t.task_id for t in tasks)
             return tasks
 
 
@@ -46,12 +50,12 @@ def one_file_split(tmp_path_factory):
 
 
 def test_a_split_of_one_file_is_decoded_by_two_cpus_at_once(ray_cluster, one_file_split):
-    seen: set = set()
     overlapping = False
     for attempt in range(3):  # the first pass may wait for a second worker process to start
+        since = now_ms()
         dataset = decoded_split(one_file_split, "train", KITTI_SIZE, cpus=2, shuffle=True, seed=0)
         assert sum(len(batch["id"]) for batch in dataset.iter_batches(batch_size=8)) == one_file_split.count("train")
-        tasks = sorted(decode_tasks(seen, expected=2), key=lambda t: t.start_time_ms)
+        tasks = sorted(decode_tasks(since, expected=2), key=lambda t: t.start_time_ms)
         assert len(tasks) == 2, [t.name for t in tasks]  # the one file, split in two blocks
         first, second = tasks
         if second.start_time_ms < first.end_time_ms and first.worker_pid != second.worker_pid:
@@ -96,13 +100,13 @@ def test_the_first_epochs_batches_are_the_same_with_the_cache_on_and_off(ray_clu
 
 
 def test_cached_epochs_decode_nothing(ray_cluster, one_file_split, tmp_path):
-    seen: set = set()
-    decode_tasks(seen, expected=10**9, timeout_s=3, name="decode_block")  # every earlier test's
+    since = now_ms()
     config = tiny_config(one_file_split.location, tmp_path, **{"data.size": list(KITTI_SIZE), "train.seed": 0})
     datasets = build_datasets(config, one_file_split, cpus=2, cache=True)
     # Decoded once, now: train's one file in two blocks, val's in one task fused with its read.
-    assert len(decode_tasks(seen, expected=3, name="decode_block")) == 3
+    assert len(decode_tasks(since, expected=3, name="decode_block")) == 3
+    since = now_ms()
     for _ in range(2):
         images = [batch["image"] for batch in datasets["train"].iter_batches(batch_size=8)]
         assert sum(len(b) for b in images) == one_file_split.count("train") and images[0].dtype == np.uint8
-    assert decode_tasks(seen, expected=1, timeout_s=5, name="decode_block") == []
+    assert decode_tasks(since, expected=1, timeout_s=5, name="decode_block") == []

@@ -14,7 +14,8 @@ pass of each. Besides:
 - decode_floor_images_per_s: PIL's PNG decode alone, in this process, one image after another;
 - augment_ms_per_image_cpu: the default augmentation on one CPU thread, batches of 8 on the CPU
   device: raytrain's batched torch, the old numpy path, and kornia's augmentation module when it
-  is installed (the same operations: RandomAffine zoom and translate, hflip, ColorJitter).
+  is installed (the same operations: RandomAffine zoom and translate, hflip, ColorJitter); and, as
+  the yardstick, a plain uint8 -> float (N, 3, H, W) conversion of the same batch, no augmentation.
 Prints one JSON object.
 """
 from __future__ import annotations
@@ -128,7 +129,10 @@ def augment_costs(size, repeats: int) -> dict:
         for image, mask, sample_id in zip(images, masks, ids):
             old_augment(image, mask, size, augment, sample_rng(0, 0, sample_id))
 
-    paths = {"torch_batched": torch_path, "numpy_old": numpy_path}
+    def float_only():  # no augmentation: what every path pays to make a float batch from uint8
+        torch.from_numpy(images).permute(0, 3, 1, 2).float().contiguous()
+
+    paths = {"torch_batched": torch_path, "numpy_old": numpy_path, "float_conversion_only": float_only}
     try:
         import kornia.augmentation as K
 

@@ -26,7 +26,6 @@ def to_model_input(images, device=None, size: tuple[int, int] | None = None):
 
 def normalise(images):
     """float (N, 3, H, W) in [0, 255] -> the model's input: scaled to [0, 1], then ImageNet-normalised."""
-    images = images / 255
     mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
-    return (images - mean) / std
+    return torch.addcmul(-mean / std, images, 1 / (255 * std))  # (x / 255 - mean) / std in one pass

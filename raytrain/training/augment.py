@@ -2,8 +2,8 @@
 
 Each sample's random parameters are drawn on the host from (seed, epoch, sample id), when the batch
 is collated (`draw_params`), so a seeded run repeats exactly wherever the pixels are computed;
-`augment_batch` then applies them on the device: one warp per sample for zoom, crop or pad and
-flip (bilinear for images, nearest for masks so class indices and IGNORE_INDEX are never blended),
+`augment_batch` then applies them on the device: one resize, crop or pad and flip per sample
+(bilinear for images, nearest for masks so class indices and IGNORE_INDEX are never blended),
 then colour jitter, blur and noise. Why by hand and not kornia: docs/decisions.md.
 """
 from __future__ import annotations
@@ -77,85 +77,62 @@ def scaled_size(size: tuple[int, int], zoom: float) -> tuple[int, int]:
 def augment_batch(images: torch.Tensor, masks: torch.Tensor, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """images uint8 (N, H, W, 3) and masks uint8 (N, H, W) on the training device; params (N, PARAMS)
     float64 on the host, where every choice is made, so no step waits for the device.
-    Returns float (N, 3, H, W) images in [0, 255] (channels-last in memory) and uint8 masks."""
-    images, masks = warp(images, masks, params)
-    images = images.permute(0, 3, 1, 2)
-    images = color_jitter(images, params[:, BRIGHTNESS], params[:, CONTRAST], params[:, SATURATION])
-    images = gaussian_blur(images, params[:, BLUR_SIGMA])
-    return gaussian_noise(images, params[:, NOISE_STD], params[:, NOISE_SEED]), masks
+    Returns float (N, 3, H, W) images in [0, 255], one plane per channel, and uint8 masks.
+
+    The warp and jitter run one sample at a time, each on its own slice of the output: the sample's
+    planes are still in the CPU's cache when the jitter reads them."""
+    n, height, width = masks.shape
+    out = torch.empty((n, 3, height, width), dtype=torch.float32, device=images.device)
+    out_masks = torch.empty_like(masks)
+    for i, row in enumerate(params.tolist()):
+        warp(images[i], masks[i], row, out[i], out_masks[i])
+        color_jitter(out[i], row[BRIGHTNESS], row[CONTRAST], row[SATURATION])
+    out = gaussian_blur(out, params[:, BLUR_SIGMA])
+    return gaussian_noise(out, params[:, NOISE_STD], params[:, NOISE_SEED]), out_masks
 
 
-def on_device(values: torch.Tensor, like: torch.Tensor, shape=(-1, 1, 1, 1)) -> torch.Tensor:
-    return values.to(like.dtype).view(shape).to(like.device, non_blocking=True)
+def warp(image, mask, row: list[float], out_image, out_mask) -> None:
+    """One sample: zoom by its factor, pad (image 0, mask IGNORE_INDEX) to at least the training size
+    at the right and bottom, crop at (top, left), then flip; uint8 (H, W, 3) and (H, W) in, written
+    into out_image, float (3, H, W), and out_mask.
 
-
-def warp(images, masks, params):
-    """Zoom each sample by its factor, pad (image 0, mask IGNORE_INDEX) to at least the training size
-    at the right and bottom, crop at (top, left), then flip: uint8 (N, H, W, 3) in, float out.
-
-    Zoom, crop and flip are axis-aligned, so the warp is separable: each output row, then column,
-    reads its source position from host-made tables (`axis_lookup`), bilinear for images and nearest
-    for masks. Rows are gathered while still uint8, the cheapest place. A pure crop, pad or flip
-    reads whole pixels: it is exact.
+    The zoom is a resize with pixel centres aligned (torch's align_corners=False, as PIL's): bilinear
+    for images, nearest-exact for masks. On the CPU it resizes uint8, torch's fastest path; other
+    devices resize float, as torch's bilinear takes no uint8 there. A pure crop, pad or flip copies
+    whole pixels: it is exact.
     """
-    zoom, flip = params[:, ZOOM], params[:, FLIP] > 0
-    if bool((zoom == 1).all()) and not bool(flip.any()):
-        return images.float(), masks
-    height, width = images.shape[1:3]
-    columns = axis_lookup(width, zoom, params[:, LEFT], flip, images.device)
-    rows = axis_lookup(height, zoom, params[:, TOP], torch.zeros_like(flip), images.device)
-    warped_images, warped_masks = [], []
-    for i in range(len(images)):
-        image = images[i]
-        top = image.index_select(0, rows.low[i]).float()
-        image = top.lerp_(image.index_select(0, rows.high[i]).float(), rows.weight[i].view(-1, 1, 1))
-        left = image.index_select(1, columns.low[i])
-        image = left.lerp_(image.index_select(1, columns.high[i]), columns.weight[i].view(1, -1, 1))
-        inside = rows.inside[i][:, None] & columns.inside[i][None, :]
-        warped_images.append(image.mul_(inside[:, :, None]))
-        mask = masks[i].index_select(0, rows.nearest[i]).index_select(1, columns.nearest[i])
-        warped_masks.append(mask.masked_fill_(~inside, IGNORE_INDEX))
-    return torch.stack(warped_images), torch.stack(warped_masks)
+    height, width = mask.shape
+    image, mask = image.permute(2, 0, 1)[None], mask[None, None]
+    scaled_w, scaled_h = scaled_size((width, height), row[ZOOM])
+    if (scaled_w, scaled_h) != (width, height):
+        source = image if image.device.type == "cpu" else image.float()
+        image = F.interpolate(source, size=(scaled_h, scaled_w), mode="bilinear", align_corners=False)
+        mask = F.interpolate(mask, size=(scaled_h, scaled_w), mode="nearest-exact")
+    top, left = int(row[TOP]), int(row[LEFT])
+    image, mask = image[0, :, top : top + height, left : left + width], mask[0, 0, top : top + height, left : left + width]
+    rows, cols = mask.shape
+    inside, outside = slice(0, cols), slice(cols, width)
+    if row[FLIP]:  # the canvas's padding is at the right before the flip, so at the left after it
+        image, mask = image.flip(2), mask.flip(1)
+        inside, outside = slice(width - cols, width), slice(0, width - cols)
+    out_image[:, :rows, inside] = image
+    out_image[:, :rows, outside] = 0
+    out_image[:, rows:] = 0
+    out_mask[:rows, inside] = mask
+    out_mask[:rows, outside] = IGNORE_INDEX
+    out_mask[rows:] = IGNORE_INDEX
 
 
-@dataclass
-class AxisLookup:
-    """For each sample and output position along one axis: the two source pixels, the weight of the
-    second, the nearest source pixel, and whether the position is inside the zoomed image."""
-
-    low: torch.Tensor
-    high: torch.Tensor
-    weight: torch.Tensor
-    nearest: torch.Tensor
-    inside: torch.Tensor
-
-
-def axis_lookup(length: int, zoom, offset, flip, device) -> AxisLookup:
-    """Output position c reads canvas position c' + offset, where c' is c or its mirror; a canvas
-    position's centre sits at (c' + offset + 0.5) / s - 0.5 of the source, s = scaled / length, as
-    resizing with pixel centres aligned puts it (PIL's, torch's align_corners=False)."""
-    scaled = torch.clamp(torch.round(length * zoom), min=1)[:, None]
-    positions = torch.arange(length, dtype=torch.float64).expand(len(zoom), length)
-    canvas = torch.where(flip[:, None], length - 1 - positions, positions) + offset[:, None]
-    centre = (canvas + 0.5) * (length / scaled)
-    source = (centre - 0.5).clamp(0, length - 1)
-    low = source.floor()
-    tables = AxisLookup(
-        low=low.long(), high=(low + 1).clamp(max=length - 1).long(), weight=(source - low).float(),
-        nearest=centre.floor().clamp(0, length - 1).long(), inside=canvas < scaled,
-    )
-    return AxisLookup(*(table.to(device, non_blocking=True) for table in vars(tables).values()))
-
-
-def color_jitter(images, brightness, contrast, saturation):
-    """Brightness, then saturation, then contrast, folded into one pass: out = a*pixel + b*gray + c,
-    where gray is the pixel's channel mean and c carries the image mean (which saturation keeps).
-    In place: `images` is the warp's fresh output."""
-    if bool((brightness == 1).all() and (contrast == 1).all() and (saturation == 1).all()):
-        return images
-    offset = images.mean(dim=1, keepdim=True).mul_(on_device(contrast * brightness * (1 - saturation), images))
-    offset += on_device((1 - contrast) * brightness, images) * images.mean(dim=(1, 2, 3), keepdim=True)
-    return images.mul_(on_device(contrast * brightness * saturation, images)).add_(offset).clamp_(0, 255)
+def color_jitter(image, brightness: float, contrast: float, saturation: float) -> None:
+    """Brightness, then saturation, then contrast, folded into one pass over a float (3, H, W) image,
+    in place: out = a*pixel + b*gray + c, where gray is the pixel's channel mean and c carries the
+    image mean (which saturation keeps). The mean stays on the device: nothing waits for it."""
+    if brightness == contrast == saturation == 1:
+        return
+    offset = image.sum(dim=0)  # three times the gray
+    image_mean = offset.mean() / 3
+    offset.mul_(contrast * brightness * (1 - saturation) / 3).add_(image_mean * ((1 - contrast) * brightness))
+    torch.add(offset, image, alpha=contrast * brightness * saturation, out=image).clamp_(0, 255)
 
 
 def gaussian_kernels(sigmas: torch.Tensor, radius: int, dtype) -> torch.Tensor:

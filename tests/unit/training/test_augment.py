@@ -92,7 +92,7 @@ def test_zoom_matches_a_bilinear_resize_within_a_grey_level():
     out, _ = augment_batch(images, masks, params(1, zoom=zoom))
     size = [round(H * zoom), round(W * zoom)]
     reference = TF.resize(images.permute(0, 3, 1, 2).float(), size, antialias=False)[..., :H, :W]
-    assert (out - reference).abs().max() <= 1.0
+    assert (out - reference).abs().max() <= 1.001  # the CPU resizes uint8: rounded, fixed-point weights
 
 
 def test_masks_keep_their_class_set_and_the_ignore_index():
@@ -184,10 +184,11 @@ def test_augment_of_reads_the_config():
     assert augment_of(config.with_overrides({"data.augment": False}).data) is None
 
 
-def test_warped_output_is_channels_last_for_the_model():
+def test_output_is_one_float_plane_per_channel_whatever_was_drawn():
     images, masks = batch()
-    out, _ = augment_batch(images, masks, params(flip=1))
-    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
+    for table in (params(), params(flip=1), params(zoom=1.3, top=2, left=3, brightness=1.1)):
+        out, _ = augment_batch(images, masks, table)
+        assert out.dtype == torch.float32 and out.shape == (3, 3, H, W) and out.is_contiguous()
 
 
 def block_pattern(seed, width=80, height=40, block=16):

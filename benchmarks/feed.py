@@ -1,6 +1,6 @@
 """What the data side delivers to a training loop, per data CPU: the old path against the new one.
 
-    python benchmarks/feed.py [--images 96] [--sizes 1248x384,480x360] [--cpus N] [--repeats 3]
+    python benchmarks/feed.py [--images 360] [--sizes 1248x384,480x360] [--cpus N] [--repeats 3]
 
 It makes its own synthetic KITTI-layout PNG shards at each size (8 files, so a split has fewer files
 than a GPU node has CPUs only where --cpus is large). A consumer that only touches each batch reads
@@ -12,10 +12,11 @@ the train split through Ray Data on `--cpus` logical CPUs:
 Figures are images/s divided by --cpus, median and range over --repeats epochs after one warm-up
 pass of each. Besides:
 - decode_floor_images_per_s: PIL's PNG decode alone, in this process, one image after another;
-- augment_ms_per_image_cpu: the default augmentation on one CPU thread, batches of 8 on the CPU
-  device: raytrain's batched torch, the old numpy path, and kornia's augmentation module when it
-  is installed (the same operations: RandomAffine zoom and translate, hflip, ColorJitter); and, as
-  the yardstick, a plain uint8 -> float (N, 3, H, W) conversion of the same batch, no augmentation.
+- augment_ms_per_image_cpu: the default augmentation on one CPU thread, median and range over 10
+  batches of 8 on the CPU device: raytrain's batched torch, the old numpy path, and kornia's
+  augmentation module when it is installed (the same operations: RandomAffine zoom and translate,
+  hflip, ColorJitter); and, as the yardstick, a plain uint8 -> float (N, 3, H, W) conversion of
+  the same batch, no augmentation.
 Prints one JSON object.
 """
 from __future__ import annotations
@@ -44,6 +45,7 @@ from raytrain.training.loop import ToTensors
 
 BATCH = 8
 FILES = 8
+AUGMENT_REPEATS = 10  # batches timed per augmentation path: cheap, and its spread is wide
 
 
 # --- the old path: numpy augmentation inside the Ray Data task (raytrain before issue 27) ---------
@@ -188,13 +190,13 @@ def per_size(size, images: int, cpus: int, repeats: int, scratch: Path) -> dict:
     return {
         "runs": runs,
         "decode_floor": spread([round(decode_floor(manifest.shard_paths("train")), 1) for _ in range(repeats)]),
-        "augment": augment_costs(size, repeats),
+        "augment": augment_costs(size, AUGMENT_REPEATS),
     }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=96, help="synthetic scenes per size (80%% train)")
+    parser.add_argument("--images", type=int, default=360, help="synthetic scenes per size, 80%% train: 288, KITTI road's 289")
     parser.add_argument("--sizes", default="1248x384,480x360", help="WIDTHxHEIGHT, comma-separated")
     parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="Ray's logical CPUs: the data CPUs")
     parser.add_argument("--repeats", type=int, default=3)

@@ -11,6 +11,7 @@ import contextlib
 import inspect
 import json
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -70,12 +71,15 @@ def _print_plan(plan: dict) -> None:
 
 
 def _train(args) -> None:
+    config = None if args.dry_run else api.resolved_config(args.config, args.set, kind="train", resume=args.resume)
     result = _launch(args, "train")
     if args.dry_run:
         return
     print(json.dumps({k: v for k, v in (result.metrics or {}).items() if k.startswith(("val_", "train_", "epoch"))}, indent=2))
     print(f"checkpoint: {result.checkpoint.path if result.checkpoint else None}")
     print(f"experiment: {result.path}")
+    if result.checkpoint:
+        _print_next_steps(result.checkpoint.path, result.path, config.data.path)
 
 
 def _tune(args) -> None:
@@ -83,10 +87,11 @@ def _tune(args) -> None:
     search = None if args.dry_run else api.resolved_config(args.config, args.set, kind="tune", resume=args.resume).search
     grid = _launch(args, "tune")
     if not args.dry_run:
-        _print_search(grid.experiment_path, search)
+        best = _print_search(grid.experiment_path, search)
+        _print_next_steps(best.path, grid.experiment_path, best.config.data.path)
 
 
-def _print_search(experiment: str, search) -> None:
+def _print_search(experiment: str, search):
     from raytrain.reporting import trials_table
     from raytrain.selection import best_checkpoint_in
 
@@ -95,6 +100,18 @@ def _print_search(experiment: str, search) -> None:
     print(f"best {search.metric}: {best.metrics[search.metric]:.4f} (val_f1 {best.metrics.get('val_f1', float('nan')):.4f})")
     print(f"best checkpoint: {best.path}")
     print(f"experiment: {experiment}")
+    return best
+
+
+def _print_next_steps(checkpoint, experiment, data) -> None:
+    """The commands that use what a run made, with its paths: the end of train, tune and quickstart."""
+    checkpoint, experiment, data = (shlex.quote(str(path)) for path in (checkpoint, experiment, data))
+    print("next:")
+    print(f"  raytrain serve {checkpoint}")
+    print(f"  raytrain predict {checkpoint} IMAGES... --out predictions")
+    print(f"  raytrain evaluate {checkpoint} {data}")
+    print(f"  raytrain report {experiment} --out report")
+    print(f"  tensorboard --logdir {experiment}")
 
 
 def _quickstart(args) -> None:
@@ -102,6 +119,7 @@ def _quickstart(args) -> None:
     best = api.quickstart(args.data_dir, args.set, num_cpus=args.num_cpus, verbosity=_verbosity(args))
     _print_search(best.experiment, best.config.search)
     print(f"quickstart took {time.perf_counter() - started:.0f}s")
+    _print_next_steps(best.path, best.experiment, best.config.data.path)
 
 
 @contextlib.contextmanager

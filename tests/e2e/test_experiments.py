@@ -67,6 +67,14 @@ def test_quickstart_command_twice_gives_two_searches(tmp_path):
         best = [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("best checkpoint: ")]
         assert best and Path(best[0]).is_relative_to(experiment)
         assert raytrain.best_checkpoint(experiment).path == Path(best[0])
+        # It ends with what to run next, on what it made (a raylet warning may still follow: issue 30).
+        lines = out.splitlines()
+        assert lines[lines.index("next:") - 1].startswith("quickstart took ")
+        assert lines[lines.index("next:"):][:6] == [
+            "next:", f"  raytrain serve {best[0]}", f"  raytrain predict {best[0]} IMAGES... --out predictions",
+            f"  raytrain evaluate {best[0]} {tmp_path / 'data' / 'synthetic_shards'}",
+            f"  raytrain report {experiment} --out report", f"  tensorboard --logdir {experiment}",
+        ]
     runs = raytrain.runs(tmp_path / "results")
     assert [run.path for run in runs] == [found[1][0], found[0][0]]  # newest first
     assert all((run.kind, run.trials, run.status) == ("tune", 1, "finished") for run in runs)

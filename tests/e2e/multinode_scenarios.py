@@ -191,7 +191,7 @@ def search_node_loss(workdir: Path) -> dict:
 
 def batch_predict(workdir: Path) -> dict:
     """20 images and an unreadable file, predicted by two model actors of 2 CPUs: one on each worker node."""
-    from ray.util.state import list_tasks
+    from ray.util.state import list_actors
 
     import raytrain
     from tests.helpers import checkpoint
@@ -208,15 +208,16 @@ def batch_predict(workdir: Path) -> dict:
         error = repr(err)
     names = node_names_by_id(list(nodes))
 
-    def nodes_that_predicted() -> list[str]:
-        # The model actors' tasks, by node (task events reach the State API a moment late; a dead
-        # actor may have lost its node_id). The address: other Ray clusters here must not answer.
-        tasks = list_tasks(address=cluster.address, filters=[("name", "=", "MapWorker(MapBatches(ModelActor)).submit")])
-        return sorted({names[task.node_id] for task in tasks if task.node_id})
+    def nodes_of_model_actors() -> list[str]:
+        # Where the pool's two model actors ran, alive or ended (events reach the State API a moment
+        # late). Not where their tasks ran: on a loaded machine one actor can be ready seconds before
+        # the other and predict all 20 images alone. The address: other Ray clusters here must not answer.
+        actors = list_actors(address=cluster.address, filters=[("class_name", "=", "MapWorker(MapBatches(ModelActor))")])
+        return sorted(names[actor.node_id] for actor in actors if actor.node_id)
 
     with contextlib.suppress(TimeoutError):
-        wait_for(lambda: len(nodes_that_predicted()) == 2, "both worker nodes' prediction tasks", 30)
-    actor_nodes = nodes_that_predicted()
+        wait_for(lambda: len(nodes_of_model_actors()) == 2, "both model actors' nodes", 30)
+    actor_nodes = nodes_of_model_actors()
     cluster_shutdown(cluster)
     return {
         "error": error,

@@ -2,8 +2,8 @@
 
     python benchmarks/feed.py [--images 360] [--sizes 1248x384,480x360] [--cpus N] [--repeats 3]
 
-It makes its own synthetic KITTI-layout PNG shards at each size (8 files, so a split has fewer files
-than a GPU node has CPUs only where --cpus is large). A consumer that only touches each batch reads
+It makes its own synthetic KITTI-layout PNG shards at each size (files of --images/8 rows: the train
+split has 7, fewer than a GPU node's CPUs only where --cpus is large). A consumer that only touches each batch reads
 the train split through Ray Data on `--cpus` logical CPUs:
 - old_path: decode, resize and the numpy augmentation (the code the device-side augmentation
   replaced, kept here as OLD_AUGMENT's reference) inside the Ray Data tasks, one task per file;

@@ -255,7 +255,8 @@ def mask_value_outside_class_map(tmp: Path) -> None:
 
 
 def checkpoint(tmp: Path, name: str = "ckpt", metrics: dict | None = None) -> Path:
-    """A real checkpoint directory of a tiny model, as the training loop saves it."""
+    """A real checkpoint directory of a tiny model, as the training loop saves it: seed 0's weights,
+    which mark some pixels of write_images' noise as road and some not."""
     import torch
 
     from raytrain.checkpoints import save_checkpoint
@@ -263,7 +264,9 @@ def checkpoint(tmp: Path, name: str = "ckpt", metrics: dict | None = None) -> Pa
     from raytrain.models import create_model
 
     run = load_config({"data": {"path": str(tmp / "shards"), "size": "32x16"}, "model": {"name": "simple", "depth": 1}})
-    model = create_model("simple", depth=1)
+    with torch.random.fork_rng():  # the same weights every time, without touching the caller's generator
+        torch.manual_seed(0)
+        model = create_model("simple", depth=1)
     optimizer = torch.optim.Adam(model.parameters())
     return save_checkpoint(tmp / "exp" / name, model, optimizer, None, 1, run, metrics or {"val_iou": 0.5})
 

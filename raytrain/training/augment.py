@@ -156,8 +156,7 @@ def gaussian_blur(images, sigmas):
     flat = picked.reshape(1, n * channels, height, width)
     flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="reflect"), kernels[:, None, None, :], groups=n * channels)
     flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="reflect"), kernels[:, None, :, None], groups=n * channels)
-    images = images.clone()
-    images[chosen.to(images.device)] = flat.reshape(n, channels, height, width)
+    images[chosen.to(images.device)] = flat.reshape(n, channels, height, width)  # in place: augment_batch's own buffer
     return images
 
 
@@ -167,8 +166,7 @@ def gaussian_noise(images, deviations, seeds):
     chosen = torch.nonzero(deviations > 0).flatten().tolist()
     if not chosen:
         return images
-    images = images.clone()
-    for i in chosen:
+    for i in chosen:  # in place: augment_batch's own buffer
         generator = torch.Generator(device=images.device).manual_seed(int(seeds[i]))
         noise = torch.randn(images.shape[1:], generator=generator, device=images.device, dtype=images.dtype)
         images[i] = (images[i] + noise * float(deviations[i])).clamp_(0, 255)

@@ -34,7 +34,6 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from segmentation_models_pytorch.losses import DiceLoss, JaccardLoss, LovaszLoss, TverskyLoss
 from torch import nn
 
 BINARY, MULTICLASS = "binary", "multiclass"
@@ -162,41 +161,49 @@ def _focal(ignore_index: int, weights: torch.Tensor | None) -> nn.Module:
     return PixelLoss(ignore_index, weights, gamma=2.0)
 
 
-def _smp_region_loss(loss_class: type, mode: str, **options) -> Callable[[int, torch.Tensor | None], nn.Module]:
+def _smp_loss(class_name: str) -> type:
+    # Imported when such a loss is built: smp (with timm) takes seconds to import, paid by every Ray
+    # worker that imports raytrain, most of which train with a loss of their own.
+    import segmentation_models_pytorch.losses
+
+    return getattr(segmentation_models_pytorch.losses, class_name)
+
+
+def _smp_region_loss(class_name: str, mode: str, **options) -> Callable[[int, torch.Tensor | None], nn.Module]:
     def build(ignore_index: int, weights: torch.Tensor | None) -> nn.Module:
         # binary mode scores the road class only: smp rejects class weights there
         smp_weights = weights.tolist() if mode == MULTICLASS and weights is not None else None
-        return loss_class(mode, ignore_index=ignore_index, class_weights=smp_weights, **options)
+        return _smp_loss(class_name)(mode, ignore_index=ignore_index, class_weights=smp_weights, **options)
 
     return build
 
 
 _REGION_LOSSES = {
-    "dice": (DiceLoss, {}),
-    "jaccard": (JaccardLoss, {}),
+    "dice": ("DiceLoss", {}),
+    "jaccard": ("JaccardLoss", {}),
     # alpha weighs false positives, beta false negatives; (0.3, 0.7) as recommended by Salehi et al. 2017
-    "tversky": (TverskyLoss, {"alpha": 0.3, "beta": 0.7}),
+    "tversky": ("TverskyLoss", {"alpha": 0.3, "beta": 0.7}),
 }
 for _mode_name in (BINARY, MULTICLASS):
-    for _name, (_loss_class, _options) in _REGION_LOSSES.items():
-        register(_name, _mode_name)(_smp_region_loss(_loss_class, _mode_name, **_options))
+    for _name, (_class_name, _options) in _REGION_LOSSES.items():
+        register(_name, _mode_name)(_smp_region_loss(_class_name, _mode_name, **_options))
 
 
 @register("bce_dice", BINARY)
 def _bce_dice(ignore_index: int, weights: torch.Tensor | None) -> nn.Module:
-    return SumLoss(PixelLoss(ignore_index, weights), _smp_region_loss(DiceLoss, BINARY)(ignore_index, weights))
+    return SumLoss(PixelLoss(ignore_index, weights), _smp_region_loss("DiceLoss", BINARY)(ignore_index, weights))
 
 
 @register("ce_dice", MULTICLASS)
 def _ce_dice(ignore_index: int, weights: torch.Tensor | None) -> nn.Module:
-    return SumLoss(PixelLoss(ignore_index, weights), _smp_region_loss(DiceLoss, MULTICLASS)(ignore_index, weights))
+    return SumLoss(PixelLoss(ignore_index, weights), _smp_region_loss("DiceLoss", MULTICLASS)(ignore_index, weights))
 
 
 @register("lovasz", BINARY)
 def _lovasz_hinge(ignore_index: int, weights: torch.Tensor | None) -> nn.Module:
-    return LovaszLoss(BINARY, ignore_index=ignore_index)
+    return _smp_loss("LovaszLoss")(BINARY, ignore_index=ignore_index)
 
 
 @register("lovasz", MULTICLASS)
 def _lovasz_softmax(ignore_index: int, weights: torch.Tensor | None) -> nn.Module:
-    return _ZeroWhenAllIgnored(LovaszLoss(MULTICLASS, ignore_index=ignore_index), ignore_index)
+    return _ZeroWhenAllIgnored(_smp_loss("LovaszLoss")(MULTICLASS, ignore_index=ignore_index), ignore_index)

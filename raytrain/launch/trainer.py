@@ -16,16 +16,23 @@ from raytrain.console import EPOCH_LINES, QUIET
 from raytrain.data.manifest import Manifest
 from raytrain.data.pipeline import FIRST_EPOCH, build_datasets
 from raytrain.launch import tracking
-from raytrain.launch.controller import EpochLines, SplitData
+from raytrain.launch.controller import EpochLines, ProgressRelay, SplitData, show_until
 from raytrain.launch.session import ensure_ray, quiet_progress_warning, user_error_inside
 from raytrain.preflight import cache_decision, decoded_bytes, human_size
-from raytrain.training.loop import train_worker
 
 
 TRAIN_RUN_NAME = "train"  # inside a trial directory: EXPERIMENT/<trial>/train/checkpoint_*
 
 
 TENSORBOARD_DIR = "tensorboard"  # inside a run directory, written by rank 0
+
+
+def train_worker(loop_config: dict) -> None:
+    """training.loop.train_worker, imported in the worker only: the processes that only launch runs
+    (the driver, each trial's Tune actor) skip importing the loop, its models and losses."""
+    from raytrain.training.loop import train_worker as loop
+
+    loop(loop_config)
 
 
 def cluster_datasets(config: Config, manifest: Manifest, verbosity: int = QUIET) -> dict[str, ray.data.Dataset]:
@@ -54,11 +61,13 @@ def make_trainer(
     callbacks: list | None = None,
     initial_checkpoint: ray.train.Checkpoint | None = None,
     datasets: dict[str, ray.data.Dataset] | None = None,
+    progress: ProgressRelay | None = None,
 ) -> TorchTrainer:
     """manifest: config.data.path's, read once on the driver; the workers get it with the config.
     initial_checkpoint: where a new run starts (PBT's copy of a better trial); a run restarted after
     a failure carries on from its own latest checkpoint instead.
-    datasets: cluster_datasets' (a search shares them between its trials); made here when None."""
+    datasets: cluster_datasets' (a search shares them between its trials); made here when None.
+    progress: where rank 0 tells how far each epoch is (the driver draws it)."""
     datasets = datasets if datasets is not None else cluster_datasets(config, manifest)
     train = config.train
     resources = {"CPU": train.cpus_per_worker}
@@ -72,6 +81,7 @@ def make_trainer(
             "log_dir": f"{storage_path}/{name}/{TENSORBOARD_DIR}",
             "initial_checkpoint": initial_checkpoint,
             "first_epoch_dataset": FIRST_EPOCH if FIRST_EPOCH in datasets else "train",
+            "progress": progress,
         },
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -104,12 +114,13 @@ def run_training(config: Config, manifest: Manifest, experiment: str, *, num_cpu
     storage_path, name = storage_and_name(experiment)
     lines = EpochLines(config.name, config.train.epochs) if verbosity >= EPOCH_LINES else None
     done = threading.Event()
-    printer = lines.print_lines_until(done) if lines else None
+    printer = show_until(lines.queue, done) if lines else None
     try:
         callbacks = [*([lines] if lines else []), *tracking.train_callbacks(config, experiment)]
         datasets = cluster_datasets(config, manifest, verbosity)
+        progress = ProgressRelay(lines.queue, config.name, config.train.epochs) if lines else None
         return make_trainer(config, manifest, storage_path=storage_path, name=name, callbacks=callbacks or None,
-                            datasets=datasets).fit()
+                            datasets=datasets, progress=progress).fit()
     except Exception as err:
         user_error = user_error_inside(err)
         if user_error is None:

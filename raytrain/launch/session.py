@@ -23,6 +23,7 @@ def ensure_ray(num_cpus: int | None = None, verbosity: int = EPOCH_LINES) -> Non
         ray.init(log_to_driver=log_to_driver)
         return
     port = free_port()
+    cpus = num_cpus or os.cpu_count()
     with environment(
         # Every process of this cluster is told its own address. Ray Train frees the CPUs of a stopped
         # run (a trial that ASHA stops, that PBT pauses) from a helper that looks "the" cluster up on
@@ -35,10 +36,18 @@ def ensure_ray(num_cpus: int | None = None, verbosity: int = EPOCH_LINES) -> Non
         # Ray Train's controller sees a worker's report, or its end, when it next polls: every 2 s by
         # default, up to 4 s a trial; a poll every 0.5 s is one small remote call.
         RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"),
+        # Ray Train's preemption watcher (one more actor process per run) logs node drains, which a
+        # cluster on one machine never has.
+        RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"),
+        # Ray expects at most 4 worker processes per core it may start at once, and warns past that.
+        # A Train run brings 5-6 helper actors (controller, placement-group cleaner, barrier, dataset
+        # manager, queues) besides its workers, and raytrain gives a small machine more logical CPUs
+        # than cores: 2 process starts per logical CPU, or the warning is about Ray's own design.
+        RAY_worker_maximum_startup_concurrency=os.environ.get("RAY_worker_maximum_startup_concurrency", str(2 * cpus)),
     ):
         # The dashboard stays on: its State API is how Ray Train frees the workers of stopped trials.
         # The object store's size stated, so that preflight's data.cache budget is the one Ray uses.
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), object_store_memory=local_object_store_bytes(),
+        ray.init(address="local", num_cpus=cpus, object_store_memory=local_object_store_bytes(),
                  log_to_driver=log_to_driver)
 
 

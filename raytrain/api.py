@@ -123,12 +123,13 @@ def __getattr__(name):
 
 
 def evaluate(checkpoint: str | os.PathLike | CheckpointInfo, data: str | os.PathLike, *, split: str = "val",
-             device: str = "cpu", tta: str | None = None) -> dict:
+             device: str = "cpu", tta: str | None = None, progress=None) -> dict:
     """Every metric of a checkpoint on one split of a sharded dataset, at each image's own size;
-    tta="flip" scores the mean of each image's and its mirror image's probabilities."""
+    tta="flip" scores the mean of each image's and its mirror image's probabilities.
+    progress: called with (images done, total) after each batch (console.progress draws it)."""
     from raytrain.inference.evaluation import evaluate_checkpoint
 
-    return evaluate_checkpoint(checkpoint, data, split=split, device=device, tta=tta)
+    return evaluate_checkpoint(checkpoint, data, split=split, device=device, tta=tta, progress=progress)
 
 
 def predict_folder(checkpoint: str | os.PathLike | CheckpointInfo, inputs: str | os.PathLike | list, out: str | os.PathLike, *,
@@ -200,23 +201,27 @@ def serve(checkpoint: str | os.PathLike | CheckpointInfo, *, replicas: int = 1, 
                          tta=tta)
 
 
-def report(experiment: str | os.PathLike, out: str | os.PathLike, *, metric: str = "val_iou", mode: str = "max") -> Path:
-    """Plots, the best model's overlays and index.html of an experiment; returns index.html's path."""
+def report(experiment: str | os.PathLike, out: str | os.PathLike, *, metric: str = "val_iou", mode: str = "max",
+           progress=None) -> Path:
+    """Plots, the best model's overlays and index.html of an experiment; returns index.html's path.
+    progress: called with (val images scored, total) after each batch."""
     from raytrain.reporting import write_report
 
-    return write_report(experiment, out, metric, mode)
+    return write_report(experiment, out, metric, mode, progress=progress)
 
 
 def shard(src: str | os.PathLike, format: str, out: str | os.PathLike, *, classes: list[str] | None = None,
           val_fraction: float = 0.2, seed: int = 0, skip_bad: bool = False, on_skip=None,
-          group_by: str | None = None, val_groups: list[str] | None = None, rows_per_shard: int = ROWS_PER_SHARD) -> dict:
+          group_by: str | None = None, val_groups: list[str] | None = None, rows_per_shard: int = ROWS_PER_SHARD,
+          progress=None) -> dict:
     """Validate a dataset and write Parquet shards with manifest.json; returns the manifest.
     `group_by` (a regex on sample ids) splits by whole groups: `val_groups`, or about `val_fraction`.
-    rows_per_shard: samples per file; each file is one read task of the pipeline."""
+    rows_per_shard: samples per file; each file is one read task of the pipeline.
+    progress: called with (samples written, total) as they are."""
     POSITIVE.check("rows_per_shard", rows_per_shard)
     manifest = write_shards(src, format, out, val_fraction=val_fraction, seed=seed, skip_bad=skip_bad,
                             classes=classes, on_skip=on_skip, group_by=group_by, val_groups=val_groups,
-                            rows_per_shard=rows_per_shard)
+                            rows_per_shard=rows_per_shard, progress=progress)
     return manifest.model_dump(mode="json", exclude_none=True)
 
 

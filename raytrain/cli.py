@@ -20,7 +20,7 @@ import warnings
 
 from raytrain import api
 from raytrain.config import parse_size
-from raytrain.console import EPOCH_LINES, QUIET, RAY_LOGS
+from raytrain.console import EPOCH_LINES, QUIET, RAY_LOGS, progress
 from raytrain.errors import FRACTION, NON_NEGATIVE, PORT, POSITIVE, RaytrainError, Rule, one_line
 
 
@@ -42,7 +42,8 @@ def _shard(args) -> None:
     with _notes():  # leftovers of interrupted runs: removed, or where they are
         manifest = api.shard(args.src, args.format, args.out, classes=args.classes, val_fraction=args.val_fraction,
                              seed=args.seed, skip_bad=args.skip_bad, on_skip=on_skip,
-                             group_by=args.group_by, val_groups=args.val_groups, rows_per_shard=args.rows_per_shard)
+                             group_by=args.group_by, val_groups=args.val_groups, rows_per_shard=args.rows_per_shard,
+                             progress=progress("data shard", "samples"))
     counts = manifest["num_samples"]
     print(f"wrote {counts['train']} train and {counts['val']} val samples to {args.out}")
     for split, groups in manifest.get("groups", {}).items():
@@ -166,11 +167,12 @@ def _config_show(args) -> None:
 
 
 def _report(args) -> None:
-    print(api.report(args.experiment, args.out, metric=args.metric, mode=args.mode))
+    print(api.report(args.experiment, args.out, metric=args.metric, mode=args.mode, progress=progress("report")))
 
 
 def _evaluate(args) -> None:
-    metrics = api.evaluate(args.checkpoint, args.data, split=args.split, device=args.device, tta=args.tta)
+    metrics = api.evaluate(args.checkpoint, args.data, split=args.split, device=args.device, tta=args.tta,
+                           progress=progress("evaluate"))
     if args.json:
         print(json.dumps(metrics))
         return
@@ -179,15 +181,13 @@ def _evaluate(args) -> None:
 
 
 def _predict(args) -> None:
-    from raytrain.console import progress_bar, progress_lines
-
     if args.workers is None:
         summary = api.predict_folder(args.checkpoint, args.inputs, args.out, device=args.device,
-                                     batch_size=args.batch_size, progress=progress_bar("predict"), tta=args.tta)
+                                     batch_size=args.batch_size, progress=progress("predict"), tta=args.tta)
         print(f"wrote {summary.written} masks and overlays to {args.out}")
         return
     summary = api.predict_folder(args.checkpoint, args.inputs, args.out, workers=args.workers, device=args.device,
-                                 batch_size=args.batch_size, progress=progress_lines("predict"), tta=args.tta)
+                                 batch_size=args.batch_size, progress=progress("predict"), tta=args.tta)
     print(f"wrote {summary.written} masks and overlays to {args.out} ({summary.images_per_s:.1f} images/s); "
           f"skipped {summary.already_done} already done")
     if summary.unreadable:

@@ -312,8 +312,9 @@ img[src="overlays.png"] {{ image-rendering: pixelated; min-width: 30em; }}
 
 
 def write_report(experiment_path: str | os.PathLike, out_dir: str | os.PathLike,
-                 metric: str = "val_iou", mode: str = "max") -> Path:
+                 metric: str = "val_iou", mode: str = "max", progress=None) -> Path:
     """Plots, overlays and index.html for the experiment in `out_dir`; returns index.html's path.
+    progress: called with (val images scored, total) after each batch.
 
     Everything is read and computed before `out_dir` is touched, so bad input leaves nothing behind.
     """
@@ -323,7 +324,7 @@ def write_report(experiment_path: str | os.PathLike, out_dir: str | os.PathLike,
     best = _trial_of(checkpoint, root, trials)
     images, masks = val_samples(checkpoint)
     binary = checkpoint.config.num_classes == 1
-    probabilities, histogram = _predict_val(checkpoint, images, masks, keep=OVERLAY_SAMPLES)
+    probabilities, histogram = _predict_val(checkpoint, images, masks, keep=OVERLAY_SAMPLES, progress=progress)
 
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -349,7 +350,7 @@ def write_report(experiment_path: str | os.PathLike, out_dir: str | os.PathLike,
     return index
 
 
-def _predict_val(checkpoint: CheckpointInfo, images, masks, keep: int, batch_size: int = 8):
+def _predict_val(checkpoint: CheckpointInfo, images, masks, keep: int, batch_size: int = 8, progress=None):
     """The first `keep` probability maps (C, H, W), and for binary road the KITTI score histogram
     of the whole split; batch by batch, so a large val split never sits in memory as floats."""
     import torch
@@ -366,5 +367,7 @@ def _predict_val(checkpoint: CheckpointInfo, images, masks, keep: int, batch_siz
         if metrics is not None:
             for probs, mask in zip(chunk, masks[start : start + batch_size]):
                 metrics.update(torch.from_numpy(probs)[None], torch.from_numpy(np.array(mask))[None])
+        if progress:
+            progress(min(start + batch_size, len(images)), len(images))
     histogram = metrics.histogram if metrics is not None else None
     return kept, (histogram.numpy() if histogram is not None else None)

@@ -20,13 +20,13 @@ from raytrain.metrics import SegmentationMetrics
 
 def evaluate_checkpoint(
     checkpoint: str | os.PathLike | CheckpointInfo, dataset: str | os.PathLike, split: str = "val",
-    device: str = "cpu", batch_size: int = 8, tta: str | None = None,
+    device: str = "cpu", batch_size: int = 8, tta: str | None = None, progress=None,
 ) -> dict:
     """Every metric of the checkpoint on one split of a sharded dataset.
 
     Scored at each image's own resolution (predictions are resized up, as the KITTI benchmark scores),
     so on full-size data the figures differ a little from the val_* reported at the training size.
-    tta: as for predict.
+    tta: as for predict. progress: called with (images done, total) after each batch.
     """
     check_tta(tta)
     if split not in SPLITS:
@@ -55,4 +55,6 @@ def evaluate_checkpoint(
                 group = None if index is None else torch.tensor([index])
                 metrics.update(probabilities, torch.from_numpy(mask.astype(np.int64))[None], group)
                 count += 1
+            if progress:
+                progress(count, manifest.count(split))
     return {"split": split, "samples": count, **metrics.compute()}

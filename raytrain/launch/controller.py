@@ -5,13 +5,14 @@ torch (nor raytrain's models): the controller unpickles these, and every trial s
 from __future__ import annotations
 
 import threading
+import time
 
 import ray
 import ray.train
 import ray.tune
 from ray.train import DataConfig
 
-from raytrain.console import epoch_line
+from raytrain.console import epoch_line, progress, say
 
 
 class SplitData(DataConfig):
@@ -32,6 +33,9 @@ class SplitData(DataConfig):
             options = self._resolve_execution_options(name)  # a copy: the driver's stay as they are
             options.preserve_order = self.preserve_order
             dataset.context.execution_options = options
+            if world_size == 1:  # one reader needs no split, nor the coordinator actor a split starts
+                output[0][name] = dataset.iterator()
+                continue
             for rank, split in enumerate(dataset.streaming_split(world_size, equal=(name != "val"))):
                 output[rank][name] = split
         return output
@@ -39,7 +43,7 @@ class SplitData(DataConfig):
 
 class EpochLines(ray.train.UserCallback):
     """Runs in Ray Train's controller actor, whose prints never reach the terminal: it sends its lines
-    through a Ray queue to a thread in the driver."""
+    through a Ray queue to a thread in the driver (show_until), which rank 0's ProgressRelay shares."""
 
     def __init__(self, label: str, epochs: int):
         from ray.util.queue import Queue
@@ -50,19 +54,47 @@ class EpochLines(ray.train.UserCallback):
     def after_report(self, run_context, metrics, checkpoint):
         self.queue.put(epoch_line(self.label, metrics[0], self.epochs))
 
-    def print_lines_until(self, done: threading.Event) -> threading.Thread:
-        from ray.util.queue import Empty
 
-        def pump():
-            while not done.is_set() or not self.queue.empty():
-                try:
-                    print(self.queue.get(timeout=0.5), flush=True)
-                except Empty:
-                    continue
+class ProgressRelay:
+    """Rank 0's progress within an epoch, from the training loop to the driver: called once a batch,
+    it sends (what, done, total) at most every `every_s` seconds, and the end of each epoch."""
 
-        thread = threading.Thread(target=pump, daemon=True)
-        thread.start()
-        return thread
+    def __init__(self, queue, label: str, epochs: int, every_s: float = 0.5):
+        self.queue, self.label, self.epochs, self.every_s = queue, label, epochs, every_s
+        self.last = 0.0
+
+    def __call__(self, epoch: int, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - self.last < self.every_s:
+            return
+        self.last = now
+        self.queue.put((f"{self.label} epoch {epoch}/{self.epochs}", done, total))
+
+
+def show_until(queue, done: threading.Event) -> threading.Thread:
+    """A driver thread that prints the lines that arrive on `queue` and draws its ProgressRelays'
+    progress (console.progress: one display per run, a new one each epoch), until `done`."""
+    from ray.util.queue import Empty
+
+    def pump():
+        displays: dict[str, tuple[str, object]] = {}  # run -> (its current epoch's title, display)
+        while not done.is_set() or not queue.empty():
+            try:
+                item = queue.get(timeout=0.5)
+            except Empty:
+                continue
+            if isinstance(item, str):
+                say(item)
+                continue
+            title, count, total = item
+            run = title.rsplit(" epoch ", 1)[0]
+            if run not in displays or displays[run][0] != title:
+                displays[run] = (title, progress(title, leave=False))
+            displays[run][1](count, total)
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    return thread
 
 
 class RelayToTune(ray.train.UserCallback):

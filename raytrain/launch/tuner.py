@@ -3,6 +3,7 @@ with the trial's sampled values, under ASHA, HyperBand, PBT or FIFO."""
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import ray
@@ -11,11 +12,11 @@ import ray.tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from raytrain.config import Config
-from raytrain.console import EPOCH_LINES, QUIET, RAY_LOGS, epoch_line
+from raytrain.console import EPOCH_LINES, QUIET, RAY_LOGS, epoch_line, say
 from raytrain.data.manifest import Manifest, read_manifest
 from raytrain.errors import RaytrainError
 from raytrain.launch import tracking
-from raytrain.launch.controller import RelayToTune
+from raytrain.launch.controller import ProgressRelay, RelayToTune, show_until
 from raytrain.launch.session import ensure_ray, environment, user_error_inside
 from raytrain.launch.trainer import TRAIN_RUN_NAME, cluster_datasets, make_trainer, storage_and_name
 from raytrain.preflight import TRIAL_DRIVER_CPUS
@@ -31,40 +32,44 @@ class _EpochLinesTune(ray.tune.Callback):
         self.epochs = epochs
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        print(epoch_line(f"trial {trial.trial_id}", result, self.epochs), flush=True)
+        say(epoch_line(f"trial {trial.trial_id}", result, self.epochs))
 
     def on_trial_start(self, iteration, trials, trial, **info):
         if trial.checkpoint is not None:  # pbt: from a better trial's checkpoint, or its own after a pause
             source = Path(trial.checkpoint.path)
-            print(f"trial {trial.trial_id}  restarts from {source.parent.name}/{source.name} with {trial.config.get('search', {})}", flush=True)
+            say(f"trial {trial.trial_id}  restarts from {source.parent.name}/{source.name} with {trial.config.get('search', {})}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        print(f"trial {trial.trial_id}  done", flush=True)
+        say(f"trial {trial.trial_id}  done")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        print(f"trial {trial.trial_id}  failed", flush=True)
+        say(f"trial {trial.trial_id}  failed")
 
 
 # Searched keys that change what a trial's datasets hold: such a search cannot share one set.
 DATASET_KEYS = ("data.path", "data.size", "data.cache")
 
 
-def _run_trial(params: dict, base: dict, manifest: Manifest, experiment: str, datasets: dict | None) -> None:
+def _run_trial(params: dict, base: dict, manifest: Manifest, experiment: str, datasets: dict | None,
+               progress_queue=None) -> None:
     """One Tune trial: the base config with this trial's sampled values, trained by Ray Train. The
     base's manifest serves every trial but one that searches data.path itself; `datasets`, decoded
-    (and cached) once by the driver, every trial of a search whose space leaves them alone."""
+    (and cached) once by the driver, every trial of a search whose space leaves them alone;
+    `progress_queue`, where the driver draws each trial's progress from."""
     config = Config.model_validate(base).with_overrides(params.get("search", {}))
     if config.data.path != manifest.location:
         manifest = read_manifest(config.data.path)
-    trial_path = f"{experiment}/{_trial_dirname(ray.tune.get_context().get_trial_id())}"
+    trial_id = ray.tune.get_context().get_trial_id()
+    trial_path = f"{experiment}/{_trial_dirname(trial_id)}"
     start = ray.tune.get_checkpoint()  # pbt: Tune's copy of the checkpoint this trial continues from
     # A new Train run for each start, named after it: a run of an existing name carries on from its
     # own last checkpoint (right when the same start is retried, wrong for a new one).
     name = TRAIN_RUN_NAME if start is None else f"{TRAIN_RUN_NAME}_from_{Path(start.path).parent.name}_{Path(start.path).name}"
     scheduler = config.search.scheduler
     relay = RelayToTune(scheduler.perturbation_interval if scheduler.name == "pbt" else None, config.train.epochs)
+    progress = ProgressRelay(progress_queue, f"trial {trial_id}", config.train.epochs) if progress_queue is not None else None
     relay.fit_and_report(make_trainer(config, manifest, storage_path=trial_path, name=name, callbacks=[relay],
-                                      initial_checkpoint=start, datasets=datasets))
+                                      initial_checkpoint=start, datasets=datasets, progress=progress))
 
 
 def _trial_dirname(trial_id: str) -> str:
@@ -151,9 +156,15 @@ def run_search(config: Config, manifest: Manifest, experiment: str, *, resume: b
     trial's error when every trial failed."""
     ensure_ray(num_cpus, verbosity=verbosity)
     shared = not any(key in config.search.space for key in DATASET_KEYS)
+    progress_queue = None
+    if verbosity >= EPOCH_LINES:
+        from ray.util.queue import Queue
+
+        progress_queue = Queue(actor_options={"num_cpus": 0})
     trainable = ray.tune.with_parameters(_run_trial, base=config.model_dump(mode="json"), manifest=manifest,
                                          experiment=experiment,
-                                         datasets=cluster_datasets(config, manifest, verbosity) if shared else None)
+                                         datasets=cluster_datasets(config, manifest, verbosity) if shared else None,
+                                         progress_queue=progress_queue)
     trainable = ray.tune.with_resources(trainable, {"CPU": TRIAL_DRIVER_CPUS})
     if resume:
         tuner = ray.tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
@@ -188,9 +199,16 @@ def run_search(config: Config, manifest: Manifest, experiment: str, *, resume: b
     # Tune's new console output prints its header box even at verbose=0; the legacy one is silent.
     # No automatic loggers: Tune's TensorBoard one would copy every curve rank 0 already writes
     # (docs/decisions.md); the CSV and JSON ones are in the callbacks above.
-    with environment(RAY_AIR_NEW_OUTPUT=os.environ.get("RAY_AIR_NEW_OUTPUT", "1" if verbosity >= RAY_LOGS else "0"),
-                     TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1"):
-        grid = tuner.fit()
+    done = threading.Event()
+    drawer = show_until(progress_queue, done) if progress_queue is not None else None
+    try:
+        with environment(RAY_AIR_NEW_OUTPUT=os.environ.get("RAY_AIR_NEW_OUTPUT", "1" if verbosity >= RAY_LOGS else "0"),
+                         TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1"):
+            grid = tuner.fit()
+    finally:
+        done.set()
+        if drawer:
+            drawer.join(timeout=5)
     if grid.errors and len(grid.errors) == len(grid):
         raise user_error_inside(grid.errors[0]) or grid.errors[0]
     return grid

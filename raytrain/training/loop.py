@@ -10,7 +10,7 @@ import random
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import ray.train
@@ -81,6 +81,9 @@ class Worker:
     early_stopping: EarlyStopping
     logger: TensorBoardLogger | None  # rank 0's, when there is a log_dir
     is_rank0: bool
+    progress: Callable[[int, int, int], None] | None  # rank 0's: (epoch, images done, of total) once a batch
+    world_size: int
+    epoch_images: int  # trained on by all workers each epoch: DDP's equal split leaves the remainder out
 
 
 def train_worker(loop_config: dict) -> None:
@@ -127,6 +130,9 @@ def setup(loop_config: dict) -> Worker:
         early_stopping=EarlyStopping.for_config(config),
         logger=open_logger(loop_config.get("log_dir"), config) if is_rank0 else None,
         is_rank0=is_rank0,
+        progress=loop_config.get("progress") if is_rank0 else None,
+        world_size=context.get_world_size(),
+        epoch_images=manifest.count("train") // context.get_world_size() * context.get_world_size(),
     )
 
 
@@ -167,7 +173,7 @@ def open_logger(log_dir: str | None, config: Config) -> TensorBoardLogger | None
 def run_epoch(worker: Worker, epoch: int) -> tuple[dict, dict | None]:
     """Train, then evaluate; returns the epoch's report, summed over workers, and rank 0's overlay samples."""
     started = time.perf_counter()
-    batches = FirstBatchClock(train_batches(worker, epoch))
+    batches = FirstBatchClock(counted(train_batches(worker, epoch), worker, epoch))
     train_loss, train_seen = train_one_epoch(
         worker.model, batches, worker.loss_fn, worker.optimizer, worker.device, epoch,
         scheduler=worker.scheduler, scaler=worker.scaler, amp_dtype=worker.amp_dtype,
@@ -423,6 +429,22 @@ class FirstBatchClock:
             if self.first_batch_s is None:
                 self.first_batch_s = time.perf_counter() - started
             yield batch
+
+
+def counted(batches, worker: Worker, epoch: int):
+    """Iterates `batches`, telling rank 0's progress how many images all workers have trained on so
+    far (from the batch's length on the host: no device sync)."""
+    if worker.progress is None:
+        yield from batches
+        return
+    done, total = 0, worker.epoch_images
+    worker.progress(epoch + 1, 0, total)  # the epoch's start: where its rate is counted from
+    for batch in batches:
+        yield batch
+        done = min(done + len(batch["mask"]) * worker.world_size, total)
+        worker.progress(epoch + 1, done, total)
+    if done < total:
+        worker.progress(epoch + 1, total, total)
 
 
 class EarlyStopping:

@@ -39,9 +39,9 @@ def test_every_public_function_runs_from_python_without_ray(tmp_path):
 
     overrides = {"data.path": str(tmp_path / "shards"), "train.storage_path": str(tmp_path / "results")}
     plan = raytrain.train("quickstart", overrides, dry_run=True)
-    assert plan["trials"] == 1 and plan["workers_per_trial"] == 2 and plan["data"]["train"] == counts["train"]
+    assert plan["trials"] == 1 and plan["workers_per_trial"] == 1 and plan["data"]["train"] == counts["train"]
     plan = raytrain.tune("quickstart", overrides, dry_run=True)
-    assert plan["trials"] == 4 and plan["max_concurrent_trials"] == 2 and plan["cpus_per_trial"] == 2
+    assert plan["trials"] == 4 and plan["max_concurrent_trials"] == 2 and plan["cpus_per_trial"] == 1
     assert plan["experiment"].startswith(str(tmp_path / "results" / "quickstart") + "/")
     assert not (tmp_path / "results").exists()  # a dry run writes nothing
 
@@ -98,5 +98,5 @@ def test_the_wheel_ships_its_configs_and_runs_away_from_the_source_tree(tmp_path
     assert "name: quickstart" in run("config", "show", "quickstart")
     plan = run("train", "quickstart", "--dry-run", "--set", f"data.path={tiny_shards}",
                "--set", f"train.storage_path={tmp_path / 'results'}")
-    assert "dry run: nothing started" in plan and "workers_per_trial:     2" in plan
+    assert "dry run: nothing started" in plan and "workers_per_trial:     1" in plan
     assert not (tmp_path / "results").exists()

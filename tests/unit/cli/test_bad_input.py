@@ -306,7 +306,7 @@ CASES = [
     ),
     pytest.param(
         ["tune", "quickstart", "--set", "train.epochs=1"], nothing,
-        ["search.scheduler.grace_period 3 is more than train.epochs 1"], id="config-grace-period-over-epochs",
+        ["search.scheduler.grace_period 2 is more than train.epochs 1"], id="config-grace-period-over-epochs",
     ),
     pytest.param(["train", "nosuchconfig"], nothing, ["nosuchconfig", "config file not found", "quickstart"], id="config-unknown-name"),
     pytest.param(["config", "show", "nosuchconfig"], nothing, ["nosuchconfig", "config file not found"], id="config-show-unknown-name"),

@@ -422,7 +422,7 @@ NEEDS_PERMISSIONS = [
 MEMORY_LIMIT = 2**30
 
 # Rows that get as far as starting Ray, which keeps its own record of the failed run under train.storage_path.
-REACH_RAY = {"workers-nan-loss"}
+REACH_RAY = {"workers-nan-loss", "train-shard-image-bomb"}
 
 
 def needs_a_fresh_interpreter(request) -> bool:

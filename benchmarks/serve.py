@@ -80,18 +80,18 @@ def in_process(checkpoint: str, bodies: list[bytes], batch: int) -> dict:
     """decode + predict, `batch` images per call, timed per call (each image's latency is its call's)."""
     import torch
 
-    from raytrain.data.images import decode_image
+    from raytrain.data.images import read_rgb
     from raytrain.inference.loading import load_model
     from raytrain.inference.prediction import predict
 
     torch.set_num_threads(1)
     model = load_model(checkpoint)
-    predict(model, [decode_image(io.BytesIO(bodies[0]), "warm-up")])
+    predict(model, [read_rgb(bodies[0], "warm-up")])
     latencies, started = [], time.perf_counter()
     for start in range(0, len(bodies), batch):
         began = time.perf_counter()
         chunk = bodies[start : start + batch]
-        predict(model, [decode_image(io.BytesIO(body), "body") for body in chunk], batch_size=batch)
+        predict(model, [read_rgb(body, "body") for body in chunk], batch_size=batch)
         latencies += [time.perf_counter() - began] * len(chunk)
     return summary(latencies, time.perf_counter() - started)
 

@@ -28,7 +28,8 @@ import pyarrow.fs as pafs
 
 from raytrain.config import Config, load_config
 from raytrain.errors import CheckpointError, first_line, limit_from_env
-from raytrain.storage.paths import filesystem_of, is_uri
+from raytrain.storage.paths import filesystem_of, is_uri, join
+from raytrain.storage.reading import CONFIG_BYTES, RECORD_BYTES, checked_size, read_bounded
 from raytrain.storage.safe_yaml import load_yaml
 
 if TYPE_CHECKING:
@@ -74,6 +75,7 @@ def restore_train_state(directory, model, optimizer, scheduler=None) -> int:
 
     directory = Path(directory)
     unwrap(model).load_state_dict(read_weights(directory / MODEL_FILE, unwrap(model).state_dict()))
+    checked_size(directory / STATE_FILE, checkpoint_file_limit(STATE_FILE), "training state", CheckpointError)
     try:
         state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
@@ -121,7 +123,7 @@ def _check_weights_file(file: Path, needed: int) -> None:
     """Before torch reads it: big enough to hold the weights the config asks for (so a tiny file
     cannot make raytrain build a huge model), torch's zip format (what mmap needs), nothing compressed
     (torch.save stores; a deflated entry of 1 MB can expand to 1 GB)."""
-    size = file.stat().st_size
+    size = checked_size(file, checkpoint_file_limit(MODEL_FILE), "weights", CheckpointError, MAX_PARAMETERS_ENV)
     if needed > size:
         raise _unloadable(file, f"config.yaml's model needs {needed} bytes of weights, the file holds {size}")
     if not zipfile.is_zipfile(file):
@@ -167,13 +169,14 @@ class CheckpointInfo:
 
 
 LOADED_FILES = (MODEL_FILE, CONFIG_FILE, METRICS_FILE, CLASSES_FILE)  # what reading and loading one need (not train_state.pt)
-SMALL_FILE_BYTES = 1 << 20  # config.yaml, metrics.json, classes.json
 
 
-def fetch_limit(name: str) -> int:
-    """The most bytes a fetched checkpoint file may have: weights of at most max_parameters() in
-    float64 (the widest dtype a model is saved in) and some zip overhead, the small files 1 MiB."""
-    return 8 * max_parameters() + SMALL_FILE_BYTES if name == MODEL_FILE else SMALL_FILE_BYTES
+def checkpoint_file_limit(name: str) -> int:
+    """The most bytes a checkpoint's file may have: weights of at most max_parameters() in float64
+    (the widest dtype a model is saved in) and some zip overhead; the training state twice that
+    (Adam keeps two values a parameter); config.yaml and the JSON files storage.reading's limits."""
+    weights = 8 * max_parameters() + RECORD_BYTES
+    return {MODEL_FILE: weights, STATE_FILE: 2 * weights, CONFIG_FILE: CONFIG_BYTES}.get(name, RECORD_BYTES)
 
 
 def fetch_checkpoint(filesystem: pafs.FileSystem, path: str, cache: Path) -> Path:
@@ -187,9 +190,9 @@ def fetch_checkpoint(filesystem: pafs.FileSystem, path: str, cache: Path) -> Pat
     listing = {info.base_name: info for info in filesystem.get_file_info(pafs.FileSelector(path))}
     wanted = [listing[name] for name in LOADED_FILES if name in listing and listing[name].type == pafs.FileType.File]
     for info in wanted:
-        if info.size is not None and info.size > fetch_limit(info.base_name):
+        if info.size is not None and info.size > checkpoint_file_limit(info.base_name):
             raise CheckpointError(f"{path}/{info.base_name}: {info.size} bytes, over the limit of "
-                                  f"{fetch_limit(info.base_name)} for a checkpoint's {info.base_name} ({MAX_PARAMETERS_ENV})")
+                                  f"{checkpoint_file_limit(info.base_name)} for a checkpoint's {info.base_name} ({MAX_PARAMETERS_ENV})")
     partial = target.with_name(f".{target.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -218,32 +221,22 @@ def local_checkpoint(location: str | os.PathLike) -> Path:
 
 def read_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
     path = local_checkpoint(path)
-    missing = [name for name in (MODEL_FILE, CONFIG_FILE, METRICS_FILE) if not (path / name).is_file()]
+    # Present, not necessarily files: what else they are (a FIFO, a folder) the readers say in words.
+    missing = [name for name in (MODEL_FILE, CONFIG_FILE, METRICS_FILE) if not (path / name).exists()]
     if not path.is_dir() or missing:
         raise CheckpointError(f"{path}: not a raytrain checkpoint (missing {', '.join(missing) or 'directory'})")
+    text = read_bounded(path / CONFIG_FILE, CONFIG_BYTES, "checkpoint config", CheckpointError)
     try:
-        config = load_config(load_yaml((path / CONFIG_FILE).read_text(), CONFIG_FILE))
+        config = load_config(load_yaml(text.decode(), CONFIG_FILE))
     except Exception as err:
         raise CheckpointError(f"{path / CONFIG_FILE}: unreadable checkpoint config ({' '.join(str(err).split())})") from None
     return CheckpointInfo(path, config, read_metrics(path), list(config.classes))
 
 
-MAX_METRICS_BYTES = 1 << 20  # an epoch's metrics are a few kB; a metrics.json of /dev/zero must not fill memory
-
-
 def read_metrics(location: str | os.PathLike) -> dict:
     """A checkpoint's metrics.json, local or at a URI (without fetching the weights)."""
-    filesystem, path = filesystem_of(location)
-    file = f"{os.fspath(location).rstrip('/')}/{METRICS_FILE}" if is_uri(location) else Path(path) / METRICS_FILE
-    try:
-        with filesystem.open_input_stream(f"{path}/{METRICS_FILE}") as stream:
-            data = stream.read(MAX_METRICS_BYTES + 1)
-    except FileNotFoundError:
-        raise CheckpointError(f"{file}: not found") from None
-    except OSError as err:
-        raise CheckpointError(f"{file}: unreadable ({' '.join(str(err).split())})") from None
-    if len(data) > MAX_METRICS_BYTES:
-        raise CheckpointError(f"{file}: over {MAX_METRICS_BYTES} bytes, not an epoch's metrics")
+    file = join(location, METRICS_FILE)
+    data = read_bounded(file, RECORD_BYTES, "metrics", CheckpointError)
     try:
         metrics = json.loads(data)
     except ValueError as err:

@@ -393,10 +393,11 @@ def shipped_configs() -> dict[str, resources.abc.Traversable]:
 
 
 def config_file(source: str | os.PathLike):
-    """A config's file: the path itself when it is a file, else the shipped config of that name."""
+    """A config's file: the path itself when there is one (not a folder), else the shipped config
+    of that name. What the path is (a FIFO, a device) is the reader's to refuse, in words."""
     path = Path(source).expanduser()
     try:
-        if path.is_file():
+        if path.exists() and not path.is_dir():
             return path
     except OSError as err:  # a folder on the way that cannot be searched
         raise ConfigError(f"{source}: cannot read it ({err.strerror or err})") from None

@@ -10,7 +10,16 @@ from typing import Any, Callable
 
 
 class RaytrainError(Exception):
-    """A problem the user can fix: a config key, a data file, a checkpoint path."""
+    """A problem the user can fix: a config key, a data file, a checkpoint path. Its text is the
+    message it was raised with: Ray Data appends a retry note to the args of an exception raised in
+    its tasks, which is no part of the one line."""
+
+    def __init__(self, message: str = "", *args):
+        super().__init__(message, *args)
+        self.message = message  # kept in __dict__, so a copy pickled back from a task has it too
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class ConfigError(RaytrainError):

@@ -22,10 +22,11 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from raytrain.config import Config, TrainConfig, load_config
-from raytrain.errors import CheckpointError, ConfigError
+from raytrain.errors import CheckpointError, ConfigError, RaytrainError
 from raytrain.selection import best_checkpoint_in, scored_checkpoints
 from raytrain.storage.atomic import write_atomically
 from raytrain.storage.paths import filesystem_of, is_uri, join
+from raytrain.storage.reading import CONFIG_BYTES, RECORD_BYTES, read_bounded
 from raytrain.storage.safe_yaml import load_yaml
 
 MARKER = "experiment.json"
@@ -46,11 +47,9 @@ def name_folder(config: Config) -> str:
 
 
 def _read_json(location: str) -> dict | None:
-    filesystem, path = filesystem_of(location)
     try:
-        with filesystem.open_input_stream(path) as stream:
-            data = json.loads(stream.read())
-    except (FileNotFoundError, ValueError, OSError):
+        data = json.loads(read_bounded(location, RECORD_BYTES, "record", CheckpointError))
+    except (RaytrainError, ValueError):
         return None
     return data if isinstance(data, dict) else None
 
@@ -123,12 +122,7 @@ def mark(experiment: str, status: str, **fields) -> None:
 
 
 def experiment_config(experiment: str) -> Config:
-    filesystem, path = filesystem_of(experiment)
-    try:
-        with filesystem.open_input_stream(f"{path}/{CONFIG_FILE}") as stream:
-            data = stream.read()
-    except (FileNotFoundError, OSError):
-        raise CheckpointError(f"{join(experiment, CONFIG_FILE)}: not found") from None
+    data = read_bounded(join(experiment, CONFIG_FILE), CONFIG_BYTES, "experiment config", CheckpointError)
     try:  # bytes that are not UTF-8 are damage like any other
         return load_config(load_yaml(data.decode(), CONFIG_FILE))
     except Exception as err:  # noqa: BLE001 - any damage to the file is the same one-line error

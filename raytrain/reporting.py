@@ -21,16 +21,16 @@ from matplotlib.figure import Figure  # a Figure without pyplot: no GUI backend,
 from matplotlib.ticker import NullFormatter
 from PIL import Image
 
-from raytrain.checkpoints import METRICS_FILE, CheckpointInfo
-from raytrain.data.images import decode_image, decode_mask
+from raytrain.checkpoints import METRICS_FILE, CheckpointInfo, read_metrics
 from raytrain.data.manifest import read_manifest
-from raytrain.data.transforms import resize
+from raytrain.data.transforms import decode_sample, row_name
 from raytrain.errors import CheckpointError
 from raytrain.experiments import resolve_experiment
 from raytrain.inference.loading import load_model
 from raytrain.inference.prediction import predict
 from raytrain.metrics import SegmentationMetrics, kitti_precision_recall
 from raytrain.selection import best_checkpoint_in
+from raytrain.storage.reading import RECORD_BYTES, RESULTS_BYTES, read_bounded
 from raytrain.viz import overlay_grid
 
 OVERLAY_SAMPLES = 4
@@ -69,7 +69,7 @@ def _by_epoch(rows: list[dict]) -> list[dict]:
 
 def _read_json_lines(path: Path) -> list[dict]:
     rows = []
-    for line in path.read_text().splitlines():
+    for line in read_bounded(path, RESULTS_BYTES, "results", CheckpointError).decode(errors="replace").splitlines():
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
@@ -85,14 +85,14 @@ def read_trials(experiment_path: str | os.PathLike) -> list[Trial]:
     trials = []
     for directory in sorted(p for p in root.iterdir() if (p / "params.json").is_file()):
         try:
-            params = json.loads((directory / "params.json").read_text()).get("search", {})
-        except (json.JSONDecodeError, AttributeError):
+            params = json.loads(read_bounded(directory / "params.json", RECORD_BYTES, "params", CheckpointError)).get("search", {})
+        except (ValueError, AttributeError):
             raise CheckpointError(f"{directory / 'params.json'}: not Tune's params JSON") from None
         results = directory / "result.json"
         history = _by_epoch(_read_json_lines(results)) if results.is_file() else []
         trials.append(Trial(directory.name, params, history))
     if not trials:  # a single Train run: what its kept checkpoints recorded
-        rows = [json.loads(path.read_text()) for path in root.glob(f"*/{METRICS_FILE}")]
+        rows = [read_metrics(path.parent) for path in root.glob(f"*/{METRICS_FILE}")]
         trials = [Trial(root.name, {}, _by_epoch(rows))] if rows else []
     if not any(trial.history for trial in trials):
         raise CheckpointError(f"{root}: no trial has reported any metrics (not a raytrain experiment?)")
@@ -110,8 +110,8 @@ def val_samples(checkpoint: CheckpointInfo) -> tuple[list[np.ndarray], list[np.n
     config = checkpoint.config
     table = pq.read_table(read_manifest(config.data.path).shard_paths("val"), columns=["id", "image", "mask"]).sort_by("id")
     pairs = [
-        resize(decode_image(image), decode_mask(mask), config.data.size)
-        for image, mask in zip(table.column("image").to_pylist(), table.column("mask").to_pylist())
+        decode_sample(image, mask, config.data.size, row_name(config.data.path, sample_id))
+        for sample_id, image, mask in zip(*(table.column(name).to_pylist() for name in ("id", "image", "mask")))
     ]
     return [image for image, _ in pairs], [mask for _, mask in pairs]
 

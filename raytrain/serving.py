@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from raytrain.checkpoints import MAX_PARAMETERS_ENV, max_parameters
 from raytrain.console import QUIET
-from raytrain.data.images import MAX_PIXELS_ENV, max_pixels, read_rgb
+from raytrain.data.images import MAX_PIXELS_ENV, max_image_bytes, max_pixels, read_rgb
 from raytrain.errors import DataError, RaytrainError, one_line
 from raytrain.inference.loading import checkpoint_files, load_model_from_files
 from raytrain.inference.prediction import labels_of, predict
@@ -40,8 +40,6 @@ OUTPUTS = ("mask", "overlay", "json")
 IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG"}  # Content-Type -> the Pillow format it must hold
 MULTIPART = "multipart/form-data"
 PROBABILITY_SIDE = 64  # the JSON's probability grid: at most this many cells along the longer side
-BYTES_PER_PIXEL = 4  # the request size limit: RGBA at the pixel limit, plus headroom for headers and form parts
-BODY_HEADROOM = 1 << 20
 
 
 class RequestError(DataError):
@@ -52,13 +50,10 @@ class RequestError(DataError):
         self.status = status
 
 
-def max_body_bytes() -> int:
-    return BYTES_PER_PIXEL * max_pixels() + BODY_HEADROOM
-
-
 async def read_body(request: Request) -> bytes:
-    """The request body, refused once it is over max_body_bytes (whatever Content-Length says)."""
-    limit, chunks, size = max_body_bytes(), [], 0
+    """The request body, refused once it is over an image file's limit (data.images.max_image_bytes,
+    whose headroom holds a form's parts), whatever Content-Length says."""
+    limit, chunks, size = max_image_bytes(), [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
@@ -80,7 +75,7 @@ async def image_of(request: Request) -> np.ndarray:
     if not data:
         raise RequestError(400, f"{name}: empty (send a PNG or JPEG image)")
     try:
-        return read_rgb(io.BytesIO(data), name, formats)
+        return read_rgb(bytes(data), name, formats)
     except DataError as err:
         raise RequestError(400, str(err)) from None
 

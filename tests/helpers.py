@@ -300,6 +300,37 @@ def png_header(path: Path, width: int, height: int) -> None:
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IEND", b""))
 
 
+def sparse_tail(path: Path) -> None:
+    """`path` grown to 3 GiB by a hole: what it held, then zeros that take no block on disk."""
+    with open(path, "r+b") as file:
+        file.truncate(3 << 30)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def broken_png(damage: str) -> bytes:
+    """A small RGB PNG with one damaged chunk, on which Pillow raises neither OSError nor its
+    UnidentifiedImageError: "truncated-gama" and "oversized-iccp" (ValueError when opened),
+    "junk-chunk" (a chunk type of control bytes between two IDAT chunks: SyntaxError when decoded)."""
+    encoded = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 32, 3), dtype=np.uint8)).save(encoded, format="PNG")
+    data = encoded.getvalue()
+    (length,) = struct.unpack(">I", data[33:37])  # Pillow writes one IDAT chunk, right after IHDR
+    start, image = data[:33], data[41 : 41 + length]
+    half = len(image) // 2
+    damaged = {
+        "truncated-gama": _png_chunk(b"gAMA", b"\0\1") + _png_chunk(b"IDAT", image),
+        "oversized-iccp": _png_chunk(b"iCCP", b"p\0\0" + zlib.compress(bytes(20_000_000))) + _png_chunk(b"IDAT", image),
+        "junk-chunk": _png_chunk(b"IDAT", image[:half]) + _png_chunk(b"\0\1\2\3", b"abc") + _png_chunk(b"IDAT", image[half:]),
+    }
+    return start + damaged[damage] + _png_chunk(b"IEND", b"")
+
+
+BROKEN_PNGS = ["truncated-gama", "oversized-iccp", "junk-chunk"]
+
+
 # The small datasets of the format tests: W x H images, in these colours.
 W, H = 12, 8
 ROAD, CAR, SKY, VOID = (128, 64, 128), (64, 0, 128), (70, 130, 180), (0, 0, 0)
@@ -391,20 +422,21 @@ NEEDS_PERMISSIONS = [
 MEMORY_LIMIT = 2**30
 
 # Rows that get as far as starting Ray, which keeps its own record of the failed run under train.storage_path.
-REACH_RAY = {"workers-nan-loss"}
+REACH_RAY = {"workers-nan-loss", "train-shard-image-bomb"}
 
 
 def needs_a_fresh_interpreter(request) -> bool:
     return request.node.get_closest_marker("as_a_user") is not None or request.node.callspec.id in REACH_RAY
 
 
-def run_raytrain(args: list[str], cwd: Path, fresh: bool = False, memory_limit: int | None = None) -> subprocess.CompletedProcess:
+def run_raytrain(args: list[str], cwd: Path, fresh: bool = False, memory_limit: int | None = None,
+                 timeout: float = 600) -> subprocess.CompletedProcess:
     """The CLI with args in its own process, forked or a fresh interpreter; allowed at most
-    memory_limit bytes of data where given."""
+    memory_limit bytes of data where given, and `timeout` seconds (then subprocess.TimeoutExpired)."""
     if not fresh:
-        return run_cli(args, cwd, memory_limit=memory_limit)
+        return run_cli(args, cwd, memory_limit=memory_limit, timeout=timeout)
     limit = None if memory_limit is None else lambda: resource.setrlimit(resource.RLIMIT_DATA, (memory_limit, memory_limit))
-    return run_cli_fresh(args, cwd, prefix=AS_A_USER, preexec_fn=limit)
+    return run_cli_fresh(args, cwd, prefix=AS_A_USER, preexec_fn=limit, timeout=timeout)
 
 
 def assert_one_line_error(run: subprocess.CompletedProcess, fragments: list[str], tmp: Path) -> None:
@@ -417,11 +449,11 @@ def assert_one_line_error(run: subprocess.CompletedProcess, fragments: list[str]
 
 
 def check_one_line_and_nothing_written(tmp: Path, args: list[str], setup, fragments: list[str],
-                                       fresh: bool = False, memory_limit: int | None = None) -> None:
+                                       fresh: bool = False, memory_limit: int | None = None, timeout: float = 600) -> None:
     """setup(tmp), then the CLI with args: exit 2, one line holding every fragment, tmp unchanged."""
     setup(tmp)
     before = snapshot(tmp)
-    run = run_raytrain([a.format(tmp=tmp) for a in args], tmp, fresh, memory_limit)
+    run = run_raytrain([a.format(tmp=tmp) for a in args], tmp, fresh, memory_limit, timeout)
     assert_one_line_error(run, fragments, tmp)  # a MemoryError would be a traceback
     assert snapshot(tmp) == before  # also: no temporary file left
 

@@ -6,7 +6,6 @@ CamVid's void). Shards, the pipeline, losses and metrics only ever see that conv
 """
 from __future__ import annotations
 
-import errno
 import fnmatch
 import os
 from contextlib import contextmanager
@@ -19,6 +18,7 @@ import numpy as np
 from raytrain.data.images import check_8bit, open_image
 from raytrain.errors import DataError
 from raytrain.storage.paths import as_path
+from raytrain.storage.reading import file_problem
 
 IGNORE_INDEX = 255
 
@@ -45,18 +45,6 @@ def decode_kitti_gt(rgb: np.ndarray) -> np.ndarray:
     labels = (rgb[..., 2] > 0).astype(np.uint8)
     labels[rgb[..., 0] == 0] = IGNORE_INDEX
     return labels
-
-
-def file_problem(path, err: OSError) -> str:
-    """Why `path` could not be read, in words, for what a dataset folder really holds: broken links,
-    link loops, folders named like images; else the system's reason (Permission denied)."""
-    if err.errno == errno.ELOOP:
-        return "symbolic link loop"
-    if err.errno == errno.EISDIR:
-        return "a folder, not a file"
-    if err.errno == errno.ENOENT and isinstance(path, Path) and path.is_symlink():
-        return f"broken symbolic link to {os.readlink(path)}"
-    return err.strerror or " ".join(str(err).split()) or type(err).__name__
 
 
 @contextmanager
@@ -182,7 +170,7 @@ def _kitti_lister(target: str) -> Callable[[Path], list[Sample]]:
 
 
 def _load_kitti_mask(path: Path) -> np.ndarray:
-    with open_image(path) as gt:
+    with open_image(path, what="mask") as gt:
         # Only what KITTI defines: anything else (grayscale, 16-bit, other colours) would decode as road.
         if gt.mode != "RGB":
             raise DataError(f"{path}: KITTI mask is Pillow mode {gt.mode}, expected 8-bit RGB in the KITTI colours")
@@ -234,7 +222,7 @@ def _list_camvid(root: Path) -> list[Sample]:
 
 
 def _single_channel(path: Path) -> np.ndarray:
-    with open_image(path) as mask:
+    with open_image(path, what="mask") as mask:
         if mask.mode not in ("L", "P", "I", "I;16"):
             raise DataError(f"{path}: mask is {mask.mode}, expected one channel of class indices")
         return np.asarray(mask)
@@ -280,7 +268,7 @@ def _read_class_map(path: Path) -> dict:
 
     if not path.is_file():
         raise DataError(f"{path}: class map not found (folder format needs {CLASS_MAP} or class_map=)")
-    data = load_yaml_file(path, DataError)
+    data = load_yaml_file(path, DataError, "class map")
     entries = data.get("classes") if isinstance(data, dict) else None
     if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
         raise DataError(f"{path}: expected `classes:` with a list of {{name, color}} or {{name, index}} entries")
@@ -320,7 +308,7 @@ def _color_folder(path: Path, data: dict, names: list[str]) -> DatasetFormat:
     ignore_code = None if ignore is None else (ignore[0] << 16) | (ignore[1] << 8) | ignore[2]
 
     def load_mask(mask_path: Path) -> np.ndarray:
-        with open_image(mask_path) as mask:
+        with open_image(mask_path, what="mask") as mask:
             check_8bit(mask, mask_path, "mask")
             rgb = np.asarray(mask.convert("RGB")).astype(np.int64)
         code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]

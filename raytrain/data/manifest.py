@@ -15,10 +15,11 @@ import numpy as np
 import pyarrow.fs as pafs
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
-from raytrain.data.formats import IGNORE_INDEX, file_problem
+from raytrain.data.formats import IGNORE_INDEX
 from raytrain.data.splits import GROUP_NAME
 from raytrain.errors import DataError
-from raytrain.storage.paths import as_path, filesystem_of, join
+from raytrain.storage.paths import filesystem_of, join
+from raytrain.storage.reading import MANIFEST_BYTES, SHARD_BYTES, checked_size, read_bounded
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
@@ -87,7 +88,8 @@ class Manifest(BaseModel):
         return [w * len(inverse) / sum(inverse) for w in inverse]
 
     def shard_paths(self, split: str) -> list[str]:
-        """The split's Parquet files: local paths for local data (file:// included), else URIs."""
+        """The split's Parquet files: local paths for local data (file:// included), else URIs. A local
+        one must be a regular file within SHARD_BYTES (an object store holds nothing else)."""
         dataset = self.location
         filesystem, root = filesystem_of(dataset)
         names = self.files[split]
@@ -98,6 +100,7 @@ class Manifest(BaseModel):
         for name, path in zip(names, paths):
             if not path.is_relative_to(root_path):  # a symbolic link inside that leads out
                 raise DataError(f"{join(dataset, MANIFEST)}: files.{split} entry {name!r} leads outside the dataset folder, to {path}")
+            checked_size(path, SHARD_BYTES, "shard")
         return [str(path) for path in paths]
 
     def to_json(self) -> str:
@@ -108,13 +111,11 @@ def read_manifest(dataset: str | os.PathLike) -> Manifest:
     """The manifest of a sharded dataset: a local folder or any pyarrow filesystem URI."""
     path = join(dataset, MANIFEST)
     filesystem, manifest_path = filesystem_of(path)
-    if filesystem.get_file_info(manifest_path).type != pafs.FileType.File:
+    if filesystem.get_file_info(manifest_path).type == pafs.FileType.NotFound:
         raise DataError(f"{path}: no manifest; shard the data first with `raytrain data shard`")
+    text = read_bounded(path, MANIFEST_BYTES, "manifest")
     try:
-        with filesystem.open_input_stream(manifest_path) as stream:
-            data = json.loads(stream.read())
-    except OSError as err:
-        raise DataError(f"{path}: cannot read it ({file_problem(as_path(path), err)})") from None
+        data = json.loads(text)
     except ValueError as err:  # JSONDecodeError, and bytes that are not UTF-8 at all
         raise DataError(f"{path}: not valid JSON ({' '.join(str(err).split())})") from None
     _check_untrusted(data, path)

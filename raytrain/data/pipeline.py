@@ -23,17 +23,17 @@ ROWS_PER_TASK = 16
 FIRST_EPOCH = "train_first_epoch"
 
 
-def decode_block(block: dict, size, groups: list[str] | None = None):
+def decode_block(block: dict, size, groups: list[str] | None = None, dataset: str = ""):
     """A whole read block -> decoded batches of ROWS_PER_TASK rows, yielded one at a time.
 
     Taken whole (map_batches with batch_size=None) so that, with one block per file, Ray fuses this
     map into the Parquet read task; the small batches bound the decoding's scratch memory, and Ray
     still packs what a task yields into one block per task. With `groups`, each row's group becomes
-    its index into them ("group"), which the metrics count by.
+    its index into them ("group"), which the metrics count by. `dataset` names the rows in errors.
     """
     for start in range(0, len(block["id"]), ROWS_PER_TASK):
         rows = {name: column[start : start + ROWS_PER_TASK] for name, column in block.items()}
-        batch = decode_batch(rows, size)
+        batch = decode_batch(rows, size, dataset)
         if groups:
             batch["group"] = group_indices(rows["group"], rows["id"], groups)
         yield batch
@@ -78,7 +78,7 @@ def decoded_split(manifest: Manifest, split: str, size, cpus: int, *, shuffle: b
     blocks = read_blocks(len(paths), manifest.count(split), cpus)
     columns = COLUMNS + ["group"] * bool(groups)
     return read_shards(paths, shuffle=shuffle, seed=seed, columns=columns, blocks=blocks).map_batches(
-        decode_block, fn_kwargs={"size": size, "groups": groups}, batch_size=None
+        decode_block, fn_kwargs={"size": size, "groups": groups, "dataset": manifest.location}, batch_size=None
     )
 
 

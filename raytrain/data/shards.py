@@ -19,13 +19,14 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
 
-from raytrain.data.formats import FORMATS, IGNORE_INDEX, DatasetFormat, Sample, file_problem, get_format, os_errors_named
-from raytrain.data.images import check_8bit, open_checked
+from raytrain.data.formats import FORMATS, IGNORE_INDEX, DatasetFormat, Sample, get_format, os_errors_named
+from raytrain.data.images import MAX_PIXELS_ENV, check_8bit, max_image_bytes, open_image
 from raytrain.data.manifest import MANIFEST, SCHEMA_VERSION, SPLITS, Manifest
 from raytrain.data.splits import SplitRule, plan_group_split
 from raytrain.errors import FRACTION, DataError
 from raytrain.storage import leftovers
 from raytrain.storage.paths import as_path, filesystem_of
+from raytrain.storage.reading import read_bounded
 
 
 # One Parquet file is one Ray Data read task: small files let every CPU decode (a 230-image KITTI
@@ -58,12 +59,6 @@ def _mask_values(fmt: DatasetFormat) -> int:
     return max(len(fmt.classes), 2)
 
 
-def _reason(err: Exception) -> str:
-    if isinstance(err, Image.UnidentifiedImageError):  # its text names an in-memory buffer, not the file
-        return "not an image file Pillow can decode"
-    return " ".join(str(err).split()) or type(err).__name__
-
-
 def _check_name(path) -> None:
     try:  # ids and paths are stored as UTF-8 text: a name in another encoding has no faithful copy there
         str(path).encode("utf-8")
@@ -77,27 +72,11 @@ def _read_sample(sample: Sample, fmt: DatasetFormat) -> tuple[dict, np.ndarray]:
         _check_name(path)
     if sample.mask_path is None:
         raise DataError(f"{sample.image_path}: image has no mask")
-    try:
-        image_bytes = sample.image_path.read_bytes()
-    except OSError as err:
-        raise DataError(f"{sample.image_path}: cannot read the image ({file_problem(sample.image_path, err)})") from None
-    try:
-        with open_checked(io.BytesIO(image_bytes), sample.image_path) as image:
-            check_8bit(image, sample.image_path)
-            image.load()  # a full decode: truncated files only fail here
-            width, height = image.size
-    except DataError:
-        raise
-    except Exception as err:
-        raise DataError(f"{sample.image_path}: unreadable image ({_reason(err)})") from None
-    try:
-        mask = fmt.load_mask(sample.mask_path)
-    except DataError:
-        raise  # already names the file (e.g. mask colours that are not classes)
-    except Exception as err:
-        if isinstance(err, OSError) and err.errno is not None:  # the file system's, not Pillow's (errno None)
-            raise DataError(f"{sample.mask_path}: cannot read the mask ({file_problem(sample.mask_path, err)})") from None
-        raise DataError(f"{sample.mask_path}: unreadable mask ({_reason(err)})") from None
+    image_bytes = read_bounded(sample.image_path, max_image_bytes(), "image", DataError, MAX_PIXELS_ENV)  # kept as they are
+    with open_image(image_bytes, sample.image_path) as image:  # a full decode: damaged files fail now
+        check_8bit(image, sample.image_path)
+        width, height = image.size
+    mask = fmt.load_mask(sample.mask_path)  # through open_image too: its errors name the mask
     if mask.shape != (height, width):
         raise DataError(
             f"{sample.mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {width}x{height}"

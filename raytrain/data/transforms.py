@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from raytrain.data.images import decode_image, decode_mask
+from raytrain.data.images import read_labels, read_rgb
 
 
 def resize(image: np.ndarray, mask: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -22,14 +22,22 @@ def resize(image: np.ndarray, mask: np.ndarray, size: tuple[int, int]) -> tuple[
     return image, mask
 
 
-def decode_sample(image_bytes: bytes, mask_bytes: bytes, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    image, mask = resize(decode_image(image_bytes), decode_mask(mask_bytes), size)
+def decode_sample(image_bytes: bytes, mask_bytes: bytes, size: tuple[int, int], row: str = "shard row") -> tuple[np.ndarray, np.ndarray]:
+    """One shard row's image and mask, decoded (data.images: within the pixel limit) and resized;
+    `row` names it in errors."""
+    image, mask = resize(read_rgb(bytes(image_bytes), row), read_labels(bytes(mask_bytes), row), size)
     return np.ascontiguousarray(image), np.ascontiguousarray(mask)
 
 
-def decode_batch(batch: dict[str, np.ndarray], size) -> dict[str, np.ndarray]:
-    """A batch of encoded rows -> {"id", "image": (N, H, W, 3) uint8, "mask": (N, H, W) uint8}."""
-    pairs = [decode_sample(image, mask, size) for image, mask in zip(batch["image"], batch["mask"])]
+def row_name(dataset: str, sample_id) -> str:
+    """How errors name a shard row: its dataset (or shard file) and its sample id."""
+    return f"{dataset}: sample {str(sample_id)!r}" if dataset else f"sample {str(sample_id)!r}"
+
+
+def decode_batch(batch: dict[str, np.ndarray], size, dataset: str = "") -> dict[str, np.ndarray]:
+    """A batch of encoded rows of `dataset` -> {"id", "image": (N, H, W, 3) uint8, "mask": (N, H, W) uint8}."""
+    pairs = [decode_sample(image, mask, size, row_name(dataset, sample_id))
+             for sample_id, image, mask in zip(batch["id"], batch["image"], batch["mask"])]
     return {
         "id": batch["id"],
         "image": np.stack([image for image, _ in pairs]),

@@ -9,8 +9,9 @@ import torch
 
 from raytrain.checkpoints import CheckpointInfo, read_checkpoint
 from raytrain.data.formats import IGNORE_INDEX
-from raytrain.data.images import decode_image, decode_mask
+from raytrain.data.images import read_labels, read_rgb
 from raytrain.data.manifest import SPLITS, group_indices, read_manifest
+from raytrain.data.transforms import row_name
 from raytrain.errors import DataError
 from raytrain.inference.image_model import check_tta
 from raytrain.inference.loading import load_model
@@ -46,8 +47,8 @@ def evaluate_checkpoint(
         table = pq.read_table(path, columns=["id", "image", "mask", *["group"] * bool(groups)]).to_pydict()
         for start in range(0, len(table["image"]), batch_size):
             rows = {name: column[start : start + batch_size] for name, column in table.items()}
-            images = [decode_image(b) for b in rows["image"]]
-            masks = [decode_mask(b) for b in rows["mask"]]
+            images = [read_rgb(data, row_name(path, sample_id)) for sample_id, data in zip(rows["id"], rows["image"])]
+            masks = [read_labels(data, row_name(path, sample_id)) for sample_id, data in zip(rows["id"], rows["mask"])]
             indices = group_indices(rows["group"], rows["id"], groups) if groups else [None] * len(masks)
             for probabilities, mask, index in zip(predict(model, images, batch_size=batch_size, tta=tta), masks, indices):
                 probabilities = torch.from_numpy(probabilities)

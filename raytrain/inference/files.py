@@ -51,13 +51,14 @@ class PredictionSummary:
 
 def image_locations(inputs: Sequence[str | os.PathLike]) -> list[str]:
     """Image files and folders of images (local paths or URIs) -> each image's location, in order;
-    a folder gives its files with an image suffix, sorted. Nothing is read but the listings."""
+    a folder gives its files with an image suffix, sorted. Nothing is read but the listings: what
+    else than an image file a name may be (a FIFO, a device) the image reader says."""
     found: list[str] = []
     for item in inputs:
         path = as_path(item)
         if path.is_dir():
             found += [join(item, child.name) for child in sorted(path.iterdir()) if child.suffix.lower() in IMAGE_SUFFIXES]
-        elif path.is_file():
+        elif path.exists():
             found.append(os.fspath(item))
         else:
             raise DataError(f"{path}: no such file or directory")

@@ -12,13 +12,14 @@ from pathlib import Path
 import torch
 
 from raytrain.checkpoints import (
-    CONFIG_FILE, LOADED_FILES, MAX_PARAMETERS_ENV, MODEL_FILE, CheckpointInfo, max_parameters, read_checkpoint,
-    read_weights,
+    CONFIG_FILE, LOADED_FILES, MAX_PARAMETERS_ENV, MODEL_FILE, CheckpointInfo, checkpoint_file_limit, max_parameters,
+    read_checkpoint, read_weights,
 )
 from raytrain.config import Config
 from raytrain.data.images import MAX_PIXELS_ENV, max_pixels
 from raytrain.errors import CheckpointError, RaytrainError, first_line
 from raytrain.models import create_model
+from raytrain.storage.reading import read_bounded
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,8 @@ def load_model(checkpoint: str | os.PathLike | CheckpointInfo, device: str | tor
 
 def checkpoint_files(checkpoint: Path) -> dict[str, bytes]:
     """What load_model reads of a local checkpoint, as bytes: for actors on nodes that cannot see the path."""
-    return {name: (checkpoint / name).read_bytes() for name in LOADED_FILES if (checkpoint / name).is_file()}
+    return {name: read_bounded(checkpoint / name, checkpoint_file_limit(name), name, CheckpointError)
+            for name in LOADED_FILES if (checkpoint / name).exists()}
 
 
 def load_model_from_files(files: dict[str, bytes], device: str | torch.device = "cpu") -> LoadedModel:

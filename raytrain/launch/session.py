@@ -87,14 +87,22 @@ def user_error_inside(err: BaseException) -> RaytrainError | None:
     return None
 
 
+# Loggers of Ray Data that a run in the driver (a cache filled, a batch prediction) only makes noise
+# on: the progress-bar warning (raytrain prints its own progress), and the log of a failed task,
+# whose exception reaches the caller anyway (a RaytrainError as its one line).
+_QUIETED = {"ray.data._internal.progress": logging.ERROR, "ray.data._internal.execution.streaming_executor_state": logging.CRITICAL,
+            "ray.data.exceptions": logging.CRITICAL}
+
+
 @contextlib.contextmanager
 def quiet_progress_warning():
-    """Ray Data warns that its progress bars are off each time it runs without them in a process;
-    raytrain prints its own progress (console), so in the driver the warning is only noise."""
-    logger = logging.getLogger("ray.data._internal.progress")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """Ray Data's noise in the driver off while it runs here (_QUIETED)."""
+    loggers = {logging.getLogger(name): level for name, level in _QUIETED.items()}
+    saved = {logger: logger.level for logger in loggers}
+    for logger, level in loggers.items():
+        logger.setLevel(level)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for logger, level in saved.items():
+            logger.setLevel(level)

@@ -57,7 +57,8 @@ def join(location: str | os.PathLike, name: str) -> str:
 
 
 class RemotePath:
-    """A file or folder on a remote pyarrow filesystem, with the pathlib methods the readers use."""
+    """A file or folder on a remote pyarrow filesystem, with the pathlib methods the readers use
+    (its contents are read by storage.reading, within a bound)."""
 
     def __init__(self, filesystem: pafs.FileSystem, path: str, scheme: str):
         self.filesystem, self.path, self.scheme = filesystem, path, scheme
@@ -110,13 +111,6 @@ class RemotePath:
 
     def glob(self, pattern: str):
         return (child for child in self.iterdir() if fnmatch.fnmatchcase(child.name, pattern))
-
-    def read_bytes(self) -> bytes:
-        with self.filesystem.open_input_stream(self.path) as stream:
-            return stream.read()
-
-    def read_text(self, encoding: str = "utf-8") -> str:
-        return self.read_bytes().decode(encoding)
 
     def expanduser(self) -> "RemotePath":
         return self

@@ -6,11 +6,14 @@ never needs them.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import yaml
 
 from raytrain.errors import ConfigError
+from raytrain.storage.paths import RemotePath
+from raytrain.storage.reading import CONFIG_BYTES, read_bounded
 
 ALIASES_REFUSED = "YAML aliases (*name) are not allowed"
 
@@ -41,13 +44,14 @@ def load_yaml(text: str, source: Any, error: type[Exception] = ConfigError) -> A
         raise error(f"{source}:{where} {what}") from None
 
 
-def load_yaml_file(path: Any, error: type[Exception] = ConfigError) -> Any:
-    """`load_yaml` of a file: one that cannot be read, or is not UTF-8 text (a binary file, UTF-16),
-    is `error` naming it, like a YAML mistake."""
-    try:
+def load_yaml_file(path: Any, error: type[Exception] = ConfigError, kind: str = "config") -> Any:
+    """`load_yaml` of a file (a config, or the `kind` it is): one that cannot be read (storage.reading:
+    a regular file within CONFIG_BYTES), or is not UTF-8 text (a binary file, UTF-16), is `error`
+    naming it, like a YAML mistake."""
+    if isinstance(path, (str, os.PathLike, RemotePath)):
+        data = read_bounded(path, CONFIG_BYTES, kind, error)
+    else:  # a config shipped inside the package, as importlib.resources gives it (perhaps from a zip)
         data = path.read_bytes()
-    except OSError as err:
-        raise error(f"{path}: cannot read it ({err.strerror or ' '.join(str(err).split())})") from None
     try:
         text = data.decode("utf-8-sig")  # a UTF-8 byte order mark is harmless, so allowed
     except UnicodeDecodeError as err:

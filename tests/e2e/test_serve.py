@@ -23,8 +23,7 @@ import torch
 from PIL import Image
 
 import raytrain
-from tests.helpers import free_port, wait_for
-from tests.helpers import checkpoint
+from tests.helpers import BROKEN_PNGS, broken_png, checkpoint, free_port, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 MAX_PIXELS = 20_000  # the server's RAYTRAIN_MAX_PIXELS: IMAGE fits, BIG_IMAGE does not
@@ -173,8 +172,9 @@ def test_json_overlay_and_multipart_answers(server):
     ("", b'--x\r\nContent-Disposition: form-data; name="note"\r\n\r\nhi\r\n--x--\r\n', "multipart/form-data; boundary=x",
      400, "request body: the form holds no file"),
     ("", b"--x\r\n\r\n--x--\r\n", "multipart/form-data; boundary=x", 400, "request body: not a valid multipart/form-data form"),
+    *[("", broken_png(damage), "image/png", 400, "request body: not a readable image") for damage in BROKEN_PNGS],
 ], ids=["empty", "not-an-image", "png-as-jpeg", "text", "no-type", "too-many-pixels", "too-many-bytes", "output", "no-file",
-        "bad-form"])
+        "bad-form", *[f"png-{damage}" for damage in BROKEN_PNGS]])
 def test_a_bad_request_is_a_4xx_with_one_line_and_the_server_goes_on(server, query, body, content_type, status, message):
     answer = post(server["url"] + query, body, content_type)
     assert answer[:2] == (status, "text/plain; charset=utf-8")

@@ -11,10 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
-from tests.helpers import C, MEMORY_LIMIT, SHARD, assert_one_line_error, big_png, check_bad_input_row, check_one_line_and_nothing_written, checkpoint, config, finished_experiment, kitti_folder, kitti_um_and_uu, mask_value_outside_class_map, png_header, run_raytrain, shards, shards_without_val
+from tests.helpers import BROKEN_PNGS, C, MEMORY_LIMIT, SHARD, assert_one_line_error, big_png, big_png_bytes, broken_png, check_bad_input_row, check_one_line_and_nothing_written, checkpoint, config, finished_experiment, kitti_folder, kitti_um_and_uu, mask_value_outside_class_map, png_header, run_raytrain, shards, shards_without_val
 
 # ---------------------------------------------------------------- the files a row needs
 
@@ -199,7 +201,7 @@ CASES = [
     ),
     pytest.param(
         SHARD, corrupt_image,
-        ["{tmp}/raw/training/image_2/um_000001.png", "unreadable image"], id="data-corrupt-image",
+        ["{tmp}/raw/training/image_2/um_000001.png", "not a readable image"], id="data-corrupt-image",
     ),
     pytest.param(
         SHARD, mask_of_other_size,
@@ -388,3 +390,50 @@ def test_decompression_bomb_is_refused_from_its_header(tmp_path, args, setup, fr
     """An image past the pixel limit is a one-line error before it is decoded, within MEMORY_LIMIT
     (the old code took 2.6 GB to decode a 420 KB 12000x12000 PNG)."""
     check_one_line_and_nothing_written(tmp_path, args, setup, fragments, memory_limit=MEMORY_LIMIT)
+
+
+def val_shard_images(image: bytes):
+    """A checkpoint and shards whose val shard, rewritten by hand, holds `image` as every row's image."""
+
+    def setup(tmp: Path) -> None:
+        checkpoint(tmp)
+        path = shards(tmp) / "val-00000.parquet"
+        table = pq.read_table(path)
+        column = table.schema.get_field_index("image")
+        pq.write_table(table.set_column(column, "image", pa.array([image] * table.num_rows, pa.binary())), path)
+
+    return setup
+
+
+EVALUATE = ["evaluate", "{tmp}/exp/ckpt", "{tmp}/shards"]
+SHARD_BOMBS = [
+    pytest.param(
+        EVALUATE, lambda t: val_shard_images(big_png_bytes())(t),
+        ["{tmp}/shards/val-00000.parquet", "sample '", "image is 12000x12000", "RAYTRAIN_MAX_PIXELS"], id="evaluate-shard-image-144-megapixels",
+    ),
+]
+
+
+@pytest.mark.parametrize("args, setup, fragments", SHARD_BOMBS)
+def test_a_bomb_inside_a_shard_is_refused_from_its_header(tmp_path, args, setup, fragments):
+    """Shards are data from elsewhere too: their bytes decode through the same checked decoder."""
+    check_one_line_and_nothing_written(tmp_path, args, setup, fragments, memory_limit=MEMORY_LIMIT)
+
+
+# ---------------------------------------------------------------- what else Pillow raises
+
+PREDICT = ["predict", "{tmp}/exp/ckpt", "{tmp}/street.png", "--out", "{tmp}/out"]
+PILLOW_ERRORS = [
+    *[pytest.param(PREDICT, street(lambda p, d=damage: p.write_bytes(broken_png(d))), ["{tmp}/street.png", "not a readable image"],
+                   id=f"predict-png-{damage}") for damage in BROKEN_PNGS],
+    pytest.param(
+        EVALUATE, val_shard_images(broken_png("junk-chunk")), ["{tmp}/shards/val-00000.parquet", "sample '", "not a readable image"],
+        id="evaluate-shard-png-junk-chunk",
+    ),
+]
+
+
+@pytest.mark.parametrize("args, setup, fragments", PILLOW_ERRORS)
+def test_every_pillow_error_is_the_same_one_line(tmp_path, args, setup, fragments):
+    """Pillow raises ValueError and SyntaxError too, not only OSError: each is a damaged image."""
+    check_one_line_and_nothing_written(tmp_path, args, setup, fragments)

@@ -1,7 +1,8 @@
 """Untrusted files: what a dataset folder, a config or a manifest can really hold (broken links,
 link loops, folders named like images, unreadable files, names that are not UTF-8, binary text,
-paths that lead out of the dataset), and runs that are killed. Each bad-input row is a real
-`raytrain` subprocess that must answer with one line, exit code 2, and nothing written.
+paths that lead out of the dataset, FIFOs, links to devices, sparse files of gigabytes), and runs
+that are killed. Each bad-input row is a real `raytrain` subprocess that must answer with one line,
+exit code 2, and nothing written.
 """
 from __future__ import annotations
 
@@ -16,9 +17,12 @@ from PIL import Image
 
 from tests.helpers import (
     C,
+    MEMORY_LIMIT,
     NEEDS_PERMISSIONS,
     SHARD,
     check_one_line_and_nothing_written,
+    run_raytrain,
+    sparse_tail,
     needs_a_fresh_interpreter,
     checkpoint,
     config,
@@ -259,7 +263,7 @@ CASES = [
         ["data", "synth", "--out", "{tmp}/ro/out", "--count", "2"], read_only_parent,
         ["{tmp}/ro/out", "cannot create the output folder", "Permission denied"], id="synth-out-parent-read-only", marks=NEEDS_PERMISSIONS,
     ),
-    pytest.param(["train", C], unreadable_config, ["{tmp}/c.yaml", "cannot read it", "Permission denied"], id="config-unreadable", marks=NEEDS_PERMISSIONS),
+    pytest.param(["train", C], unreadable_config, ["{tmp}/c.yaml", "cannot read the config", "Permission denied"], id="config-unreadable", marks=NEEDS_PERMISSIONS),
     pytest.param(
         FOLDER_SHARD, folder_with(lambda root: (root / "classes.yaml").chmod(0)),
         ["{tmp}/raw/classes.yaml", "Permission denied"], id="shard-class-map-unreadable", marks=NEEDS_PERMISSIONS,
@@ -270,3 +274,136 @@ CASES = [
 @pytest.mark.parametrize("args, setup, fragments", CASES)
 def test_hostile_file_is_one_line_exit_2_and_nothing_written(request, tmp_path, args, setup, fragments):
     check_one_line_and_nothing_written(tmp_path, args, setup, fragments, needs_a_fresh_interpreter(request))
+
+
+# ---------------------------------------------------------------- files that are small on disk, or not files
+
+PREDICT = ["predict", "{tmp}/exp/ckpt", "{tmp}/street.png", "--out", "{tmp}/out"]
+EVALUATE_SHARDS = ["evaluate", "{tmp}/exp/ckpt", "{tmp}/shards"]
+# Time for a row's command, far more than any needs: a read that blocks on a FIFO fails the row, not the suite.
+READ_TIMEOUT_S = 120
+
+
+def street_png(path: Path) -> Path:
+    Image.fromarray(np.full((16, 32, 3), 90, np.uint8)).save(path)
+    return path
+
+
+def checkpoint_and(make_input, name: str = "street.png"):
+    """A checkpoint, and make_input(tmp / name)."""
+
+    def setup(tmp: Path) -> None:
+        checkpoint(tmp)
+        make_input(tmp / name)
+
+    return setup
+
+
+def images_folder_with_fifo(tmp: Path) -> None:
+    checkpoint(tmp)
+    (tmp / "images").mkdir()
+    street_png(tmp / "images/a.png")
+    os.mkfifo(tmp / "images/b.png")
+
+
+def kitti_sparse(relative: str):
+    def setup(tmp: Path) -> None:
+        kitti_folder(tmp)
+        sparse_tail(tmp / relative)
+
+    return setup
+
+
+def checkpoint_file_as(name: str, change):
+    """A checkpoint and an image to predict, the checkpoint's `name` changed by change(path)."""
+
+    def setup(tmp: Path) -> None:
+        path = checkpoint(tmp) / name
+        street_png(tmp / "street.png")
+        change(path)
+
+    return setup
+
+
+def fifo_instead(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
+def sparse_manifest(tmp: Path) -> None:
+    checkpoint(tmp)
+    sparse_tail(shards(tmp) / "manifest.json")
+
+
+def config_with_sparse_manifest(tmp: Path) -> None:
+    config(tmp)
+    sparse_tail(tmp / "shards/manifest.json")
+
+
+UNBOUNDED_READS = [
+    # FIFOs: opened before anything checked they were files, they blocked for ever
+    pytest.param(
+        SHARD, kitti_plus("um_000009.png", os.mkfifo, "um_road_000009.png"),
+        [f"{{tmp}}/{IMAGES}/um_000009.png", "a FIFO, not a regular file"], id="shard-image-fifo",
+    ),
+    pytest.param(SHARD, kitti_mask_as(os.mkfifo), [f"{{tmp}}/{MASKS}/um_road_000001.png", "a FIFO, not a regular file"], id="shard-mask-fifo"),
+    pytest.param(PREDICT, checkpoint_and(os.mkfifo), ["{tmp}/street.png", "a FIFO, not a regular file"], id="predict-input-fifo"),
+    pytest.param(
+        [*PREDICT[:2], "{tmp}/images", *PREDICT[3:]], images_folder_with_fifo, ["{tmp}/images/b.png", "a FIFO, not a regular file"],
+        id="predict-folder-with-fifo",
+    ),
+    pytest.param(
+        ["best", "{tmp}/exp"], checkpoint_file_as("metrics.json", fifo_instead),
+        ["{tmp}/exp/ckpt/metrics.json", "a FIFO, not a regular file"], id="best-metrics-fifo",
+    ),
+    # links to an endless device: read whole, they filled memory
+    pytest.param(
+        SHARD, kitti_plus("um_000009.png", lambda p: p.symlink_to("/dev/zero"), "um_road_000009.png"),
+        [f"{{tmp}}/{IMAGES}/um_000009.png", "a character device, not a regular file"], id="shard-image-dev-zero",
+    ),
+    pytest.param(
+        SHARD, kitti_mask_as(lambda p: p.symlink_to("/dev/zero")),
+        [f"{{tmp}}/{MASKS}/um_road_000001.png", "a character device, not a regular file"], id="shard-mask-dev-zero",
+    ),
+    # 3 GiB files that take no space on disk: a small PNG or config followed by a hole
+    pytest.param(
+        SHARD, kitti_sparse(f"{IMAGES}/um_000001.png"),
+        [f"{{tmp}}/{IMAGES}/um_000001.png", "3221225472 bytes, over the", "RAYTRAIN_MAX_PIXELS"], id="shard-image-sparse-3gib",
+    ),
+    pytest.param(
+        SHARD, kitti_sparse(f"{MASKS}/um_road_000001.png"),
+        [f"{{tmp}}/{MASKS}/um_road_000001.png", "3221225472 bytes, over the"], id="shard-mask-sparse-3gib",
+    ),
+    pytest.param(
+        PREDICT, checkpoint_file_as("config.yaml", sparse_tail),
+        ["{tmp}/exp/ckpt/config.yaml", "3221225472 bytes, over the"], id="predict-checkpoint-config-sparse-3gib",
+    ),
+    pytest.param(
+        ["best", "{tmp}/exp"], checkpoint_file_as("config.yaml", sparse_tail),
+        ["{tmp}/exp/ckpt/config.yaml", "3221225472 bytes, over the"], id="best-checkpoint-config-sparse-3gib",
+    ),
+    pytest.param(
+        EVALUATE_SHARDS, sparse_manifest, ["{tmp}/shards/manifest.json", "3221225472 bytes, over the"], id="evaluate-manifest-sparse-3gib",
+    ),
+    pytest.param(
+        ["train", C, "--dry-run"], config_with_sparse_manifest,
+        ["{tmp}/shards/manifest.json", "3221225472 bytes, over the"], id="dry-run-manifest-sparse-3gib",
+    ),
+]
+
+
+@pytest.mark.parametrize("args, setup, fragments", UNBOUNDED_READS)
+def test_a_file_is_read_only_when_regular_and_within_its_kinds_limit(tmp_path, args, setup, fragments):
+    """One line, in bounded time and memory (MEMORY_LIMIT: 1 GiB of data)."""
+    check_one_line_and_nothing_written(tmp_path, args, setup, fragments, memory_limit=MEMORY_LIMIT, timeout=READ_TIMEOUT_S)
+
+
+def test_runs_lists_an_experiment_whose_checkpoint_has_a_fifo_for_metrics(tmp_path):
+    finished_experiment(tmp_path)
+    [experiment] = (tmp_path / "results/bad").iterdir()
+    (experiment / "checkpoint_000001").mkdir()
+    (experiment / "checkpoint_000001/model.pt").write_bytes(b"weights")
+    os.mkfifo(experiment / "checkpoint_000001/metrics.json")
+    run = run_raytrain(["runs", tmp_path / "results"], tmp_path, timeout=READ_TIMEOUT_S)
+    assert run.returncode == 0, run.stderr
+    assert str(experiment) in run.stdout and "Traceback" not in run.stderr

@@ -85,7 +85,7 @@ def _drop_mask(root):
 
 @pytest.mark.parametrize(
     "breakage, message",
-    [(_truncate, "unreadable image"), (_resize_mask, "mask is 60x32 but its image is 64x32"), (_drop_mask, "image has no mask")],
+    [(_truncate, "not a readable image"), (_resize_mask, "mask is 60x32 but its image is 64x32"), (_drop_mask, "image has no mask")],
 )
 def test_bad_sample_is_one_line_exit_2_and_nothing_written(synthetic_kitti, tmp_path, breakage, message):
     root, bad_file = _broken_copy(synthetic_kitti, tmp_path, breakage)
@@ -126,11 +126,11 @@ def test_every_bad_file_is_listed_by_skip_bad(synthetic_kitti, tmp_path):
     root = tmp_path / "broken"
     shutil.copytree(synthetic_kitti, root)
     bad = {
-        _garble(root / "training/image_2/um_000001.png"): "unreadable image",
-        _truncate(root): "unreadable image",
+        _garble(root / "training/image_2/um_000001.png"): "not a readable image",
+        _truncate(root): "not a readable image",
         _resize_mask(root): "mask is 60x32 but its image is 64x32",
         _drop_mask(root): "image has no mask",
-        _garble(root / "training/gt_image_2/um_road_000009.png"): "unreadable mask",
+        _garble(root / "training/gt_image_2/um_road_000009.png"): "not a readable mask",
     }
     run = _shard_cli(root, "--format", "kitti", "--out", tmp_path / "strict")
     assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1

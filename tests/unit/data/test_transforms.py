@@ -3,10 +3,14 @@ mask pixel-aligned. Augmentation is the training device's: tests/unit/training/t
 import io
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from raytrain.data.formats import IGNORE_INDEX
+from raytrain.data.pipeline import decode_block
 from raytrain.data.transforms import decode_batch, decode_sample, resize
+from raytrain.errors import DataError
+from tests.helpers import broken_png, png_header
 
 
 def encode(array):
@@ -52,3 +56,25 @@ def test_resize_to_the_same_size_returns_the_arrays_themselves():
     image, mask = pattern()
     out_image, out_mask = resize(image, mask, (48, 24))
     assert out_image is image and out_mask is mask
+
+
+def block_with(column: str, data: bytes) -> dict:
+    """Two shard rows, a and b, whose `column` in row b is `data`."""
+    image, mask = pattern()
+    block = {"id": np.array(["a", "b"]), "image": np.array([encode(image)] * 2, dtype=object), "mask": np.array([encode(mask)] * 2, dtype=object)}
+    block[column][1] = data
+    return block
+
+
+@pytest.mark.parametrize("column", ["image", "mask"])
+def test_a_bomb_in_a_shard_row_is_refused_from_its_header_naming_the_row(tmp_path, column):
+    """What each Ray Data decode task runs: a 10-gigapixel header is refused before any decode."""
+    png_header(tmp_path / "bomb.png", 100000, 100000)
+    with pytest.raises(DataError, match=rf"^/data/shards: sample 'b': {column} of 10000000000 pixels is over the limit"):
+        list(decode_block(block_with(column, (tmp_path / "bomb.png").read_bytes()), (24, 12), dataset="/data/shards"))
+
+
+@pytest.mark.parametrize("damage", ["truncated-gama", "junk-chunk"])
+def test_a_damaged_png_in_a_shard_row_is_a_data_error_naming_the_row(damage):
+    with pytest.raises(DataError, match=r"^/data/shards: sample 'b': not a readable image"):
+        list(decode_block(block_with("image", broken_png(damage)), (24, 12), dataset="/data/shards"))

@@ -33,7 +33,7 @@ def test_a_remote_path_walks_a_filesystem_like_pathlib(tmp_path):
     assert str(image) == f"mock://{tmp_path}/folder/scene.png"
     assert (image.name, image.stem, image.suffix) == ("scene.png", "scene", ".png")
     assert image.is_file() and not image.is_dir() and (root / "folder").is_dir() and not (root / "nothing").exists()
-    assert image.read_bytes() == b"png bytes" and list((root / "folder").iterdir()) == [image]
+    assert list((root / "folder").iterdir()) == [image]
 
 
 def test_an_unusable_uri_is_a_data_error_naming_it():

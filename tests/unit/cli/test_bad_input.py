@@ -85,6 +85,11 @@ def checkpoint_with(file: str, content: bytes | str):
     return setup
 
 
+def config_with_line_appended(ckpt: Path, line: str) -> None:
+    with open(ckpt / "config.yaml", "a") as config_file:
+        config_file.write(f"{line}\n")
+
+
 def truncated_weights(tmp: Path) -> None:
     weights = checkpoint(tmp) / "model.pt"
     weights.write_bytes(weights.read_bytes()[:300])
@@ -159,6 +164,14 @@ CASES = [
         ["search.space model.name='resnet'", "unknown model 'resnet'"], id="search-value-unknown-model",
     ),
     pytest.param(["train", C], text_file("c.yaml", ALIAS_BOMB), ["{tmp}/c.yaml", "line 2", "YAML aliases"], id="config-yaml-alias"),
+    pytest.param(
+        ["train", C], text_file("c.yaml", "name: a\ntrain:\n  epochs: 1\n  epochs: 3\n"),
+        ["{tmp}/c.yaml", "line 4", "duplicate key 'epochs'"], id="config-yaml-duplicate-key",
+    ),
+    pytest.param(
+        ["train", C, "--set", "search.space={{optim.lr: {{grid: [1]}}, optim.lr: {{grid: [2]}}}}"], lambda t: config(t, "d"),
+        ["--set", "search.space", "duplicate key 'optim.lr'"], id="set-yaml-duplicate-key",
+    ),
     pytest.param(
         ["train", C, "--set", "search.space=[&a [1, 1], [*a, *a]]"], lambda t: config(t, "d"),
         ["--set", "search.space", "YAML aliases"], id="set-yaml-alias",
@@ -260,6 +273,11 @@ CASES = [
         folder_with_class_map("classes: &c [{name: road, index: 1}]\nmore: *c\n"),
         ["{tmp}/raw/classes.yaml", "line 2", "YAML aliases"], id="data-class-map-yaml-alias",
     ),
+    pytest.param(
+        ["data", "shard", "{tmp}/raw", "--format", "folder", "--out", "{tmp}/out"],
+        folder_with_class_map("classes: [{name: road, index: 1}]\nclasses: [{name: sky, index: 1}]\n"),
+        ["{tmp}/raw/classes.yaml", "line 2", "duplicate key 'classes'"], id="data-class-map-duplicate-key",
+    ),
     # checkpoint and experiment paths
     pytest.param(["best", "{tmp}/exp"], nothing, ["{tmp}/exp", "not found"], id="best-missing-dir"),
     pytest.param(["best", "{tmp}/exp"], lambda t: (t / "exp").mkdir(), ["{tmp}/exp", "no checkpoint"], id="best-no-checkpoints"),
@@ -274,6 +292,10 @@ CASES = [
     pytest.param(
         ["evaluate", "{tmp}/exp/ckpt", "{tmp}/shards"], lambda t: (checkpoint_with("config.yaml", ALIAS_BOMB)(t), shards(t)),
         ["{tmp}/exp/ckpt/config.yaml", "YAML aliases"], id="evaluate-config-yaml-alias",
+    ),
+    pytest.param(
+        ["evaluate", "{tmp}/exp/ckpt", "{tmp}/shards"], lambda t: (config_with_line_appended(checkpoint(t), "name: again"), shards(t)),
+        ["{tmp}/exp/ckpt/config.yaml", "duplicate key 'name'"], id="evaluate-config-duplicate-key",
     ),
     pytest.param(["evaluate", "{tmp}/exp/ckpt", "{tmp}/nowhere"], checkpoint, ["{tmp}/nowhere"], id="evaluate-data-not-sharded"),
     pytest.param(

@@ -188,8 +188,12 @@ CASES = [
     ),
     pytest.param(["train", C], lambda t: config(t, "d", **{"data.cache": "ram"}), ["{tmp}/c.yaml", "data.cache", "'auto', 'off' or 'memory'"], id="config-cache-unknown"),
     pytest.param(
-        [*TRAIN, "--set", "data.cache=memory", "--set", "data.size=30000x30000"], lambda t: config(t),
-        ["data.cache memory", "{tmp}/shards", "GiB decoded, over the budget", "object store", "data.cache=auto"], id="cache-memory-over-budget",
+        ["train", C, "--dry-run", "--set", "data.size=60000x60000"], lambda t: config(t),
+        ["data.size 60000x60000", "over the limit of 50000000 pixels", "RAYTRAIN_MAX_PIXELS"], id="train-size-over-pixel-limit",
+    ),
+    pytest.param(
+        ["tune", C, "--dry-run"], lambda t: config(t, **{"search.space": {"data.size": {"grid": ["64x32", "60000x60000"]}}}),
+        ["search.space data.size='60000x60000'", "data.size 60000x60000", "RAYTRAIN_MAX_PIXELS"], id="search-size-over-pixel-limit",
     ),
     pytest.param(
         [*TRAIN, "--set", "train.use_gpu=true"], lambda t: config(t), ["train.use_gpu", "needs 2 GPUs", "has 0", "RAY_ADDRESS"],
@@ -346,6 +350,16 @@ CASES = [
 @pytest.mark.parametrize("args, setup, fragments", CASES)
 def test_bad_input_is_one_line_exit_2_and_nothing_written(request, tmp_path, args, setup, fragments):
     check_bad_input_row(request, tmp_path, args, setup, fragments)
+
+
+def test_a_memory_cache_over_the_object_store_budget_is_one_line(tmp_path, monkeypatch):
+    """16 samples at 30000x30000 are more than any object store holds; the pixel limit, which
+    would refuse that size first, is raised for it."""
+    monkeypatch.setenv("RAYTRAIN_MAX_PIXELS", str(30000 * 30000))
+    check_one_line_and_nothing_written(
+        tmp_path, [*TRAIN, "--set", "data.cache=memory", "--set", "data.size=30000x30000"], lambda t: config(t),
+        ["data.cache memory", "{tmp}/shards", "GiB decoded, over the budget", "object store", "data.cache=auto"],
+    )
 
 
 # A sample of rows, one per kind of input, that a fresh `python -m raytrain.cli` must answer exactly as the

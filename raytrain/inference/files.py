@@ -107,10 +107,15 @@ def _check_output_folder(out: str | os.PathLike) -> None:
         raise DataError(f"{out}: exists and is not a folder (--out takes the folder for the masks)")
 
 
-def _check_unique_names(locations: list[str]) -> None:
+def _check_names(locations: list[str]) -> None:
+    """Each input's name makes its mask's: it must be UTF-8, and no two may share one."""
     first: dict[str, str] = {}
     for location in locations:
         stem = as_path(location).stem
+        try:
+            stem.encode("utf-8")
+        except UnicodeEncodeError:  # bytes of another encoding, which Python holds as surrogates
+            raise DataError(f"{location}: file name is not valid UTF-8; rename the file") from None
         if stem in first:
             raise DataError(f"{first[stem]} and {location} share a file name; predict them into separate --out folders")
         first[stem] = location
@@ -133,7 +138,7 @@ def check_prediction(
     check_tta(tta)
     _check_output_folder(out)  # a wrong --out must not cost a model load
     locations = image_locations(inputs)
-    _check_unique_names(locations)
+    _check_names(locations)
     info = checkpoint if isinstance(checkpoint, CheckpointInfo) else read_checkpoint(checkpoint)
     model = load_model(info, device)
     files = checkpoint_files(info.path)  # model.pt read once more: hashed here, shipped by batch prediction

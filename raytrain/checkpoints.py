@@ -69,13 +69,18 @@ def save_checkpoint(directory, model, optimizer, scheduler, epoch: int, config: 
 
 def restore_train_state(directory, model, optimizer, scheduler=None) -> int:
     """Load weights and optimiser state into the given objects; return the epochs completed. The
-    files are a run's own, but a damaged one is still a one-line error that names it."""
+    files are a run's own, but a damaged or missing one is still a one-line error that names it,
+    raised before anything is loaded into the model."""
     import torch
 
     directory = Path(directory)
-    unwrap(model).load_state_dict(read_weights(directory / MODEL_FILE, unwrap(model).state_dict()))
+    try:
+        weights = read_weights(directory / MODEL_FILE, unwrap(model).state_dict())
+    except OSError as err:
+        raise CheckpointError(f"{directory / MODEL_FILE}: cannot resume from it ({first_line(err)})") from None
     try:
         state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+        unwrap(model).load_state_dict(weights)
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and "scheduler" in state:
             scheduler.load_state_dict(state["scheduler"])
@@ -235,6 +240,30 @@ def read_metrics(location: str | os.PathLike) -> dict:
     """A checkpoint's metrics.json, local or at a URI (without fetching the weights)."""
     filesystem, path = filesystem_of(location)
     file = f"{os.fspath(location).rstrip('/')}/{METRICS_FILE}" if is_uri(location) else Path(path) / METRICS_FILE
+    return _metrics_on(filesystem, path, file)
+
+
+def checkpoints_by_epoch(filesystem: pafs.FileSystem, folder: str) -> list[tuple[int, str, dict]]:
+    """(epoch, path, metrics) of every checkpoint directly in `folder` (a run's), the latest epoch
+    first. One without all its files, or whose metrics.json does not read, is left out."""
+    found = []
+    for info in filesystem.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
+        if info.type != pafs.FileType.Directory:
+            continue
+        names = {child.base_name for child in filesystem.get_file_info(pafs.FileSelector(info.path))}
+        if not {*LOADED_FILES, STATE_FILE} <= names:
+            continue
+        try:
+            metrics = _metrics_on(filesystem, info.path, f"{info.path}/{METRICS_FILE}")
+        except CheckpointError:
+            continue
+        if type(metrics.get("epoch")) is int:
+            found.append((metrics["epoch"], info.path, metrics))
+    return sorted(found, key=lambda entry: entry[0], reverse=True)
+
+
+def _metrics_on(filesystem: pafs.FileSystem, path: str, file) -> dict:
+    """The metrics.json of the checkpoint at `path` on `filesystem`; `file` is its name in errors."""
     try:
         with filesystem.open_input_stream(f"{path}/{METRICS_FILE}") as stream:
             data = stream.read(MAX_METRICS_BYTES + 1)

@@ -28,7 +28,7 @@ import pyarrow.fs as pafs
 
 from raytrain.config import Config, load_config
 from raytrain.errors import CheckpointError, first_line, limit_from_env
-from raytrain.storage.paths import filesystem_of, is_uri, join
+from raytrain.storage.paths import RemotePath, filesystem_of, is_uri, join
 from raytrain.storage.reading import CONFIG_BYTES, RECORD_BYTES, checked_size, read_bounded
 from raytrain.storage.safe_yaml import load_yaml
 
@@ -70,14 +70,16 @@ def save_checkpoint(directory, model, optimizer, scheduler, epoch: int, config: 
 
 def restore_train_state(directory, model, optimizer, scheduler=None) -> int:
     """Load weights and optimiser state into the given objects; return the epochs completed. The
-    files are a run's own, but a damaged one is still a one-line error that names it."""
+    files are a run's own, but a damaged or missing one is still a one-line error that names it,
+    raised before anything is loaded into the model."""
     import torch
 
     directory = Path(directory)
-    unwrap(model).load_state_dict(read_weights(directory / MODEL_FILE, unwrap(model).state_dict()))
+    weights = read_weights(directory / MODEL_FILE, unwrap(model).state_dict())
     checked_size(directory / STATE_FILE, checkpoint_file_limit(STATE_FILE), "training state", CheckpointError)
     try:
         state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+        unwrap(model).load_state_dict(weights)
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and "scheduler" in state:
             scheduler.load_state_dict(state["scheduler"])
@@ -236,7 +238,30 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
 def read_metrics(location: str | os.PathLike) -> dict:
     """A checkpoint's metrics.json, local or at a URI (without fetching the weights)."""
     file = join(location, METRICS_FILE)
-    data = read_bounded(file, RECORD_BYTES, "metrics", CheckpointError)
+    return _parsed_metrics(read_bounded(file, RECORD_BYTES, "metrics", CheckpointError), file)
+
+
+def checkpoints_by_epoch(filesystem: pafs.FileSystem, folder: str) -> list[tuple[int, str, dict]]:
+    """(epoch, path, metrics) of every checkpoint directly in `folder` (a run's), the latest epoch
+    first. One without all its files, or whose metrics.json does not read, is left out."""
+    found = []
+    for info in filesystem.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
+        if info.type != pafs.FileType.Directory:
+            continue
+        names = {child.base_name for child in filesystem.get_file_info(pafs.FileSelector(info.path))}
+        if not {*LOADED_FILES, STATE_FILE} <= names:
+            continue
+        file = RemotePath(filesystem, f"{info.path}/{METRICS_FILE}", "")
+        try:
+            metrics = _parsed_metrics(read_bounded(file, RECORD_BYTES, "metrics", CheckpointError), file)
+        except CheckpointError:
+            continue
+        if type(metrics.get("epoch")) is int:
+            found.append((metrics["epoch"], info.path, metrics))
+    return sorted(found, key=lambda entry: entry[0], reverse=True)
+
+
+def _parsed_metrics(data: bytes, file) -> dict:
     try:
         metrics = json.loads(data)
     except ValueError as err:

@@ -10,6 +10,7 @@ import shutil
 import sys
 
 from raytrain.config import Config
+from raytrain.data.images import MAX_PIXELS_ENV, max_pixels
 from raytrain.data.manifest import Manifest, read_manifest
 from raytrain.errors import ConfigError, DataError, RaytrainError
 
@@ -24,8 +25,8 @@ CACHE_SHARE = 0.5
 
 def check_ready(config: Config, local_cpus: int | None, *, search: bool = False) -> Manifest:
     """Fail before Ray starts on what would otherwise fail in every worker, or wait forever: a local
-    cluster too small for one run, the dataset and its classes, the model and loss of every trial,
-    a data.cache of memory that a local cluster's object store cannot hold.
+    cluster too small for one run; every trial's data.size, dataset and classes, model and loss; a
+    data.cache of memory that a local cluster's object store cannot hold.
     Returns config.data.path's manifest, read here once for the whole run.
 
     local_cpus: the CPUs of the local cluster about to start, or None for a cluster that is already
@@ -40,6 +41,7 @@ def check_ready(config: Config, local_cpus: int | None, *, search: bool = False)
         where = "".join(f"search.space {key}={value!r}: " for key, value in overrides.items())
         try:
             variant = config.with_overrides(overrides)
+            _check_size(variant)
             if variant.data.path not in manifests:
                 manifests[variant.data.path] = _manifest_of(variant)
             manifest = manifests[variant.data.path]
@@ -122,6 +124,13 @@ def _manifest_of(variant: Config) -> Manifest:
         return read_manifest(variant.data.path)
     except DataError as err:
         raise DataError(f"data.path: {err}") from None
+
+
+def _check_size(variant: Config) -> None:
+    """data.size within the pixel limit that loading a checkpoint of it will apply."""
+    width, height = variant.data.size
+    if width * height > max_pixels():
+        raise ConfigError(f"data.size {width}x{height} is over the limit of {max_pixels()} pixels ({MAX_PIXELS_ENV})")
 
 
 def _check_data(variant: Config, manifest: Manifest) -> None:

@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 from raytrain.data.images import read_rgb
 from raytrain.errors import DataError, RaytrainError, one_line
 from raytrain.inference.files import (
-    PredictionSummary, check_prediction, mask_name, overlay_name, save_png, write_prediction_record,
+    PredictionSummary, check_prediction, claim_output_folder, mask_name, overlay_name, save_png,
 )
 from raytrain.inference.loading import load_model_from_files
 from raytrain.inference.prediction import masks_and_overlays
@@ -48,7 +48,7 @@ def predict_on_cluster(
     done = _already_done(present, locations)
     todo = [location for location in locations if location not in done]
     filesystem.create_dir(folder, recursive=True)
-    write_prediction_record(out, checked.record)
+    claim_output_folder(out, checked.record)
     _remove_leftover_temporaries(filesystem, present, todo)
     unreadable = _run(todo, checked.files, out, workers, batch_size, cpus_per_worker, progress, tta) if todo else []
     listed = _write_unreadable_list(out, unreadable)

@@ -1,6 +1,8 @@
 """predict into a folder: `<name>_mask.png` and `<name>_overlay.png` for every input image, each
 written whole or not at all, and OUT/prediction.json, which records the weights and tta that made
-them so a folder never mixes two models' masks. One summary type for this and the cluster's run.
+them so a folder never mixes two models' masks. The record is created exclusively before the first
+mask, so of two predicts started together into one new folder only one writes there. One summary
+type for this and the cluster's run.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from raytrain.errors import DataError
 from raytrain.inference.image_model import check_tta
 from raytrain.inference.loading import LoadedModel, checkpoint_files, load_model
 from raytrain.inference.prediction import masks_and_overlays
-from raytrain.storage.atomic import write_atomically
+from raytrain.storage.atomic import create_exclusively, write_atomically
 from raytrain.storage.paths import RemotePath, as_path, filesystem_of, join
 
 
@@ -87,7 +89,7 @@ def predict_files(
         out.mkdir(parents=True, exist_ok=True)
     except (OSError, pa.ArrowException) as err:
         raise DataError(f"{out}: cannot create the output folder ({err.strerror or err})") from None
-    write_prediction_record(out_dir, checked.record)
+    claim_output_folder(out_dir, checked.record)
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
         results = masks_and_overlays(model, [array for _, array in chunk], batch_size, tta)
@@ -100,6 +102,7 @@ def predict_files(
 
 
 PREDICTION_RECORD = "prediction.json"  # which weights and tta made the masks in an output folder
+RECORD_WAIT_S = 0.5  # how long a record that another predict has just created may stay empty
 
 
 def _check_output_folder(out: str | os.PathLike) -> None:
@@ -108,10 +111,15 @@ def _check_output_folder(out: str | os.PathLike) -> None:
         raise DataError(f"{out}: exists and is not a folder (--out takes the folder for the masks)")
 
 
-def _check_unique_names(locations: list[str]) -> None:
+def _check_names(locations: list[str]) -> None:
+    """Each input's name makes its mask's: it must be UTF-8, and no two may share one."""
     first: dict[str, str] = {}
     for location in locations:
         stem = as_path(location).stem
+        try:
+            stem.encode("utf-8")
+        except UnicodeEncodeError:  # bytes of another encoding, which Python holds as surrogates
+            raise DataError(f"{location}: file name is not valid UTF-8; rename the file") from None
         if stem in first:
             raise DataError(f"{first[stem]} and {location} share a file name; predict them into separate --out folders")
         first[stem] = location
@@ -134,7 +142,7 @@ def check_prediction(
     check_tta(tta)
     _check_output_folder(out)  # a wrong --out must not cost a model load
     locations = image_locations(inputs)
-    _check_unique_names(locations)
+    _check_names(locations)
     info = checkpoint if isinstance(checkpoint, CheckpointInfo) else read_checkpoint(checkpoint)
     model = load_model(info, device)
     files = checkpoint_files(info.path)  # model.pt read once more: hashed here, shipped by batch prediction
@@ -145,24 +153,54 @@ def check_prediction(
 
 def _check_same_model(out: str | os.PathLike, record: dict[str, str]) -> None:
     """Masks already in `out` must come from the same weights and tta: a folder never mixes two models'."""
-    filesystem, path = filesystem_of(join(out, PREDICTION_RECORD))
-    if filesystem.get_file_info(path).type != pafs.FileType.File:
-        return
-    try:
-        with filesystem.open_input_stream(path) as stream:
-            earlier = json.loads(stream.read(1 << 16))
-        same = all(earlier[key] == record[key] for key in ("model_sha256", "tta"))
-    except (ValueError, KeyError, TypeError):
-        raise DataError(f"{join(out, PREDICTION_RECORD)}: not a record of raytrain predict; predict into a new --out") from None
-    if not same:
+    earlier = _earlier_record(out)
+    if earlier is not None and not all(earlier[key] == record[key] for key in ("model_sha256", "tta")):
         raise DataError(
             f"{out}: holds masks of another model or tta ({earlier.get('checkpoint')}, tta {earlier.get('tta')}); "
             "predict into a new --out, or delete that folder first"
         )
 
 
-def write_prediction_record(out: str | os.PathLike, record: dict[str, str]) -> None:
-    write_atomically(as_path(join(out, PREDICTION_RECORD)), json.dumps(record, indent=1).encode())
+def _earlier_record(out: str | os.PathLike) -> dict | None:
+    """The record in `out`, None where there is none; one just created by another predict is waited
+    for while it is empty."""
+    location = join(out, PREDICTION_RECORD)
+    filesystem, path = filesystem_of(location)
+    not_a_record = DataError(f"{location}: not a record of raytrain predict; predict into a new --out")
+    waited_until = time.monotonic() + RECORD_WAIT_S
+    while True:
+        kind = filesystem.get_file_info(path).type
+        if kind == pafs.FileType.NotFound:
+            return None
+        if kind != pafs.FileType.File:
+            raise not_a_record
+        try:
+            with filesystem.open_input_stream(path) as stream:
+                data = stream.read(1 << 16)
+        except (OSError, pa.ArrowException) as err:
+            raise DataError(f"{location}: cannot read it ({' '.join(str(err).split())})") from None
+        if data or time.monotonic() > waited_until:
+            break
+        time.sleep(0.01)
+    if not data:
+        raise DataError(f"{location}: empty: another predict is starting in {out}, or one was killed as it started "
+                        "(then delete the file)")
+    try:
+        earlier = json.loads(data)
+        if not all(isinstance(earlier[key], str) for key in ("model_sha256", "tta")):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        raise not_a_record from None
+    return earlier
+
+
+def claim_output_folder(out: str | os.PathLike, record: dict[str, str]) -> None:
+    """Make the existing folder `out` the folder of `record`'s masks, before the first is written:
+    the record is created exclusively (storage.atomic.create_exclusively), so of two predicts into one
+    new folder one claims it and the other, of other weights or tta, is a one-line error. Into a
+    folder of the same weights and tta (a rerun) it goes on."""
+    if not create_exclusively(join(out, PREDICTION_RECORD), json.dumps(record, indent=1).encode()):
+        _check_same_model(out, record)
 
 
 def mask_name(stem: str) -> str:

@@ -4,6 +4,7 @@ The data goes to a hidden temporary name beside the final one (`temporary_beside
 renamed (local: os.replace) or moved (an object store's move is a server-side copy). So the final
 name never holds a partial file, and a killed run leaves only hidden temporaries, which
 `final_of_temporary` recognises. A failure removes the temporary and is a one-line DataError.
+`create_exclusively` is the one other way: a new file that must not replace one, for a claim.
 """
 from __future__ import annotations
 
@@ -48,6 +49,37 @@ def write_atomically(target: str | os.PathLike | RemotePath, data: bytes | Calla
             raise TypeError("write_atomically: a remote target takes bytes, not a writer")
         return _write_remote(path, data)
     return _write_local(path.expanduser(), data if callable(data) else lambda tmp: Path(tmp).write_bytes(data))
+
+
+def create_exclusively(target: str | os.PathLike | RemotePath, data: bytes) -> bool:
+    """`data` as the new file `target`; False, writing nothing, where a file or folder of that name
+    exists. Locally one exclusive create (O_CREAT | O_EXCL, atomic on local disks and NFS): of
+    writers racing for one name exactly one gets True, and the others may see the file empty for
+    the moment its bytes take. Object stores offer no exclusive create through pyarrow: there it is
+    a check, then write_atomically."""
+    path = as_path(target)
+    if isinstance(path, RemotePath):
+        if path.exists():
+            return False
+        write_atomically(path, data)
+        return True
+    path = path.expanduser()
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
+    except FileExistsError:
+        return False
+    except OSError as err:
+        raise DataError(f"{path}: cannot write ({err.strerror or err})") from None
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        if isinstance(err, OSError):
+            raise DataError(f"{path}: cannot write ({err.strerror or err})") from None
+        raise
+    return True
 
 
 def _write_local(path: Path, write: Callable[[str], None]) -> Path:

@@ -2,7 +2,8 @@
 
 Safe (no Python objects) and without aliases: `*name` repeats a node by reference, so a few lines
 of nested aliases expand to billions of entries once validated, dumped or copied. raytrain's YAML
-never needs them.
+never needs them. A key given twice in one mapping is refused too: YAML would keep the last
+silently, so the first, which the reader sees, would not be what runs.
 """
 from __future__ import annotations
 
@@ -18,29 +19,44 @@ from raytrain.storage.reading import CONFIG_BYTES, read_bounded
 ALIASES_REFUSED = "YAML aliases (*name) are not allowed"
 
 
-class _NoAliasLoader(yaml.SafeLoader):
-    """SafeLoader without aliases."""
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader without aliases or duplicate keys."""
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
-            raise _AliasRefused(None, None, ALIASES_REFUSED, self.peek_event().start_mark)
+            raise _Refused(None, None, ALIASES_REFUSED, self.peek_event().start_mark)
         return super().compose_node(parent, index)
 
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: {...}` merges keys; the mapping's own win by design
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: SafeLoader's own error names it
+                continue
+            if duplicate:
+                raise _Refused(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        return super().construct_mapping(node, deep)
 
-class _AliasRefused(yaml.composer.ComposerError):
-    pass
+
+class _Refused(yaml.MarkedYAMLError):
+    """YAML that parses, but that raytrain does not take: its message is said as it is."""
 
 
 def load_yaml(text: str, source: Any, error: type[Exception] = ConfigError) -> Any:
     """Parse YAML that raytrain reads (configs, --set values, class maps, saved configs) safely and
-    without aliases; any problem is `error` naming `source` and the line."""
+    without aliases or duplicate keys; any problem is `error` naming `source` and the line."""
     try:
-        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}:" if mark else ""
         problem = getattr(err, "problem", None) or " ".join(str(err).split())
-        what = problem if isinstance(err, _AliasRefused) else f"not valid YAML ({problem})"
+        what = problem if isinstance(err, _Refused) else f"not valid YAML ({problem})"
         raise error(f"{source}:{where} {what}") from None
 
 
@@ -62,12 +78,13 @@ def load_yaml_file(path: Any, error: type[Exception] = ConfigError, kind: str = 
 
 def yaml_value(text: str) -> Any:
     """A value typed on the command line (`--set key=VALUE`) as YAML reads it: a number, a list, a
-    bool; text that is not valid YAML stays the text it is, and empty text is "". Aliases are a ValueError."""
+    bool; text that is not valid YAML stays the text it is, and empty text is "". Aliases and
+    duplicate keys are a ValueError."""
     if not text.strip():
         return ""
     try:
-        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
-    except _AliasRefused:
-        raise ValueError(ALIASES_REFUSED) from None
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except _Refused as err:
+        raise ValueError(err.problem) from None
     except yaml.YAMLError:
         return text

@@ -19,9 +19,9 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 import torch
 import torch.distributed as dist
 
-from raytrain.checkpoints import restore_train_state, save_checkpoint, unwrap
+from raytrain.checkpoints import checkpoints_by_epoch, restore_train_state, save_checkpoint, unwrap
 from raytrain.config import Config
-from raytrain.errors import RaytrainError
+from raytrain.errors import CheckpointError, RaytrainError
 from raytrain.losses import create_loss
 from raytrain.metrics import SegmentationMetrics
 from raytrain.models import create_model, normalise, to_probabilities
@@ -74,6 +74,7 @@ class Worker:
     amp_dtype: torch.dtype | None
     channels_last: bool
     start_epoch: int
+    unregistered: tuple[ray.train.Checkpoint, dict] | None  # restored from, with its metrics, and not in Ray Train's record
     train_shard: ray.data.DataIterator
     first_epoch_shard: ray.data.DataIterator  # train_shard itself, or the cached split in its streamed order
     val_shard: ray.data.DataIterator
@@ -91,6 +92,8 @@ def train_worker(loop_config: dict) -> None:
     "log_dir": where rank 0 writes TensorBoard, "initial_checkpoint": a ray.train.Checkpoint to start
     from, or None, "first_epoch_dataset": the dataset of epoch 0 (launch.trainer.make_trainer)}."""
     worker = setup(loop_config)
+    if worker.unregistered:
+        register(worker, *worker.unregistered)
     for epoch in range(worker.start_epoch, worker.config.train.epochs):
         report, samples = run_epoch(worker, epoch)
         report_and_checkpoint(worker, epoch, report, samples)
@@ -116,12 +119,12 @@ def setup(loop_config: dict) -> Worker:
     loss_fn = create_loss(config.loss.name, num_classes=config.num_classes, class_weights=class_weights).to(device)
     optimizer = create_optimizer(config, model.parameters())
     scheduler = create_scheduler(config, optimizer, steps_per_epoch(manifest.count("train"), config.train.batch_size, context.get_world_size()))
-    start_epoch = restore(config, model, optimizer, scheduler, loop_config.get("initial_checkpoint"))
+    start_epoch, unregistered = restore(config, model, optimizer, scheduler, loop_config.get("initial_checkpoint"))
     is_rank0 = context.get_world_rank() == 0
     return Worker(
         config=config, device=device, model=model, eval_model=eval_model, loss_fn=loss_fn,
         optimizer=optimizer, scheduler=scheduler, scaler=grad_scaler(device, amp_dtype),
-        amp_dtype=amp_dtype, channels_last=channels_last, start_epoch=start_epoch,
+        amp_dtype=amp_dtype, channels_last=channels_last, start_epoch=start_epoch, unregistered=unregistered,
         train_shard=ray.train.get_dataset_shard("train"),
         first_epoch_shard=ray.train.get_dataset_shard(loop_config.get("first_epoch_dataset", "train")),
         val_shard=ray.train.get_dataset_shard("val"),
@@ -150,16 +153,48 @@ def build_model(config: Config, channels_last: bool) -> tuple[torch.nn.Module, t
     return model, eval_model
 
 
-def restore(config: Config, model, optimizer, scheduler, initial_checkpoint: ray.train.Checkpoint | None) -> int:
-    """Load a checkpoint's weights and training state; returns the epoch to start from (0 without one)."""
-    # This run's own latest (a restarted worker group, a resumed run), else where it was told to start.
-    checkpoint = ray.train.get_checkpoint() or initial_checkpoint
-    if not checkpoint:
-        return 0
+def restore(config: Config, model, optimizer, scheduler,
+            initial_checkpoint: ray.train.Checkpoint | None) -> tuple[int, tuple[ray.train.Checkpoint, dict] | None]:
+    """Load the weights and training state of this run's latest checkpoint: Ray Train's own latest
+    (a restarted worker group, a resumed run), else where it was told to start, unless the run's
+    folder holds a later one. A worker saves its checkpoint before the controller registers it, so a
+    run killed in between (kill -9, a lost node) leaves it there unregistered; one cut off mid-copy
+    is passed over. Returns the epoch to start from (0 without a checkpoint) and the unregistered
+    checkpoint restored, with its metrics, or None."""
+    own = ray.train.get_checkpoint() or initial_checkpoint
+    for checkpoint, metrics in _unregistered_checkpoints(ray.train.get_context().get_storage(), ray.train.get_checkpoint()):
+        try:
+            start_epoch = _restore_from(checkpoint, config, model, optimizer, scheduler)
+        except (CheckpointError, OSError):
+            continue
+        return start_epoch, (checkpoint, metrics)
+    return (_restore_from(own, config, model, optimizer, scheduler) if own else 0), None
+
+
+def _restore_from(checkpoint: ray.train.Checkpoint, config: Config, model, optimizer, scheduler) -> int:
     with checkpoint.as_directory() as directory:
         start_epoch = restore_train_state(directory, model, optimizer, scheduler)
     use_optim_settings(config, optimizer, scheduler)
     return start_epoch
+
+
+def _unregistered_checkpoints(storage, registered: ray.train.Checkpoint | None) -> list[tuple[ray.train.Checkpoint, dict]]:
+    """The checkpoints in this run's folder of later epochs than Ray Train's latest registered one
+    (all of them when it has none), the latest first, each with its metrics."""
+    found = checkpoints_by_epoch(storage.storage_filesystem, storage.experiment_fs_path)
+    if registered is not None:
+        epochs = [epoch for epoch, path, _ in found if path.rstrip("/") == registered.path.rstrip("/")]
+        if not epochs:
+            return []  # its metrics unreadable: nothing to compare with, so Ray Train's own stands
+        found = [entry for entry in found if entry[0] > epochs[0]]
+    return [(ray.train.Checkpoint(path, filesystem=storage.storage_filesystem), metrics) for _, path, metrics in found]
+
+
+def register(worker: Worker, checkpoint: ray.train.Checkpoint, metrics: dict) -> None:
+    """Report a checkpoint already in the run's folder (restored from, never registered), so that Ray
+    Train's record, its kept checkpoints and the run's result hold it: every rank reports, rank 0 with it."""
+    ray.train.report(metrics, checkpoint=checkpoint if worker.is_rank0 else None,
+                     checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
 
 
 def open_logger(log_dir: str | None, config: Config) -> TensorBoardLogger | None:

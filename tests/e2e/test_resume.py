@@ -1,16 +1,17 @@
-"""Runs that survive: a killed training worker, and a killed search driver continued with --resume."""
+"""Runs that survive: a killed training worker, and a killed train or search driver continued with --resume."""
 import json
 import os
 import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 
-from tests.helpers import tiny_config, wait_for
+from tests.helpers import cli_environment, tiny_config, wait_for
 
 
 def checkpoint_epochs(run_dir: Path) -> list[int]:
@@ -62,9 +63,9 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, tiny_shar
     # The run's record has every epoch exactly once: none lost to the failure, none counted twice.
     assert sorted(metrics["epoch"] for _, metrics in result.best_checkpoints) == list(range(1, epochs + 1))
     assert sorted(registered_epochs(run_dir)) == list(range(1, epochs + 1))
-    # On disk there may be more: epochs whose checkpoints rank 0 had written but Ray Train had not yet
-    # registered when the worker died (workers report without waiting for the controller). They were
-    # trained again after the restart; nothing at or before the first registered epoch was.
+    # On disk there may be more: a checkpoint that the kill cut off mid-copy, whose epoch was trained
+    # again after the restart (a whole one that Ray Train had not registered yet is restored from
+    # and registered); nothing at or before the first registered epoch was.
     on_disk = checkpoint_epochs(run_dir)
     extra = list(on_disk)
     for epoch in range(1, epochs + 1):
@@ -113,3 +114,37 @@ def test_a_killed_search_driver_resumes_without_rerunning_finished_trials(tiny_s
     assert "best val_iou" in resumed.stdout
     assert list(name_folder.iterdir()) == [experiment]  # continued in place, no new experiment
     assert f"experiment: {experiment}" in resumed.stdout
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_resume_after_kill_9_trains_no_epoch_whose_checkpoint_is_on_disk(tiny_shards, tmp_path):
+    """kill -9 after the last epoch's checkpoint is written and before Ray Train registers it: the
+    resumed run starts from that checkpoint, not from the one before, and registers it."""
+    config = tiny_config(tiny_shards, tmp_path / "results", **{"name": "killed9", "train.epochs": 2, "train.num_workers": 1})
+    config_file = tmp_path / "train.yaml"
+    config_file.write_text(config.to_yaml())
+    command = [sys.executable, "-m", "raytrain.cli", "train", str(config_file), "--num-cpus", "2", "--quiet"]
+    # Ray Train's controller registers a reported checkpoint when it next polls the workers; polling
+    # every 300 s holds the last epoch's checkpoint on disk, unregistered, until the kill.
+    slow_polls = {**cli_environment(), "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "300"}
+    driver = subprocess.Popen(command, env=slow_polls, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        run_dir = wait_for(lambda: next((tmp_path / "results/killed9").glob("2*"), None), "the experiment directory", 300)
+
+        def last_checkpoint_whole():
+            return [p for p in run_dir.glob("checkpoint_*") if len(list(p.iterdir())) == 5 and '"epoch": 2' in (p / "metrics.json").read_text()]
+
+        wait_for(last_checkpoint_whole, "the last epoch's checkpoint on disk", 300)
+        time.sleep(1)  # the copy's last bytes
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    assert 2 not in registered_epochs(run_dir)  # else this run shows nothing
+    [last] = last_checkpoint_whole()
+
+    resumed = subprocess.run([*command, "--resume"], env=cli_environment(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert checkpoint_epochs(run_dir) == [1, 2]  # no epoch trained twice
+    assert 2 in registered_epochs(run_dir)
+    assert f"checkpoint: {last}" in resumed.stdout

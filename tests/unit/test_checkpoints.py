@@ -1,4 +1,5 @@
-"""checkpoints: a fetch copies only what loading needs, and refuses a file over its limit."""
+"""checkpoints: a fetch copies only what loading needs, and refuses a file over its limit; a run's
+checkpoints by epoch leave out those cut off mid-copy; a damaged one restores nothing."""
 
 import os
 
@@ -6,7 +7,7 @@ import pyarrow.fs as pafs
 import pytest
 
 import raytrain
-from raytrain.checkpoints import fetch_checkpoint
+from raytrain.checkpoints import checkpoints_by_epoch, fetch_checkpoint, restore_train_state
 from raytrain.errors import CheckpointError
 
 
@@ -29,3 +30,40 @@ def test_a_fetch_refuses_a_file_over_its_limit_before_copying_a_byte(tmp_path, n
     with pytest.raises(CheckpointError, match=rf"{source}/{name}: {size} bytes, over the limit of \d+ for a checkpoint's {name}"):
         fetch_checkpoint(pafs.LocalFileSystem(), str(source), tmp_path / "cache")
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*"))
+
+
+def test_a_runs_checkpoints_by_epoch_are_the_whole_ones_latest_first(tmp_path):
+    import json
+    import shutil
+
+    from tests.helpers import checkpoint
+
+    run = tmp_path / "exp"
+    for epoch in (1, 2, 3, 4):
+        folder = checkpoint(tmp_path, f"checkpoint_{epoch}", metrics={"epoch": epoch, "val_iou": 0.5})
+        assert json.loads((folder / "metrics.json").read_text())["epoch"] == epoch
+    (run / "checkpoint_3" / "train_state.pt").unlink()  # a copy cut off before its last file
+    (run / "checkpoint_4" / "metrics.json").write_text('{"epoch": 4')  # ... or in the middle of one
+    shutil.copytree(run / "checkpoint_2", run / "not_a_checkpoint" / "nested")  # only the run's own level counts
+    found = checkpoints_by_epoch(pafs.LocalFileSystem(), str(run))
+    assert [(epoch, path) for epoch, path, _ in found] == [(2, str(run / "checkpoint_2")), (1, str(run / "checkpoint_1"))]
+    assert found[0][2] == {"epoch": 2, "val_iou": 0.5}
+    assert checkpoints_by_epoch(pafs.LocalFileSystem(), str(tmp_path / "nowhere")) == []
+
+
+def test_a_damaged_training_state_restores_nothing(tmp_path):
+    import torch
+
+    from raytrain.models import create_model
+    from tests.helpers import checkpoint
+
+    saved = checkpoint(tmp_path)
+    (saved / "train_state.pt").write_bytes((saved / "train_state.pt").read_bytes()[:100])
+    model = create_model("simple", depth=1)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=rf"^{saved}/train_state.pt: cannot resume from it"):
+        restore_train_state(saved, model, torch.optim.Adam(model.parameters()))
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+    (saved / "model.pt").unlink()
+    with pytest.raises(CheckpointError, match=rf"^{saved}/model.pt: cannot read the weights"):
+        restore_train_state(saved, model, torch.optim.Adam(model.parameters()))

@@ -87,6 +87,11 @@ def checkpoint_with(file: str, content: bytes | str):
     return setup
 
 
+def config_with_line_appended(ckpt: Path, line: str) -> None:
+    with open(ckpt / "config.yaml", "a") as config_file:
+        config_file.write(f"{line}\n")
+
+
 def truncated_weights(tmp: Path) -> None:
     weights = checkpoint(tmp) / "model.pt"
     weights.write_bytes(weights.read_bytes()[:300])
@@ -162,6 +167,14 @@ CASES = [
     ),
     pytest.param(["train", C], text_file("c.yaml", ALIAS_BOMB), ["{tmp}/c.yaml", "line 2", "YAML aliases"], id="config-yaml-alias"),
     pytest.param(
+        ["train", C], text_file("c.yaml", "name: a\ntrain:\n  epochs: 1\n  epochs: 3\n"),
+        ["{tmp}/c.yaml", "line 4", "duplicate key 'epochs'"], id="config-yaml-duplicate-key",
+    ),
+    pytest.param(
+        ["train", C, "--set", "search.space={{optim.lr: {{grid: [1]}}, optim.lr: {{grid: [2]}}}}"], lambda t: config(t, "d"),
+        ["--set", "search.space", "duplicate key 'optim.lr'"], id="set-yaml-duplicate-key",
+    ),
+    pytest.param(
         ["train", C, "--set", "search.space=[&a [1, 1], [*a, *a]]"], lambda t: config(t, "d"),
         ["--set", "search.space", "YAML aliases"], id="set-yaml-alias",
     ),
@@ -177,8 +190,12 @@ CASES = [
     ),
     pytest.param(["train", C], lambda t: config(t, "d", **{"data.cache": "ram"}), ["{tmp}/c.yaml", "data.cache", "'auto', 'off' or 'memory'"], id="config-cache-unknown"),
     pytest.param(
-        [*TRAIN, "--set", "data.cache=memory", "--set", "data.size=30000x30000"], lambda t: config(t),
-        ["data.cache memory", "{tmp}/shards", "GiB decoded, over the budget", "object store", "data.cache=auto"], id="cache-memory-over-budget",
+        ["train", C, "--dry-run", "--set", "data.size=60000x60000"], lambda t: config(t),
+        ["data.size 60000x60000", "over the limit of 50000000 pixels", "RAYTRAIN_MAX_PIXELS"], id="train-size-over-pixel-limit",
+    ),
+    pytest.param(
+        ["tune", C, "--dry-run"], lambda t: config(t, **{"search.space": {"data.size": {"grid": ["64x32", "60000x60000"]}}}),
+        ["search.space data.size='60000x60000'", "data.size 60000x60000", "RAYTRAIN_MAX_PIXELS"], id="search-size-over-pixel-limit",
     ),
     pytest.param(
         [*TRAIN, "--set", "train.use_gpu=true"], lambda t: config(t), ["train.use_gpu", "needs 2 GPUs", "has 0", "RAY_ADDRESS"],
@@ -262,6 +279,11 @@ CASES = [
         folder_with_class_map("classes: &c [{name: road, index: 1}]\nmore: *c\n"),
         ["{tmp}/raw/classes.yaml", "line 2", "YAML aliases"], id="data-class-map-yaml-alias",
     ),
+    pytest.param(
+        ["data", "shard", "{tmp}/raw", "--format", "folder", "--out", "{tmp}/out"],
+        folder_with_class_map("classes: [{name: road, index: 1}]\nclasses: [{name: sky, index: 1}]\n"),
+        ["{tmp}/raw/classes.yaml", "line 2", "duplicate key 'classes'"], id="data-class-map-duplicate-key",
+    ),
     # checkpoint and experiment paths
     pytest.param(["best", "{tmp}/exp"], nothing, ["{tmp}/exp", "not found"], id="best-missing-dir"),
     pytest.param(["best", "{tmp}/exp"], lambda t: (t / "exp").mkdir(), ["{tmp}/exp", "no checkpoint"], id="best-no-checkpoints"),
@@ -276,6 +298,10 @@ CASES = [
     pytest.param(
         ["evaluate", "{tmp}/exp/ckpt", "{tmp}/shards"], lambda t: (checkpoint_with("config.yaml", ALIAS_BOMB)(t), shards(t)),
         ["{tmp}/exp/ckpt/config.yaml", "YAML aliases"], id="evaluate-config-yaml-alias",
+    ),
+    pytest.param(
+        ["evaluate", "{tmp}/exp/ckpt", "{tmp}/shards"], lambda t: (config_with_line_appended(checkpoint(t), "name: again"), shards(t)),
+        ["{tmp}/exp/ckpt/config.yaml", "duplicate key 'name'"], id="evaluate-config-duplicate-key",
     ),
     pytest.param(["evaluate", "{tmp}/exp/ckpt", "{tmp}/nowhere"], checkpoint, ["{tmp}/nowhere"], id="evaluate-data-not-sharded"),
     pytest.param(
@@ -326,6 +352,16 @@ CASES = [
 @pytest.mark.parametrize("args, setup, fragments", CASES)
 def test_bad_input_is_one_line_exit_2_and_nothing_written(request, tmp_path, args, setup, fragments):
     check_bad_input_row(request, tmp_path, args, setup, fragments)
+
+
+def test_a_memory_cache_over_the_object_store_budget_is_one_line(tmp_path, monkeypatch):
+    """16 samples at 30000x30000 are more than any object store holds; the pixel limit, which
+    would refuse that size first, is raised for it."""
+    monkeypatch.setenv("RAYTRAIN_MAX_PIXELS", str(30000 * 30000))
+    check_one_line_and_nothing_written(
+        tmp_path, [*TRAIN, "--set", "data.cache=memory", "--set", "data.size=30000x30000"], lambda t: config(t),
+        ["data.cache memory", "{tmp}/shards", "GiB decoded, over the budget", "object store", "data.cache=auto"],
+    )
 
 
 # A sample of rows, one per kind of input, that a fresh `python -m raytrain.cli` must answer exactly as the

@@ -67,6 +67,12 @@ def non_utf8_name(tmp: Path) -> None:
         os.rename(base + b"/" + old, base + b"/" + new)
 
 
+def checkpoint_and_image_named_not_utf8(tmp: Path) -> None:
+    checkpoint(tmp)
+    (tmp / "in").mkdir()
+    Image.fromarray(np.full((16, 32, 3), 90, np.uint8)).save(os.fsencode(tmp / "in") + b"/street_\xff.png", format="PNG")
+
+
 def newline_in_name(tmp: Path) -> None:
     (kitti_folder(tmp) / "training/image_2/um_000001.png").rename(tmp / IMAGES / "um_0\n0001.png")
 
@@ -198,6 +204,18 @@ CASES = [
     ),
     pytest.param(
         SHARD, non_utf8_name, [f"{{tmp}}/{IMAGES}/um_\\xff00001.png", "not valid UTF-8"], id="shard-name-not-utf8",
+    ),
+    pytest.param(
+        ["predict", "{tmp}/exp/ckpt", "{tmp}/in", "--out", "{tmp}/out"], checkpoint_and_image_named_not_utf8,
+        ["{tmp}/in/street_\\xff.png", "not valid UTF-8"], id="predict-input-name-not-utf8",
+    ),
+    pytest.param(
+        ["predict", "{tmp}/exp/ckpt", "{tmp}/in", "--out", "{tmp}/out", "--workers", "1"], checkpoint_and_image_named_not_utf8,
+        ["{tmp}/in/street_\\xff.png", "not valid UTF-8"], id="predict-workers-input-name-not-utf8",  # before Ray starts
+    ),
+    pytest.param(
+        ["predict", "{tmp}/exp/ckpt", os.fsdecode(b"{tmp}/in/street_\xff.png"), "--out", "{tmp}/out"], checkpoint_and_image_named_not_utf8,
+        ["{tmp}/in/street_\\xff.png", "not valid UTF-8"], id="predict-input-file-name-not-utf8",
     ),
     pytest.param(SHARD, newline_in_name, [f"{{tmp}}/{IMAGES}/um_0\\n0001.png", "no mask"], id="shard-newline-in-name"),
     pytest.param(

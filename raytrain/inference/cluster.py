@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from typing import Callable, Sequence
 
 import numpy as np
@@ -80,11 +81,18 @@ def _run(todo: list[str], files: dict[str, bytes], out, workers, batch_size, cpu
 
     ensure_ray(verbosity=QUIET)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    dataset = ray.data.from_items([{"input": location} for location in todo]).map_batches(
-        ModelActor, fn_constructor_kwargs={"files": files, "out": os.fspath(out), "device": "cuda" if gpus else "cpu",
-                                           "batch_size": batch_size, "tta": tta},
-        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker, num_gpus=gpus,
-    )
+    with warnings.catch_warnings():
+        # max_restarts has no named parameter yet: Ray Data passes it on, with a deprecation warning.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        dataset = ray.data.from_items([{"input": location} for location in todo]).map_batches(
+            ModelActor, fn_constructor_kwargs={"files": files, "out": os.fspath(out), "device": "cuda" if gpus else "cpu",
+                                               "batch_size": batch_size, "tta": tta},
+            batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker,
+            num_gpus=gpus,
+            # Ray logs an error line for every restartable actor whose arguments are in the object store,
+            # as an actor pool's always are (ray#53727); a predict that dies is rerun for only the rest.
+            max_restarts=0,
+        )
     # All N actors up before the first batch goes out: else the first one ready can take every batch.
     dataset.context.wait_for_min_actors_s = ACTORS_START_S
     unreadable, count = [], 0

@@ -87,11 +87,13 @@ def test_a_killed_run_rerun_does_only_the_rest(ray_cluster, tmp_path):
     leftover.write_bytes(b"\x89PNG partial")
     (out / ".not-ours").write_text("kept")
 
-    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(command, env=dict(env, RAYTRAIN_PROGRESS_EVERY_S="0"), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert f"wrote {len(images) - len(done)} masks and overlays" in rerun.stdout
     assert f"skipped {len(done)} already done" in rerun.stdout
-    assert f"predict: {len(images) - len(done)}/{len(images) - len(done)} images" in rerun.stderr
+    progress = [line.split(" images,")[0] for line in rerun.stderr.splitlines() if line.startswith("predict: ")]
+    assert progress and all(line.endswith(f"/{len(todo)}") for line in progress), rerun.stderr  # counts only the rest
+    assert len(progress) == len(rerun.stderr.splitlines()), rerun.stderr  # and nothing else: no Ray log lines
     assert complete_outputs(out) == {p.stem for p in images}
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # the done ones were not written again
     assert not leftover.exists() and (out / ".not-ours").read_text() == "kept"

@@ -11,6 +11,7 @@ synthetic scenes, a checkpoint's upload): a full disk or quota names the target,
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import uuid
@@ -19,6 +20,8 @@ import pyarrow as pa
 
 from raytrain.errors import DataError
 from raytrain.storage.paths import RemotePath, as_path
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # an OSError's errno when the disk or the user's quota is full
 
 _TEMPORARY = re.compile(r"\.(?P<final>.+)\.[0-9a-f]{8}(?P<suffix>\.[^.]*)?")
 

@@ -1,4 +1,4 @@
-"""checkpoints: a fetch copies only what loading needs, and refuses a file over its limit."""
+"""checkpoints: a fetch copies only what loading needs, and refuses a file over its limit; an upload is whole or absent."""
 
 import os
 
@@ -7,7 +7,7 @@ import pytest
 
 import raytrain
 from raytrain.checkpoints import fetch_checkpoint
-from raytrain.errors import CheckpointError
+from raytrain.errors import CheckpointError, RaytrainError
 
 
 def test_a_fetch_copies_only_what_loading_needs(tmp_path):
@@ -29,3 +29,26 @@ def test_a_fetch_refuses_a_file_over_its_limit_before_copying_a_byte(tmp_path, n
     with pytest.raises(CheckpointError, match=rf"{source}/{name}: {size} bytes, over the limit of \d+ for a checkpoint's {name}"):
         fetch_checkpoint(pafs.LocalFileSystem(), str(source), tmp_path / "cache")
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*"))
+
+
+def test_an_upload_is_whole_with_complete_json_or_leaves_nothing(tmp_path, small_disk):
+    from raytrain.checkpoints import check_complete, upload_checkpoint
+    from tests.helpers import checkpoint
+
+    source, local = checkpoint(tmp_path), pafs.LocalFileSystem()
+    upload_checkpoint(source, local, str(tmp_path / "storage" / "whole"))
+    check_complete(tmp_path / "storage" / "whole")
+    disk = small_disk(tmp_path / "disk", "8k")  # the checkpoint is about 16 kB
+    with pytest.raises(RaytrainError, match=rf"^{disk}/cut: cannot write \(No space left on device\)$"):
+        upload_checkpoint(source, local, str(disk / "cut"))
+    assert list(disk.iterdir()) == []
+
+
+def test_a_fetch_into_a_full_disk_is_one_line_naming_the_cache_and_leaves_nothing(tmp_path, small_disk):
+    from tests.helpers import checkpoint
+
+    source = checkpoint(tmp_path)
+    cache = small_disk(tmp_path / "cache", "8k")  # the checkpoint is about 16 kB
+    with pytest.raises(RaytrainError, match=rf"^{cache}: cannot write \(No space left on device\)$"):
+        fetch_checkpoint(pafs.LocalFileSystem(), str(source), cache)
+    assert [path for path in cache.rglob("*") if path.is_file()] == []

@@ -192,5 +192,5 @@ def run_search(config: Config, manifest: Manifest, experiment: str, *, resume: b
                      TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1"):
         grid = tuner.fit()
     if grid.errors and len(grid.errors) == len(grid):
-        raise user_error_inside(grid.errors[0]) or grid.errors[0]
+        raise user_error_inside(grid.errors[0], writing=experiment) or grid.errors[0]
     return grid

@@ -121,3 +121,19 @@ def test_loading_a_cut_short_checkpoint_is_one_line_naming_the_short_file(tmp_pa
     assert_one_line_error(run, [f"{experiment / 'cut' / 'model.pt'}: incomplete checkpoint"], tmp_path)
     assert not (tmp_path / "model.ts").exists()
 
+
+def test_report_on_a_full_disk_is_one_line_naming_its_folder(tmp_path, small_disk, tiny_shards):
+    """The report's files are written one by one: those written before the disk filled stay."""
+    from raytrain.checkpoints import save_checkpoint
+    from raytrain.models import create_model
+    from tests.helpers import tiny_config
+
+    config = tiny_config(tiny_shards, tmp_path, name="run")
+    torch.manual_seed(0)
+    model = create_model(config.model.name, num_classes=1, **config.model.kwargs())
+    for epoch, iou in ((1, 0.3), (2, 0.4)):
+        save_checkpoint(tmp_path / "run" / f"checkpoint_{epoch}", model, torch.optim.Adam(model.parameters()), None,
+                        epoch, config, {"epoch": epoch, "train_loss": 1.0, "val_loss": 1.0, "val_f1": iou, "val_iou": iou})
+    disk = small_disk(tmp_path / "disk", "16k")  # about 4 plots of 20 kB and the overlays
+    run = run_cli(["report", tmp_path / "run", "--out", disk / "report"], tmp_path, timeout=300)
+    assert_one_line_error(run, [f"{disk / 'report'}: cannot write", NO_SPACE], tmp_path)

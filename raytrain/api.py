@@ -6,6 +6,7 @@ every rule it enforces on an argument (errors.Rule), the function here enforces 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -92,11 +93,12 @@ def _launch(kind, source, overrides, resume, dry_run, num_cpus, verbosity):
     extra = {"resume": bool(resume)} if kind == "tune" else {}
     try:
         result = run(config, manifest, experiment, num_cpus=cpus, verbosity=verbosity, **extra)
-    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (Ray's handler exits)
-        experiments.mark(experiment, experiments.INTERRUPTED)
-        raise
-    except BaseException:
-        experiments.mark(experiment, experiments.FAILED)
+    except BaseException as err:
+        # Ctrl-C, or SIGTERM (Ray's handler exits); else a failure. Should the record not be
+        # written either (a disk still full), the run's own error is the one to tell.
+        interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))
+        with contextlib.suppress(RaytrainError):
+            experiments.mark(experiment, experiments.INTERRUPTED if interrupted else experiments.FAILED)
         raise
     errors = len(result.errors) if kind == "tune" else 0
     experiments.mark(experiment, experiments.FINISHED, failed_trials=errors)

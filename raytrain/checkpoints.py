@@ -5,6 +5,12 @@
     config.yaml       the fully resolved config that made it
     metrics.json      the epoch's metrics
     classes.json      class names, in output-channel order
+    complete.json     the size of each file above, written last
+
+A checkpoint is complete or it is not one: finding, reading and loading one (check_complete) refuse
+a folder without complete.json, or with a file missing or of another size than it records, as a
+save or upload that a full disk or a kill stopped short leaves. A run's upload writes complete.json
+last (upload_checkpoint) and removes what it copied when it fails.
 
 Tensors load with torch.load(weights_only=True) and everything else is YAML or JSON, so opening a
 checkpoint from elsewhere cannot run code. Nor can it cost more memory than its files' size:
@@ -13,7 +19,9 @@ device, its parameters bounded) before any tensor is copied (read_weights, infer
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -28,6 +36,7 @@ import pyarrow.fs as pafs
 
 from raytrain.config import Config, load_config
 from raytrain.errors import CheckpointError, first_line, limit_from_env
+from raytrain.storage.atomic import DISK_FULL, cannot_write, write_errors_named
 from raytrain.storage.paths import RemotePath, filesystem_of, is_uri, join
 from raytrain.storage.reading import CONFIG_BYTES, RECORD_BYTES, checked_size, read_bounded
 from raytrain.storage.safe_yaml import load_yaml
@@ -43,6 +52,8 @@ STATE_FILE = "train_state.pt"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 CLASSES_FILE = "classes.json"
+COMPLETE_FILE = "complete.json"
+CHECKPOINT_FILES = (MODEL_FILE, STATE_FILE, CONFIG_FILE, METRICS_FILE, CLASSES_FILE)  # what complete.json records
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -53,19 +64,100 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def save_checkpoint(directory, model, optimizer, scheduler, epoch: int, config: Config, metrics: dict) -> Path:
     """Save after `epoch` epochs are complete (1-based, as reported)."""
-    import torch
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    torch.save(unwrap(model).state_dict(), directory / MODEL_FILE)
     state = {"optimizer": optimizer.state_dict(), "epoch": epoch}
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
-    torch.save(state, directory / STATE_FILE)
-    (directory / CONFIG_FILE).write_text(config.to_yaml())
-    (directory / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
-    (directory / CLASSES_FILE).write_text(json.dumps(config.classes))
+    files = {
+        MODEL_FILE: _torch_bytes(unwrap(model).state_dict()), STATE_FILE: _torch_bytes(state),
+        CONFIG_FILE: config.to_yaml().encode(), METRICS_FILE: json.dumps(metrics, indent=2).encode(),
+        CLASSES_FILE: json.dumps(config.classes).encode(),
+    }
+    directory = Path(directory)
+    with write_errors_named(directory):
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            (directory / name).write_bytes(data)
+    seal(directory)
     return directory
+
+
+def _torch_bytes(value) -> memoryview:
+    """torch.save's bytes, made in memory: torch's own file writer fails a full disk with a RuntimeError
+    that says nothing of the disk, where writing bytes is the OSError it is."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getbuffer()
+
+
+def seal(directory) -> None:
+    """Write complete.json, the size of each checkpoint file in `directory`, once they are all written."""
+    directory = Path(directory)
+    sizes = {name: (directory / name).stat().st_size for name in CHECKPOINT_FILES if (directory / name).is_file()}
+    with write_errors_named(directory):
+        (directory / COMPLETE_FILE).write_text(json.dumps(sizes, indent=2))
+
+
+def check_complete(location: str | os.PathLike, files: tuple[str, ...] = CHECKPOINT_FILES) -> None:
+    """Raise a CheckpointError naming what is wrong unless `location` (local or a URI) holds these
+    `files` of a checkpoint whole: model.pt, config.yaml and metrics.json there, and each of `files`
+    that complete.json records there at the size it records. Reads only the listing and complete.json."""
+    filesystem, path = filesystem_of(location)
+    shown = os.fspath(location).rstrip("/") if is_uri(location) else str(Path(location).expanduser())
+    try:
+        if filesystem.get_file_info(path).type != pafs.FileType.Directory:
+            raise CheckpointError(f"{shown}: not a raytrain checkpoint (missing directory)")
+        listing = {info.base_name: info for info in filesystem.get_file_info(pafs.FileSelector(path))}
+    except OSError as err:
+        raise CheckpointError(f"{shown}: unreadable checkpoint folder ({' '.join(str(err).split())})") from None
+    found = {name: info.size for name, info in listing.items() if info.type == pafs.FileType.File}
+    for name in sorted((set(listing) - set(found)) & {*files, COMPLETE_FILE}):  # a FIFO or a folder: say which
+        if is_uri(location):
+            raise CheckpointError(f"{shown}/{name}: cannot read the checkpoint file (not a regular file)")
+        checked_size(Path(shown) / name, 0, "checkpoint file", CheckpointError)
+    missing = [name for name in (MODEL_FILE, CONFIG_FILE, METRICS_FILE) if name not in found]
+    if missing:
+        raise CheckpointError(f"{shown}: not a raytrain checkpoint (missing {', '.join(missing)})")
+    if COMPLETE_FILE not in found:
+        raise CheckpointError(f"{shown}: incomplete checkpoint: no {COMPLETE_FILE}, which saving it writes last "
+                              "(a save or copy that was stopped short)")
+    for name, size in _recorded_sizes(filesystem, f"{path}/{COMPLETE_FILE}", f"{shown}/{COMPLETE_FILE}").items():
+        if name in files and found.get(name) != size:
+            there = "missing" if name not in found else f"{found[name]} bytes"
+            raise CheckpointError(f"{shown}/{name}: incomplete checkpoint: {there}, where {COMPLETE_FILE} records "
+                                  f"{size} bytes (a save or copy that was stopped short)")
+
+
+def _recorded_sizes(filesystem: pafs.FileSystem, path: str, shown: str) -> dict[str, int]:
+    data = read_bounded(RemotePath(filesystem, path, ""), RECORD_BYTES, "checkpoint record", CheckpointError)
+    try:
+        sizes = json.loads(data)
+    except ValueError as err:
+        raise CheckpointError(f"{shown}: unreadable ({' '.join(str(err).split())})") from None
+    if not (isinstance(sizes, dict) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in sizes.values())
+            and set(sizes) <= set(CHECKPOINT_FILES)):
+        raise CheckpointError(f"{shown}: not a record of checkpoint file sizes")
+    return sizes
+
+
+def upload_checkpoint(local: str | os.PathLike, filesystem: pafs.FileSystem, destination: str) -> None:
+    """Copy the checkpoint saved in `local` to `destination` on `filesystem` (a run's storage), its
+    complete.json last, so that an upload cut short is never a complete checkpoint. When the copy
+    fails (a full disk), what it copied is removed and the error is one line naming `destination`."""
+    local = Path(local)
+    names = sorted(p.name for p in local.iterdir() if p.name != COMPLETE_FILE) + [COMPLETE_FILE]
+    try:
+        with write_errors_named(destination):
+            filesystem.create_dir(destination)
+            for name in names:
+                # One file at a time (no threads, which pyarrow's S3 uploads cannot take), in big chunks.
+                pafs.copy_files(str(local / name), f"{destination}/{name}", destination_filesystem=filesystem,
+                                chunk_size=64 << 20, use_threads=False)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            filesystem.delete_dir(destination)
+        raise
 
 
 def restore_train_state(directory, model, optimizer, scheduler=None) -> int:
@@ -170,7 +262,8 @@ class CheckpointInfo:
     experiment: str | None = None  # the experiment it was found in, when found by best_checkpoint
 
 
-LOADED_FILES = (MODEL_FILE, CONFIG_FILE, METRICS_FILE, CLASSES_FILE)  # what reading and loading one need (not train_state.pt)
+# What reading and loading one need (not train_state.pt), complete.json to check them by.
+LOADED_FILES = (MODEL_FILE, CONFIG_FILE, METRICS_FILE, CLASSES_FILE, COMPLETE_FILE)
 
 
 def checkpoint_file_limit(name: str) -> int:
@@ -197,11 +290,17 @@ def fetch_checkpoint(filesystem: pafs.FileSystem, path: str, cache: Path) -> Pat
                                   f"{checkpoint_file_limit(info.base_name)} for a checkpoint's {info.base_name} ({MAX_PARAMETERS_ENV})")
     partial = target.with_name(f".{target.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    for info in wanted:
-        pafs.copy_files(info.path, str(partial / info.base_name), source_filesystem=filesystem,
-                        destination_filesystem=pafs.LocalFileSystem())
-    partial.rename(target)  # whole or not at all: a broken download is never taken for a checkpoint
+    try:
+        partial.mkdir(parents=True)
+        for info in wanted:
+            pafs.copy_files(info.path, str(partial / info.base_name), source_filesystem=filesystem,
+                            destination_filesystem=pafs.LocalFileSystem())
+        partial.rename(target)  # whole or not at all: a broken download is never taken for a checkpoint
+    except BaseException as err:
+        shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(err, OSError) and err.errno in DISK_FULL:  # the cache's disk; other errors are the source's
+            raise cannot_write(cache, err) from None
+        raise
     return target
 
 
@@ -222,11 +321,8 @@ def local_checkpoint(location: str | os.PathLike) -> Path:
 
 
 def read_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
+    check_complete(path, LOADED_FILES)  # where it is: nothing is fetched from a URI for an incomplete one
     path = local_checkpoint(path)
-    # Present, not necessarily files: what else they are (a FIFO, a folder) the readers say in words.
-    missing = [name for name in (MODEL_FILE, CONFIG_FILE, METRICS_FILE) if not (path / name).exists()]
-    if not path.is_dir() or missing:
-        raise CheckpointError(f"{path}: not a raytrain checkpoint (missing {', '.join(missing) or 'directory'})")
     text = read_bounded(path / CONFIG_FILE, CONFIG_BYTES, "checkpoint config", CheckpointError)
     try:
         config = load_config(load_yaml(text.decode(), CONFIG_FILE))

@@ -31,6 +31,7 @@ from raytrain.inference.prediction import predict
 from raytrain.metrics import SegmentationMetrics, kitti_precision_recall
 from raytrain.selection import best_checkpoint_in
 from raytrain.storage.reading import RECORD_BYTES, RESULTS_BYTES, read_bounded
+from raytrain.storage.atomic import write_errors_named
 from raytrain.viz import overlay_grid
 
 OVERLAY_SAMPLES = 4
@@ -327,26 +328,27 @@ def write_report(experiment_path: str | os.PathLike, out_dir: str | os.PathLike,
     probabilities, histogram = _predict_val(checkpoint, images, masks, keep=OVERLAY_SAMPLES, progress=progress)
 
     out = Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    figures = plot_curves(trials, best, out)
-    params_plot = plot_params(trials, best, metric, mode, out)
-    if params_plot:
-        figures.append((f"searched values against {metric}", params_plot))
-    if histogram is not None and histogram[1].sum() > 0:
-        path, maxf = plot_pr_curve(histogram, out)
-        figures.append((f"precision-recall of the best model on the val split (MaxF {maxf:.4f})", path))
-    count = len(probabilities)
-    if count:
-        grid = overlay_grid(np.stack(images[:count]), np.stack(masks[:count]),
-                            np.stack(probabilities[:count]), checkpoint.classes)
-        path = out / "overlays.png"
-        Image.fromarray(grid).save(path)
-        legend = "road: probability > 0.5 in red" if binary else "classes in their palette colours"
-        figures.append((f"best model on val images: prediction | ground truth ({legend})", path))
-    index = out / "index.html"
-    title = f"raytrain report: {root.parent.name}/{root.name}"
-    tables = _results_table(trials, best, metric, mode) + "\n" + _groups_table(checkpoint)
-    index.write_text(_html(title, tables, checkpoint.path, figures))
+    with write_errors_named(out):  # a full disk: one line naming out
+        out.mkdir(parents=True, exist_ok=True)
+        figures = plot_curves(trials, best, out)
+        params_plot = plot_params(trials, best, metric, mode, out)
+        if params_plot:
+            figures.append((f"searched values against {metric}", params_plot))
+        if histogram is not None and histogram[1].sum() > 0:
+            path, maxf = plot_pr_curve(histogram, out)
+            figures.append((f"precision-recall of the best model on the val split (MaxF {maxf:.4f})", path))
+        count = len(probabilities)
+        if count:
+            grid = overlay_grid(np.stack(images[:count]), np.stack(masks[:count]),
+                                np.stack(probabilities[:count]), checkpoint.classes)
+            path = out / "overlays.png"
+            Image.fromarray(grid).save(path)
+            legend = "road: probability > 0.5 in red" if binary else "classes in their palette colours"
+            figures.append((f"best model on val images: prediction | ground truth ({legend})", path))
+        index = out / "index.html"
+        title = f"raytrain report: {root.parent.name}/{root.name}"
+        tables = _results_table(trials, best, metric, mode) + "\n" + _groups_table(checkpoint)
+        index.write_text(_html(title, tables, checkpoint.path, figures))
     return index
 
 

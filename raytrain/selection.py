@@ -1,6 +1,6 @@
 """Which checkpoint is best: every checkpoint below an experiment, trial or run, scored by one
-metric from its metrics.json, ranked, and the best read (nothing fetched until then). A damaged
-checkpoint is passed over with a note; it never hides the others, nor wins.
+metric from its metrics.json, ranked, and the best read (nothing fetched until then). A damaged or
+incomplete checkpoint is passed over with a note; it never hides the others, nor wins.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import warnings
 
 import pyarrow.fs as pafs
 
-from raytrain.checkpoints import METRICS_FILE, MODEL_FILE, CheckpointInfo, read_checkpoint, read_metrics
+from raytrain.checkpoints import METRICS_FILE, MODEL_FILE, CheckpointInfo, check_complete, read_checkpoint, read_metrics
 from raytrain.errors import CheckpointError
 from raytrain.storage.paths import filesystem_of, is_uri
 
@@ -57,12 +57,14 @@ def _real_number(value) -> bool:
 
 
 def scored_checkpoints(directory: str | os.PathLike, metric: str, skipped: list[str] | None = None) -> list[tuple[float, str]]:
-    """(value of `metric`, location) of every checkpoint below `directory` that reports it as a real
-    number. A checkpoint whose metrics.json is unreadable or whose value is not a real number is left
-    out; why is appended to `skipped` when given, so one damaged file never hides the others."""
+    """(value of `metric`, location) of every complete checkpoint below `directory` that reports it
+    as a real number. A checkpoint that is incomplete (checkpoints.check_complete), whose metrics.json
+    is unreadable or whose value is not a real number is left out; why is appended to `skipped` when
+    given, so one damaged file never hides the others."""
     scored = []
     for path in list_checkpoints(directory):
         try:
+            check_complete(path)
             metrics = read_metrics(path)
         except CheckpointError as err:
             if skipped is not None:

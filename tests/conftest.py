@@ -1,6 +1,7 @@
 """Shared fixtures: one local Ray cluster for the session, and tiny real datasets on disk."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, VAL_CATEGORIES, H, W, camvid_annot, kitti_categories, tiny_config
+from tests.helpers import REPO, VAL_CATEGORIES, H, W, camvid_annot, kitti_categories, small_disk_at, tiny_config
 
 
 def pytest_sessionstart(session):
@@ -43,6 +44,15 @@ def ray_cluster():
     ensure_ray(4, verbosity=QUIET)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def small_disk():
+    """mount(folder, size): a real filesystem of `size` ("64k") at `folder` that fills up as a full
+    disk does (helpers.small_disk_at); every one is unmounted when the test ends. Skips the test
+    where this process may not mount."""
+    with contextlib.ExitStack() as mounts:
+        yield lambda folder, size: mounts.enter_context(small_disk_at(folder, size))
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ torch.multiprocessing (start_method="forkserver"): its DDP workers skip the impo
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import multiprocessing
@@ -176,6 +177,26 @@ def tiny_config(shards, storage, **overrides):
         "train": {"epochs": 2, "batch_size": 4, "num_workers": 2, "storage_path": str(storage), "max_failures": 0},
     }
     return load_config(base, overrides)
+
+
+@contextlib.contextmanager
+def small_disk_at(folder: Path, size: str):
+    """A real filesystem of `size` bytes (a tmpfs: "64k", "1m") mounted at `folder`, which fills up
+    with ENOSPC as a full disk does; unmounted on the way out. Skips the test where this process may
+    not mount (not root, or a container without the capability)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command: a small tmpfs stands in for a full disk")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here, which stands in for a full disk ({mounted.stderr.strip()})")
+    try:
+        yield folder
+    finally:
+        # Lazily where a child still holds a file open: the mount never outlives the test.
+        if subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(folder)], check=True)
 
 
 # ---------------------------------------------------------------- files the tests make

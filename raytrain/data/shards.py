@@ -25,6 +25,7 @@ from raytrain.data.manifest import MANIFEST, SCHEMA_VERSION, SPLITS, Manifest
 from raytrain.data.splits import SplitRule, plan_group_split
 from raytrain.errors import FRACTION, DataError
 from raytrain.storage import leftovers
+from raytrain.storage.atomic import write_errors_named
 from raytrain.storage.paths import as_path, filesystem_of
 from raytrain.storage.reading import read_bounded
 
@@ -142,15 +143,16 @@ def write_shards(
     grouping = None if group_by is None else plan_group_split([s.id for s in samples], group_by, val_groups, val_fraction, seed)
     tmp = leftovers.make_temp_dir(filesystem, out_path, str(out))
     try:
-        written = _write(
-            samples, dataset_format, filesystem, tmp, SplitRule(val_fraction, seed, grouping), rows_per_shard, skip_bad,
-            on_skip or (lambda message: None), progress or (lambda done, total: None),
-        )
-        manifest = Manifest.model_validate({**written, "source": str(src_path)}).at(out)
-        with filesystem.open_output_stream(f"{tmp}/{MANIFEST}") as stream:
-            stream.write(manifest.to_json().encode())
-        leftovers.unmark(filesystem, tmp)
-        _publish(filesystem, tmp, out_path, str(out))
+        with write_errors_named(out):  # a full disk: one line naming out (a sample's read errors name the sample)
+            written = _write(
+                samples, dataset_format, filesystem, tmp, SplitRule(val_fraction, seed, grouping), rows_per_shard, skip_bad,
+                on_skip or (lambda message: None), progress or (lambda done, total: None),
+            )
+            manifest = Manifest.model_validate({**written, "source": str(src_path)}).at(out)
+            with filesystem.open_output_stream(f"{tmp}/{MANIFEST}") as stream:
+                stream.write(manifest.to_json().encode())
+            leftovers.unmark(filesystem, tmp)
+            _publish(filesystem, tmp, out_path, str(out))
     finally:
         if filesystem.get_file_info(tmp).type != pafs.FileType.NotFound:
             filesystem.delete_dir(tmp)

@@ -20,6 +20,7 @@ import pyarrow.fs as pafs
 from PIL import Image
 
 from raytrain.storage import leftovers
+from raytrain.storage.atomic import write_errors_named
 from raytrain.data.formats import encode_kitti_gt, os_errors_named
 
 F32 = np.float32
@@ -311,18 +312,19 @@ def write_synthetic_kitti(
     # A temp folder the next run can prove is its own, and remove, should this one be killed.
     tmp = pathlib.Path(leftovers.make_temp_dir(pafs.LocalFileSystem(), str(out.absolute()), str(out)))
     try:
-        images, gts = tmp / "training" / "image_2", tmp / "training" / "gt_image_2"
-        images.mkdir(parents=True)
-        gts.mkdir(parents=True)
-        width, height = size
-        for i in range(count):
-            image, road = render_scene(np.random.default_rng([seed, i]), width, height)
-            Image.fromarray(image).save(images / f"um_{i:06d}.png", compress_level=1)
-            Image.fromarray(encode_kitti_gt(road)).save(gts / f"um_road_{i:06d}.png", compress_level=1)
-        leftovers.unmark(pafs.LocalFileSystem(), str(tmp))
-        if out.exists():
-            out.rmdir()  # empty (checked above); rename cannot replace it portably
-        os.rename(tmp, out)
+        with write_errors_named(out):  # a full disk: one line naming out
+            images, gts = tmp / "training" / "image_2", tmp / "training" / "gt_image_2"
+            images.mkdir(parents=True)
+            gts.mkdir(parents=True)
+            width, height = size
+            for i in range(count):
+                image, road = render_scene(np.random.default_rng([seed, i]), width, height)
+                Image.fromarray(image).save(images / f"um_{i:06d}.png", compress_level=1)
+                Image.fromarray(encode_kitti_gt(road)).save(gts / f"um_road_{i:06d}.png", compress_level=1)
+            leftovers.unmark(pafs.LocalFileSystem(), str(tmp))
+            if out.exists():
+                out.rmdir()  # empty (checked above); rename cannot replace it portably
+            os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -108,7 +108,7 @@ def _run(todo: list[str], files: dict[str, bytes], out, workers, batch_size, cpu
                             f"{cpus_per_worker:g} CPUs{' and 1 GPU' if gpus else ''} within {ACTORS_START_S} s: "
                             "lower --workers or add nodes") from None
     except Exception as err:  # a write that failed in an actor reaches here wrapped by Ray
-        user_error = user_error_inside(err)
+        user_error = user_error_inside(err, writing=os.fspath(out))
         if user_error is None:
             raise
         raise user_error from None

@@ -3,6 +3,7 @@ numbers: uint8 RGB images of any size in, probabilities at that size out (image_
 from __future__ import annotations
 
 import importlib
+import io
 import json
 import os
 import warnings
@@ -24,6 +25,7 @@ EXPORT_NAMES = {"torchscript": "model.torchscript.pt", "torch.export": "model.pt
 
 
 METADATA_FILE = "raytrain.json"  # TorchScript's and torch.export's extra file; ONNX has metadata_props
+ONNX_MAX_BYTES = 2**31  # protobuf's limit on one message: a whole .onnx file, weights inside
 
 
 def default_export_path(checkpoint: str | os.PathLike | CheckpointInfo, format: str) -> Path:
@@ -59,8 +61,9 @@ def export_model(checkpoint: str | os.PathLike | CheckpointInfo, out: str | os.P
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise CheckpointError(f"{out.parent}: cannot create the output folder ({err.strerror or err})") from None
-    metadata = export_metadata(model, tta)
-    return write_atomically(out, lambda tmp: _save(exported, tmp, format, metadata))
+    # Serialised in memory, then written as bytes: torch's own file writers abort the process on a
+    # full disk (a C++ exception), where a write of bytes is an OSError like any other.
+    return write_atomically(out, _serialised(exported, format, export_metadata(model, tta)))
 
 
 def _require_onnx() -> None:
@@ -80,17 +83,23 @@ def export_metadata(model: LoadedModel, tta: str | None) -> dict[str, str]:
             "model": model.config.model.name, "raytrain_version": __version__}
 
 
-def _save(exported, tmp: str, format: str, metadata: dict[str, str]) -> None:
+def _serialised(exported, format: str, metadata: dict[str, str]) -> bytes:
+    """The exported file's bytes, its metadata inside."""
     if format == "onnx":
+        weights = sum(v.const_value.nbytes for v in exported.model.graph.initializers.values() if v.const_value is not None)
+        if weights >= ONNX_MAX_BYTES:
+            raise CheckpointError(f"{metadata['model']}: {weights} bytes of weights, over ONNX's one-file limit of "
+                                  f"{ONNX_MAX_BYTES}; export it as torchscript or torch.export")
         exported.model.metadata_props.update(metadata)
-        return exported.save(tmp)
-    extra = {METADATA_FILE: json.dumps(metadata)}
+        return exported.model_proto.SerializeToString()
+    extra, buffer = {METADATA_FILE: json.dumps(metadata)}, io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         if format == "torchscript":
-            torch.jit.save(exported, tmp, _extra_files=extra)
+            torch.jit.save(exported, buffer, _extra_files=extra)
         else:
-            torch.export.save(exported, tmp, extra_files=extra)
+            torch.export.save(exported, buffer, extra_files=extra)
+    return buffer.getvalue()
 
 
 def _trace(whole: ImageModel, name: str, format: str):

@@ -11,6 +11,7 @@ import ray
 
 from raytrain.console import EPOCH_LINES, RAY_LOGS
 from raytrain.errors import RaytrainError
+from raytrain.storage.atomic import DISK_FULL, cannot_write
 from raytrain.preflight import local_object_store_bytes
 
 
@@ -69,10 +70,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def user_error_inside(err: BaseException) -> RaytrainError | None:
+def user_error_inside(err: BaseException, writing: str) -> RaytrainError | None:
     """The RaytrainError behind `err`: itself, or the one a Ray Train worker or Tune trial raised,
-    which reaches the driver wrapped (TrainingFailedError's worker_failures, RayTaskError's cause)."""
-    pending, seen = [err], set()
+    which reaches the driver wrapped (TrainingFailedError's worker_failures, RayTaskError's cause).
+    A full disk or quota met inside Ray (its own files, TensorBoard's) is one too, naming the file
+    where the error does, else `writing`, what the run writes to (its experiment, predict's --out)."""
+    pending, seen, disk_full = [err], set(), None
     while pending:
         current = pending.pop(0)
         if current is None or id(current) in seen:
@@ -82,9 +85,11 @@ def user_error_inside(err: BaseException) -> RaytrainError | None:
         wrapped = getattr(current, "cause", None) or getattr(current, "_base_exc", None)
         if isinstance(current, RaytrainError) and wrapped is None:
             return current
+        if disk_full is None and isinstance(current, OSError) and current.errno in DISK_FULL:
+            disk_full = cannot_write(current.filename or writing, current)
         pending += [wrapped, getattr(current, "controller_failure", None), *getattr(current, "worker_failures", {}).values()]
         pending += [current.__cause__, current.__context__]
-    return None
+    return disk_full
 
 
 # Loggers of Ray Data that a run in the driver (a cache filled, a batch prediction) only makes noise

@@ -122,7 +122,7 @@ def run_training(config: Config, manifest: Manifest, experiment: str, *, num_cpu
         return make_trainer(config, manifest, storage_path=storage_path, name=name, callbacks=callbacks or None,
                             datasets=datasets, progress=progress).fit()
     except Exception as err:
-        user_error = user_error_inside(err)
+        user_error = user_error_inside(err, writing=experiment)
         if user_error is None:
             raise
         raise user_error from None

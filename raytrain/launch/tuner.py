@@ -210,5 +210,5 @@ def run_search(config: Config, manifest: Manifest, experiment: str, *, resume: b
         if drawer:
             drawer.join(timeout=5)
     if grid.errors and len(grid.errors) == len(grid):
-        raise user_error_inside(grid.errors[0]) or grid.errors[0]
+        raise user_error_inside(grid.errors[0], writing=experiment) or grid.errors[0]
     return grid

@@ -5,20 +5,24 @@ renamed (local: os.replace) or moved (an object store's move is a server-side co
 name never holds a partial file, and a killed run leaves only hidden temporaries, which
 `final_of_temporary` recognises. A failure removes the temporary and is a one-line DataError.
 `create_exclusively` is the one other way: a new file that must not replace one, for a claim.
+
+`write_errors_named` is the same one-line error for what writes a folder of files (shards,
+synthetic scenes, a checkpoint's upload): a full disk or quota names the target, never a traceback.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import uuid
 from pathlib import Path, PurePosixPath
-from typing import Callable
-
 import pyarrow as pa
 
 from raytrain.errors import DataError
 from raytrain.storage.paths import RemotePath, as_path
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # an OSError's errno when the disk or the user's quota is full
 
 _TEMPORARY = re.compile(r"\.(?P<final>.+)\.[0-9a-f]{8}(?P<suffix>\.[^.]*)?")
 
@@ -38,17 +42,13 @@ def final_of_temporary(name: str) -> str | None:
     return match["final"]
 
 
-def write_atomically(target: str | os.PathLike | RemotePath, data: bytes | Callable[[str], None]):
+def write_atomically(target: str | os.PathLike | RemotePath, data: bytes):
     """`data` as the file `target` (a local path or any URI), whole or not at all; returns the
-    target as a Path or RemotePath. `data` is the bytes, or, for a local target only, a function
-    that writes the file at the temporary path it is given (torch.jit.save, onnx's save).
-    A local file gets the permissions open() would give it."""
+    target as a Path or RemotePath. A local file gets the permissions open() would give it."""
     path = as_path(target)
     if isinstance(path, RemotePath):
-        if callable(data):
-            raise TypeError("write_atomically: a remote target takes bytes, not a writer")
         return _write_remote(path, data)
-    return _write_local(path.expanduser(), data if callable(data) else lambda tmp: Path(tmp).write_bytes(data))
+    return _write_local(path.expanduser(), data)
 
 
 def create_exclusively(target: str | os.PathLike | RemotePath, data: bytes) -> bool:
@@ -69,7 +69,7 @@ def create_exclusively(target: str | os.PathLike | RemotePath, data: bytes) -> b
     except FileExistsError:
         return False
     except OSError as err:
-        raise DataError(f"{path}: cannot write ({err.strerror or err})") from None
+        raise cannot_write(path, err) from None
     try:
         with os.fdopen(descriptor, "wb") as file:
             file.write(data)
@@ -77,27 +77,40 @@ def create_exclusively(target: str | os.PathLike | RemotePath, data: bytes) -> b
         with contextlib.suppress(OSError):
             os.unlink(path)
         if isinstance(err, OSError):
-            raise DataError(f"{path}: cannot write ({err.strerror or err})") from None
+            raise cannot_write(path, err) from None
         raise
     return True
 
 
-def _write_local(path: Path, write: Callable[[str], None]) -> Path:
-    tmp = temporary_beside(str(path))
+def cannot_write(target, err: OSError) -> DataError:
+    """The one-line error for an OSError while writing `target`: the OS's reason (No space left on
+    device, Disk quota exceeded, Read-only file system), which pyarrow's errors carry too."""
+    reason = os.strerror(err.errno) if err.errno else " ".join(str(err).split()) or type(err).__name__
+    return DataError(f"{target}: cannot write ({reason})")
+
+
+@contextlib.contextmanager
+def write_errors_named(target):
+    """An OSError inside, from writing `target` (a file or folder, shown as given), as cannot_write's
+    one-line error."""
     try:
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        yield
     except OSError as err:
-        raise DataError(f"{path}: cannot write ({err.strerror or err})") from None
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(err, OSError):
-            raise DataError(f"{path}: cannot write ({err.strerror or err})") from None
-        raise
+        raise cannot_write(target, err) from None
+
+
+def _write_local(path: Path, data: bytes) -> Path:
+    tmp = temporary_beside(str(path))
+    with write_errors_named(path):
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        try:
+            Path(tmp).write_bytes(data)
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
     return path
 
 

@@ -19,7 +19,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 import torch
 import torch.distributed as dist
 
-from raytrain.checkpoints import checkpoints_by_epoch, restore_train_state, save_checkpoint, unwrap
+from raytrain.checkpoints import checkpoints_by_epoch, restore_train_state, save_checkpoint, unwrap, upload_checkpoint
 from raytrain.config import Config
 from raytrain.errors import CheckpointError, RaytrainError
 from raytrain.losses import create_loss
@@ -266,7 +266,16 @@ def report_and_checkpoint(worker: Worker, epoch: int, report: dict, samples: dic
         if worker.is_rank0:
             save_checkpoint(directory, worker.model, worker.optimizer, worker.scheduler, epoch + 1, worker.config, report)
             saved = ray.train.Checkpoint.from_directory(directory)
-        ray.train.report(report, checkpoint=saved)
+        ray.train.report(report, checkpoint=saved, checkpoint_upload_fn=upload_to_storage)
+
+
+def upload_to_storage(checkpoint: ray.train.Checkpoint, directory_name: str) -> ray.train.Checkpoint:
+    """Ray Train's upload of a reported checkpoint into the run's storage, done by
+    checkpoints.upload_checkpoint: complete.json last, nothing left of an upload that fails."""
+    storage = ray.train.get_context().get_storage()
+    destination = storage.build_checkpoint_path_from_name(directory_name)
+    upload_checkpoint(checkpoint.path, storage.storage_filesystem, destination)
+    return ray.train.Checkpoint(destination, filesystem=storage.storage_filesystem)
 
 
 # ---------------------------------------------------------------- one epoch, in plain torch

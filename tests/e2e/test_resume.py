@@ -5,12 +5,11 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
-
+from raytrain.checkpoints import COMPLETE_FILE
 from tests.helpers import cli_environment, tiny_config, wait_for
 
 
@@ -133,10 +132,9 @@ def test_resume_after_kill_9_trains_no_epoch_whose_checkpoint_is_on_disk(tiny_sh
         run_dir = wait_for(lambda: next((tmp_path / "results/killed9").glob("2*"), None), "the experiment directory", 300)
 
         def last_checkpoint_whole():
-            return [p for p in run_dir.glob("checkpoint_*") if len(list(p.iterdir())) == 5 and '"epoch": 2' in (p / "metrics.json").read_text()]
+            return [p for p in run_dir.glob("checkpoint_*") if (p / COMPLETE_FILE).is_file() and '"epoch": 2' in (p / "metrics.json").read_text()]
 
-        wait_for(last_checkpoint_whole, "the last epoch's checkpoint on disk", 300)
-        time.sleep(1)  # the copy's last bytes
+        wait_for(last_checkpoint_whole, "the last epoch's checkpoint on disk", 300)  # complete.json: its copy's last file
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()

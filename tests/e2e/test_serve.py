@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 import raytrain
+from raytrain.checkpoints import seal
 from tests.helpers import BROKEN_PNGS, broken_png, checkpoint, free_port, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -47,6 +48,7 @@ def half_road_checkpoint(tmp: Path, name: str, val_iou: float) -> Path:
     median = float(np.median(raytrain.predict(raytrain.load_model(path), [IMAGE])[0]))
     weights["head.bias"] -= float(np.log(median / (1 - median)))
     torch.save(weights, path / "model.pt")
+    seal(path)
     return path
 
 

@@ -1,5 +1,6 @@
 """checkpoints: a fetch copies only what loading needs, and refuses a file over its limit; a run's
-checkpoints by epoch leave out those cut off mid-copy; a damaged one restores nothing."""
+checkpoints by epoch leave out those cut off mid-copy; a damaged one restores nothing; an upload is
+whole or absent."""
 
 import os
 
@@ -8,7 +9,7 @@ import pytest
 
 import raytrain
 from raytrain.checkpoints import checkpoints_by_epoch, fetch_checkpoint, restore_train_state
-from raytrain.errors import CheckpointError
+from raytrain.errors import CheckpointError, RaytrainError
 
 
 def test_a_fetch_copies_only_what_loading_needs(tmp_path):
@@ -67,3 +68,26 @@ def test_a_damaged_training_state_restores_nothing(tmp_path):
     (saved / "model.pt").unlink()
     with pytest.raises(CheckpointError, match=rf"^{saved}/model.pt: cannot read the weights"):
         restore_train_state(saved, model, torch.optim.Adam(model.parameters()))
+
+
+def test_an_upload_is_whole_with_complete_json_or_leaves_nothing(tmp_path, small_disk):
+    from raytrain.checkpoints import check_complete, upload_checkpoint
+    from tests.helpers import checkpoint
+
+    source, local = checkpoint(tmp_path), pafs.LocalFileSystem()
+    upload_checkpoint(source, local, str(tmp_path / "storage" / "whole"))
+    check_complete(tmp_path / "storage" / "whole")
+    disk = small_disk(tmp_path / "disk", "8k")  # the checkpoint is about 16 kB
+    with pytest.raises(RaytrainError, match=rf"^{disk}/cut: cannot write \(No space left on device\)$"):
+        upload_checkpoint(source, local, str(disk / "cut"))
+    assert list(disk.iterdir()) == []
+
+
+def test_a_fetch_into_a_full_disk_is_one_line_naming_the_cache_and_leaves_nothing(tmp_path, small_disk):
+    from tests.helpers import checkpoint
+
+    source = checkpoint(tmp_path)
+    cache = small_disk(tmp_path / "cache", "8k")  # the checkpoint is about 16 kB
+    with pytest.raises(RaytrainError, match=rf"^{cache}: cannot write \(No space left on device\)$"):
+        fetch_checkpoint(pafs.LocalFileSystem(), str(source), cache)
+    assert [path for path in cache.rglob("*") if path.is_file()] == []

@@ -16,6 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+
+from raytrain.checkpoints import seal
 from tests.helpers import BROKEN_PNGS, C, MEMORY_LIMIT, SHARD, assert_one_line_error, big_png, big_png_bytes, broken_png, check_bad_input_row, check_one_line_and_nothing_written, checkpoint, config, finished_experiment, kitti_folder, kitti_um_and_uu, mask_value_outside_class_map, png_header, run_raytrain, shards, shards_without_val
 
 # ---------------------------------------------------------------- the files a row needs
@@ -80,9 +82,11 @@ def same_stem_png_and_jpg(tmp: Path) -> None:
 
 
 def checkpoint_with(file: str, content: bytes | str):
+    """A checkpoint with `file` replaced, and its complete.json rewritten to match, as a hand could."""
     def setup(tmp: Path) -> None:
         path = checkpoint(tmp) / file
         path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+        seal(path.parent)
 
     return setup
 
@@ -90,11 +94,13 @@ def checkpoint_with(file: str, content: bytes | str):
 def config_with_line_appended(ckpt: Path, line: str) -> None:
     with open(ckpt / "config.yaml", "a") as config_file:
         config_file.write(f"{line}\n")
+    seal(ckpt)
 
 
 def truncated_weights(tmp: Path) -> None:
     weights = checkpoint(tmp) / "model.pt"
     weights.write_bytes(weights.read_bytes()[:300])
+    seal(weights.parent)  # the weights' own check, not complete.json's (test_full_disk.py)
 
 
 def checkpoint_and_shards(tmp: Path) -> None:
@@ -109,6 +115,7 @@ def checkpoint_and_text_as_image(tmp: Path) -> None:
 
 def bad_weights_and_an_image(tmp: Path) -> None:
     (checkpoint(tmp) / "model.pt").write_bytes(b"not a state dict")
+    seal(tmp / "exp/ckpt")
     Image.fromarray(np.full((16, 32, 3), 90, np.uint8)).save(tmp / "street.png")
 
 

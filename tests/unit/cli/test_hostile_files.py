@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+
+from raytrain.checkpoints import seal
 from tests.helpers import (
     C,
     MEMORY_LIMIT,
@@ -339,6 +341,7 @@ def checkpoint_file_as(name: str, change):
         path = checkpoint(tmp) / name
         street_png(tmp / "street.png")
         change(path)
+        seal(path.parent)  # as a hand could: the file's own check, not complete.json's
 
     return setup
 

@@ -20,6 +20,7 @@ import yaml
 from PIL import Image
 
 import raytrain
+from raytrain.checkpoints import seal
 from tests.helpers import set_dotted
 from tests.helpers import cli_environment, run_cli
 from tests.helpers import (
@@ -36,9 +37,11 @@ def street(tmp: Path) -> Path:
 
 
 def edit_config(ckpt: Path, **dotted) -> None:
-    """Rewrite the checkpoint's config.yaml with dotted keys replaced, as a hand could."""
+    """Rewrite the checkpoint's config.yaml with dotted keys replaced, and its complete.json to match,
+    as a hand could."""
     config = yaml.safe_load((ckpt / "config.yaml").read_text())
     (ckpt / "config.yaml").write_text(yaml.safe_dump(set_dotted(config, **dotted)))
+    seal(ckpt)
 
 
 def with_config(**dotted):
@@ -55,6 +58,7 @@ def with_weights(save):
     def setup(tmp: Path) -> None:
         weights = checkpoint(tmp) / "model.pt"
         save(torch.load(weights, weights_only=True), weights)
+        seal(weights.parent)
         street(tmp)
 
     return setup
@@ -78,6 +82,7 @@ def deflate_bomb(tmp: Path) -> None:
     entries[pickle_name] = entries[pickle_name].replace(small, large)
     entries[pickle_name[: -len("data.pkl")] + "data/0"] = _deflated_zeros(BOMB_ELEMENTS * 4)
     write_zip(weights, entries)
+    seal(weights.parent)
     street(tmp)
 
 
@@ -249,6 +254,8 @@ def damaged_experiment(tmp: Path) -> Path:
     checkpoint(tmp / "elsewhere", "other", {"val_iou": 0.99})  # another experiment's best
     (tmp / "exp/checkpoint_linked").symlink_to(tmp / "elsewhere/exp/other")
     (tmp / "exp/checkpoint_root").symlink_to("/")  # old code walked the whole machine
+    for name in ("corrupt_metrics", "infinite", "nan", "boolean", "corrupt_config"):
+        seal(tmp / "exp" / name)  # as a hand could: each file's own check, not complete.json's
     return tmp / "exp"
 
 

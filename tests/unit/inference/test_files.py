@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from raytrain.checkpoints import seal
 from tests.helpers import write_images
 from tests.helpers import run_cli
 from tests.helpers import checkpoint
@@ -52,6 +53,7 @@ def _other_weights(ckpt: Path) -> Path:
     last = [name for name in state if name.endswith(".weight")][-1]
     state[last] = -state[last]
     torch.save(state, other / "model.pt")
+    seal(other)
     return other
 
 

@@ -20,7 +20,7 @@ from raytrain.data.formats import FORMATS
 from raytrain.data.manifest import MANIFEST, SPLITS  # noqa: F401 - for the CLI
 from raytrain.data.shards import ROWS_PER_SHARD, write_shards
 from raytrain.data.synthetic import write_synthetic_kitti
-from raytrain.errors import NON_NEGATIVE, PORT, POSITIVE, RaytrainError
+from raytrain.errors import NON_NEGATIVE, PORT, POSITIVE, POSITIVE_NUMBER, RaytrainError
 from raytrain.inference import EXPORT_FORMATS, TTA_CHOICES  # noqa: F401 - for the CLI
 from raytrain.selection import MODES  # noqa: F401 - for the CLI
 from raytrain.storage.paths import filesystem_of
@@ -173,15 +173,21 @@ def export(checkpoint: str | os.PathLike | CheckpointInfo, out: str | os.PathLik
 
 def serve(checkpoint: str | os.PathLike | CheckpointInfo, *, replicas: int = 1, gpus_per_replica: float = 0,
           host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01,
+          body_timeout_s: float = 10, max_ongoing_requests: int | None = None,
           metric: str = "val_iou", mode: str = "max", num_cpus: int | None = None, tta: str | None = None):
     """A checkpoint (or an experiment's best, by `metric`) behind an HTTP endpoint on Ray Serve, on
     the cluster in RAY_ADDRESS or a new local one; returns a serving.Server (`.url`, `.handle`,
-    `.shutdown()`). POST a PNG or JPEG to the URL for its mask (see raytrain.serving). tta: as for predict."""
+    `.shutdown()`). POST a PNG or JPEG to the URL for its mask (see raytrain.serving). tta: as for predict.
+    A request whose body has not all arrived `body_timeout_s` after its replica took it gets a 408;
+    max_ongoing_requests: a replica's requests in progress (None: two batches and 32 for bodies
+    still arriving)."""
     POSITIVE.check("replicas", replicas)
     NON_NEGATIVE.check("gpus_per_replica", gpus_per_replica)
     PORT.check("port", port)
     POSITIVE.check("max_batch_size", max_batch_size)
     NON_NEGATIVE.check("batch_wait_timeout_s", batch_wait_timeout_s)
+    POSITIVE_NUMBER.check("body_timeout_s", body_timeout_s)
+    _optional(POSITIVE, "max_ongoing_requests", max_ongoing_requests)
     _optional(POSITIVE, "num_cpus", num_cpus)
     import pyarrow.fs as pafs
 
@@ -199,7 +205,8 @@ def serve(checkpoint: str | os.PathLike | CheckpointInfo, *, replicas: int = 1, 
     except ImportError as err:
         raise RaytrainError(f"serving needs Ray Serve ({err}): pip install 'raytrain[serve]'") from None
     return serving.start(checkpoint.path, replicas=replicas, gpus_per_replica=gpus_per_replica, host=host, port=port,
-                         max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s, num_cpus=num_cpus,
+                         max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s,
+                         body_timeout_s=body_timeout_s, max_ongoing_requests=max_ongoing_requests, num_cpus=num_cpus,
                          tta=tta)
 
 

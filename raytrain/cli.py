@@ -21,7 +21,7 @@ import warnings
 from raytrain import api
 from raytrain.config import parse_size
 from raytrain.console import EPOCH_LINES, QUIET, RAY_LOGS, progress
-from raytrain.errors import FRACTION, NON_NEGATIVE, PORT, POSITIVE, RaytrainError, Rule, one_line
+from raytrain.errors import FRACTION, NON_NEGATIVE, PORT, POSITIVE, POSITIVE_NUMBER, RaytrainError, Rule, one_line
 
 
 def _synth(args) -> None:
@@ -202,7 +202,8 @@ def _serve(args) -> None:
     with _notes():  # which experiment's best, when given a name's folder
         server = api.serve(args.checkpoint, replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
                            host=args.host, port=args.port, max_batch_size=args.max_batch_size,
-                           batch_wait_timeout_s=args.batch_wait_timeout_s, metric=args.metric, mode=args.mode,
+                           batch_wait_timeout_s=args.batch_wait_timeout_s, body_timeout_s=args.body_timeout_s,
+                           max_ongoing_requests=args.max_ongoing_requests, metric=args.metric, mode=args.mode,
                            num_cpus=args.num_cpus, tta=args.tta)
     try:
         if threading.current_thread() is threading.main_thread():
@@ -233,7 +234,8 @@ def _typed(rule: Rule):
     return parse
 
 
-_positive_int, _non_negative_float, _fraction, _port = map(_typed, (POSITIVE, NON_NEGATIVE, FRACTION, PORT))
+_positive_int, _positive_float, _non_negative_float, _fraction, _port = map(
+    _typed, (POSITIVE, POSITIVE_NUMBER, NON_NEGATIVE, FRACTION, PORT))
 
 
 def _default(function, parameter: str):
@@ -429,6 +431,11 @@ def _add_serve_command(commands) -> None:
                        help="requests per model call (1: no batching)")
     serve.add_argument("--batch-wait-timeout-s", type=_non_negative_float, default=_default(api.serve, "batch_wait_timeout_s"),
                        help="how long a batch waits to fill before it runs")
+    serve.add_argument("--body-timeout-s", type=_positive_float, default=_default(api.serve, "body_timeout_s"),
+                       help="seconds a request's body may take to arrive; a later one gets a 408, so a stalled client frees its slot")
+    serve.add_argument("--max-ongoing-requests", type=_positive_int,
+                       help="requests a replica holds at once, arriving or waiting for a batch "
+                            "(default: 2 x --max-batch-size + 32)")
     _with_metric(serve, api.serve, help="picks an experiment's best checkpoint")
     serve.add_argument("--num-cpus", type=_positive_int, help="logical CPUs of a local Ray cluster (ignored with RAY_ADDRESS)")
     _with_tta(serve)

@@ -84,5 +84,6 @@ def _whole(text: str) -> int:
 
 POSITIVE = Rule("a positive whole number", lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1, _whole)
 NON_NEGATIVE = Rule("a number of 0 or more", lambda v: _number(v) and 0 <= v < math.inf, float)  # nan fails too
+POSITIVE_NUMBER = Rule("a number above 0", lambda v: _number(v) and 0 < v < math.inf, float)
 FRACTION = Rule("a number from 0 up to (not including) 1", lambda v: _number(v) and 0 <= v < 1, float)
 PORT = Rule("a TCP port from 1 to 65535", lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and 0 < v < 65536, _whole)

@@ -12,6 +12,7 @@ model runs through inference.prediction.predict, as `raytrain predict` does.
 """
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import socket
@@ -40,6 +41,7 @@ OUTPUTS = ("mask", "overlay", "json")
 IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG"}  # Content-Type -> the Pillow format it must hold
 MULTIPART = "multipart/form-data"
 PROBABILITY_SIDE = 64  # the JSON's probability grid: at most this many cells along the longer side
+UPLOAD_SLOTS = 32  # a replica's slots beyond its batches, for bodies still arriving (ongoing_requests)
 
 
 class RequestError(DataError):
@@ -50,24 +52,35 @@ class RequestError(DataError):
         self.status = status
 
 
-async def read_body(request: Request) -> bytes:
+async def read_body(request: Request, timeout_s: float) -> bytes:
     """The request body, refused once it is over an image file's limit (data.images.max_image_bytes,
-    whose headroom holds a form's parts), whatever Content-Length says."""
+    whose headroom holds a form's parts), whatever Content-Length says, or once it has taken more
+    than `timeout_s` to arrive: a client that stalls mid-body holds a replica's slot only that long."""
     limit, chunks, size = max_image_bytes(), [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, f"request body: over {limit} bytes (the pixel limit, RAYTRAIN_MAX_PIXELS)")
-        chunks.append(chunk)
+
+    async def read() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(413, f"request body: over {limit} bytes (the pixel limit, RAYTRAIN_MAX_PIXELS)")
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), timeout_s)
+    except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11
+        raise RequestError(408, f"request body: {size} bytes arrived in {timeout_s:g} s, not all of it "
+                                "(--body-timeout-s)") from None
     return b"".join(chunks)
 
 
-async def image_of(request: Request) -> np.ndarray:
-    """The request's image as an RGB array, checked as image files are (data.images.read_rgb)."""
+async def image_of(request: Request, body_timeout_s: float) -> np.ndarray:
+    """The request's image as an RGB array, checked as image files are (data.images.read_rgb); its
+    body must arrive within `body_timeout_s` (read_body)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type not in (*IMAGE_TYPES, MULTIPART):
         raise RequestError(415, f"Content-Type {content_type or 'missing'!r}: send image/png, image/jpeg or {MULTIPART}")
-    data = await read_body(request)
+    data = await read_body(request, body_timeout_s)
     name, formats = "request body", [IMAGE_TYPES.get(content_type)]
     if content_type == MULTIPART:
         name, content_type, data = await _form_file(request, data)
@@ -145,9 +158,9 @@ class SegmentationServer:
     """One replica: the checkpoint's model, answering batches of requests."""
 
     def __init__(self, files: dict[str, bytes], device: str, max_batch_size: int, batch_wait_timeout_s: float,
-                 tta: str | None = None):
+                 body_timeout_s: float, tta: str | None = None):
         # The checkpoint's bytes, not its path: a replica's node need not see the path.
-        self.model, self.tta = load_model_from_files(files, device), tta
+        self.model, self.tta, self.body_timeout_s = load_model_from_files(files, device), tta, body_timeout_s
         self.predict_batch.set_max_batch_size(max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -160,7 +173,7 @@ class SegmentationServer:
             if request.method != "POST":
                 raise RequestError(405, f"{request.method}: POST an image")
             output = output_of(request)
-            image = await image_of(request)
+            image = await image_of(request, self.body_timeout_s)
         except RequestError as err:
             return PlainTextResponse(f"error: {one_line(err)}\n", status_code=err.status)
         return respond(output, image, await self.predict_batch(image), self.model.classes)
@@ -177,6 +190,12 @@ class Server:
     def shutdown(self) -> None:
         """Serve and its HTTP proxy stop (serve.shutdown, as `serve run` does on Ctrl-C)."""
         serve.shutdown()
+
+
+def ongoing_requests(max_batch_size: int) -> int:
+    """A replica's default limit of requests in progress: two batches (one filling while another
+    runs), and room beside them for UPLOAD_SLOTS clients still sending their bodies."""
+    return 2 * max_batch_size + UPLOAD_SLOTS
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -208,20 +227,23 @@ def limits_set_here() -> dict[str, str]:
 
 
 def start(checkpoint: Path, *, replicas: int, gpus_per_replica: float, host: str, port: int, max_batch_size: int,
-          batch_wait_timeout_s: float, num_cpus: int | None, tta: str | None = None) -> Server:
-    """Start Serve on the cluster (a local one unless RAY_ADDRESS) and deploy the checkpoint."""
+          batch_wait_timeout_s: float, body_timeout_s: float, max_ongoing_requests: int | None, num_cpus: int | None,
+          tta: str | None = None) -> Server:
+    """Start Serve on the cluster (a local one unless RAY_ADDRESS) and deploy the checkpoint.
+    max_ongoing_requests: requests a replica holds at once, still arriving or waiting for a batch;
+    None: ongoing_requests(max_batch_size)."""
     check_port_free(host, port)
     ensure_ray(num_cpus, verbosity=QUIET)
     check_resources(replicas, gpus_per_replica)
     resources = {"num_cpus": 1, "num_gpus": gpus_per_replica, "runtime_env": {"env_vars": limits_set_here()}}
     deployment = SegmentationServer.options(
         num_replicas=replicas, ray_actor_options=resources,
-        max_ongoing_requests=2 * max_batch_size,  # one batch filling while another runs
+        max_ongoing_requests=max_ongoing_requests or ongoing_requests(max_batch_size),
     )
     device = "cuda" if gpus_per_replica else "cpu"
     try:
         serve.start(http_options={"host": host, "port": port})
-        handle = serve.run(deployment.bind(checkpoint_files(checkpoint), device, max_batch_size, batch_wait_timeout_s, tta),
+        handle = serve.run(deployment.bind(checkpoint_files(checkpoint), device, max_batch_size, batch_wait_timeout_s, body_timeout_s, tta),
                            name=APP_NAME, route_prefix="/")
     except BaseException:
         serve.shutdown()

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.parse
 import uuid
 from pathlib import Path
@@ -28,6 +29,7 @@ from tests.helpers import BROKEN_PNGS, broken_png, checkpoint, free_port, wait_f
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 MAX_PIXELS = 20_000  # the server's RAYTRAIN_MAX_PIXELS: IMAGE fits, BIG_IMAGE does not
+BODY_TIMEOUT_S = 8  # the server's --body-timeout-s
 
 
 def png(array: np.ndarray, format: str = "PNG") -> bytes:
@@ -71,7 +73,8 @@ def server(ray_cluster, tmp_path_factory):
     port = free_port()
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "RAYTRAIN_MAX_PIXELS": str(MAX_PIXELS)}
     process = subprocess.Popen(
-        [sys.executable, "-m", "raytrain.cli", "serve", tmp / "exp", "--port", str(port), "--max-batch-size", "4", "--tta", "flip"],
+        [sys.executable, "-m", "raytrain.cli", "serve", tmp / "exp", "--port", str(port), "--max-batch-size", "4", "--tta", "flip",
+         "--body-timeout-s", str(BODY_TIMEOUT_S)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
     line = process.stdout.readline()  # the one line it prints once the endpoint answers
@@ -182,6 +185,33 @@ def test_a_bad_request_is_a_4xx_with_one_line_and_the_server_goes_on(server, que
     assert answer[:2] == (status, "text/plain; charset=utf-8")
     text = answer[2].decode()
     assert text.startswith("error: ") and message in text and text.count("\n") == 1
+    assert post(server["url"], png(IMAGE))[0] == 200
+
+
+def test_clients_stalled_mid_body_get_a_408_and_never_keep_a_good_request_waiting(server):
+    """20 clients send their headers and 200 bytes of a body, then nothing. They hold 20 of the
+    replica's 2 x 4 + 32 slots, so a good request is answered at once; each of them gets a 408 once
+    --body-timeout-s has passed, which frees its slot."""
+    head = b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n"
+    started = time.monotonic()
+    stalled = [socket.create_connection(("127.0.0.1", server["port"]), timeout=60) for _ in range(20)]
+    try:
+        for client in stalled:
+            client.sendall(head + png(IMAGE)[:200])
+        time.sleep(2)  # the proxy hands each request to the replica once its headers are in
+        status, _, body = post(server["url"], png(IMAGE))
+        answered = time.monotonic() - started
+        assert status == 200, body
+        assert answered < BODY_TIMEOUT_S  # not after the stalled requests' 408s freed their slots
+        for client in stalled:
+            answer = http.client.HTTPResponse(client)
+            answer.begin()
+            assert answer.status == 408
+            assert answer.read().decode() == f"error: request body: 200 bytes arrived in {BODY_TIMEOUT_S} s, not all of it (--body-timeout-s)\n"
+        assert time.monotonic() - started >= BODY_TIMEOUT_S
+    finally:
+        for client in stalled:
+            client.close()
     assert post(server["url"], png(IMAGE))[0] == 200
 
 

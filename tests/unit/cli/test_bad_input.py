@@ -334,6 +334,7 @@ CASES = [
     pytest.param(["export", "{tmp}/exp/ckpt", "--tta", "mirror"], checkpoint, ["--tta", "'mirror'", "flip"], id="export-unknown-tta"),
     pytest.param(["evaluate", "{tmp}/exp/ckpt", "{tmp}/shards", "--tta", "mirror"], checkpoint, ["--tta", "'mirror'"], id="evaluate-unknown-tta"),
     pytest.param(["serve", "{tmp}/exp", "--tta", "mirror"], checkpoint, ["--tta", "'mirror'"], id="serve-unknown-tta"),
+    pytest.param(["serve", "{tmp}/exp", "--body-timeout-s", "0"], checkpoint, ["--body-timeout-s", "a number above 0", "'0'"], id="serve-no-body-time"),
     # config names and experiments to resume
     pytest.param(
         ["tune", C, "--num-cpus", "3"], lambda t: config(t), ["train.num_workers=2", "needs 4 CPUs", "a share for the trial"],

@@ -48,6 +48,7 @@ PRELOAD = [
     "torch", "torchvision", "segmentation_models_pytorch", "pyarrow.parquet", "PIL.Image", "pydantic", "yaml",
     "raytrain.cli", "raytrain.api", "raytrain.inference.files", "raytrain.inference.evaluation", "raytrain.inference.exporting",
     "raytrain.preflight", "raytrain.data.shards",
+    "pytest",  # each child re-runs the parent's __main__, pytest's: 0.1 s a call when pytest is not loaded
 ]
 _context = None
 

@@ -1,7 +1,8 @@
 """One checkpoint directory per epoch, readable without Ray and safe to load.
 
-    model.pt          the model's state dict (tensors only)
-    train_state.pt    optimiser and scheduler state and epochs completed (tensors and plain values)
+    model.pt          the model's state dict (tensors only): with train.ema, the average of its weights
+    train_state.pt    optimiser and scheduler state and epochs completed (tensors and plain values);
+                      with train.ema, the trained weights too, and the average's count of updates
     config.yaml       the fully resolved config that made it
     metrics.json      the epoch's metrics
     classes.json      class names, in output-channel order
@@ -62,13 +63,19 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def save_checkpoint(directory, model, optimizer, scheduler, epoch: int, config: Config, metrics: dict) -> Path:
-    """Save after `epoch` epochs are complete (1-based, as reported)."""
+def save_checkpoint(directory, model, optimizer, scheduler, epoch: int, config: Config, metrics: dict,
+                    average=None) -> Path:
+    """Save after `epoch` epochs are complete (1-based, as reported). average: the weights' moving
+    average (torch's AveragedModel, train.ema), saved as model.pt, or None."""
     state = {"optimizer": optimizer.state_dict(), "epoch": epoch}
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
+    weights = unwrap(model).state_dict()
+    if average is not None:
+        state.update(trained_weights=weights, average_updates=average.n_averaged)
+        weights = average.module.state_dict()
     files = {
-        MODEL_FILE: _torch_bytes(unwrap(model).state_dict()), STATE_FILE: _torch_bytes(state),
+        MODEL_FILE: _torch_bytes(weights), STATE_FILE: _torch_bytes(state),
         CONFIG_FILE: config.to_yaml().encode(), METRICS_FILE: json.dumps(metrics, indent=2).encode(),
         CLASSES_FILE: json.dumps(config.classes).encode(),
     }
@@ -160,10 +167,11 @@ def upload_checkpoint(local: str | os.PathLike, filesystem: pafs.FileSystem, des
         raise
 
 
-def restore_train_state(directory, model, optimizer, scheduler=None) -> int:
+def restore_train_state(directory, model, optimizer, scheduler=None, average=None) -> int:
     """Load weights and optimiser state into the given objects; return the epochs completed. The
     files are a run's own, but a damaged or missing one is still a one-line error that names it,
-    raised before anything is loaded into the model."""
+    raised before anything is loaded into the model. average: the run's AveragedModel (train.ema),
+    or None; from a checkpoint saved without one, it starts again from the weights."""
     import torch
 
     directory = Path(directory)
@@ -171,6 +179,11 @@ def restore_train_state(directory, model, optimizer, scheduler=None) -> int:
     checked_size(directory / STATE_FILE, checkpoint_file_limit(STATE_FILE), "training state", CheckpointError)
     try:
         state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+        if "trained_weights" in state:  # model.pt holds the average
+            if average is not None:
+                average.module.load_state_dict(weights)
+                average.n_averaged.fill_(int(state["average_updates"]))
+            weights = state["trained_weights"]
         unwrap(model).load_state_dict(weights)
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and "scheduler" in state:
@@ -268,10 +281,11 @@ LOADED_FILES = (MODEL_FILE, CONFIG_FILE, METRICS_FILE, CLASSES_FILE, COMPLETE_FI
 
 def checkpoint_file_limit(name: str) -> int:
     """The most bytes a checkpoint's file may have: weights of at most max_parameters() in float64
-    (the widest dtype a model is saved in) and some zip overhead; the training state twice that
-    (Adam keeps two values a parameter); config.yaml and the JSON files storage.reading's limits."""
+    (the widest dtype a model is saved in) and some zip overhead; the training state three times that
+    (Adam keeps two values a parameter, and with train.ema it holds the trained weights too);
+    config.yaml and the JSON files storage.reading's limits."""
     weights = 8 * max_parameters() + RECORD_BYTES
-    return {MODEL_FILE: weights, STATE_FILE: 2 * weights, CONFIG_FILE: CONFIG_BYTES}.get(name, RECORD_BYTES)
+    return {MODEL_FILE: weights, STATE_FILE: 3 * weights, CONFIG_FILE: CONFIG_BYTES}.get(name, RECORD_BYTES)
 
 
 def fetch_checkpoint(filesystem: pafs.FileSystem, path: str, cache: Path) -> Path:

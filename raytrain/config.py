@@ -161,6 +161,11 @@ class TrainConfig(_Section):
     channels_last: bool | None = Field(None, description="NHWC memory layout; default on GPU only")
     compile: bool = Field(False, description="torch.compile the model")
     grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this value")
+    ema: float | None = Field(
+        None, gt=0, lt=1,
+        description="decay of an exponential moving average of the weights (e.g. 0.99): the average is what is "
+        "evaluated, checkpointed as model.pt and loaded; warmed up as timm's ModelEmaV3",
+    )
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
     checkpoints_to_keep: int = Field(2, ge=1, description="best K checkpoints kept, by search.metric")
     max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint")

@@ -100,11 +100,12 @@ def _tracking() -> str:
 @pytest.fixture(scope="session")
 def trained_run(ray_cluster, grouped_shards, tmp_path_factory):
     """(config, Ray Result) of a finished 2-epoch, 2-worker run on the grouped shards (so it also
-    reports val metrics per group; the search below runs on shards without groups)."""
+    reports val metrics per group; the search below runs on shards without groups). With train.ema:
+    what it reports must be what its checkpoint loads (test_ray_train.py, test_predict.py)."""
     from raytrain.api import train
 
     storage = tmp_path_factory.mktemp("train")
-    config = tiny_config(grouped_shards, storage, **{"train.epochs": 2, "train.tracking": _tracking()})
+    config = tiny_config(grouped_shards, storage, **{"train.epochs": 2, "train.tracking": _tracking(), "train.ema": 0.9})
     return config, train(config)
 
 

@@ -26,6 +26,7 @@ from raytrain.losses import create_loss
 from raytrain.metrics import SegmentationMetrics
 from raytrain.models import create_model, normalise, to_probabilities
 from raytrain.training.augment import Augment, augment_batch, augment_of, batch_params
+from raytrain.training.averaging import create_weight_average
 
 if TYPE_CHECKING:
     from raytrain.viz import TensorBoardLogger
@@ -66,7 +67,8 @@ class Worker:
     config: Config
     device: torch.device
     model: torch.nn.Module  # DDP-wrapped: the one to train
-    eval_model: torch.nn.Module  # the plain module (see build_model)
+    eval_model: torch.nn.Module  # the plain module (see build_model), or with train.ema the average's
+    average: torch.optim.swa_utils.AveragedModel | None  # train.ema's average of the weights
     loss_fn: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -114,15 +116,19 @@ def setup(loop_config: dict) -> Worker:
     amp_dtype = autocast_dtype(config.train.precision, device)
     channels_last = config.train.channels_last if config.train.channels_last is not None else device.type == "cuda"
     model, eval_model = build_model(config, channels_last)
+    average = None
+    if config.train.ema:
+        average = create_weight_average(unwrap(model), config.train.ema)
+        eval_model = torch.compile(average.module) if config.train.compile else average.module
     # .to(device): class weights are a buffer of the loss, and must sit where the logits are.
     class_weights = manifest.class_weights(config.loss.class_weights)
     loss_fn = create_loss(config.loss.name, num_classes=config.num_classes, class_weights=class_weights).to(device)
     optimizer = create_optimizer(config, model.parameters())
     scheduler = create_scheduler(config, optimizer, steps_per_epoch(manifest.count("train"), config.train.batch_size, context.get_world_size()))
-    start_epoch, unregistered = restore(config, model, optimizer, scheduler, loop_config.get("initial_checkpoint"))
+    start_epoch, unregistered = restore(config, model, optimizer, scheduler, average, loop_config.get("initial_checkpoint"))
     is_rank0 = context.get_world_rank() == 0
     return Worker(
-        config=config, device=device, model=model, eval_model=eval_model, loss_fn=loss_fn,
+        config=config, device=device, model=model, eval_model=eval_model, average=average, loss_fn=loss_fn,
         optimizer=optimizer, scheduler=scheduler, scaler=grad_scaler(device, amp_dtype),
         amp_dtype=amp_dtype, channels_last=channels_last, start_epoch=start_epoch, unregistered=unregistered,
         train_shard=ray.train.get_dataset_shard("train"),
@@ -153,7 +159,7 @@ def build_model(config: Config, channels_last: bool) -> tuple[torch.nn.Module, t
     return model, eval_model
 
 
-def restore(config: Config, model, optimizer, scheduler,
+def restore(config: Config, model, optimizer, scheduler, average,
             initial_checkpoint: ray.train.Checkpoint | None) -> tuple[int, tuple[ray.train.Checkpoint, dict] | None]:
     """Load the weights and training state of this run's latest checkpoint: Ray Train's own latest
     (a restarted worker group, a resumed run), else where it was told to start, unless the run's
@@ -164,16 +170,16 @@ def restore(config: Config, model, optimizer, scheduler,
     own = ray.train.get_checkpoint() or initial_checkpoint
     for checkpoint, metrics in _unregistered_checkpoints(ray.train.get_context().get_storage(), ray.train.get_checkpoint()):
         try:
-            start_epoch = _restore_from(checkpoint, config, model, optimizer, scheduler)
+            start_epoch = _restore_from(checkpoint, config, model, optimizer, scheduler, average)
         except (CheckpointError, OSError):
             continue
         return start_epoch, (checkpoint, metrics)
-    return (_restore_from(own, config, model, optimizer, scheduler) if own else 0), None
+    return (_restore_from(own, config, model, optimizer, scheduler, average) if own else 0), None
 
 
-def _restore_from(checkpoint: ray.train.Checkpoint, config: Config, model, optimizer, scheduler) -> int:
+def _restore_from(checkpoint: ray.train.Checkpoint, config: Config, model, optimizer, scheduler, average) -> int:
     with checkpoint.as_directory() as directory:
-        start_epoch = restore_train_state(directory, model, optimizer, scheduler)
+        start_epoch = restore_train_state(directory, model, optimizer, scheduler, average)
     use_optim_settings(config, optimizer, scheduler)
     return start_epoch
 
@@ -212,7 +218,7 @@ def run_epoch(worker: Worker, epoch: int) -> tuple[dict, dict | None]:
     train_loss, train_seen = train_one_epoch(
         worker.model, batches, worker.loss_fn, worker.optimizer, worker.device, epoch,
         scheduler=worker.scheduler, scaler=worker.scaler, amp_dtype=worker.amp_dtype,
-        grad_clip=worker.config.train.grad_clip, channels_last=worker.channels_last,
+        grad_clip=worker.config.train.grad_clip, channels_last=worker.channels_last, average=worker.average,
     )
     train_seconds = time.perf_counter() - started
     worker.metrics.reset()
@@ -264,7 +270,8 @@ def report_and_checkpoint(worker: Worker, epoch: int, report: dict, samples: dic
     with tempfile.TemporaryDirectory() as directory:
         saved = None
         if worker.is_rank0:
-            save_checkpoint(directory, worker.model, worker.optimizer, worker.scheduler, epoch + 1, worker.config, report)
+            save_checkpoint(directory, worker.model, worker.optimizer, worker.scheduler, epoch + 1, worker.config, report,
+                            average=worker.average)
             saved = ray.train.Checkpoint.from_directory(directory)
         ray.train.report(report, checkpoint=saved, checkpoint_upload_fn=upload_to_storage)
 
@@ -315,8 +322,10 @@ def train_one_epoch(
     model, batches, loss_fn, optimizer, device, epoch: int, *,
     scheduler=None, scaler: torch.amp.GradScaler | None = None, amp_dtype: torch.dtype | None = None,
     grad_clip: float | None = None, channels_last: bool = False, check_every: int = CHECK_LOSS_EVERY,
+    average: torch.optim.swa_utils.AveragedModel | None = None,
 ) -> tuple[float, int]:
-    """One pass over this worker's training shard; returns (summed loss, images seen)."""
+    """One pass over this worker's training shard, `average` (train.ema) updated after each step;
+    returns (summed loss, images seen)."""
     model.train()
     scaler = grad_scaler(device, amp_dtype) if scaler is None else scaler
     precision = autocast(device, amp_dtype)
@@ -324,6 +333,8 @@ def train_one_epoch(
     for step, batch in enumerate(batches):
         _, masks, loss = forward(model, loss_fn, batch, device, precision, channels_last)
         train_step(model, loss, optimizer, scaler, grad_clip)
+        if average is not None:
+            average.update_parameters(unwrap(model))
         if scheduler is not None:
             scheduler.step()
         total_loss += loss.detach().double() * len(masks)  # stays on the device: no host sync per step

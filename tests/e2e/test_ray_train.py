@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from raytrain.data.manifest import read_manifest
 from raytrain.launch.trainer import make_trainer
@@ -60,8 +61,14 @@ def test_training_reports_every_metric_and_checkpoints(trained):
     assert {key for key in result.metrics if "@" in key} == {f"val_{m}@{g}" for m in ("iou", "f1") for g in VAL_CATEGORIES}
     assert result.metrics["epoch"] == 2
     assert 0.0 <= result.metrics["val_iou"] <= 1.0
-    files = {p.name for p in __import__("pathlib").Path(result.checkpoint.path).iterdir()}
+    files = {p.name for p in Path(result.checkpoint.path).iterdir()}
     assert {"model.pt", "train_state.pt", "config.yaml", "metrics.json", "classes.json"} <= files
+    # train.ema: model.pt is the average, train_state.pt the trained weights and the average's updates
+    average = torch.load(Path(result.checkpoint.path) / "model.pt", weights_only=True)
+    state = torch.load(Path(result.checkpoint.path) / "train_state.pt", weights_only=True)
+    assert average.keys() == state["trained_weights"].keys()
+    assert any(not torch.equal(average[name], state["trained_weights"][name]) for name in average)
+    assert state["average_updates"].item() > 1
 
 
 def test_checkpoint_reproduces_val_iou_without_ray(trained):

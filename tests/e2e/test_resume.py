@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 from raytrain.checkpoints import COMPLETE_FILE
 from tests.helpers import cli_environment, tiny_config, wait_for
@@ -34,7 +35,8 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, tiny_shar
     epochs = 4
     config = tiny_config(
         tiny_shards, tmp_path,
-        **{"name": "killed", "train.epochs": epochs, "train.max_failures": 1, "train.checkpoints_to_keep": epochs},
+        **{"name": "killed", "train.epochs": epochs, "train.max_failures": 1, "train.checkpoints_to_keep": epochs,
+           "train.ema": 0.9},
     )
     outcome = {}
     runner = threading.Thread(target=lambda: outcome.update(result=train(config)))
@@ -70,6 +72,10 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, tiny_shar
     for epoch in range(1, epochs + 1):
         extra.remove(epoch)
     assert all(epoch > min(killed_after) for epoch in extra), on_disk
+    # train.ema: the restarted workers carried the average on, its count of updates too
+    updates = {json.loads(metrics.read_text())["epoch"]: int(torch.load(metrics.parent / "train_state.pt", weights_only=True)["average_updates"])
+               for metrics in run_dir.glob("checkpoint_*/metrics.json")}
+    assert updates == {epoch: epoch * updates[1] for epoch in updates}, updates
 
 
 @pytest.mark.ray

@@ -20,6 +20,11 @@ Conventions (as scikit-learn with zero_division=0):
 Per group (``groups``: the names of a dataset sharded with --group-by): ``iou@<group>`` and
 ``f1@<group>`` from that group's own pooled confusion counts, as the pooled scores are from all of
 them (a group with no labelled pixel scores 0, as above).
+Intervals (``ids``: each image's sample id): ``iou_low``/``iou_high`` and ``f1_low``/``f1_high``, a
+95% percentile bootstrap of the pooled score from each image's own confusion counts. Frames next to
+each other are near-duplicates, so what is resampled is blocks of consecutive frames (the ids in
+sorted order), a moving-block bootstrap of block length round(n ** (1/3)) for n images
+(BOOTSTRAP_RESAMPLES resamples, a fixed seed: the same counts give the same interval).
 Keys carry no prefix; the training loop adds ``train_``/``val_``.
 """
 from __future__ import annotations
@@ -31,6 +36,8 @@ import torch
 import torch.distributed as dist
 
 ROAD_THRESHOLD = 0.5  # road where its probability is above this
+BOOTSTRAP_RESAMPLES = 1000
+INTERVAL = (0.025, 0.975)  # the quantiles of a 95% interval
 KITTI_THRESHOLDS = torch.arange(256, dtype=torch.float64) / 255.0
 _HISTOGRAM_BINS = len(KITTI_THRESHOLDS) + 1  # bin b: probability in [t_(b-1), t_b), with t_-1 = -inf, t_256 = inf
 
@@ -77,6 +84,8 @@ class SegmentationMetrics:
         self.confusion: torch.Tensor | None = None  # [true class, predicted class]
         self.histogram: torch.Tensor | None = None  # [true road?, KITTI threshold bin] (binary only)
         self.group_confusion: torch.Tensor | None = None  # [group, true class, predicted class]
+        self.image_ids: list[str] = []
+        self.image_confusion: list[torch.Tensor] = []  # (N, k, k) a batch, for the intervals
 
     def _zero_counts(self, device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         k = self._confusion_size
@@ -87,7 +96,8 @@ class SegmentationMetrics:
         )
 
     @torch.no_grad()
-    def update(self, scores: torch.Tensor, target: torch.Tensor, groups: torch.Tensor | None = None) -> None:
+    def update(self, scores: torch.Tensor, target: torch.Tensor, groups: torch.Tensor | None = None,
+               ids: Sequence[str] | None = None) -> None:
         if scores.dim() != 4 or scores.size(1) != self.num_classes or target.shape != scores.shape[:1] + scores.shape[2:]:
             raise ValueError(
                 f"expected scores (N, {self.num_classes}, H, W) and target (N, H, W), "
@@ -116,6 +126,16 @@ class SegmentationMetrics:
         self.confusion += self._bincount(truth * k + predicted, k * k).view(k, k)
         if groups is not None:
             self._update_groups(groups.to(scores.device).long(), valid, truth * k + predicted)
+        if ids is not None:
+            self._update_images(list(ids), valid, truth * k + predicted)
+
+    def _update_images(self, ids: list[str], valid: torch.Tensor, cell: torch.Tensor) -> None:
+        if len(ids) != len(valid):
+            raise ValueError(f"expected an id for each of the {len(valid)} images, got {len(ids)}")
+        k, count = self._confusion_size, len(ids)
+        image = torch.arange(count, device=valid.device).view(-1, *[1] * (valid.dim() - 1)).expand_as(valid)[valid]
+        self.image_confusion.append(self._bincount(image * k * k + cell, count * k * k).view(count, k, k))  # on the device: no sync a batch
+        self.image_ids += ids
 
     def _update_groups(self, groups: torch.Tensor, valid: torch.Tensor, cell: torch.Tensor) -> None:
         """Add each valid pixel's confusion cell to the counts of its image's group."""
@@ -142,7 +162,45 @@ class SegmentationMetrics:
         for name, counts in zip(self.groups, group_confusion if group_confusion is not None else []):
             of_group = self._scores(counts.double())
             scores[f"iou@{name}"], scores[f"f1@{name}"] = of_group["iou"], of_group["f1"]
+        ids, images = self._gathered_images()
+        if ids:
+            scores.update(self._intervals(images[np.argsort(ids, kind="stable")]))
         return scores
+
+    def _gathered_images(self) -> tuple[list[str], np.ndarray]:
+        """Every rank's image ids and (N, k, k) confusion counts: resampling needs them in one place
+        (a few integers an image)."""
+        k = self._confusion_size
+        own = (self.image_ids, torch.cat(self.image_confusion).cpu().numpy() if self.image_confusion else np.zeros((0, k, k), np.int64))
+        parts = [own]
+        if dist.is_available() and dist.is_initialized():
+            parts = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, own)
+        return [i for ids, _ in parts for i in ids], np.concatenate([counts for _, counts in parts])
+
+    def _intervals(self, images: np.ndarray) -> dict[str, float]:
+        """The 95% moving-block bootstrap intervals of the pooled IoU and F1 (module docstring)."""
+        count, k = len(images), self._confusion_size
+        block = max(1, min(count, round(count ** (1 / 3))))
+        generator = np.random.default_rng(0)
+        starts = generator.integers(0, count - block + 1, size=(BOOTSTRAP_RESAMPLES, -(-count // block)))
+        # each image's weight in a resample: how many of its drawn blocks cover it
+        cover = np.zeros((BOOTSTRAP_RESAMPLES, count + 1), np.int64)
+        rows = np.arange(BOOTSTRAP_RESAMPLES)[:, None]
+        np.add.at(cover, (rows, starts), 1)
+        np.add.at(cover, (rows, starts + block), -1)
+        weights = cover.cumsum(1)[:, :count].astype(np.float64)
+        confusion = (weights @ images.reshape(count, k * k).astype(np.float64)).reshape(-1, k, k)
+        if self.binary:
+            tp, fp, fn = confusion[:, 1, 1], confusion[:, 0, 1], confusion[:, 1, 0]
+            iou, f1 = _safe_ratio(tp, tp + fp + fn), _safe_ratio(2 * tp, 2 * tp + fp + fn)
+        else:
+            tp, true, predicted = confusion.diagonal(0, 1, 2), confusion.sum(2), confusion.sum(1)
+            present = (true + predicted) > 0
+            mean = lambda values: np.where(present.any(1), (values * present).sum(1) / np.maximum(present.sum(1), 1), 0.0)  # noqa: E731
+            iou, f1 = mean(_safe_ratio(tp, true + predicted - tp)), mean(_safe_ratio(2 * tp, true + predicted))
+        (iou_low, iou_high), (f1_low, f1_high) = np.quantile(iou, INTERVAL), np.quantile(f1, INTERVAL)
+        return {"iou_low": float(iou_low), "iou_high": float(iou_high), "f1_low": float(f1_low), "f1_high": float(f1_high)}
 
     def _summed_counts(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(confusion, histogram, group confusion) summed over all ranks (copies: compute() may be called
@@ -195,6 +253,10 @@ class SegmentationMetrics:
 
 def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> float:
     return (numerator / denominator).item() if denominator > 0 else 0.0
+
+
+def _safe_ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    return np.where(denominator > 0, numerator / np.maximum(denominator, 1), 0.0)
 
 
 def _ratios(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:

@@ -226,22 +226,36 @@ def plot_pr_curve(histogram, out_dir: Path) -> tuple[Path, float]:
 
 
 def results_rows(trials: list[Trial], metric: str, mode: str) -> tuple[list[str], list[tuple[Trial, list[str]]]]:
-    """(header, [(trial, cells)]) of the results table, best trial first, unscored trials last."""
+    """(header, [(trial, cells)]) of the results table, best trial first, unscored trials last. Where
+    the scores carry a 95% interval (metrics.py: {metric}_low, {metric}_high), two more columns: the
+    interval, and "tied" for each trial whose interval overlaps the best's."""
     keys = list(dict.fromkeys(key for trial in trials for key in trial.params))
     ranked = [(trial, trial.best(metric, mode)) for trial in trials]
     sign = -1 if mode == "max" else 1
     ranked.sort(key=lambda item: (item[1] is None, sign * item[1][metric] if item[1] else 0))
     scores = [metric, *(key for key in ("val_f1", "val_iou") if key != metric)]
-    header = ["#", "trial", *keys, *scores, "best epoch", "epochs"]
+    best = _interval(ranked[0][1] if ranked else None, metric)
+    header = ["#", "trial", *keys, *scores, *(["95% interval", "vs best"] if best else []), "best epoch", "epochs"]
     rows = []
     for rank, (trial, row) in enumerate(ranked, start=1):
         def score(key):
             value = _number(row.get(key)) if row else None
             return "" if value is None else f"{value:.4f}"
 
+        interval = _interval(row, metric)
+        compared = []
+        if best:
+            tied = interval and rank > 1 and interval[0] <= best[1] and interval[1] >= best[0]
+            compared = [f"{interval[0]:.4f}-{interval[1]:.4f}" if interval else "", "best" if rank == 1 else "tied" if tied else ""]
         rows.append((trial, [str(rank), trial.name, *(_short(trial.params.get(key, "")) for key in keys),
-                             *(score(key) for key in scores), str(row["epoch"]) if row else "", str(len(trial.history))]))
+                             *(score(key) for key in scores), *compared, str(row["epoch"]) if row else "",
+                             str(len(trial.history))]))
     return header, rows
+
+
+def _interval(row: dict | None, metric: str) -> tuple[float, float] | None:
+    low, high = (_number(row.get(f"{metric}_{end}")) if row else None for end in ("low", "high"))
+    return None if low is None or high is None else (low, high)
 
 
 def trials_table(experiment_path: str | os.PathLike, metric: str = "val_iou", mode: str = "max") -> str:

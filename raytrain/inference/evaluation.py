@@ -50,11 +50,12 @@ def evaluate_checkpoint(
             images = [read_rgb(data, row_name(path, sample_id)) for sample_id, data in zip(rows["id"], rows["image"])]
             masks = [read_labels(data, row_name(path, sample_id)) for sample_id, data in zip(rows["id"], rows["mask"])]
             indices = group_indices(rows["group"], rows["id"], groups) if groups else [None] * len(masks)
-            for probabilities, mask, index in zip(predict(model, images, batch_size=batch_size, tta=tta), masks, indices):
+            predicted = predict(model, images, batch_size=batch_size, tta=tta)
+            for probabilities, mask, index, sample_id in zip(predicted, masks, indices, rows["id"]):
                 probabilities = torch.from_numpy(probabilities)
                 probabilities = probabilities[None, None] if probabilities.ndim == 2 else probabilities[None]
                 group = None if index is None else torch.tensor([index])
-                metrics.update(probabilities, torch.from_numpy(mask.astype(np.int64))[None], group)
+                metrics.update(probabilities, torch.from_numpy(mask.astype(np.int64))[None], group, ids=[sample_id])
                 count += 1
             if progress:
                 progress(count, manifest.count(split))

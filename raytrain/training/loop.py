@@ -42,19 +42,29 @@ class NonFiniteLoss(RaytrainError):
 class ToTensors(NumpyBatchCollateFn):
     """Ray Data batch -> tensors, with each image's group index where the val rows carry one, and,
     for training, each sample's augmentation parameters ("augment", drawn from (seed, epoch, its id)
-    on the host, where it costs microseconds). The string ids stay behind."""
+    on the host, where it costs microseconds). With `ids` (validation), the string ids as "id", a
+    (N, longest) uint8 tensor of their UTF-8 bytes (ids_of reads them back): a batch of tensors
+    alone is what Ray Data moves and pins."""
 
     def __init__(self, augment: Augment | None = None, size: tuple[int, int] | None = None, *,
-                 seed: int | None = None, epoch: int = 0):
+                 seed: int | None = None, epoch: int = 0, ids: bool = False):
         super().__init__()
-        self.augment, self.size, self.seed, self.epoch = augment, size, seed, epoch
+        self.augment, self.size, self.seed, self.epoch, self.ids = augment, size, seed, epoch, ids
 
     def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
         tensors = {name: torch.from_numpy(batch[name]) for name in ("image", "mask", "group") if name in batch}
         if self.augment is not None:
             params = batch_params(self.augment, self.size, batch["id"], seed=self.seed, epoch=self.epoch)
             tensors["augment"] = torch.from_numpy(params)
+        if self.ids:
+            encoded = [str(sample_id).encode() for sample_id in batch["id"]]
+            tensors["id"] = torch.from_numpy(np.array(encoded, dtype=bytes).view(np.uint8).reshape(len(encoded), -1).copy())
         return tensors
+
+
+def ids_of(encoded: torch.Tensor) -> list[str]:
+    """The sample ids ToTensors(ids=True) put in a batch."""
+    return [bytes(row).rstrip(b"\0").decode() for row in encoded.cpu().numpy()]
 
 
 # ---------------------------------------------------------------- the worker: what Ray Train runs
@@ -223,7 +233,7 @@ def run_epoch(worker: Worker, epoch: int) -> tuple[dict, dict | None]:
     train_seconds = time.perf_counter() - started
     worker.metrics.reset()
     val_batches = worker.val_shard.iter_torch_batches(
-        batch_size=worker.config.train.batch_size, collate_fn=ToTensors(), **host_batches(worker.device)
+        batch_size=worker.config.train.batch_size, collate_fn=ToTensors(ids=True), **host_batches(worker.device)
     )
     val_loss, val_seen, samples = evaluate(
         worker.eval_model, val_batches, worker.loss_fn, worker.metrics, worker.device, amp_dtype=worker.amp_dtype,
@@ -375,7 +385,7 @@ def evaluate(
         total_loss += loss.double() * len(masks)
         seen += len(masks)
         logits = logits.float()
-        metrics.update(logits, masks, batch.get("group"))
+        metrics.update(logits, masks, batch.get("group"), ids=ids_of(batch["id"]) if "id" in batch else None)
         if keep and samples is None:
             samples = {  # .cpu(): on a GPU worker, Ray Data hands over batches already on the device
                 "images": batch["image"][:keep].cpu().numpy(),

@@ -276,7 +276,7 @@ def _ddp_worker(rank, port, cases):
             metrics = SegmentationMetrics(num_classes, groups=GROUPS)
             half = scores.size(0) // 2
             part = slice(rank * half, (rank + 1) * half)
-            metrics.update(scores[part], target[part], IMAGE_GROUPS[part])
+            metrics.update(scores[part], target[part], IMAGE_GROUPS[part], ids=IDS[part])
             result = metrics.compute()
             assert result == pytest.approx(expected, abs=1e-12, nan_ok=True), (rank, num_classes, result, expected)
     finally:
@@ -285,14 +285,16 @@ def _ddp_worker(rank, port, cases):
 
 GROUPS = ["a", "b"]
 IMAGE_GROUPS = torch.tensor([0, 1, 0, 1])  # each rank holds part of each group
+IDS = ["f3", "f0", "f2", "f1"]  # out of frame order, and each rank holds frames of both halves of it
 
 
 def test_all_reduced_metrics_equal_single_process_metrics():
     cases = []
     for num_classes, (scores, target) in ((1, _binary_data(20, n=4)), (4, _multiclass_data(21, n=4, absent=3))):
         metrics = SegmentationMetrics(num_classes, groups=GROUPS)
-        metrics.update(scores, target, IMAGE_GROUPS)
+        metrics.update(scores, target, IMAGE_GROUPS, ids=IDS)
         cases.append((num_classes, scores, target, metrics.compute()))
+        assert {"iou_low", "iou_high", "f1_low", "f1_high"} <= set(cases[-1][3])  # gathered from every rank
     # the halves really differ, also per group, so the test fails unless the counts are summed
     half = SegmentationMetrics(1, groups=GROUPS)
     half.update(cases[0][1][:2], cases[0][2][:2], IMAGE_GROUPS[:2])
@@ -300,3 +302,75 @@ def test_all_reduced_metrics_equal_single_process_metrics():
         assert half.compute()[key] != pytest.approx(cases[0][3][key])
     forkserver()  # preloaded: the workers skip importing torch
     mp.start_processes(_ddp_worker, args=(free_port(), cases), nprocs=2, join=True, start_method="forkserver")
+
+
+# ---------------------------------------------------------------- intervals: a bootstrap over blocks of frames
+
+
+def _frames(seed, n, size=8, road=0.5):
+    """n images whose predictions are right with a chance that differs by image: pooled IoU varies
+    from one draw of images to the next."""
+    g = torch.Generator().manual_seed(seed)
+    target = (torch.rand(n, size, size, generator=g) < road).long()
+    right = torch.rand(n, 1, 1, generator=g) * 0.5 + 0.5
+    flip = torch.rand(n, size, size, generator=g) > right
+    probs = torch.where(flip, 1 - target, target).float()[:, None]
+    return probs, target
+
+
+def _pooled_iou(probs, target) -> float:
+    road, truth = probs[:, 0] > 0.5, target == 1
+    return ((road & truth).sum() / (road | truth).sum()).item()
+
+
+def _interval(probs, target, ids=None):
+    metrics = SegmentationMetrics(1)
+    metrics.update(probs, target, ids=ids if ids is not None else [f"{i:05d}" for i in range(len(target))])
+    return metrics.compute()
+
+
+def test_the_interval_holds_the_score_and_its_width_is_the_spread_of_the_score_over_draws_of_images():
+    scores = _interval(*_frames(0, 300))
+    assert scores["iou_low"] < scores["iou"] < scores["iou_high"] and scores["f1_low"] < scores["f1"] < scores["f1_high"]
+    # the reference: the score's spread over 200 independent draws of 300 images
+    spread = np.std([_pooled_iou(*_frames(seed, 300)) for seed in range(1, 201)])
+    width = (scores["iou_high"] - scores["iou_low"]) / (2 * 1.96)
+    assert 0.7 * spread < width < 1.3 * spread, (width, spread)
+
+
+def test_the_interval_repeats_and_does_not_depend_on_the_order_images_came_in():
+    probs, target = _frames(3, 40)
+    ids = [f"{i:05d}" for i in range(40)]
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(0))
+    assert _interval(probs, target, ids) == _interval(probs[order], target[order], [ids[i] for i in order])
+
+
+def test_identical_images_have_an_interval_of_no_width():
+    probs, target = _frames(4, 1)
+    scores = _interval(probs.repeat(30, 1, 1, 1), target.repeat(30, 1, 1))
+    assert scores["iou_low"] == pytest.approx(scores["iou"]) == pytest.approx(scores["iou_high"])
+
+
+def test_frames_repeated_next_to_each_other_widen_the_interval_as_fewer_images_would():
+    """Five copies of each frame, side by side (near-duplicates, as a drive's frames are): resampled
+    in blocks, the interval is about as wide as the distinct frames' own, not as wide as 5x as many."""
+    probs, target = _frames(5, 60)
+    distinct = _interval(probs, target)
+    copies = _interval(probs.repeat_interleave(5, 0), target.repeat_interleave(5, 0))
+    width = lambda scores: scores["iou_high"] - scores["iou_low"]  # noqa: E731
+    assert width(copies) > 0.6 * width(distinct)  # not the 1/sqrt(5) = 0.45 of 300 independent images
+
+
+def test_multiclass_intervals_are_of_the_macro_mean_over_present_classes():
+    scores, target = _multiclass_data(7, n=30, absent=3)
+    metrics = SegmentationMetrics(4, from_logits=True)
+    metrics.update(scores, target, ids=[str(i) for i in range(30)])
+    result = metrics.compute()
+    assert result["iou_low"] <= result["iou"] <= result["iou_high"] and math.isnan(result["iou_3"])
+
+
+def test_without_ids_there_is_no_interval_and_ids_must_match_the_images():
+    probs, target = _frames(6, 4)
+    assert "iou_low" not in _computed(SegmentationMetrics(1), probs, target)
+    with pytest.raises(ValueError, match="an id for each of the 4 images"):
+        SegmentationMetrics(1).update(probs, target, ids=["a"])

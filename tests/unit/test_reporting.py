@@ -40,3 +40,23 @@ def test_report_of_a_multiclass_run_shows_the_palette_and_no_pr_curve(tiny_shard
     height, width = image.shape[:2]
     expected = overlay(image, predict(load_model(best), [image])[0], ["background", "road"])
     np.testing.assert_array_equal(grid[:height, :width], expected)
+
+
+def test_the_trial_table_shows_each_intervals_and_marks_the_trials_tied_with_the_best():
+    from raytrain.reporting import Trial, results_rows
+
+    def trial(name, iou, low, high):
+        return Trial(name, {"optim.lr": 0.001}, [{"epoch": 1, "val_iou": iou, "val_f1": iou, "val_iou_low": low, "val_iou_high": high}])
+
+    trials = [trial("apart", 0.70, 0.65, 0.74), trial("best", 0.90, 0.86, 0.93), trial("close", 0.85, 0.80, 0.87),
+              Trial("unscored", {"optim.lr": 0.01}, [])]
+    header, rows = results_rows(trials, "val_iou", "max")
+    assert header[-4:] == ["95% interval", "vs best", "best epoch", "epochs"]
+    table = {trial.name: dict(zip(header, cells)) for trial, cells in rows}
+    assert [trial.name for trial, _ in rows] == ["best", "close", "apart", "unscored"]
+    assert table["best"]["95% interval"] == "0.8600-0.9300" and table["best"]["vs best"] == "best"
+    assert table["close"]["vs best"] == "tied" and table["apart"]["vs best"] == ""  # 0.87 >= 0.86; 0.74 < 0.86
+    assert table["unscored"]["95% interval"] == table["unscored"]["vs best"] == ""
+    # without intervals (runs from before them), the table is as it was
+    header, _ = results_rows([Trial("old", {}, [{"epoch": 1, "val_iou": 0.5}])], "val_iou", "max")
+    assert "95% interval" not in header

@@ -60,7 +60,8 @@ def small_disk():
 def s3_server():
     """moto's S3 server on 127.0.0.1 (a free port), with one bucket and one user whose key it checks
     (helpers.start_s3_server); stopped when the session ends. Commands reach it only through the
-    standard AWS variables of `s3_server.env`."""
+    standard AWS variables of `s3_server.env`. Skips without moto (it comes with the dev extra)."""
+    pytest.importorskip("moto.server")
     server, s3 = start_s3_server()
     yield s3
     server.stop()

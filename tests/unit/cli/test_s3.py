@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.helpers import assert_one_line_error, config, free_port, run_cli
+from tests.helpers import assert_one_line_error, config, free_port, run_cli, snapshot
 
 
 def kitti_folder(tmp):
@@ -46,8 +46,10 @@ def test_shards_written_to_s3_are_read_back_by_a_dry_run(tmp_path, s3_server, s3
 
 def test_shard_to_a_missing_bucket_is_one_line_naming_it(tmp_path, s3_server):
     raw = kitti_folder(tmp_path)
+    before = snapshot(tmp_path)
     run = shard(raw, "s3://no-such-bucket/shards", s3_server.env)
     assert_one_line_error(run, ["s3://no-such-bucket/shards: the bucket 'no-such-bucket' does not exist"], tmp_path)
+    assert snapshot(tmp_path) == before
 
 
 def test_train_on_data_in_a_missing_bucket_is_one_line_before_ray(tmp_path, s3_server):
@@ -67,7 +69,9 @@ def test_train_storing_in_a_missing_bucket_is_one_line_even_in_a_dry_run(tmp_pat
 def test_wrong_credentials_are_one_line(tmp_path, s3_server, s3_prefix):
     raw = kitti_folder(tmp_path)
     env = {**s3_server.env, "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
+    before = snapshot(tmp_path)
     run = shard(raw, f"{s3_prefix}/shards", env)
+    assert snapshot(tmp_path) == before
     assert_one_line_error(run, [f"{s3_prefix}/shards: cannot reach the bucket '{s3_server.bucket}'", "ACCESS_DENIED"], tmp_path)
     assert s3_server.keys(s3_prefix) == []
 
@@ -76,14 +80,16 @@ def test_wrong_credentials_are_one_line(tmp_path, s3_server, s3_prefix):
     assert_one_line_error(run, [f"data.path: {s3_prefix}/shards", f"cannot reach the bucket '{s3_server.bucket}'"], tmp_path)
 
 
-def test_an_endpoint_that_does_not_answer_is_one_line_in_bounded_time(tmp_path, s3_server):
+def test_an_endpoint_that_does_not_answer_is_one_line_in_bounded_time(tmp_path, s3_server, s3_prefix):
     raw = kitti_folder(tmp_path)
+    before = snapshot(tmp_path)
     closed = {**s3_server.env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
     start = time.monotonic()
-    run = shard(raw, f"s3://{s3_server.bucket}/shards", closed)
+    run = shard(raw, f"{s3_prefix}/shards", closed)
     # The SDK's own retries (about 6 s here), then one line.
-    assert_one_line_error(run, [f"cannot reach the bucket '{s3_server.bucket}'", "Could not connect"], tmp_path)
+    assert_one_line_error(run, [f"{s3_prefix}/shards: cannot reach the bucket '{s3_server.bucket}'", "Could not connect"], tmp_path)
     assert time.monotonic() - start < 60
+    assert snapshot(tmp_path) == before and s3_server.keys(s3_prefix) == []
 
 
 def test_shard_onto_existing_shards_is_one_line_and_keeps_them(tmp_path, s3_server, s3_prefix):

@@ -13,6 +13,7 @@ from raytrain.config import Config
 from raytrain.data.images import MAX_PIXELS_ENV, max_pixels
 from raytrain.data.manifest import Manifest, read_manifest
 from raytrain.errors import ConfigError, DataError, RaytrainError
+from raytrain.storage.paths import filesystem_of, is_uri
 
 
 # A Tune trial's own process only drives a Train run; Tune cannot schedule a trial that asks for
@@ -21,6 +22,15 @@ TRIAL_DRIVER_CPUS = 0.01
 # data.cache auto keeps the decoded splits when they take at most this share of the object store:
 # the rest is for Ray Data's streaming, Train's checkpoints and Tune's objects.
 CACHE_SHARE = 0.5
+
+
+def _check_storage(storage_path: str) -> None:
+    """A URI's bucket now (filesystem_of checks it), not in the first write after Ray has started."""
+    if is_uri(storage_path):
+        try:
+            filesystem_of(storage_path)
+        except RaytrainError as err:
+            raise type(err)(f"train.storage_path: {err}") from None
 
 
 def check_ready(config: Config, local_cpus: int | None, *, search: bool = False) -> Manifest:
@@ -35,6 +45,7 @@ def check_ready(config: Config, local_cpus: int | None, *, search: bool = False)
     if config.train.tracking == "mlflow" and importlib.util.find_spec("mlflow") is None:
         raise RaytrainError("train.tracking mlflow needs MLflow: pip install 'raytrain[mlflow]'")
     _check_cluster_fits(config.train, local_cpus, search)
+    _check_storage(config.train.storage_path)
     checked = set()  # each dataset and model once, however many trials share it
     manifests: dict[str, Manifest] = {}  # each data.path's, read once
     for overrides in _trial_variants(config):

@@ -1,4 +1,5 @@
-"""Shared fixtures: one local Ray cluster for the session, and tiny real datasets on disk."""
+"""Shared fixtures: one local Ray cluster for the session, tiny real datasets on disk, and an
+S3-protocol server on 127.0.0.1 (moto's)."""
 from __future__ import annotations
 
 import contextlib
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, VAL_CATEGORIES, H, W, camvid_annot, kitti_categories, small_disk_at, tiny_config
+from tests.helpers import REPO, VAL_CATEGORIES, H, W, S3Server, camvid_annot, kitti_categories, small_disk_at, start_s3_server, tiny_config
 
 
 def pytest_sessionstart(session):
@@ -53,6 +54,27 @@ def small_disk():
     where this process may not mount."""
     with contextlib.ExitStack() as mounts:
         yield lambda folder, size: mounts.enter_context(small_disk_at(folder, size))
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 (a free port), with one bucket and one user whose key it checks
+    (helpers.start_s3_server); stopped when the session ends. Commands reach it only through the
+    standard AWS variables of `s3_server.env`. Skips without moto (it comes with the dev extra)."""
+    pytest.importorskip("moto.server")
+    server, s3 = start_s3_server()
+    yield s3
+    server.stop()
+
+
+@pytest.fixture
+def s3_prefix(s3_server: S3Server, request) -> str:
+    """s3://BUCKET/<a fresh prefix> for one test: tests share the server, never each other's keys."""
+    import uuid
+
+    import re
+
+    return f"s3://{s3_server.bucket}/{re.sub('[^A-Za-z0-9_-]', '-', request.node.name)[:40]}-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture(scope="session")

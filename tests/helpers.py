@@ -12,8 +12,10 @@ torch.multiprocessing (start_method="forkserver"): its DDP workers skip the impo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import io
+import logging
 import multiprocessing
 import os
 import resource
@@ -133,6 +135,67 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class S3Server:
+    """A running S3-protocol server: its endpoint, its bucket, a key it accepts, and the environment
+    through which a command reaches it (the standard AWS variables, as on a cluster)."""
+
+    endpoint: str
+    bucket: str
+    access_key: str
+    secret_key: str
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**cli_environment(), "AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
+                "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def filesystem(self):
+        """The bucket's filesystem for the test itself to look at what a command left."""
+        import pyarrow.fs as pafs
+
+        return pafs.S3FileSystem(access_key=self.access_key, secret_key=self.secret_key, region="us-east-1",
+                                 endpoint_override=self.endpoint)
+
+    def keys(self, uri: str) -> list[str]:
+        """Every object below the s3:// URI, as paths relative to it."""
+        import pyarrow.fs as pafs
+
+        root = uri.removeprefix("s3://").rstrip("/")
+        found = self.filesystem().get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+        return sorted(info.path.removeprefix(root + "/") for info in found if info.type == pafs.FileType.File)
+
+
+def start_s3_server(bucket: str = "raytrain-tests"):
+    """(moto's ThreadedMotoServer on 127.0.0.1 at a free port, its S3Server). Beside the bucket it
+    holds one IAM user allowed everything, then turns on moto's checking of requests (its
+    /moto-api/reset-auth): from then on only that user's key opens the bucket, as on AWS."""
+    import json
+    import urllib.request
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per request in every failure report
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    # Any key works until checking is on.
+    setup = {"endpoint_url": endpoint, "region_name": "us-east-1", "aws_access_key_id": "setup", "aws_secret_access_key": "setup"}
+    iam = boto3.client("iam", **setup)
+    iam.create_user(UserName="raytrain")
+    everything = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+    iam.put_user_policy(UserName="raytrain", PolicyName="everything", PolicyDocument=json.dumps(everything))
+    key = iam.create_access_key(UserName="raytrain")["AccessKey"]
+    boto3.client("s3", **setup).create_bucket(Bucket=bucket)
+    # The body is how many more requests go unchecked: none. text/plain, else Flask reads it as a form.
+    check_all = urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=b"0", method="POST",
+                                       headers={"Content-Type": "text/plain"})
+    urllib.request.urlopen(check_all, timeout=10).close()
+    return server, S3Server(endpoint, bucket, key["AccessKeyId"], key["SecretAccessKey"])
 
 
 def set_dotted(tree: dict, **dotted) -> dict:

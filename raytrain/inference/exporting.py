@@ -9,7 +9,6 @@ import os
 import warnings
 from pathlib import Path
 
-import pyarrow.fs as pafs
 import torch
 
 from raytrain.checkpoints import CheckpointInfo
@@ -18,7 +17,7 @@ from raytrain.inference import EXPORT_FORMATS
 from raytrain.inference.image_model import ImageModel, check_tta
 from raytrain.inference.loading import LoadedModel, load_model
 from raytrain.storage.atomic import write_atomically
-from raytrain.storage.paths import filesystem_of, is_uri
+from raytrain.storage.paths import filesystem_of, is_remote, is_uri
 
 
 EXPORT_NAMES = {"torchscript": "model.torchscript.pt", "torch.export": "model.pt2", "onnx": "model.onnx"}
@@ -33,11 +32,10 @@ def default_export_path(checkpoint: str | os.PathLike | CheckpointInfo, format: 
     needs --out, since the export is always written locally."""
     if isinstance(checkpoint, CheckpointInfo):
         return checkpoint.path / EXPORT_NAMES.get(format, "model")
+    if is_remote(checkpoint):  # known from the URI: no request to a store the export never writes to
+        raise CheckpointError(f"{checkpoint}: a remote checkpoint; give --out, the local file to export to")
     if is_uri(checkpoint):
-        filesystem, path = filesystem_of(checkpoint)
-        if not isinstance(filesystem, pafs.LocalFileSystem):
-            raise CheckpointError(f"{checkpoint}: a remote checkpoint; give --out, the local file to export to")
-        return Path(path) / EXPORT_NAMES.get(format, "model")
+        return Path(filesystem_of(checkpoint)[1]) / EXPORT_NAMES.get(format, "model")
     return Path(checkpoint).expanduser() / EXPORT_NAMES.get(format, "model")
 
 

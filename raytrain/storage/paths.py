@@ -21,6 +21,17 @@ def is_uri(location: "str | os.PathLike | RemotePath") -> bool:
     return isinstance(location, RemotePath) or "://" in os.fspath(location)
 
 
+def is_remote(location: "str | os.PathLike | RemotePath") -> bool:
+    """Whether `location` lies on a filesystem other than the local one (a file:// URI does not),
+    known without a request to it."""
+    if isinstance(location, RemotePath):
+        return True
+    text = os.fspath(location)
+    if not is_uri(text):
+        return False
+    return urlsplit(text).scheme.lower() not in ("file", "local")
+
+
 def filesystem_of(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     """(filesystem, absolute path on it) for a local path or any URI pyarrow understands."""
     if isinstance(location, RemotePath):
@@ -29,9 +40,40 @@ def filesystem_of(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     if not is_uri(text):
         return pafs.LocalFileSystem(), str(Path(text).expanduser().absolute())
     try:
-        return pafs.FileSystem.from_uri(text)
+        filesystem, path = pafs.FileSystem.from_uri(text)
     except (pa.ArrowException, OSError, ValueError) as err:
         raise DataError(f"{text}: not a usable filesystem URI ({' '.join(str(err).split())})") from None
+    if isinstance(filesystem, _BUCKET_STORES):
+        _check_bucket(filesystem, path.partition("/")[0], text)
+    return filesystem, path
+
+
+# Object stores whose paths start with a bucket: pyarrow's wheels may be built without GCS.
+_BUCKET_STORES = tuple(getattr(pafs, name) for name in ("S3FileSystem", "GcsFileSystem") if hasattr(pafs, name))
+_reachable_buckets: set[tuple[str, str]] = set()
+
+
+def _check_bucket(filesystem: pafs.FileSystem, bucket: str, uri: str) -> None:
+    """One request per bucket and process, on first use: a missing bucket, a refused key or an
+    endpoint that does not answer (after the SDK's bounded retries) is one DataError naming the
+    bucket here, not an OSError from whichever call of pyarrow meets it first. Needs permission to
+    list the bucket (HeadBucket), which raytrain needs anyway to find shards and checkpoints."""
+    parts = urlsplit(uri)
+    key = (f"{parts.scheme}://{bucket}?{parts.query}", os.environ.get("AWS_ENDPOINT_URL", ""))
+    if key in _reachable_buckets:
+        return
+    try:
+        found = filesystem.get_file_info(bucket).type != pafs.FileType.NotFound
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{_without_query(uri)}: cannot reach the bucket {bucket!r} ({' '.join(str(err).split())})") from None
+    if not found:
+        raise DataError(f"{_without_query(uri)}: the bucket {bucket!r} does not exist")
+    _reachable_buckets.add(key)
+
+
+def _without_query(uri: str) -> str:
+    """The URI as a user names the place: its options (an endpoint, a region) are no part of it."""
+    return urlunsplit(urlsplit(uri)._replace(query=""))
 
 
 def as_path(location: str | os.PathLike) -> "Path | RemotePath":

@@ -5,12 +5,19 @@ import pyarrow.fs as pafs
 import pytest
 
 from raytrain.errors import DataError
-from raytrain.storage.paths import RemotePath, as_path, filesystem_of, is_uri, join
+from raytrain.storage.paths import RemotePath, as_path, filesystem_of, is_remote, is_uri, join
 
 
 def test_is_uri():
     assert is_uri("s3://bucket/key") and is_uri("file:///tmp/x")
     assert not is_uri("/tmp/x") and not is_uri(Path("relative/x"))
+
+
+def test_is_remote_asks_no_store(tmp_path):
+    # An endpoint that nothing answers on: is_remote must not need it.
+    assert is_remote("s3://bucket/key?endpoint_override=127.0.0.1:9&scheme=http")
+    assert not is_remote(f"file://{tmp_path}") and not is_remote(tmp_path) and not is_remote("relative/x")
+    assert is_remote(RemotePath(pafs.LocalFileSystem(), str(tmp_path), "mock://"))
 
 
 def test_local_paths_and_file_uris_are_paths(tmp_path):

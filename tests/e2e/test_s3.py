@@ -1,0 +1,47 @@
+"""A cluster user's day on S3, through the CLI in real subprocesses: shards to s3://, `train` reading
+them and storing its experiment in s3://, then `runs`, `best` and `predict` with the s3:// checkpoint.
+The store is moto's S3-protocol server on 127.0.0.1 (the `s3_server` fixture), reached only through
+the standard AWS variables; `train` starts a local Ray cluster of its own, which inherits them."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.helpers import config, run_cli, run_cli_fresh, write_images
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_shard_train_runs_best_and_predict_on_s3(tmp_path, s3_server, s3_prefix):
+    from raytrain.data.synthetic import write_synthetic_kitti
+
+    env = s3_server.env
+    data, storage = f"{s3_prefix}/shards", f"{s3_prefix}/results"
+    raw = write_synthetic_kitti(tmp_path / "raw", 8, seed=0, size=(32, 16))
+    done = run_cli(["data", "shard", raw, "--format", "kitti", "--val-fraction", "0.25", "--out", data], env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+    run_config = config(tmp_path, data, **{"train.num_workers": 1, "train.storage_path": storage})
+    trained = run_cli_fresh(["train", run_config, "--num-cpus", "2", "-q"], tmp_path, env=env, timeout=480)
+    assert trained.returncode == 0, trained.stderr
+    assert not (tmp_path / "results").exists()  # everything went to S3
+    stored = s3_server.keys(storage)
+    [weights] = [key for key in stored if key.endswith("/model.pt")]  # 1 epoch, 1 checkpoint
+    checkpoint = f"{storage}/{weights.removesuffix('/model.pt')}"
+
+    runs = run_cli(["runs", storage, "--json"], tmp_path, env=env, timeout=120)
+    assert runs.returncode == 0, runs.stderr
+    [experiment] = json.loads(runs.stdout)
+    assert experiment["status"] == "finished" and experiment["path"].startswith(f"{storage}/bad/")
+
+    best = run_cli(["best", experiment["path"], "--json"], tmp_path, env=env, timeout=120)
+    assert best.returncode == 0, best.stderr
+    found = json.loads(best.stdout)
+    # best fetches the checkpoint it picks into the local cache, once.
+    assert found["experiment"] == experiment["path"] and found["path"].endswith("/" + checkpoint.rpartition("/")[2])
+
+    images = write_images(tmp_path / "images", 2, (16, 32))
+    predicted = run_cli(["predict", checkpoint, images, "--out", tmp_path / "masks"], tmp_path, env=env, timeout=300)
+    assert predicted.returncode == 0, predicted.stderr
+    assert len(list((tmp_path / "masks").rglob("*.png"))) >= 2

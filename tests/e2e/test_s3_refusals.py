@@ -1,7 +1,8 @@
 """The CLI on S3, as a cluster user reaches it: a real S3-protocol server on 127.0.0.1 (moto's, the
 `s3_server` fixture) and only the standard AWS variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION). What S3 does wrong is one line naming the bucket or the
-key, exit code 2, and nothing half-written. No Ray starts here (train --dry-run starts nothing)."""
+key, exit code 2, and nothing half-written. No Ray starts here (train --dry-run starts nothing); in
+e2e for the server and the SDK's retries against a closed port (16 s in all)."""
 from __future__ import annotations
 
 import json

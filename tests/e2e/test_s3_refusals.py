@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import time
 
-
 from tests.helpers import assert_one_line_error, config, free_port, run_cli, snapshot
 
 

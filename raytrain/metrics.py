@@ -105,6 +105,8 @@ class SegmentationMetrics:
             )
         if bool(self.groups) != (groups is not None):
             raise ValueError(f"groups of each image are needed exactly when group names are given ({self.groups})")
+        if ids is not None and len(ids) != len(target):
+            raise ValueError(f"expected an id for each of the {len(target)} images, got {len(ids)}")
         if self.confusion is None:
             self.confusion, self.histogram, self.group_confusion = self._zero_counts(scores.device)
 
@@ -122,28 +124,25 @@ class SegmentationMetrics:
             self.histogram += self._bincount(truth * _HISTOGRAM_BINS + bins, 2 * _HISTOGRAM_BINS).view(2, -1)
         else:
             predicted = scores.argmax(dim=1)[valid]  # argmax of logits == argmax of softmax
-        k = self._confusion_size
-        self.confusion += self._bincount(truth * k + predicted, k * k).view(k, k)
-        if groups is not None:
-            self._update_groups(groups.to(scores.device).long(), valid, truth * k + predicted)
-        if ids is not None:
-            self._update_images(list(ids), valid, truth * k + predicted)
-
-    def _update_images(self, ids: list[str], valid: torch.Tensor, cell: torch.Tensor) -> None:
-        if len(ids) != len(valid):
-            raise ValueError(f"expected an id for each of the {len(valid)} images, got {len(ids)}")
-        k, count = self._confusion_size, len(ids)
+        k, count = self._confusion_size, len(valid)
+        if truth.numel() and (truth.min() < 0 or truth.max() >= k):
+            raise ValueError("target holds a class index outside [0, num_classes) that is not ignore_index")
+        # Each image's confusion counts, in one bincount: the pooled and the per-group counts are their sums.
         image = torch.arange(count, device=valid.device).view(-1, *[1] * (valid.dim() - 1)).expand_as(valid)[valid]
-        self.image_confusion.append(self._bincount(image * k * k + cell, count * k * k).view(count, k, k))  # on the device: no sync a batch
-        self.image_ids += ids
+        per_image = torch.bincount(image * k * k + truth * k + predicted, minlength=count * k * k).view(count, k, k)
+        self.confusion += per_image.sum(0)
+        if groups is not None:
+            self._update_groups(groups.to(scores.device).long(), per_image)
+        if ids is not None:
+            self.image_confusion.append(per_image)  # on the device: moved once, in compute()
+            self.image_ids += list(ids)
 
-    def _update_groups(self, groups: torch.Tensor, valid: torch.Tensor, cell: torch.Tensor) -> None:
-        """Add each valid pixel's confusion cell to the counts of its image's group."""
-        count, k = len(self.groups), self._confusion_size
-        if groups.shape != valid.shape[:1] or (groups.numel() and (groups.min() < 0 or groups.max() >= count)):
+    def _update_groups(self, groups: torch.Tensor, per_image: torch.Tensor) -> None:
+        """Add each image's confusion counts to those of its group."""
+        count = len(self.groups)
+        if groups.shape != per_image.shape[:1] or (groups.numel() and (groups.min() < 0 or groups.max() >= count)):
             raise ValueError(f"expected groups (N,) of indices into {count} group names, got {groups.tolist()}")
-        pixel_group = groups.view(-1, *[1] * (valid.dim() - 1)).expand_as(valid)[valid]
-        self.group_confusion += self._bincount(pixel_group * k * k + cell, count * k * k).view(count, k, k)
+        self.group_confusion.index_add_(0, groups, per_image)
 
     @staticmethod
     def _bincount(index: torch.Tensor, size: int) -> torch.Tensor:

@@ -70,9 +70,8 @@ def s3_server():
 @pytest.fixture
 def s3_prefix(s3_server: S3Server, request) -> str:
     """s3://BUCKET/<a fresh prefix> for one test: tests share the server, never each other's keys."""
-    import uuid
-
     import re
+    import uuid
 
     return f"s3://{s3_server.bucket}/{re.sub('[^A-Za-z0-9_-]', '-', request.node.name)[:40]}-{uuid.uuid4().hex[:8]}"
 

@@ -26,7 +26,8 @@ def warmed_up_ema(decay: float):
         if not averaged[0].is_floating_point():  # counts (BatchNorm's num_batches_tracked): the model's own
             torch._foreach_copy_(averaged, current)
             return
-        # On the device, from its own count: no host sync per step.
+        # AveragedModel hands over its count already copied to this device (docs/decisions.md: that
+        # copy waits for the device once a step on a GPU).
         updates = torch.as_tensor(updates, device=averaged[0].device, dtype=averaged[0].dtype)
         torch._foreach_lerp_(averaged, current, 1 - ema_decay(decay, updates))
 

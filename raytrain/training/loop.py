@@ -18,6 +18,7 @@ import ray.train.torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 import torch
 import torch.distributed as dist
+from torch.optim.swa_utils import AveragedModel
 
 from raytrain.checkpoints import checkpoints_by_epoch, restore_train_state, save_checkpoint, unwrap, upload_checkpoint
 from raytrain.config import Config
@@ -78,7 +79,7 @@ class Worker:
     device: torch.device
     model: torch.nn.Module  # DDP-wrapped: the one to train
     eval_model: torch.nn.Module  # the plain module (see build_model), or with train.ema the average's
-    average: torch.optim.swa_utils.AveragedModel | None  # train.ema's average of the weights
+    average: AveragedModel | None  # train.ema's average of the weights
     loss_fn: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -125,11 +126,7 @@ def setup(loop_config: dict) -> Worker:
         torch.set_num_threads(max(1, int(config.train.cpus_per_worker)))
     amp_dtype = autocast_dtype(config.train.precision, device)
     channels_last = config.train.channels_last if config.train.channels_last is not None else device.type == "cuda"
-    model, eval_model = build_model(config, channels_last)
-    average = None
-    if config.train.ema:
-        average = create_weight_average(unwrap(model), config.train.ema)
-        eval_model = torch.compile(average.module) if config.train.compile else average.module
+    model, eval_model, average = build_model(config, channels_last)
     # .to(device): class weights are a buffer of the loss, and must sit where the logits are.
     class_weights = manifest.class_weights(config.loss.class_weights)
     loss_fn = create_loss(config.loss.name, num_classes=config.num_classes, class_weights=class_weights).to(device)
@@ -155,18 +152,20 @@ def setup(loop_config: dict) -> Worker:
     )
 
 
-def build_model(config: Config, channels_last: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(the model to train, wrapped for DDP; the plain module to evaluate)."""
+def build_model(config: Config, channels_last: bool) -> tuple[torch.nn.Module, torch.nn.Module, AveragedModel | None]:
+    """(the model to train, wrapped for DDP; the plain module to evaluate, or with train.ema the
+    average's; the average, or None)."""
     model = create_model(config.model.name, num_classes=config.num_classes, **config.model.kwargs())
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
-    # Validation runs on the plain module: every worker evaluates a different number of batches,
+    average = create_weight_average(unwrap(model), config.train.ema) if config.train.ema else None
+    # Validation runs on a plain module: every worker evaluates a different number of batches,
     # and DDP's forward would wait for the others.
-    eval_model = unwrap(model)
+    eval_model = average.module if average is not None else unwrap(model)
     if config.train.compile:
-        return torch.compile(model), torch.compile(eval_model)
-    return model, eval_model
+        return torch.compile(model), torch.compile(eval_model), average
+    return model, eval_model, average
 
 
 def restore(config: Config, model, optimizer, scheduler, average,
@@ -332,7 +331,7 @@ def train_one_epoch(
     model, batches, loss_fn, optimizer, device, epoch: int, *,
     scheduler=None, scaler: torch.amp.GradScaler | None = None, amp_dtype: torch.dtype | None = None,
     grad_clip: float | None = None, channels_last: bool = False, check_every: int = CHECK_LOSS_EVERY,
-    average: torch.optim.swa_utils.AveragedModel | None = None,
+    average: AveragedModel | None = None,
 ) -> tuple[float, int]:
     """One pass over this worker's training shard, `average` (train.ema) updated after each step;
     returns (summed loss, images seen)."""

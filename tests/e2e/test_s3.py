@@ -1,19 +1,24 @@
 """A cluster user's day on S3, through the CLI in real subprocesses: shards to s3://, `train` reading
-them and storing its experiment in s3://, then `runs`, `best` and `predict` with the s3:// checkpoint.
+them and storing its experiment in s3://, then `runs`, `best`, `evaluate` (on the s3:// shards),
+`predict` and `export` with the s3:// checkpoint.
 The store is moto's S3-protocol server on 127.0.0.1 (the `s3_server` fixture), reached only through
 the standard AWS variables; `train` starts a local Ray cluster of its own, which inherits them."""
 from __future__ import annotations
 
 import json
+import warnings
 
+import numpy as np
 import pytest
+import torch
 
+import raytrain
 from tests.helpers import config, run_cli, run_cli_fresh, write_images
 
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_shard_train_runs_best_and_predict_on_s3(tmp_path, s3_server, s3_prefix):
+def test_shard_train_runs_best_evaluate_predict_and_export_on_s3(tmp_path, s3_server, s3_prefix):
     from raytrain.data.synthetic import write_synthetic_kitti
 
     env = s3_server.env
@@ -40,6 +45,21 @@ def test_shard_train_runs_best_and_predict_on_s3(tmp_path, s3_server, s3_prefix)
     found = json.loads(best.stdout)
     # best fetches the checkpoint it picks into the local cache, once.
     assert found["experiment"] == experiment["path"] and found["path"].endswith("/" + checkpoint.rpartition("/")[2])
+
+    # evaluate reads the checkpoint and the shards from S3 and gives the val IoU the run reported.
+    evaluated = run_cli(["evaluate", checkpoint, data, "--json"], tmp_path, env=env, timeout=120)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)["iou"] == pytest.approx(found["metrics"]["val_iou"], abs=1e-6)
+
+    exported = run_cli(["export", checkpoint, "--format", "torchscript", "--out", tmp_path / "model.pt"], tmp_path,
+                       env=env, timeout=120)
+    assert exported.returncode == 0, exported.stderr
+    images = np.random.default_rng(0).integers(0, 256, (2, 16, 32, 3), dtype=np.uint8)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
+        probabilities = torch.jit.load(tmp_path / "model.pt")(torch.from_numpy(images))[:, 0]
+    expected = raytrain.predict(raytrain.load_model(found["path"]), list(images))  # the copy best fetched
+    torch.testing.assert_close(probabilities, torch.from_numpy(np.stack(expected)))
 
     images = write_images(tmp_path / "images", 2, (16, 32))
     predicted = run_cli(["predict", checkpoint, images, "--out", tmp_path / "masks"], tmp_path, env=env, timeout=300)

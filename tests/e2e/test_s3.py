@@ -1,6 +1,6 @@
 """A cluster user's day on S3, through the CLI in real subprocesses: shards to s3://, `train` reading
-them and storing its experiment in s3://, then `runs`, `best`, `evaluate` (on the s3:// shards),
-`predict` and `export` with the s3:// checkpoint.
+them and storing its experiment in s3:// (TensorBoard's files too, read back), then `runs`, `best`,
+`evaluate` (on the s3:// shards), `predict` and `export` with the s3:// checkpoint.
 The store is moto's S3-protocol server on 127.0.0.1 (the `s3_server` fixture), reached only through
 the standard AWS variables; `train` starts a local Ray cluster of its own, which inherits them."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import raytrain
-from tests.helpers import config, run_cli, run_cli_fresh, write_images
+from tests.helpers import config, read_events, run_cli, run_cli_fresh, write_images
 
 
 @pytest.mark.ray
@@ -35,6 +35,14 @@ def test_shard_train_runs_best_evaluate_predict_and_export_on_s3(tmp_path, s3_se
     [weights] = [key for key in stored if key.endswith("/model.pt")]  # 1 epoch, 1 checkpoint
     checkpoint = f"{storage}/{weights.removesuffix('/model.pt')}"
 
+    # TensorBoard's event files, copied up each epoch, read back from the bucket: the reported val IoU.
+    [events] = [key for key in stored if "/tensorboard/val/events.out.tfevents." in key]
+    local_events = tmp_path / "events" / "val" / events.rpartition("/")[2]
+    local_events.parent.mkdir(parents=True)
+    with s3_server.filesystem().open_input_stream(f"{storage.removeprefix('s3://')}/{events}") as remote:
+        local_events.write_bytes(remote.read())
+    [logged] = read_events(local_events.parent).Scalars("iou")
+
     runs = run_cli(["runs", storage, "--json"], tmp_path, env=env, timeout=120)
     assert runs.returncode == 0, runs.stderr
     [experiment] = json.loads(runs.stdout)
@@ -45,6 +53,7 @@ def test_shard_train_runs_best_evaluate_predict_and_export_on_s3(tmp_path, s3_se
     found = json.loads(best.stdout)
     # best fetches the checkpoint it picks into the local cache, once.
     assert found["experiment"] == experiment["path"] and found["path"].endswith("/" + checkpoint.rpartition("/")[2])
+    assert logged.value == pytest.approx(found["metrics"]["val_iou"], abs=1e-6)
 
     # evaluate reads the checkpoint and the shards from S3 and gives the val IoU the run reported.
     evaluated = run_cli(["evaluate", checkpoint, data, "--json"], tmp_path, env=env, timeout=120)

@@ -9,6 +9,7 @@ import json
 import warnings
 
 import numpy as np
+import pyarrow.fs as pafs
 import pytest
 import torch
 
@@ -35,14 +36,6 @@ def test_shard_train_runs_best_evaluate_predict_and_export_on_s3(tmp_path, s3_se
     [weights] = [key for key in stored if key.endswith("/model.pt")]  # 1 epoch, 1 checkpoint
     checkpoint = f"{storage}/{weights.removesuffix('/model.pt')}"
 
-    # TensorBoard's event files, copied up each epoch, read back from the bucket: the reported val IoU.
-    [events] = [key for key in stored if "/tensorboard/val/events.out.tfevents." in key]
-    local_events = tmp_path / "events" / "val" / events.rpartition("/")[2]
-    local_events.parent.mkdir(parents=True)
-    with s3_server.filesystem().open_input_stream(f"{storage.removeprefix('s3://')}/{events}") as remote:
-        local_events.write_bytes(remote.read())
-    [logged] = read_events(local_events.parent).Scalars("iou")
-
     runs = run_cli(["runs", storage, "--json"], tmp_path, env=env, timeout=120)
     assert runs.returncode == 0, runs.stderr
     [experiment] = json.loads(runs.stdout)
@@ -53,6 +46,13 @@ def test_shard_train_runs_best_evaluate_predict_and_export_on_s3(tmp_path, s3_se
     found = json.loads(best.stdout)
     # best fetches the checkpoint it picks into the local cache, once.
     assert found["experiment"] == experiment["path"] and found["path"].endswith("/" + checkpoint.rpartition("/")[2])
+
+    # TensorBoard's val run, copied up each epoch, read back from the bucket: the reported val IoU.
+    [events] = [key for key in stored if "/tensorboard/val/events.out.tfevents." in key]
+    (tmp_path / "val").mkdir()
+    pafs.copy_files(f"{storage.removeprefix('s3://')}/{events.rpartition('/')[0]}", str(tmp_path / "val"),
+                    source_filesystem=s3_server.filesystem(), destination_filesystem=pafs.LocalFileSystem())
+    [logged] = read_events(tmp_path / "val").Scalars("iou")
     assert logged.value == pytest.approx(found["metrics"]["val_iou"], abs=1e-6)
 
     # evaluate reads the checkpoint and the shards from S3 and gives the val IoU the run reported.

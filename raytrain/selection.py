@@ -333,23 +333,28 @@ def best_of_trials(trials: list[Trial], rule: SelectionRule, directory: str | os
                 continue
             for reason in skipped:
                 warnings.warn(f"skipped {reason}", stacklevel=3)
-            _note_if_not_kept(top, rule)
+            _note_unkept(trials, top, rule)
             return Selected(top.trial, top.score, checkpoint)
     because = f" (skipped {len(skipped)}; first: {skipped[0]})" if skipped else ""
     raise CheckpointError(f"{directory}: no checkpoint reports {rule.metric!r}{because}")
 
 
-def _note_if_not_kept(found: Standing, rule: SelectionRule) -> None:
-    """When the epoch that stands for the best trial by its whole history has no checkpoint kept (an
-    experiment kept by another rule), which one stands instead."""
-    entries = _entries(found.trial, rule.metric)
-    _, index = trial_score([value for value, _, _ in entries], rule.select, rule.last_k, rule.mode)
-    _, row, paths = entries[index]
-    if not paths and row is not found.report:
-        warnings.warn(
-            f"{found.trial.location}: epoch {row.get('epoch')} stands for the trial by {rule.score_name}, but its "
-            f"checkpoint was not kept; epoch {found.report.get('epoch')}'s stands instead", stacklevel=4,
-        )
+def _note_unkept(trials: list[Trial], best: Standing, rule: SelectionRule) -> None:
+    """A note for each trial whose epoch that stands for it by its whole history has no complete
+    checkpoint kept (an experiment kept by another rule, a checkpoint cut short), where it would
+    have ranked the best trial's or above: what the trial table shows differs from what is handed back."""
+    sign = 1 if rule.mode == "max" else -1
+    for trial in trials:
+        entries = _entries(trial, rule.metric)
+        if not entries:
+            continue
+        score, index = trial_score([value for value, _, _ in entries], rule.select, rule.last_k, rule.mode)
+        _, row, paths = entries[index]
+        if paths or (trial is not best.trial and sign * score < sign * best.score):
+            continue
+        instead = f"epoch {best.report.get('epoch')}'s stands instead" if trial is best.trial else "it is passed over"
+        warnings.warn(f"{trial.location}: epoch {row.get('epoch')} stands for the trial by {rule.score_name} "
+                      f"({score:.4f}), but no complete checkpoint of it was kept; {instead}", stacklevel=4)
 
 
 def select_best(directory: str | os.PathLike, rule: SelectionRule = SelectionRule()) -> Selected:

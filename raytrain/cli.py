@@ -99,7 +99,8 @@ def _print_search(experiment: str, search):
 
     rule = SelectionRule.of(search)
     print(trials_table(experiment, rule))
-    chosen = select_best(experiment, rule)
+    with _notes():  # a damaged or unkept checkpoint passed over
+        chosen = select_best(experiment, rule)
     best = chosen.checkpoint
     print(f"best {rule.score_name}: {chosen.score:.4f} ({chosen.trial.name}, epoch {best.metrics.get('epoch', '?')}: "
           f"val_f1 {best.metrics.get('val_f1', float('nan')):.4f})")

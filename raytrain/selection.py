@@ -17,6 +17,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
+from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
@@ -168,7 +169,7 @@ def _real_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def complete_checkpoints(directory: str | os.PathLike, skipped: list[str] | None = None) -> list[tuple[str, dict]]:
+def _complete_checkpoints(directory: str | os.PathLike, skipped: list[str] | None = None) -> list[tuple[str, dict]]:
     """(location, metrics) of every complete checkpoint below `directory` whose metrics.json reads. One
     that is incomplete (checkpoints.check_complete) or whose metrics.json is unreadable is left out;
     why is appended to `skipped` when given, so one damaged file never hides the others."""
@@ -188,17 +189,18 @@ def experiment_trials(directory: str | os.PathLike, skipped: list[str] | None = 
     when it holds one), with its history and the complete checkpoints below it. Checkpoints in no
     trial folder (all of them, in a `raytrain train` experiment) are the one run named after
     `directory`, whose history is what they recorded. Damage is appended to `skipped` when given."""
-    kept = complete_checkpoints(directory, skipped)
+    kept = _complete_checkpoints(directory, skipped)
     filesystem, root = filesystem_of(directory)
     base = _base(directory, root)
+    scheme = f"{urlsplit(base).scheme}://" if is_uri(base) else ""  # how a remote file is named in a note
     trials = []
     for name in _trial_folders(filesystem, root):
         location = f"{base}/{name}" if name else base
         own = [(path, metrics) for path, metrics in kept if path == location or path.startswith(location + "/")]
         kept = [(path, metrics) for path, metrics in kept if not (path == location or path.startswith(location + "/"))]
         folder = f"{root.rstrip('/')}/{name}" if name else root
-        rows = _reports(filesystem, f"{folder}/{RESULTS_FILE}", skipped)
-        trials.append(Trial(name or _name_of(root), _params(filesystem, f"{folder}/{PARAMS_FILE}", skipped),
+        rows = _reports(filesystem, f"{folder}/{RESULTS_FILE}", scheme, skipped)
+        trials.append(Trial(name or _name_of(root), _params(filesystem, f"{folder}/{PARAMS_FILE}", scheme, skipped),
                             _merged_history(rows, own), location, own))
     if kept or not trials:
         trials.append(Trial(_name_of(root), {}, _merged_history([], kept), base, kept))
@@ -221,10 +223,12 @@ def _trial_folders(filesystem: pafs.FileSystem, root: str) -> list[str]:
     return sorted(name for name, info in zip(names, found) if info.type == pafs.FileType.File)
 
 
-def _read(filesystem: pafs.FileSystem, path: str, limit: int, kind: str, skipped: list[str] | None) -> bytes | None:
+def _read(filesystem: pafs.FileSystem, path: str, scheme: str, limit: int, kind: str,
+          skipped: list[str] | None) -> bytes | None:
+    """The file's bytes, None when there is none; one that does not read is appended to `skipped`."""
     if filesystem.get_file_info(path).type == pafs.FileType.NotFound:
         return None
-    location = path if isinstance(filesystem, pafs.LocalFileSystem) else RemotePath(filesystem, path, "")
+    location = path if isinstance(filesystem, pafs.LocalFileSystem) else RemotePath(filesystem, path, scheme)
     try:
         return read_bounded(location, limit, kind, CheckpointError)
     except CheckpointError as err:
@@ -233,21 +237,21 @@ def _read(filesystem: pafs.FileSystem, path: str, limit: int, kind: str, skipped
         return None
 
 
-def _params(filesystem: pafs.FileSystem, path: str, skipped: list[str] | None) -> dict:
-    data = _read(filesystem, path, RECORD_BYTES, "params", skipped)
+def _params(filesystem: pafs.FileSystem, path: str, scheme: str, skipped: list[str] | None) -> dict:
+    data = _read(filesystem, path, scheme, RECORD_BYTES, "params", skipped)
     try:
-        params = json.loads(data)["search"] if data is not None else {}
-    except (ValueError, KeyError, TypeError):
+        params = json.loads(data).get("search", {}) if data is not None else {}
+    except (ValueError, AttributeError):
         params = None
     if not isinstance(params, dict):
         if skipped is not None:
-            skipped.append(f"{path}: not Tune's params JSON")
+            skipped.append(f"{scheme}{path}: not Tune's params JSON")
         return {}
     return params
 
 
-def _reports(filesystem: pafs.FileSystem, path: str, skipped: list[str] | None) -> list[dict]:
-    data = _read(filesystem, path, RESULTS_BYTES, "results", skipped)
+def _reports(filesystem: pafs.FileSystem, path: str, scheme: str, skipped: list[str] | None) -> list[dict]:
+    data = _read(filesystem, path, scheme, RESULTS_BYTES, "results", skipped)
     rows = []
     for line in (data or b"").decode(errors="replace").splitlines():
         try:
@@ -259,7 +263,7 @@ def _reports(filesystem: pafs.FileSystem, path: str, skipped: list[str] | None) 
     return rows
 
 
-def by_epoch(rows: list[dict]) -> list[dict]:
+def _by_epoch(rows: list[dict]) -> list[dict]:
     """The last report of each epoch (a restored trial reports some epochs again), in epoch order."""
     latest = {row["epoch"]: row for row in rows if type(row.get("epoch")) is int}
     return [latest[epoch] for epoch in sorted(latest)]
@@ -268,8 +272,8 @@ def by_epoch(rows: list[dict]) -> list[dict]:
 def _merged_history(rows: list[dict], kept: list[tuple[str, dict]]) -> list[dict]:
     """Tune's reports by epoch, and the kept checkpoints' metrics for the epochs they lack (a trial
     whose result.json was not written, or a run without Tune's files)."""
-    history = {row["epoch"]: row for row in by_epoch(rows)}
-    for row in by_epoch([metrics for _, metrics in sorted(kept)]):
+    history = {row["epoch"]: row for row in _by_epoch(rows)}
+    for row in _by_epoch([metrics for _, metrics in sorted(kept)]):
         history.setdefault(row["epoch"], row)
     return [history[epoch] for epoch in sorted(history)]
 
@@ -361,11 +365,6 @@ def select_best(directory: str | os.PathLike, rule: SelectionRule = SelectionRul
     """The best trial below `directory` by `rule`, and the checkpoint that stands for it."""
     skipped: list[str] = []
     return best_of_trials(experiment_trials(directory, skipped), rule, directory, skipped)
-
-
-def best_checkpoint_in(directory: str | os.PathLike, rule: SelectionRule = SelectionRule()) -> CheckpointInfo:
-    """The checkpoint that stands for the best trial below `directory` by `rule` (select_best)."""
-    return select_best(directory, rule).checkpoint
 
 
 def best_location(directory: str | os.PathLike, rule: SelectionRule = SelectionRule()) -> str | None:

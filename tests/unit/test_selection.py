@@ -93,6 +93,18 @@ def test_best_on_the_command_line_takes_select_over_the_experiments_own(search, 
     assert done.stderr == ""
 
 
+def test_what_tune_prints_as_best_is_the_checkpoint_it_hands_back(search, capsys):
+    from raytrain.cli import _print_search
+    from raytrain.config import SearchConfig
+
+    best = _print_search(str(search), SearchConfig(select="mean_last", last_k=3))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["#", "trial", "optim.lr"] and "val_iou (mean of last 3 epochs)" in lines[0]
+    assert [line.split()[1] for line in lines[1:5]] == ["trial_c", "trial_d", "trial_a", "trial_b"]  # 0.84, 0.57, 0.55, 0.47
+    assert lines[5] == "best val_iou (mean of last 3 epochs): 0.8400 (trial_c, epoch 4: val_f1 0.8300)"
+    assert lines[6] == f"best checkpoint: {best.path}" and best.path == selection_checkpoint(search / "trial_c", 4)
+
+
 def test_an_epoch_whose_checkpoint_was_not_kept_cannot_stand_and_says_so(search, tmp_path):
     """trial_b's last epoch (0.90, the best by last) without its checkpoint, as best retention leaves it:
     trial_b's last kept epoch scores 0.30 now, and trial_d's last (0.86) stands."""

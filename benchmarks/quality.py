@@ -54,7 +54,7 @@ from common import NOISE_NOTE, camvid_root, emit, header, log, scratch_dir, synt
 
 from raytrain import api
 from raytrain.launch import session
-from raytrain.config import load_config, parse_size
+from raytrain.config import WORST_GROUP, load_config, parse_size
 from raytrain.data.formats import CAMVID_CLASSES
 from raytrain.data.shards import write_shards
 from raytrain.reporting import read_trials
@@ -119,7 +119,7 @@ def held_out_scores(experiment: Path, shards: Path) -> dict:
         scores[f"held_out_iou{'_flip' if tta else ''}"] = round(result[f"iou@{HELD_OUT_DRIVE}"], 4)
         scores[f"held_out_f1{'_flip' if tta else ''}"] = round(result[f"f1@{HELD_OUT_DRIVE}"], 4)
     seen = api.evaluate(best, shards, split="train")
-    groups = [key.removeprefix("iou@") for key in seen if key.startswith("iou@")]
+    groups = [key.removeprefix("iou@") for key in seen if key.startswith("iou@") and key != f"iou@{WORST_GROUP}"]
     scores["per_drive_iou"] = {HELD_OUT_DRIVE + " (held out)": scores["held_out_iou"],
                                **{f"{group} (trained on)": round(seen[f"iou@{group}"], 4) for group in groups}}
     return scores

@@ -14,7 +14,7 @@ from typing import Any
 
 from raytrain import experiments
 from raytrain.checkpoints import MODEL_FILE, CheckpointInfo, cache_dir, read_checkpoint
-from raytrain.config import Config, load_config, parse_size, shipped_configs
+from raytrain.config import SELECTS, Config, load_config, parse_size, shipped_configs  # noqa: F401 - SELECTS for the CLI
 from raytrain.console import EPOCH_LINES, QUIET
 from raytrain.data.formats import FORMATS
 from raytrain.data.manifest import MANIFEST, SPLITS  # noqa: F401 - for the CLI
@@ -29,7 +29,7 @@ from raytrain.storage.paths import filesystem_of
 QUICKSTART_COUNT, QUICKSTART_SIZE, QUICKSTART_SEED = 400, (192, 64), 0
 SHARD_FORMATS = tuple(FORMATS)  # data shard --format
 # The CLI's other choices, named here for it: SPLITS (evaluate --split), MODES (--mode),
-# TTA_CHOICES (--tta), EXPORT_FORMATS (export --format).
+# SELECTS (--select), TTA_CHOICES (--tta), EXPORT_FORMATS (export --format).
 
 ConfigSource = str | os.PathLike | dict | Config
 Overrides = dict[str, Any] | list[str] | None
@@ -173,10 +173,12 @@ def export(checkpoint: str | os.PathLike | CheckpointInfo, out: str | os.PathLik
 
 def serve(checkpoint: str | os.PathLike | CheckpointInfo, *, replicas: int = 1, gpus_per_replica: float = 0,
           host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01,
-          body_timeout_s: float = 10, max_ongoing_requests: int | None = None,
-          metric: str = "val_iou", mode: str = "max", num_cpus: int | None = None, tta: str | None = None):
-    """A checkpoint (or an experiment's best, by `metric`) behind an HTTP endpoint on Ray Serve, on
-    the cluster in RAY_ADDRESS or a new local one; returns a serving.Server (`.url`, `.handle`,
+          body_timeout_s: float = 10, max_ongoing_requests: int | None = None, metric: str | None = None,
+          mode: str | None = None, select: str | None = None, last_k: int | None = None, num_cpus: int | None = None,
+          tta: str | None = None):
+    """A checkpoint (or an experiment's best, by the rule of metric, mode, select and last_k, as for
+    best_checkpoint) behind an HTTP endpoint on Ray Serve, on the cluster in RAY_ADDRESS or a new
+    local one; returns a serving.Server (`.url`, `.handle`,
     `.shutdown()`). POST a PNG or JPEG to the URL for its mask (see raytrain.serving). tta: as for predict.
     A request whose body has not all arrived `body_timeout_s` after its replica took it gets a 408;
     max_ongoing_requests: a replica's requests in progress (None: two batches and 32 for bodies
@@ -194,7 +196,7 @@ def serve(checkpoint: str | os.PathLike | CheckpointInfo, *, replicas: int = 1, 
     if not isinstance(checkpoint, CheckpointInfo):
         filesystem, path = filesystem_of(os.fspath(checkpoint))
         is_checkpoint = filesystem.get_file_info(f"{path}/{MODEL_FILE}").type == pafs.FileType.File
-        checkpoint = read_checkpoint(checkpoint) if is_checkpoint else best_checkpoint(checkpoint, metric, mode)
+        checkpoint = read_checkpoint(checkpoint) if is_checkpoint else best_checkpoint(checkpoint, metric, mode, select, last_k)
     from raytrain.inference.image_model import check_tta
     from raytrain.inference.loading import load_model
 
@@ -210,13 +212,14 @@ def serve(checkpoint: str | os.PathLike | CheckpointInfo, *, replicas: int = 1, 
                          tta=tta)
 
 
-def report(experiment: str | os.PathLike, out: str | os.PathLike, *, metric: str = "val_iou", mode: str = "max",
-           progress=None) -> Path:
+def report(experiment: str | os.PathLike, out: str | os.PathLike, *, metric: str | None = None, mode: str | None = None,
+           select: str | None = None, last_k: int | None = None, progress=None) -> Path:
     """Plots, the best model's overlays and index.html of an experiment; returns index.html's path.
+    Trials are ranked by the rule of metric, mode, select and last_k, as for best_checkpoint.
     progress: called with (val images scored, total) after each batch."""
     from raytrain.reporting import write_report
 
-    return write_report(experiment, out, metric, mode, progress=progress)
+    return write_report(experiment, out, metric, mode, select, last_k, progress=progress)
 
 
 def shard(src: str | os.PathLike, format: str, out: str | os.PathLike, *, classes: list[str] | None = None,
@@ -262,7 +265,7 @@ def quickstart(data_dir: str | os.PathLike | None = None, overrides: Overrides =
         shard(raw, "kitti", shards)
     config = load_config(load_config("quickstart", {"data.path": str(shards)}), overrides)
     grid = tune(config, num_cpus=num_cpus, verbosity=verbosity)
-    return best_checkpoint(grid.experiment_path, config.search.metric, config.search.mode)
+    return best_checkpoint(grid.experiment_path)
 
 
 def list_configs() -> list[str]:

@@ -93,12 +93,17 @@ def _tune(args) -> None:
 
 
 def _print_search(experiment: str, search):
+    """The trials ranked by the search's rule, then the best one's score and the checkpoint that stands for it."""
     from raytrain.reporting import trials_table
-    from raytrain.selection import best_checkpoint_in
+    from raytrain.selection import SelectionRule, select_best
 
-    print(trials_table(experiment, search.metric, search.mode))
-    best = best_checkpoint_in(experiment, search.metric, search.mode)
-    print(f"best {search.metric}: {best.metrics[search.metric]:.4f} (val_f1 {best.metrics.get('val_f1', float('nan')):.4f})")
+    rule = SelectionRule.of(search)
+    print(trials_table(experiment, rule))
+    with _notes():  # a damaged or unkept checkpoint passed over
+        chosen = select_best(experiment, rule)
+    best = chosen.checkpoint
+    print(f"best {rule.score_name}: {chosen.score:.4f} ({chosen.trial.name}, epoch {best.metrics.get('epoch', '?')}: "
+          f"val_f1 {best.metrics.get('val_f1', float('nan')):.4f})")
     print(f"best checkpoint: {best.path}")
     print(f"experiment: {experiment}")
     return best
@@ -137,7 +142,7 @@ def _notes():
 
 def _best(args) -> None:
     with _notes():
-        best = api.best_checkpoint(args.experiment, args.metric, args.mode)
+        best = api.best_checkpoint(args.experiment, args.metric, args.mode, args.select, args.last_k)
     if args.json:
         print(json.dumps({"path": str(best.path), "experiment": best.experiment, "metrics": best.metrics,
                           "config": best.config.model_dump(mode="json")}))
@@ -152,7 +157,7 @@ def _runs(args) -> None:
         return
     header = ["name", "created", "kind", "trials", "status", "best", "path"]
     rows = [[run.name, run.created, run.kind, str(run.trials), run.status,
-             f"{run.metric} {run.best:.4f}" if run.best is not None else "-", run.path] for run in found]
+             f"{run.score_name} {run.best:.4f}" if run.best is not None else "-", run.path] for run in found]
     widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
     for line in [header, *rows]:
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
@@ -167,7 +172,8 @@ def _config_show(args) -> None:
 
 
 def _report(args) -> None:
-    print(api.report(args.experiment, args.out, metric=args.metric, mode=args.mode, progress=progress("report")))
+    print(api.report(args.experiment, args.out, metric=args.metric, mode=args.mode, select=args.select,
+                     last_k=args.last_k, progress=progress("report")))
 
 
 def _evaluate(args) -> None:
@@ -204,7 +210,7 @@ def _serve(args) -> None:
                            host=args.host, port=args.port, max_batch_size=args.max_batch_size,
                            batch_wait_timeout_s=args.batch_wait_timeout_s, body_timeout_s=args.body_timeout_s,
                            max_ongoing_requests=args.max_ongoing_requests, metric=args.metric, mode=args.mode,
-                           num_cpus=args.num_cpus, tta=args.tta)
+                           select=args.select, last_k=args.last_k, num_cpus=args.num_cpus, tta=args.tta)
     try:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _on_sigterm)  # ray.init put in its own, which exits without cleaning up
@@ -365,23 +371,30 @@ def _with_tta(sub) -> None:
     sub.add_argument("--tta", choices=api.TTA_CHOICES, help="test-time augmentation: flip averages each image with its mirror image")
 
 
-def _with_metric(sub, function, help: str | None = None) -> None:
-    sub.add_argument("--metric", default=_default(function, "metric"), help=help)
-    sub.add_argument("--mode", default=_default(function, "mode"), choices=api.MODES)
+def _with_metric(sub, function, what: str) -> None:
+    """The rule that picks an experiment's best trial (docs: Search); each one not given is the experiment's own."""
+    sub.add_argument("--metric", default=_default(function, "metric"),
+                     help=f"what {what} (default: the experiment's search.metric, e.g. val_iou)")
+    sub.add_argument("--mode", default=_default(function, "mode"), choices=api.MODES, help="default: the experiment's search.mode")
+    sub.add_argument("--select", default=_default(function, "select"), choices=api.SELECTS,
+                     help="which score stands for a trial: its best epoch's, its last epoch's, or the mean of its "
+                          "last --last-k epochs' (default: the experiment's search.select)")
+    sub.add_argument("--last-k", type=_positive_int, default=_default(function, "last_k"), metavar="K",
+                     help="mean_last: how many last epochs are averaged (default: the experiment's search.last_k)")
 
 
 def _add_result_commands(commands) -> None:
     """best, report, evaluate, predict, export: what a finished run gives."""
     best = commands.add_parser("best", help="the best checkpoint of an experiment")
     best.add_argument("experiment", help="an experiment directory, or a name's folder (its latest experiment)")
-    _with_metric(best, api.best_checkpoint)
+    _with_metric(best, api.best_checkpoint, "ranks the trials")
     best.add_argument("--json", action="store_true")
     best.set_defaults(func=_best)
 
     report = commands.add_parser("report", help="PNG plots, the best model's overlays and index.html of an experiment")
     report.add_argument("experiment")
     report.add_argument("--out", required=True, help="folder for the PNGs and index.html")
-    _with_metric(report, api.report)
+    _with_metric(report, api.report, "ranks the trials")
     report.set_defaults(func=_report)
 
     evaluate = commands.add_parser("evaluate", help="every metric of a checkpoint on a sharded dataset")
@@ -436,7 +449,7 @@ def _add_serve_command(commands) -> None:
     serve.add_argument("--max-ongoing-requests", type=_positive_int,
                        help="requests a replica holds at once, arriving or waiting for a batch "
                             "(default: 2 x --max-batch-size + 32)")
-    _with_metric(serve, api.serve, help="picks an experiment's best checkpoint")
+    _with_metric(serve, api.serve, "picks an experiment's best checkpoint")
     serve.add_argument("--num-cpus", type=_positive_int, help="logical CPUs of a local Ray cluster (ignored with RAY_ADDRESS)")
     _with_tta(serve)
     serve.set_defaults(func=_serve)

@@ -167,7 +167,9 @@ class TrainConfig(_Section):
         "evaluated, checkpointed as model.pt and loaded; warmed up as timm's ModelEmaV3",
     )
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
-    checkpoints_to_keep: int = Field(2, ge=1, description="best K checkpoints kept, by search.metric")
+    checkpoints_to_keep: int = Field(
+        2, ge=1, description="checkpoints kept: the best K by search.metric, or with search.select last or mean_last the latest K"
+    )
     max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint")
     storage_path: str = Field("~/raytrain_results", description="local directory or URI (s3://...)")
     tracking: Literal["none", "mlflow"] = Field(
@@ -201,6 +203,12 @@ class TrainConfig(_Section):
 
 
 SearchKind = Literal["choice", "grid", "uniform", "loguniform", "randint"]
+# Which score stands for a trial (search.select): its best epoch's, its last epoch's, or the mean of its
+# last search.last_k epochs' (selection.trial_score).
+Select = Literal["best", "last", "mean_last"]
+SELECTS = typing.get_args(Select)
+# The group of `val_iou@worst`: the lowest score of the val groups, so no group may have this name.
+WORST_GROUP = "worst"
 
 
 class SchedulerConfig(_Section):
@@ -217,8 +225,16 @@ class SchedulerConfig(_Section):
 
 
 class SearchConfig(_Section):
-    metric: str = "val_iou"
+    metric: str = Field(
+        "val_iou", description="what ranks trials and checkpoints; val_iou@worst (val_f1@worst): the worst val "
+        "group's, on a dataset sharded with --group-by"
+    )
     mode: Literal["min", "max"] = "max"
+    select: Select = Field(
+        "best", description="which score stands for a trial: best (its best epoch), last (its last epoch), "
+        "mean_last (the mean of its last last_k epochs); its checkpoint: the best epoch's for best, else the last epoch's"
+    )
+    last_k: int = Field(3, ge=1, description="mean_last: how many of a trial's last epochs are averaged (all it has, when fewer)")
     num_samples: int = Field(1, ge=1)
     algorithm: Literal["random", "optuna"] = Field(
         "random", description="random (with grid) sampling, or Optuna's TPE (pip install 'raytrain[optuna]')"

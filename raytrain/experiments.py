@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import socket
 import time
@@ -21,9 +20,9 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from raytrain.config import Config, TrainConfig, load_config
+from raytrain.config import Config, SearchConfig, TrainConfig, load_config
 from raytrain.errors import CheckpointError, ConfigError, RaytrainError
-from raytrain.selection import best_checkpoint_in, scored_checkpoints
+from raytrain.selection import SelectionRule, experiment_trials, ranked_trials, select_best
 from raytrain.storage.atomic import write_atomically
 from raytrain.storage.paths import filesystem_of, is_uri, join
 from raytrain.storage.reading import CONFIG_BYTES, RECORD_BYTES, read_bounded
@@ -107,6 +106,7 @@ def _new_record(config: Config, kind: str) -> dict:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "updated": None,
         "host": socket.gethostname(), "pid": os.getpid(),
         "metric": config.search.metric, "mode": config.search.mode,
+        "select": config.search.select, "last_k": config.search.last_k,
         "trials": config.search.num_trials if kind == "tune" else 1,
         "raytrain": __version__,
     }
@@ -179,12 +179,28 @@ def resolve_experiment(location: str | os.PathLike) -> str:
     return found[0]
 
 
-def best_checkpoint(experiment: str | os.PathLike, metric: str = "val_iou", mode: str = "max"):
-    """The best checkpoint of one experiment (all its trials and kept epochs), never of another.
+def selection_rule(experiment: str | os.PathLike, metric: str | None = None, mode: str | None = None,
+                   select: str | None = None, last_k: int | None = None) -> SelectionRule:
+    """The rule that picks an experiment's best: each argument given, the others as its record
+    (experiment.json) has them from the config it started with; for what has no record (a folder
+    of checkpoints, an experiment from before search.select), the config's defaults."""
+    record = _read_json(join(os.fspath(experiment), MARKER)) or {}
+    defaults = SearchConfig()
+    given = {"metric": metric, "mode": mode, "select": select, "last_k": last_k}
+    return SelectionRule(**{key: value if value is not None else record.get(key, getattr(defaults, key))
+                            for key, value in given.items()})
 
-    `experiment`: an experiment directory, or the folder of a name: its latest experiment is used."""
+
+def best_checkpoint(experiment: str | os.PathLike, metric: str | None = None, mode: str | None = None,
+                    select: str | None = None, last_k: int | None = None):
+    """The checkpoint that stands for the best trial of one experiment, never of another's.
+
+    `experiment`: an experiment directory, or the folder of a name: its latest experiment is used.
+    metric, mode, select, last_k: the rule (search.*, docs: Search); each one not given is the
+    experiment's own (selection_rule)."""
     resolved = resolve_experiment(experiment)
-    return dataclasses.replace(best_checkpoint_in(resolved, metric, mode), experiment=resolved)
+    chosen = select_best(resolved, selection_rule(resolved, metric, mode, select, last_k))
+    return dataclasses.replace(chosen.checkpoint, experiment=resolved)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,7 +214,14 @@ class Run:
     trials: int
     status: str
     metric: str
-    best: float | None
+    select: str
+    last_k: int
+    best: float | None  # the best trial's score by its rule (metric, select, last_k)
+
+    @property
+    def score_name(self) -> str:
+        """What `best` is: `val_iou`, `val_iou (last epoch)`, ..."""
+        return SelectionRule(self.metric, select=self.select, last_k=self.last_k).score_name
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -219,15 +242,14 @@ def runs(storage: str | os.PathLike | None = None) -> list[Run]:
 
 
 def _run_of(experiment: str, record: dict) -> Run:
-    metric, mode = record.get("metric", "val_iou"), record.get("mode", "max")
+    rule = selection_rule(experiment)
     kind = record.get("kind", "?")
     trials = len([p for p in _subfolders(experiment) if p.rsplit("/", 1)[-1].startswith("trial_")]) if kind == "tune" else 1
-    scores = [value for value, _ in scored_checkpoints(experiment, metric)]
-    best = (max if mode == "max" else min)(scores) if scores else None
+    ranked = ranked_trials(experiment_trials(experiment), rule)
     return Run(
         name=record.get("name", "?"), path=experiment, created=record.get("created", ""), kind=kind,
-        trials=trials, status=_status(record), metric=metric,
-        best=None if best is None or math.isnan(best) else float(best),
+        trials=trials, status=_status(record), metric=rule.metric, select=rule.select, last_k=rule.last_k,
+        best=float(ranked[0].score) if ranked else None,
     )
 
 

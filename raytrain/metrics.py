@@ -19,7 +19,8 @@ Conventions (as scikit-learn with zero_division=0):
     interpolated Pascal VOC precision. Without any road pixel in the ground truth both are 0.
 Per group (``groups``: the names of a dataset sharded with --group-by): ``iou@<group>`` and
 ``f1@<group>`` from that group's own pooled confusion counts, as the pooled scores are from all of
-them (a group with no labelled pixel scores 0, as above).
+them (a group with no labelled pixel scores 0, as above); ``iou@worst`` and ``f1@worst``, the lowest
+of them (each its own minimum: the two may be of different groups).
 Intervals (``ids``: each image's sample id): ``iou_low``/``iou_high`` and ``f1_low``/``f1_high``, a
 95% percentile bootstrap of the pooled score from each image's own confusion counts. Frames next to
 each other are near-duplicates, so what is resampled is blocks of consecutive frames (the ids in
@@ -34,6 +35,8 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from raytrain.config import WORST_GROUP
 
 ROAD_THRESHOLD = 0.5  # road where its probability is above this
 BOOTSTRAP_RESAMPLES = 1000
@@ -77,6 +80,8 @@ class SegmentationMetrics:
         if len(self.class_names) != num_classes:
             raise ValueError(f"{num_classes} class(es) but class_names={self.class_names}")
         self.groups = list(groups)
+        if WORST_GROUP in self.groups:
+            raise ValueError(f"a group may not be named {WORST_GROUP!r}: iou@{WORST_GROUP} is the lowest group's score")
         self._confusion_size = 2 if self.binary else num_classes
         self.reset()
 
@@ -161,6 +166,9 @@ class SegmentationMetrics:
         for name, counts in zip(self.groups, group_confusion if group_confusion is not None else []):
             of_group = self._scores(counts.double())
             scores[f"iou@{name}"], scores[f"f1@{name}"] = of_group["iou"], of_group["f1"]
+        if self.groups:
+            for score in ("iou", "f1"):
+                scores[f"{score}@{WORST_GROUP}"] = min(scores[f"{score}@{name}"] for name in self.groups)
         ids, images = self._gathered_images()
         if ids:
             scores.update(self._intervals(images[np.argsort(ids, kind="stable")]))

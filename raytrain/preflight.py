@@ -9,9 +9,9 @@ import os
 import shutil
 import sys
 
-from raytrain.config import Config
+from raytrain.config import WORST_GROUP, Config
 from raytrain.data.images import MAX_PIXELS_ENV, max_pixels
-from raytrain.data.manifest import Manifest, read_manifest
+from raytrain.data.manifest import MAX_GROUP_METRICS, Manifest, read_manifest
 from raytrain.errors import ConfigError, DataError, RaytrainError
 from raytrain.storage.paths import filesystem_of, is_uri
 
@@ -63,6 +63,7 @@ def check_ready(config: Config, local_cpus: int | None, *, search: bool = False)
                     check()
                     checked.add(key)
             _check_loss(variant, manifest)
+            _check_worst_group(variant, manifest)
             if local_cpus is not None:
                 cache_decision(variant, manifest, local_object_store_bytes())
         except RaytrainError as err:
@@ -178,6 +179,26 @@ def _check_loss(variant: Config, manifest: Manifest) -> None:
         create_loss(variant.loss.name, num_classes=variant.num_classes, class_weights=class_weights)
     except ValueError as err:
         raise ConfigError(f"loss: {err}") from None
+
+
+# The per-group scores the training loop reports, of which `@worst` takes the lowest group's.
+GROUP_SCORES = ("val_iou", "val_f1")
+
+
+def _check_worst_group(variant: Config, manifest: Manifest) -> None:
+    """A metric of the worst val group names a score that has one per group, on data with val groups
+    that get their own metrics: else no epoch would ever report it."""
+    for field, metric in (("search.metric", variant.search.metric), ("train.early_stopping.metric", variant.train.early_stopping.metric)):
+        score, at, group = (metric or "").partition("@")
+        if not at or group != WORST_GROUP:
+            continue
+        if score not in GROUP_SCORES:
+            raise ConfigError(f"{field} {metric}: the worst group's score is {' or '.join(f'{name}@{WORST_GROUP}' for name in GROUP_SCORES)}")
+        groups = (manifest.groups or {}).get("val", {})
+        if not manifest.metric_groups("val"):
+            why = (f"has {len(groups)} val groups, over the {MAX_GROUP_METRICS} that get their own metrics" if groups
+                   else "has no val groups (shard it with --group-by)")
+            raise ConfigError(f"{field} {metric}: the worst val group's score needs val groups, but data.path {variant.data.path} {why}")
 
 
 def _trial_variants(config: Config) -> list[dict]:

@@ -1,17 +1,15 @@
 """A finished experiment -> PNG plots, the best model's overlays and one index.html. No Ray here.
 
-Histories come from the files Ray Tune leaves in every trial directory (result.json: one JSON line
-per reported epoch; params.json: the sampled values); a plain `raytrain train` run has no Tune
-files, so its history is the metrics.json of the checkpoints it kept. The best checkpoint is found
-with `raytrain.best_checkpoint` and run on the val split of its own config's data.
+Trials and their histories are selection.experiment_trials' (Tune's result.json and params.json; a
+plain `raytrain train` run's kept checkpoints), ranked by the experiment's selection rule
+(search.select); the checkpoint that stands for the best trial is run on the val split of its own
+config's data.
 """
 from __future__ import annotations
 
 import html
-import json
 import math
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,16 +19,16 @@ from matplotlib.figure import Figure  # a Figure without pyplot: no GUI backend,
 from matplotlib.ticker import NullFormatter
 from PIL import Image
 
-from raytrain.checkpoints import METRICS_FILE, CheckpointInfo, read_metrics
+from raytrain.checkpoints import CheckpointInfo
+from raytrain.config import WORST_GROUP
 from raytrain.data.manifest import read_manifest
 from raytrain.data.transforms import decode_sample, row_name
 from raytrain.errors import CheckpointError
-from raytrain.experiments import resolve_experiment
+from raytrain.experiments import resolve_experiment, selection_rule
 from raytrain.inference.loading import load_model
 from raytrain.inference.prediction import predict
 from raytrain.metrics import SegmentationMetrics, kitti_precision_recall
-from raytrain.selection import best_checkpoint_in
-from raytrain.storage.reading import RECORD_BYTES, RESULTS_BYTES, read_bounded
+from raytrain.selection import SelectionRule, Trial, best_of_trials, experiment_trials
 from raytrain.storage.atomic import write_errors_named
 from raytrain.viz import overlay_grid
 
@@ -43,67 +41,18 @@ CURVES = {  # file stem -> (title, [(metric key, line style)])
 }
 
 
-@dataclass
-class Trial:
-    name: str
-    params: dict  # the searched values, by dotted config key
-    history: list[dict] = field(default_factory=list)  # one report per epoch, in epoch order
-
-    def best(self, metric: str, mode: str) -> dict | None:
-        scored = [row for row in self.history if _number(row.get(metric)) is not None]
-        if not scored:
-            return None
-        return (max if mode == "max" else min)(scored, key=lambda row: row[metric])
-
-
 def _number(value) -> float | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value):
         return float(value)
     return None
 
 
-def _by_epoch(rows: list[dict]) -> list[dict]:
-    """The last report of each epoch (a restored trial reports some epochs again), in order."""
-    latest = {row["epoch"]: row for row in rows if isinstance(row.get("epoch"), int)}
-    return [latest[epoch] for epoch in sorted(latest)]
-
-
-def _read_json_lines(path: Path) -> list[dict]:
-    rows = []
-    for line in read_bounded(path, RESULTS_BYTES, "results", CheckpointError).decode(errors="replace").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short by an interrupted run
-    return rows
-
-
 def read_trials(experiment_path: str | os.PathLike) -> list[Trial]:
     """Every trial of a Tune experiment, or the one run of a `raytrain train` directory."""
-    root = Path(experiment_path).expanduser()
-    if not root.is_dir():
-        raise CheckpointError(f"{root}: experiment directory not found")
-    trials = []
-    for directory in sorted(p for p in root.iterdir() if (p / "params.json").is_file()):
-        try:
-            params = json.loads(read_bounded(directory / "params.json", RECORD_BYTES, "params", CheckpointError)).get("search", {})
-        except (ValueError, AttributeError):
-            raise CheckpointError(f"{directory / 'params.json'}: not Tune's params JSON") from None
-        results = directory / "result.json"
-        history = _by_epoch(_read_json_lines(results)) if results.is_file() else []
-        trials.append(Trial(directory.name, params, history))
-    if not trials:  # a single Train run: what its kept checkpoints recorded
-        rows = [read_metrics(path.parent) for path in root.glob(f"*/{METRICS_FILE}")]
-        trials = [Trial(root.name, {}, _by_epoch(rows))] if rows else []
+    trials = experiment_trials(experiment_path)
     if not any(trial.history for trial in trials):
-        raise CheckpointError(f"{root}: no trial has reported any metrics (not a raytrain experiment?)")
-    return trials
-
-
-def _trial_of(checkpoint: CheckpointInfo, root: Path, trials: list[Trial]) -> Trial:
-    names = {trial.name: trial for trial in trials}
-    relative = checkpoint.path.resolve().relative_to(root.resolve())
-    return names.get(relative.parts[0], trials[0])
+        raise CheckpointError(f"{experiment_path}: no trial has reported any metrics (not a raytrain experiment?)")
+    return [trial for trial in trials if trial.history or trial.params]
 
 
 def val_samples(checkpoint: CheckpointInfo) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -169,10 +118,10 @@ def plot_curves(trials: list[Trial], best: Trial, out_dir: Path) -> list[tuple[s
     return written
 
 
-def plot_params(trials: list[Trial], best: Trial, metric: str, mode: str, out_dir: Path) -> Path | None:
+def plot_params(trials: list[Trial], best: Trial, rule: SelectionRule, out_dir: Path) -> Path | None:
     keys = list(dict.fromkeys(key for trial in trials for key in trial.params))
-    scored = [(trial, trial.best(metric, mode)) for trial in trials]
-    scored = [(trial, row[metric]) for trial, row in scored if row is not None]
+    scored = [(trial, trial.score(rule)) for trial in trials]
+    scored = [(trial, found[0]) for trial, found in scored if found is not None]
     if not keys or not scored:
         return None
     figure = _figure(max(5.0, 4.0 * len(keys)), 3.8)
@@ -197,9 +146,9 @@ def plot_params(trials: list[Trial], best: Trial, metric: str, mode: str, out_di
         colours = ["C3" if trial is best else "C0" for trial, _ in scored]
         sizes = [80 if trial is best else 30 for trial, _ in scored]
         axes.scatter(x, [score for _, score in scored], c=colours, s=sizes)
-        axes.set(xlabel=key, ylabel=f"best {metric}")
+        axes.set(xlabel=key, ylabel=f"best {rule.metric}" if rule.select == "best" else rule.score_name)
         axes.grid(alpha=0.3)
-    figure.suptitle(f"{metric} by searched value (best trial red)")
+    figure.suptitle(f"{rule.metric} by searched value (best trial red)")
     path = out_dir / "params.png"
     figure.savefig(path)
     return path
@@ -225,31 +174,35 @@ def plot_pr_curve(histogram, out_dir: Path) -> tuple[Path, float]:
 # --- the report --------------------------------------------------------------------------------
 
 
-def results_rows(trials: list[Trial], metric: str, mode: str) -> tuple[list[str], list[tuple[Trial, list[str]]]]:
-    """(header, [(trial, cells)]) of the results table, best trial first, unscored trials last. Where
-    the scores carry a 95% interval (metrics.py: {metric}_low, {metric}_high), two more columns: the
-    interval, and "tied" for each trial whose interval overlaps the best's."""
+def results_rows(trials: list[Trial], rule: SelectionRule) -> tuple[list[str], list[tuple[Trial, list[str]]]]:
+    """(header, [(trial, cells)]) of the results table, best trial first by `rule` (its score the
+    first score column, the other scores those of the epoch that stands for it), unscored trials
+    last. Where the scores carry a 95% interval (metrics.py: {metric}_low, {metric}_high), two more
+    columns: that epoch's interval, and "tied" for each trial whose interval overlaps the best's."""
     keys = list(dict.fromkeys(key for trial in trials for key in trial.params))
-    ranked = [(trial, trial.best(metric, mode)) for trial in trials]
-    sign = -1 if mode == "max" else 1
-    ranked.sort(key=lambda item: (item[1] is None, sign * item[1][metric] if item[1] else 0))
-    scores = [metric, *(key for key in ("val_f1", "val_iou") if key != metric)]
-    best = _interval(ranked[0][1] if ranked else None, metric)
-    header = ["#", "trial", *keys, *scores, *(["95% interval", "vs best"] if best else []), "best epoch", "epochs"]
+    ranked = [(trial, trial.score(rule)) for trial in trials]
+    sign = -1 if rule.mode == "max" else 1
+    ranked.sort(key=lambda item: (item[1] is None, sign * item[1][0] if item[1] else 0))
+    scores = [key for key in ("val_f1", "val_iou") if key != rule.metric]
+    best = _interval(ranked[0][1][1] if ranked and ranked[0][1] else None, rule.metric)
+    epoch = "best epoch" if rule.select == "best" else "last epoch"
+    header = ["#", "trial", *keys, rule.score_name, *scores, *(["95% interval", "vs best"] if best else []), epoch, "epochs"]
     rows = []
-    for rank, (trial, row) in enumerate(ranked, start=1):
-        def score(key):
+    for rank, (trial, found) in enumerate(ranked, start=1):
+        score, row = found if found else (None, None)
+
+        def cell(key):
             value = _number(row.get(key)) if row else None
             return "" if value is None else f"{value:.4f}"
 
-        interval = _interval(row, metric)
+        interval = _interval(row, rule.metric)
         compared = []
         if best:
             tied = interval and rank > 1 and interval[0] <= best[1] and interval[1] >= best[0]
             compared = [f"{interval[0]:.4f}-{interval[1]:.4f}" if interval else "", "best" if rank == 1 else "tied" if tied else ""]
         rows.append((trial, [str(rank), trial.name, *(_short(trial.params.get(key, "")) for key in keys),
-                             *(score(key) for key in scores), *compared, str(row["epoch"]) if row else "",
-                             str(len(trial.history))]))
+                             "" if score is None else f"{score:.4f}", *(cell(key) for key in scores), *compared,
+                             str(row["epoch"]) if row else "", str(len(trial.history))]))
     return header, rows
 
 
@@ -258,16 +211,16 @@ def _interval(row: dict | None, metric: str) -> tuple[float, float] | None:
     return None if low is None or high is None else (low, high)
 
 
-def trials_table(experiment_path: str | os.PathLike, metric: str = "val_iou", mode: str = "max") -> str:
+def trials_table(experiment_path: str | os.PathLike, rule: SelectionRule = SelectionRule()) -> str:
     """The results table as aligned plain text: what `raytrain tune` prints at the end."""
-    header, rows = results_rows(read_trials(experiment_path), metric, mode)
+    header, rows = results_rows(read_trials(experiment_path), rule)
     table = [header, *(cells for _, cells in rows)]
     widths = [max(len(cell) for cell in column) for column in zip(*table)]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in table)
 
 
-def _results_table(trials: list[Trial], best: Trial, metric: str, mode: str) -> str:
-    header, rows = results_rows(trials, metric, mode)
+def _results_table(trials: list[Trial], best: Trial, rule: SelectionRule) -> str:
+    header, rows = results_rows(trials, rule)
     lines = ["<table>", "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
     for trial, cells in rows:
         style = ' class="best"' if trial is best else ""
@@ -279,7 +232,7 @@ def _results_table(trials: list[Trial], best: Trial, metric: str, mode: str) -> 
 def group_rows(metrics: dict) -> list[list[str]]:
     """[group, val IoU, val F1] for each group a checkpoint's metrics hold (a dataset sharded with
     --group-by), worst IoU first, then every group pooled; [] without groups."""
-    groups = [key.removeprefix("val_iou@") for key in metrics if key.startswith("val_iou@")]
+    groups = [key.removeprefix("val_iou@") for key in metrics if key.startswith("val_iou@") and key != f"val_iou@{WORST_GROUP}"]
     if not groups:
         return []
 
@@ -326,17 +279,23 @@ img[src="overlays.png"] {{ image-rendering: pixelated; min-width: 30em; }}
 """
 
 
-def write_report(experiment_path: str | os.PathLike, out_dir: str | os.PathLike,
-                 metric: str = "val_iou", mode: str = "max", progress=None) -> Path:
+def write_report(experiment_path: str | os.PathLike, out_dir: str | os.PathLike, metric: str | None = None,
+                 mode: str | None = None, select: str | None = None, last_k: int | None = None, progress=None) -> Path:
     """Plots, overlays and index.html for the experiment in `out_dir`; returns index.html's path.
-    progress: called with (val images scored, total) after each batch.
+    metric, mode, select, last_k: the rule that ranks trials (experiments.selection_rule: each one not
+    given is the experiment's own). progress: called with (val images scored, total) after each batch.
 
     Everything is read and computed before `out_dir` is touched, so bad input leaves nothing behind.
     """
-    root = Path(resolve_experiment(experiment_path))
-    trials = read_trials(root)
-    checkpoint = best_checkpoint_in(root, metric, mode)
-    best = _trial_of(checkpoint, root, trials)
+    root = resolve_experiment(experiment_path)
+    rule = selection_rule(root, metric, mode, select, last_k)
+    skipped: list[str] = []
+    trials = experiment_trials(root, skipped)
+    if not any(trial.history for trial in trials):
+        raise CheckpointError(f"{root}: no trial has reported any metrics (not a raytrain experiment?)")
+    chosen = best_of_trials(trials, rule, root, skipped)
+    checkpoint, best = chosen.checkpoint, chosen.trial
+    trials = [trial for trial in trials if trial.history or trial.params]
     images, masks = val_samples(checkpoint)
     binary = checkpoint.config.num_classes == 1
     probabilities, histogram = _predict_val(checkpoint, images, masks, keep=OVERLAY_SAMPLES, progress=progress)
@@ -345,9 +304,9 @@ def write_report(experiment_path: str | os.PathLike, out_dir: str | os.PathLike,
     with write_errors_named(out):  # a full disk: one line naming out
         out.mkdir(parents=True, exist_ok=True)
         figures = plot_curves(trials, best, out)
-        params_plot = plot_params(trials, best, metric, mode, out)
+        params_plot = plot_params(trials, best, rule, out)
         if params_plot:
-            figures.append((f"searched values against {metric}", params_plot))
+            figures.append((f"searched values against {rule.score_name}", params_plot))
         if histogram is not None and histogram[1].sum() > 0:
             path, maxf = plot_pr_curve(histogram, out)
             figures.append((f"precision-recall of the best model on the val split (MaxF {maxf:.4f})", path))
@@ -360,8 +319,8 @@ def write_report(experiment_path: str | os.PathLike, out_dir: str | os.PathLike,
             legend = "road: probability > 0.5 in red" if binary else "classes in their palette colours"
             figures.append((f"best model on val images: prediction | ground truth ({legend})", path))
         index = out / "index.html"
-        title = f"raytrain report: {root.parent.name}/{root.name}"
-        tables = _results_table(trials, best, metric, mode) + "\n" + _groups_table(checkpoint)
+        title = "raytrain report: " + "/".join(root.rstrip("/").rsplit("/", 2)[-2:])
+        tables = _results_table(trials, best, rule) + "\n" + _groups_table(checkpoint)
         index.write_text(_html(title, tables, checkpoint.path, figures))
     return index
 

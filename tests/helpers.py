@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import functools
 import io
+import json
 import logging
 import multiprocessing
 import os
@@ -625,3 +626,54 @@ def check_bad_input_row(request, tmp_path, args, setup, fragments) -> None:
         assert not [p for p in after if "checkpoint_" in p]
         after = {p: s for p, s in after.items() if not p.startswith("results")}
     assert after == before
+
+
+# ---------------------------------------------------------------- a search for the selection rules
+
+# Each trial's val_iou per epoch, and its val group uu's (um's is val_iou + 0.02, so uu is always the
+# worst): picked so that each rule picks another trial or epoch. trial_b reports epoch 3 twice, first
+# 0.99 (a restored trial reports an epoch again; the last report counts).
+SELECTION_TRIALS = {
+    "trial_a": ([0.50, 0.95, 0.40, 0.30], [0.30, 0.35, 0.30, 0.20]),
+    "trial_b": ([0.10, 0.20, 0.30, 0.90], [0.05, 0.10, 0.20, 0.40]),
+    "trial_c": ([0.60, 0.85, 0.84, 0.83], [0.50, 0.70, 0.80, 0.60]),
+    "trial_d": ([0.00, 0.00, 0.86, 0.86], [0.00, 0.00, 0.50, 0.50]),
+}
+
+
+def selection_checkpoint(trial: Path, epoch: int) -> Path:
+    """Where the crafted search keeps a trial's checkpoint of `epoch`, named as Ray Train names them."""
+    return trial / "train" / f"checkpoint_2026-01-01_00-00-{epoch:02d}.000000"
+
+
+def search_for_selection(tmp: Path, **search) -> Path:
+    """A finished tune experiment of SELECTION_TRIALS written without Ray: Tune's params.json and
+    result.json in each trial folder, and every epoch's checkpoint (save_checkpoint, sealed) in its
+    Train run's folder. `search`: the search.* keys the experiment records (select, last_k, ...)."""
+    from raytrain.checkpoints import save_checkpoint
+    from raytrain.config import load_config
+    from raytrain.models import create_model
+
+    config = load_config({"name": "picks", "data": {"path": str(tmp / "shards"), "size": "32x16"},
+                          "model": {"name": "simple", "depth": 1}, "train": {"storage_path": str(tmp / "results")},
+                          "search": {"space": {"optim.lr": {"choice": [0.001, 0.01]}}, **search}})
+    experiment = Path(experiments.create_experiment(config, "tune"))
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = create_model("simple", depth=1)
+    optimizer = torch.optim.Adam(model.parameters())
+    for index, (name, (ious, worst)) in enumerate(SELECTION_TRIALS.items()):
+        trial = experiment / name
+        trial.mkdir()
+        (trial / "params.json").write_text(json.dumps({"search": {"optim.lr": 0.001 * (index + 1)}}))
+        reports = []
+        for epoch, (iou, uu) in enumerate(zip(ious, worst), start=1):
+            groups = {"val_iou@um": iou + 0.02, "val_iou@uu": uu, "val_iou@worst": min(iou + 0.02, uu)}
+            report = {"epoch": epoch, "val_loss": 1 - iou, "val_iou": iou, "val_f1": iou, **groups, "trial_id": name}
+            if name == "trial_b" and epoch == 3:
+                reports.append({**report, "val_iou": 0.99})
+            reports.append(report)
+            save_checkpoint(selection_checkpoint(trial, epoch), model, optimizer, None, epoch, config, report)
+        (trial / "result.json").write_text("".join(json.dumps(report) + "\n" for report in reports))
+    experiments.mark(str(experiment), experiments.FINISHED)
+    return experiment

@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
+from raytrain.config import WORST_GROUP
 from raytrain.data.formats import Sample
 from raytrain.errors import DataError
 
@@ -70,6 +71,9 @@ def plan_group_split(ids: Sequence[str], group_by: str, val_groups: Sequence[str
     if missed:
         raise DataError(f"{flag}: does not match sample id {missed[0]!r} ({len(missed)} of {len(ids)} ids); every sample needs a group")
     for sample_id, group in groups.items():
+        if group == WORST_GROUP:
+            raise DataError(f"{flag}: group {group!r} of sample {sample_id!r} is a name raytrain keeps: "
+                            f"val_iou@{WORST_GROUP} is the lowest group's score")
         if not GROUP_NAME.fullmatch(group):
             raise DataError(f"{flag}: group {group!r} of sample {sample_id!r} is not a name of letters, digits, _, - and . "
                             "(it names metric keys)")

@@ -21,7 +21,7 @@ import ray.train
 from ray.train.v2._internal.execution.callback import ControllerCallback
 from ray.tune.result import AUTO_RESULT_KEYS, DEBUG_METRICS
 
-from raytrain.selection import best_location
+from raytrain.selection import SelectionRule, best_location
 from raytrain.config import Config
 from raytrain.storage.paths import filesystem_of, join
 from raytrain.errors import CheckpointError, RaytrainError
@@ -48,8 +48,7 @@ def train_callbacks(config: Config, experiment: str) -> list:
     run_id = _find_or_start_run(client, experiment_id, experiment, experiment.rstrip("/").rsplit("/", 1)[-1],
                                 {"raytrain.experiment": experiment, "raytrain.kind": "train"})
     _log_params(client, run_id, flat_params(config))
-    metric, mode = config.search.metric, config.search.mode
-    return [_TrainMetrics(uri, run_id), _TrainEnd(uri, run_id, experiment, metric, mode)]
+    return [_TrainMetrics(uri, run_id), _TrainEnd(uri, run_id, experiment, SelectionRule.of(config.search))]
 
 
 def tune_callbacks(config: Config, experiment: str) -> list:
@@ -157,9 +156,9 @@ def _log_metrics(client, run_id: str, result: dict) -> None:
         client.log_batch(run_id, metrics=metrics)
 
 
-def _tag_best(client, run_id: str, directory: str, metric: str, mode: str) -> None:
+def _tag_best(client, run_id: str, directory: str, rule: SelectionRule) -> None:
     try:
-        best = best_location(directory, metric, mode)
+        best = best_location(directory, rule)
     except CheckpointError:  # a trial that failed before its directory was made
         return
     if best is not None:
@@ -187,8 +186,8 @@ class _TrainEnd(ControllerCallback):
     """Runs in Ray Train's controller when the run ends, which a UserCallback is not told: tags the
     best checkpoint and closes the MLflow run as finished, failed or killed."""
 
-    def __init__(self, uri: str, run_id: str, run_path: str, metric: str, mode: str):
-        self.uri, self.run_id, self.run_path, self.metric, self.mode = uri, run_id, run_path, metric, mode
+    def __init__(self, uri: str, run_id: str, run_path: str, rule: SelectionRule):
+        self.uri, self.run_id, self.run_path, self.rule = uri, run_id, run_path, rule
 
     def after_controller_finish(self, result):
         self._end("FAILED" if result.error else "FINISHED")
@@ -199,7 +198,7 @@ class _TrainEnd(ControllerCallback):
     def _end(self, status: str) -> None:
         client = _client(self.uri)
         try:
-            _tag_best(client, self.run_id, self.run_path, self.metric, self.mode)
+            _tag_best(client, self.run_id, self.run_path, self.rule)
         finally:
             client.set_terminated(self.run_id, status=status)
 
@@ -228,7 +227,7 @@ def _tune_mlflow_class() -> type:
             super().__init__(uri, experiment_name=config.name)
             self.base = config.model_dump(mode="json")
             self.experiment = experiment
-            self.metric, self.mode = config.search.metric, config.search.mode
+            self.rule = SelectionRule.of(config.search)
 
         def log_trial_start(self, trial):
             client = self.mlflow_util._get_client()
@@ -251,7 +250,7 @@ def _tune_mlflow_class() -> type:
             if run_id is None:  # ended before it started (a resumed search's errored trial)
                 return
             try:
-                _tag_best(self.mlflow_util._get_client(), run_id, self._trial_path(trial), self.metric, self.mode)
+                _tag_best(self.mlflow_util._get_client(), run_id, self._trial_path(trial), self.rule)
             finally:
                 self.mlflow_util.end_run(run_id=run_id, status="FAILED" if failed else "FINISHED")
 

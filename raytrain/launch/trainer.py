@@ -87,16 +87,24 @@ def make_trainer(
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage_path,
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=train.checkpoints_to_keep,
-                checkpoint_score_attribute=config.search.metric,
-                checkpoint_score_order=config.search.mode,
-            ),
+            checkpoint_config=checkpoint_retention(config),
             failure_config=FailureConfig(max_failures=train.max_failures),
             callbacks=callbacks,
         ),
         datasets=datasets,
         dataset_config=SplitData(),
+    )
+
+
+def checkpoint_retention(config: Config) -> CheckpointConfig:
+    """Which checkpoints a run keeps: those that can stand for it by search.select. For best, the
+    train.checkpoints_to_keep best by search.metric; for last and mean_last, whose checkpoint is the
+    last epoch's, the latest (Ray keeps the most recent when no score attribute is given)."""
+    by_metric = config.search.select == "best"
+    return CheckpointConfig(
+        num_to_keep=config.train.checkpoints_to_keep,
+        checkpoint_score_attribute=config.search.metric if by_metric else None,
+        checkpoint_score_order=config.search.mode,
     )
 
 

@@ -58,7 +58,10 @@ def test_training_reports_every_metric_and_checkpoints(trained):
                 "val_maxf", "val_ap", "val_iou_road", "epoch", "lr", "images_per_s"):
         assert key in result.metrics, key
     # the dataset is sharded by KITTI category: val metrics per val category too, and only those
-    assert {key for key in result.metrics if "@" in key} == {f"val_{m}@{g}" for m in ("iou", "f1") for g in VAL_CATEGORIES}
+    # and the worst category's, which search.metric val_iou@worst ranks by
+    assert {key for key in result.metrics if "@" in key} == {f"val_{m}@{g}" for m in ("iou", "f1") for g in [*VAL_CATEGORIES, "worst"]}
+    for score in ("iou", "f1"):
+        assert result.metrics[f"val_{score}@worst"] == min(result.metrics[f"val_{score}@{g}"] for g in VAL_CATEGORIES)
     assert result.metrics["epoch"] == 2
     assert 0.0 <= result.metrics["val_iou"] <= 1.0
     files = {p.name for p in Path(result.checkpoint.path).iterdir()}
@@ -117,6 +120,14 @@ def test_search_of_two_trials_names_the_best(searched_run):
     best_trial = frame.loc[frame["val_iou"].idxmax(), "trial_id"]
     assert f"trial_{best_trial}" in str(best.path)
     assert best.config.optim.lr == frame.loc[frame["val_iou"].idxmax(), "config/search/optim.lr"]
+    # search.select as Ray Tune's own get_best_result scopes pick (val_loss: the tiny model's IoU often
+    # ties): the trial, and its last epoch's checkpoint (2 epochs: the last 5 are both)
+    for select, scope in (("last", "last"), ("mean_last", "last-5-avg"), ("best", "all")):
+        picked = raytrain.best_checkpoint(grid.experiment_path, metric="val_loss", mode="min", select=select, last_k=5)
+        tune_pick = grid.get_best_result(metric="val_loss", mode="min", scope=scope)
+        assert picked.path.relative_to(grid.experiment_path).parts[0] == Path(tune_pick.path).name, select
+        if select != "best":
+            assert picked.metrics["epoch"] == 2
 
 
 def test_pbt_trials_continue_from_the_better_trials_checkpoint_with_their_own_lr(ray_cluster, tiny_shards, tmp_path):

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import raytrain
-from tests.helpers import config, read_events, run_cli, run_cli_fresh, write_images
+from tests.helpers import (config, read_events, run_cli, run_cli_fresh, search_for_selection, selection_checkpoint,
+                           write_images)
 
 
 @pytest.mark.ray
@@ -74,3 +75,29 @@ def test_shard_train_runs_best_evaluate_predict_and_export_on_s3(tmp_path, s3_se
     predicted = run_cli(["predict", checkpoint, images, "--out", tmp_path / "masks"], tmp_path, env=env, timeout=300)
     assert predicted.returncode == 0, predicted.stderr
     assert len(list((tmp_path / "masks").rglob("*.png"))) >= 2
+
+
+def test_best_and_runs_read_a_searchs_trials_on_s3_by_each_rule(tmp_path, s3_server, s3_prefix):
+    """Tune's result.json and params.json and the checkpoints' metrics.json, all read from s3:// (no Ray).
+    trial_c keeps only its first and last checkpoints: its mean of the last 3 epochs (0.84) is
+    result.json's; from its checkpoints alone it would be 0.715."""
+    import shutil
+
+    search = search_for_selection(tmp_path, select="mean_last", last_k=3)
+    for epoch in (2, 3):
+        shutil.rmtree(selection_checkpoint(search / "trial_c", epoch))
+    remote = f"{s3_prefix}/picks/{search.name}"
+    pafs.copy_files(str(search), remote.removeprefix("s3://"), source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=s3_server.filesystem())
+    env = {**s3_server.env, "XDG_CACHE_HOME": str(tmp_path / "cache")}  # where best fetches the checkpoint it picks
+    for args, trial, epoch in [([], "trial_c", 4), (["--select", "last"], "trial_b", 4), (["--select", "best"], "trial_a", 2)]:
+        best = run_cli(["best", remote, "--json", *args], tmp_path, env=env, timeout=120)
+        assert best.returncode == 0, best.stderr
+        found = json.loads(best.stdout)
+        assert (found["metrics"]["trial_id"], found["metrics"]["epoch"]) == (trial, epoch), args
+        assert found["path"].endswith("/" + selection_checkpoint(search / trial, epoch).name)
+    runs = run_cli(["runs", s3_prefix, "--json"], tmp_path, env=env, timeout=120)
+    assert runs.returncode == 0, runs.stderr
+    [run] = json.loads(runs.stdout)
+    assert (run["path"], run["select"], run["last_k"], run["trials"]) == (remote, "mean_last", 3, 4)
+    assert run["best"] == pytest.approx(0.84)

@@ -255,6 +255,28 @@ def test_per_group_metrics_are_each_groups_pooled_counts(num_classes):
         assert result[f"iou@{names[groups[0]]}"] != pytest.approx(np.mean(per_image), abs=1e-9)
 
 
+def test_the_worst_group_scores_are_the_lowest_groups_each():
+    names = ["a", "b", "c"]
+    lowest = set()
+    for case in range(10):
+        scores, target = _binary_data(100 + case, n=6)
+        groups = np.arange(6) % 3
+        metrics = SegmentationMetrics(1, groups=names)
+        metrics.update(scores, target, torch.from_numpy(groups))
+        result = metrics.compute()
+        per_group = {name: _numpy_group_scores(*_valid_pixels(scores[groups == index], target[groups == index], True), True, 1)
+                     for index, name in enumerate(names)}
+        assert result["iou@worst"] == pytest.approx(min(iou for iou, _ in per_group.values()), abs=1e-12), case
+        assert result["f1@worst"] == pytest.approx(min(f1 for _, f1 in per_group.values()), abs=1e-12), case
+        lowest.add(min(per_group, key=lambda name: per_group[name][0]))
+    assert len(lowest) > 1  # not always the same group
+    with pytest.raises(ValueError, match="may not be named 'worst'"):
+        SegmentationMetrics(1, groups=["a", "worst"])
+    ungrouped = SegmentationMetrics(1)
+    ungrouped.update(*_binary_data(0))
+    assert not [key for key in ungrouped.compute() if "@" in key]
+
+
 def test_groups_must_come_with_every_update_and_be_in_range():
     probs, target = _binary_data(9)
     with pytest.raises(ValueError, match="groups"):

@@ -50,6 +50,17 @@ def test_check_ready_returns_the_manifest_of_a_config_that_passes(tiny_shards, t
     assert manifest.class_names == ["road"] and manifest.count("train") + manifest.count("val") == 24
 
 
+def test_the_worst_groups_metric_passes_on_grouped_val_data_and_is_refused_in_early_stopping_without(grouped_shards, tiny_shards, tmp_path):
+    from raytrain.errors import ConfigError
+    from raytrain.preflight import check_ready
+
+    grouped = tiny_config(grouped_shards, tmp_path, **{"search.metric": "val_f1@worst", "train.early_stopping.metric": "val_iou@worst"})
+    assert check_ready(grouped, None).metric_groups("val") == ["umm", "uu"]
+    ungrouped = tiny_config(tiny_shards, tmp_path, **{"train.early_stopping.metric": "val_iou@worst"})
+    with pytest.raises(ConfigError, match=f"train.early_stopping.metric val_iou@worst: .* data.path {tiny_shards} has no val groups"):
+        check_ready(ungrouped, None)
+
+
 def test_a_missing_shard_folder_is_one_line_naming_it(tmp_path):
     from raytrain.errors import DataError
     from raytrain.preflight import check_ready

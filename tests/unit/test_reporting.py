@@ -44,13 +44,14 @@ def test_report_of_a_multiclass_run_shows_the_palette_and_no_pr_curve(tiny_shard
 
 def test_the_trial_table_shows_each_intervals_and_marks_the_trials_tied_with_the_best():
     from raytrain.reporting import Trial, results_rows
+    from raytrain.selection import SelectionRule
 
     def trial(name, iou, low, high):
         return Trial(name, {"optim.lr": 0.001}, [{"epoch": 1, "val_iou": iou, "val_f1": iou, "val_iou_low": low, "val_iou_high": high}])
 
     trials = [trial("apart", 0.70, 0.65, 0.74), trial("best", 0.90, 0.86, 0.93), trial("close", 0.85, 0.80, 0.87),
               Trial("unscored", {"optim.lr": 0.01}, [])]
-    header, rows = results_rows(trials, "val_iou", "max")
+    header, rows = results_rows(trials, SelectionRule("val_iou", "max"))
     assert header[-4:] == ["95% interval", "vs best", "best epoch", "epochs"]
     table = {trial.name: dict(zip(header, cells)) for trial, cells in rows}
     assert [trial.name for trial, _ in rows] == ["best", "close", "apart", "unscored"]
@@ -58,5 +59,5 @@ def test_the_trial_table_shows_each_intervals_and_marks_the_trials_tied_with_the
     assert table["close"]["vs best"] == "tied" and table["apart"]["vs best"] == ""  # 0.87 >= 0.86; 0.74 < 0.86
     assert table["unscored"]["95% interval"] == table["unscored"]["vs best"] == ""
     # without intervals (runs from before them), the table is as it was
-    header, _ = results_rows([Trial("old", {}, [{"epoch": 1, "val_iou": 0.5}])], "val_iou", "max")
+    header, _ = results_rows([Trial("old", {}, [{"epoch": 1, "val_iou": 0.5}])], SelectionRule())
     assert "95% interval" not in header

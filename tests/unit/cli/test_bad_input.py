@@ -196,6 +196,20 @@ CASES = [
         ["train", C, "--num-cpus", "2"], lambda t: config(t), ["train.num_workers=2", "needs 3 CPUs", "--num-cpus"], id="workers-do-not-fit",
     ),
     pytest.param(["train", C], lambda t: config(t, "d", **{"data.cache": "ram"}), ["{tmp}/c.yaml", "data.cache", "'auto', 'off' or 'memory'"], id="config-cache-unknown"),
+    pytest.param(["train", C, "--set", "train.ema=1.5"], lambda t: config(t, "d"), ["{tmp}/c.yaml", "train.ema", "less than 1"], id="config-ema-over-1"),
+    pytest.param(
+        ["tune", C], lambda t: config(t, "d", **{"search.select": "median"}),
+        ["{tmp}/c.yaml", "search.select", "'best', 'last' or 'mean_last'"], id="search-select-unknown",
+    ),
+    pytest.param(
+        ["tune", C, "--set", "search.last_k=0"], lambda t: config(t, "d"), ["{tmp}/c.yaml", "search.last_k", "greater than or equal to 1"],
+        id="search-last-k-zero",
+    ),
+    pytest.param(
+        ["tune", C, "--num-cpus", "4"], lambda t: config(t, **{"search.metric": "val_iou@worst"}),
+        ["search.metric val_iou@worst", "needs val groups", "data.path {tmp}/shards has no val groups", "--group-by"],
+        id="search-worst-group-without-groups",
+    ),
     pytest.param(
         ["train", C, "--dry-run", "--set", "data.size=60000x60000"], lambda t: config(t),
         ["data.size 60000x60000", "over the limit of 50000000 pixels", "RAYTRAIN_MAX_PIXELS"], id="train-size-over-pixel-limit",
@@ -217,6 +231,8 @@ CASES = [
     pytest.param(["data", "shard", "{tmp}", "--format", "pascal", "--out", "{tmp}/out"], nothing, ["--format", "'pascal'"], id="cli-bad-format"),
     pytest.param(["train", C, "--num-cpus", "0"], lambda t: config(t, "d"), ["--num-cpus", "'0'"], id="cli-num-cpus-zero"),
     pytest.param(["best", "{tmp}", "--mode", "up"], nothing, ["--mode", "'up'"], id="cli-bad-mode"),
+    pytest.param(["best", "{tmp}", "--select", "median"], nothing, ["--select", "'median'", "mean_last"], id="cli-bad-select"),
+    pytest.param(["best", "{tmp}", "--last-k", "0"], nothing, ["--last-k", "'0'"], id="cli-last-k-zero"),
     # data folders
     pytest.param(SHARD, nothing, ["{tmp}/raw", "not found"], id="data-src-missing"),
     pytest.param(

@@ -3,6 +3,7 @@
 import re
 
 import numpy as np
+import pytest
 
 from raytrain.data.splits import split_of
 from raytrain.errors import DataError
@@ -72,3 +73,10 @@ def test_seeded_val_groups_cover_about_the_val_fraction():
         target = fraction * total
         # a prefix of a seeded order: within one group of the target, or the first group on its own
         assert abs(share - target) <= max(sizes.values()) or len(chosen) == 1
+
+
+def test_a_group_named_worst_is_refused_it_names_the_lowest_groups_score():
+    from raytrain.data.splits import plan_group_split
+
+    with pytest.raises(DataError, match="group 'worst' of sample 'worst_000001' is a name raytrain keeps"):
+        plan_group_split(["best_000000", "worst_000001"], "^[^_]+", None, 0.5, 0)

@@ -36,7 +36,12 @@ TIMEOUT_S = 480  # a guard against hanging, not a speed goal
 
 def start_cluster(node_names: list[str], cpus_per_node: int = 2) -> tuple[Cluster, dict]:
     # A dashboard port of its own: the State API (Ray Train's cleanup, list_actors) lives there.
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "dashboard_port": free_port()})
+    # A killed node refuses the GCS's health checks at once: 3 refusals a second apart declare it
+    # dead (Ray's default, 5 checks 3 s apart, is 10 s more a scenario); a slow node still has the
+    # default 10 s to answer each check.
+    health = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "dashboard_port": free_port(),
+                                                            "_system_config": health})
     nodes = {name: cluster.add_node(num_cpus=cpus_per_node, resources={name: 1}) for name in node_names}
     cluster.wait_for_nodes()
     cluster.connect()

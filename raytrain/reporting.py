@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from matplotlib.figure import Figure  # a Figure without pyplot: no GUI backend, no global state
@@ -58,7 +59,11 @@ def read_trials(experiment_path: str | os.PathLike) -> list[Trial]:
 def val_samples(checkpoint: CheckpointInfo) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """The val images and masks of the checkpoint's dataset, at its training size, by sample id."""
     config = checkpoint.config
-    table = pq.read_table(read_manifest(config.data.path).shard_paths("val"), columns=["id", "image", "mask"]).sort_by("id")
+    # One file at a time: pyarrow resolves a URI (s3://) only when it is given alone.
+    paths = read_manifest(config.data.path).shard_paths("val")
+    if not paths:
+        return [], []
+    table = pa.concat_tables([pq.read_table(path, columns=["id", "image", "mask"]) for path in paths]).sort_by("id")
     pairs = [
         decode_sample(image, mask, config.data.size, row_name(config.data.path, sample_id))
         for sample_id, image, mask in zip(*(table.column(name).to_pylist() for name in ("id", "image", "mask")))

@@ -1,6 +1,6 @@
 """A cluster user's day on S3, through the CLI in real subprocesses: shards to s3://, `train` reading
 them and storing its experiment in s3:// (TensorBoard's files too, read back), then `runs`, `best`,
-`evaluate` (on the s3:// shards), `predict` and `export` with the s3:// checkpoint.
+`report`, `evaluate` (on the s3:// shards), `predict` and `export` with the s3:// checkpoint.
 The store is moto's S3-protocol server on 127.0.0.1 (the `s3_server` fixture), reached only through
 the standard AWS variables; `train` starts a local Ray cluster of its own, which inherits them."""
 from __future__ import annotations
@@ -55,6 +55,12 @@ def test_shard_train_runs_best_evaluate_predict_and_export_on_s3(tmp_path, s3_se
                     source_filesystem=s3_server.filesystem(), destination_filesystem=pafs.LocalFileSystem())
     [logged] = read_events(tmp_path / "val").Scalars("iou")
     assert logged.value == pytest.approx(found["metrics"]["val_iou"], abs=1e-6)
+
+    # report reads the trials' histories, the best checkpoint and its val shards from S3.
+    reported = run_cli(["report", experiment["path"], "--out", tmp_path / "report"], tmp_path, env=env, timeout=120)
+    assert reported.returncode == 0, reported.stderr
+    assert reported.stdout.strip() == str(tmp_path / "report" / "index.html")
+    assert f"<td>{found['metrics']['val_iou']:.4f}</td>" in (tmp_path / "report" / "index.html").read_text()
 
     # evaluate reads the checkpoint and the shards from S3 and gives the val IoU the run reported.
     evaluated = run_cli(["evaluate", checkpoint, data, "--json"], tmp_path, env=env, timeout=120)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from raytrain.inference.loading import load_model
 from raytrain.inference.prediction import predict
 from raytrain.metrics import SegmentationMetrics, kitti_precision_recall
 from raytrain.selection import SelectionRule, Trial, best_of_trials, experiment_trials
-from raytrain.storage.atomic import write_errors_named
+from raytrain.storage.atomic import temporary_beside, write_errors_named
 from raytrain.viz import overlay_grid
 
 OVERLAY_SAMPLES = 4
@@ -54,6 +55,9 @@ def read_trials(experiment_path: str | os.PathLike) -> list[Trial]:
     if not any(trial.history for trial in trials):
         raise CheckpointError(f"{experiment_path}: no trial has reported any metrics (not a raytrain experiment?)")
     return [trial for trial in trials if trial.history or trial.params]
+
+
+INDEX = "index.html"  # the report's page, moved into the output folder after its figures
 
 
 def val_samples(checkpoint: CheckpointInfo) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -302,32 +306,47 @@ def write_report(experiment_path: str | os.PathLike, out_dir: str | os.PathLike,
     checkpoint, best = chosen.checkpoint, chosen.trial
     trials = [trial for trial in trials if trial.history or trial.params]
     images, masks = val_samples(checkpoint)
-    binary = checkpoint.config.num_classes == 1
     probabilities, histogram = _predict_val(checkpoint, images, masks, keep=OVERLAY_SAMPLES, progress=progress)
 
     out = Path(out_dir).expanduser()
     with write_errors_named(out):  # a full disk: one line naming out
-        out.mkdir(parents=True, exist_ok=True)
-        figures = plot_curves(trials, best, out)
-        params_plot = plot_params(trials, best, rule, out)
-        if params_plot:
-            figures.append((f"searched values against {rule.score_name}", params_plot))
-        if histogram is not None and histogram[1].sum() > 0:
-            path, maxf = plot_pr_curve(histogram, out)
-            figures.append((f"precision-recall of the best model on the val split (MaxF {maxf:.4f})", path))
-        count = len(probabilities)
-        if count:
-            grid = overlay_grid(np.stack(images[:count]), np.stack(masks[:count]),
-                                np.stack(probabilities[:count]), checkpoint.classes)
-            path = out / "overlays.png"
-            Image.fromarray(grid).save(path)
-            legend = "road: probability > 0.5 in red" if binary else "classes in their palette colours"
-            figures.append((f"best model on val images: prediction | ground truth ({legend})", path))
-        index = out / "index.html"
-        title = "raytrain report: " + "/".join(root.rstrip("/").rsplit("/", 2)[-2:])
-        tables = _results_table(trials, best, rule) + "\n" + _groups_table(checkpoint)
-        index.write_text(_html(title, tables, checkpoint.path, figures))
-    return index
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # Written whole in a hidden folder beside out, then moved in, index.html last: a full disk or
+        # a kill leaves out as it was (a previous report intact), never a partial plot.
+        staging = Path(temporary_beside(str(out)))
+        staging.mkdir()
+        try:
+            _write_report_files(staging, root, trials, best, rule, checkpoint, images, masks, probabilities, histogram)
+            out.mkdir(exist_ok=True)
+            for path in sorted(staging.iterdir(), key=lambda path: path.name == INDEX):
+                os.replace(path, out / path.name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return out / INDEX
+
+
+def _write_report_files(out: Path, root: str, trials: list[Trial], best: Trial, rule: SelectionRule,
+                        checkpoint: CheckpointInfo, images, masks, probabilities, histogram) -> None:
+    """The report's plots, overlays and index.html, into `out`."""
+    binary = checkpoint.config.num_classes == 1
+    figures = plot_curves(trials, best, out)
+    params_plot = plot_params(trials, best, rule, out)
+    if params_plot:
+        figures.append((f"searched values against {rule.score_name}", params_plot))
+    if histogram is not None and histogram[1].sum() > 0:
+        path, maxf = plot_pr_curve(histogram, out)
+        figures.append((f"precision-recall of the best model on the val split (MaxF {maxf:.4f})", path))
+    count = len(probabilities)
+    if count:
+        grid = overlay_grid(np.stack(images[:count]), np.stack(masks[:count]),
+                            np.stack(probabilities[:count]), checkpoint.classes)
+        path = out / "overlays.png"
+        Image.fromarray(grid).save(path)
+        legend = "road: probability > 0.5 in red" if binary else "classes in their palette colours"
+        figures.append((f"best model on val images: prediction | ground truth ({legend})", path))
+    title = "raytrain report: " + "/".join(root.rstrip("/").rsplit("/", 2)[-2:])
+    tables = _results_table(trials, best, rule) + "\n" + _groups_table(checkpoint)
+    (out / INDEX).write_text(_html(title, tables, checkpoint.path, figures))
 
 
 def _predict_val(checkpoint: CheckpointInfo, images, masks, keep: int, batch_size: int = 8, progress=None):

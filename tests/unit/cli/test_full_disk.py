@@ -123,7 +123,8 @@ def test_loading_a_cut_short_checkpoint_is_one_line_naming_the_short_file(tmp_pa
 
 
 def test_report_on_a_full_disk_is_one_line_naming_its_folder(tmp_path, small_disk, tiny_shards):
-    """The report's files are written one by one: those written before the disk filled stay."""
+    """The report is written whole beside its folder, then moved in: a full disk leaves the folder as
+    it was, a previous report intact, and no hidden staging folder."""
     from raytrain.checkpoints import save_checkpoint
     from raytrain.models import create_model
     from tests.helpers import tiny_config
@@ -135,5 +136,9 @@ def test_report_on_a_full_disk_is_one_line_naming_its_folder(tmp_path, small_dis
         save_checkpoint(tmp_path / "run" / f"checkpoint_{epoch}", model, torch.optim.Adam(model.parameters()), None,
                         epoch, config, {"epoch": epoch, "train_loss": 1.0, "val_loss": 1.0, "val_f1": iou, "val_iou": iou})
     disk = small_disk(tmp_path / "disk", "16k")  # about 4 plots of 20 kB and the overlays
+    (disk / "report").mkdir()
+    (disk / "report" / "index.html").write_text("the last report")
     run = run_cli(["report", tmp_path / "run", "--out", disk / "report"], tmp_path, timeout=300)
     assert_one_line_error(run, [f"{disk / 'report'}: cannot write", NO_SPACE], tmp_path)
+    assert sorted(path.name for path in disk.iterdir()) == ["report"]
+    assert [(path.name, path.read_text()) for path in (disk / "report").iterdir()] == [("index.html", "the last report")]

@@ -14,12 +14,16 @@ From each trial's Tune results:
 - later_epochs_first_batch_s: first_batch_s of epochs 2.. (the cache's decoded split, or a new
   Ray Data execution that decodes again).
 The first trial also pays the cluster's warm-up (worker processes, imports): it is reported apart.
+- actors: from Ray's State API, every actor process a run started, by class, in the order of their
+  creation: from its creation to its process running its constructor (wait_s: a new worker process,
+  spawned and registered), and the constructor's own time (init_s: mostly imports).
 Prints one JSON object with the median and range over trials.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from common import NOISE_NOTE, emit, header, log, scratch_dir, spread, synthetic_shards
 
@@ -47,6 +51,26 @@ def trial_rows(grid) -> list[dict]:
     return sorted(rows, key=lambda row: row["start"])
 
 
+def actor_starts(since: float) -> list[dict]:
+    """Each actor class's wait_s and init_s (see the docstring), in order of first creation."""
+    from ray.util.state import list_tasks
+
+    import ray
+
+    tasks = list_tasks(address=ray.get_runtime_context().gcs_address, detail=True, limit=10000,
+                       filters=[("type", "=", "ACTOR_CREATION_TASK")], raise_on_missing_output=False)
+    by_class: dict[str, dict] = {}
+    for task in sorted(tasks, key=lambda task: task.creation_time_ms or 0):
+        if not (task.creation_time_ms and task.start_time_ms and task.end_time_ms):
+            continue
+        row = by_class.setdefault(task.name.split(".")[0], {"first_created_s": round(task.creation_time_ms / 1000 - since, 1),
+                                                              "wait_s": [], "init_s": []})
+        row["wait_s"].append(round((task.start_time_ms - task.creation_time_ms) / 1000, 2))
+        row["init_s"].append(round((task.end_time_ms - task.start_time_ms) / 1000, 2))
+    return [{"actor": name, "first_created_s": row["first_created_s"], "wait_s": spread(row["wait_s"]),
+             "init_s": spread(row["init_s"])} for name, row in by_class.items()]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=4)
@@ -68,6 +92,7 @@ def main() -> int:
     config = load_config("quickstart", overrides)
     session.ensure_ray(3)  # one CPU for the trial's worker, one for Ray Data, a share for the trial
     log(f"{args.trials} trials of {args.epochs} epochs, one at a time ...")
+    started = time.time()
     grid = raytrain.tune(config)
     rows = trial_rows(grid)
     later = rows[1:]
@@ -82,6 +107,7 @@ def main() -> int:
         "between_trials_s": spread([round(g, 2) for g in gaps]) if gaps else None,
         "later_epochs_first_batch_s": spread([round(v, 3) for r in rows for v in r["later_epochs_first_batch_s"]])
         if any(r["later_epochs_first_batch_s"] for r in rows) else None,
+        "actors": actor_starts(started),
         "goals": {"start_to_first_batch_s": 5, "epoch_first_batch_s": 0.3},
         "note": NOISE_NOTE,
     })

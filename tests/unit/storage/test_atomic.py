@@ -1,11 +1,10 @@
-"""storage/atomic: a remote file appears whole or not at all; a temporary name reads back to its
+"""storage/atomic: a file on S3 (the test server) appears whole or not at all; a temporary name reads back to its
 final name; an exclusive create never replaces a file."""
 
 from __future__ import annotations
 
 import os
 
-import pyarrow.fs as pafs
 import pytest
 
 from raytrain.storage.atomic import create_exclusively, final_of_temporary, temporary_beside, write_atomically
@@ -13,18 +12,22 @@ from raytrain.storage.paths import RemotePath
 from raytrain.errors import DataError
 
 
-def test_a_remote_file_appears_whole_or_not_at_all(tmp_path):
-    """A filesystem other than the local one (here a SubTreeFileSystem over a folder) takes the
-    temporary-name-then-move path that s3:// and gs:// take."""
-    filesystem = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
-    filesystem.create_dir("out")
-    write_atomically(RemotePath(filesystem, "out/a_mask.png", "sub://"), b"whole")
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["a_mask.png"]
-    assert (tmp_path / "out" / "a_mask.png").read_bytes() == b"whole"
-    (tmp_path / "out" / "taken").write_text("a file, not a folder")
-    with pytest.raises(DataError, match=r"^sub://out/taken/b_mask.png: cannot write"):
-        write_atomically(RemotePath(filesystem, "out/taken/b_mask.png", "sub://"), b"never")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_mask.png", "taken"]
+def on_s3(s3_server, uri: str) -> RemotePath:
+    """uri on the test's S3-protocol server, as raytrain's storage paths name it."""
+    return RemotePath(s3_server.filesystem(), uri.removeprefix("s3://"), "s3://")
+
+
+def test_a_file_on_s3_appears_whole_or_not_at_all(s3_server, s3_prefix):
+    """An object store has no rename: the temporary name's object is moved (copied) to the final
+    one, and only the final one is left."""
+    written = write_atomically(on_s3(s3_server, f"{s3_prefix}/out/a_mask.png"), b"whole")
+    assert str(written) == f"{s3_prefix}/out/a_mask.png"
+    assert s3_server.keys(s3_prefix) == ["out/a_mask.png"]
+    assert s3_server.filesystem().open_input_stream(f"{s3_prefix.removeprefix('s3://')}/out/a_mask.png").read() == b"whole"
+    missing = f"s3://no-bucket-{s3_prefix.rpartition('-')[2]}/out/b_mask.png"
+    with pytest.raises(DataError, match=rf"^{missing}: cannot write .*bucket does not exist"):
+        write_atomically(on_s3(s3_server, missing), b"never")
+    assert s3_server.keys(s3_prefix) == ["out/a_mask.png"]
 
 
 def test_a_temporary_name_reads_back_to_its_final_name_and_nothing_else_does():
@@ -36,13 +39,21 @@ def test_a_temporary_name_reads_back_to_its_final_name_and_nothing_else_does():
         assert final_of_temporary(other) is None
 
 
-@pytest.mark.parametrize("remote", [False, True], ids=["local", "remote"])
-def test_an_exclusive_create_writes_only_a_new_file(tmp_path, remote):
-    filesystem = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
-    target = RemotePath(filesystem, "record.json", "sub://") if remote else tmp_path / "record.json"
+def test_an_exclusive_create_writes_only_a_new_file(tmp_path):
+    target = tmp_path / "record.json"
     assert create_exclusively(target, b"first")
     assert not create_exclusively(target, b"second")
     (tmp_path / "a_folder").mkdir()
-    assert not create_exclusively(RemotePath(filesystem, "a_folder", "sub://") if remote else tmp_path / "a_folder", b"third")
+    assert not create_exclusively(tmp_path / "a_folder", b"third")
     assert sorted(os.listdir(tmp_path)) == ["a_folder", "record.json"]
-    assert (tmp_path / "record.json").read_bytes() == b"first"
+    assert target.read_bytes() == b"first"
+
+
+def test_an_exclusive_create_on_s3_writes_only_a_new_object(s3_server, s3_prefix):
+    target = on_s3(s3_server, f"{s3_prefix}/record.json")
+    assert create_exclusively(target, b"first")
+    assert not create_exclusively(target, b"second")
+    write_atomically(on_s3(s3_server, f"{s3_prefix}/a_folder/inside.json"), b"{}")
+    assert not create_exclusively(on_s3(s3_server, f"{s3_prefix}/a_folder"), b"third")  # a prefix with objects
+    assert s3_server.keys(s3_prefix) == ["a_folder/inside.json", "record.json"]
+    assert s3_server.filesystem().open_input_stream(target.path).read() == b"first"

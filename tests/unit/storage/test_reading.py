@@ -2,7 +2,6 @@
 local or remote; anything else is one error naming the file, without blocking or filling memory."""
 import os
 
-import pyarrow.fs as pafs
 import pytest
 
 from raytrain.errors import CheckpointError, DataError
@@ -49,11 +48,13 @@ def test_missing_and_looping_files_are_named_in_words(tmp_path):
         read_bounded(tmp_path / "dangling", 100, "mask")
 
 
-def test_a_remote_file_is_checked_from_its_listing_then_read(tmp_path):
-    (tmp_path / "m.json").write_bytes(b"x" * 10)
-    remote = RemotePath(pafs.LocalFileSystem(), str(tmp_path / "m.json"), "mock://")
+def test_a_file_on_s3_is_checked_from_its_listing_then_read(s3_server, s3_prefix):
+    bucket_path = f"{s3_prefix.removeprefix('s3://')}/m.json"
+    with s3_server.filesystem().open_output_stream(bucket_path) as out:
+        out.write(b"x" * 10)
+    remote = RemotePath(s3_server.filesystem(), bucket_path, "s3://")
     assert read_bounded(remote, 10, "manifest") == b"x" * 10
-    with pytest.raises(DataError, match=rf"mock://{tmp_path}/m.json: 10 bytes, over the manifest limit of 9 bytes"):
+    with pytest.raises(DataError, match=rf"^{s3_prefix}/m.json: 10 bytes, over the manifest limit of 9 bytes"):
         read_bounded(remote, 9, "manifest")
-    with pytest.raises(DataError, match="cannot read the manifest .No such file or directory."):
-        read_bounded(RemotePath(pafs.LocalFileSystem(), str(tmp_path / "none.json"), "mock://"), 9, "manifest")
+    with pytest.raises(DataError, match=rf"^{s3_prefix}/none.json: cannot read the manifest .No such file or directory."):
+        read_bounded(RemotePath(s3_server.filesystem(), bucket_path.replace("m.json", "none.json"), "s3://"), 9, "manifest")

@@ -1,10 +1,12 @@
 """A cluster user's day on S3, through the CLI in real subprocesses: shards to s3://, `train` reading
 them and storing its experiment in s3:// (TensorBoard's files too, read back), then `runs`, `best`,
-`report`, `evaluate` (on the s3:// shards), `predict` and `export` with the s3:// checkpoint.
+`report`, `evaluate` (on the s3:// shards), `export` and `predict --workers` (s3:// images into s3://) with the
+s3:// checkpoint.
 The store is moto's S3-protocol server on 127.0.0.1 (the `s3_server` fixture), reached only through
 the standard AWS variables; `train` starts a local Ray cluster of its own, which inherits them."""
 from __future__ import annotations
 
+import io
 import json
 import warnings
 
@@ -12,6 +14,7 @@ import numpy as np
 import pyarrow.fs as pafs
 import pytest
 import torch
+from PIL import Image
 
 import raytrain
 from tests.helpers import (config, read_events, run_cli, run_cli_fresh, search_for_selection, selection_checkpoint,
@@ -77,10 +80,16 @@ def test_shard_train_runs_best_evaluate_predict_and_export_on_s3(tmp_path, s3_se
     expected = raytrain.predict(raytrain.load_model(found["path"]), list(images))  # the copy best fetched
     torch.testing.assert_close(probabilities, torch.from_numpy(np.stack(expected)))
 
-    images = write_images(tmp_path / "images", 2, (16, 32))
-    predicted = run_cli(["predict", checkpoint, images, "--out", tmp_path / "masks"], tmp_path, env=env, timeout=300)
+    # predict on the cluster, from s3:// images into s3://, with the s3:// checkpoint: the masks of local predict.
+    images, inputs, out = write_images(tmp_path / "images", 2, (16, 32)), f"{s3_prefix}/images", f"{s3_prefix}/masks"
+    pafs.copy_files(str(images), inputs.removeprefix("s3://"), destination_filesystem=s3_server.filesystem())
+    predicted = run_cli_fresh(["predict", checkpoint, inputs, "--out", out, "--workers", "1"], tmp_path, env=env, timeout=300)
     assert predicted.returncode == 0, predicted.stderr
-    assert len(list((tmp_path / "masks").rglob("*.png"))) >= 2
+    assert s3_server.keys(out) == ["img00_mask.png", "img00_overlay.png", "img01_mask.png", "img01_overlay.png",
+                                   "prediction.json"]
+    [probabilities] = raytrain.predict(raytrain.load_model(found["path"]), [np.asarray(Image.open(images / "img01.png"))])
+    with s3_server.filesystem().open_input_stream(f"{out.removeprefix('s3://')}/img01_mask.png") as mask:
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(mask.read()))), probabilities > 0.5)
 
 
 def test_best_and_runs_read_a_searchs_trials_on_s3_by_each_rule(tmp_path, s3_server, s3_prefix):

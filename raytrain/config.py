@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import re
 import types
 import typing
 from importlib import resources
@@ -116,7 +117,7 @@ class ModelConfig(_Section):
         "with torch.save, which every worker reads (a value holding a / or a . is a file)",
     )
     encoder_weights_sha256: str | None = Field(
-        None, pattern=r"^[0-9a-f]{64}$",
+        None,
         description="the SHA-256 of the encoder_weights file, which a run records in its checkpoints; where set, "
         "a file with other contents is refused",
     )
@@ -130,6 +131,13 @@ class ModelConfig(_Section):
         if weights is None or not _names_a_file(weights) or is_uri(weights):
             return weights
         return str(Path(weights).expanduser().resolve())
+
+    @field_validator("encoder_weights_sha256")
+    @classmethod
+    def _a_digest(cls, digest: str | None) -> str | None:
+        if digest is not None and not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise ValueError(f"expected a SHA-256 as 64 hexadecimal digits (0-9, a-f), got {digest!r}")
+        return digest
 
     @model_validator(mode="after")
     def _digest_of_a_file(self) -> "ModelConfig":

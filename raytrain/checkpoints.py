@@ -17,6 +17,8 @@ Tensors load with torch.load(weights_only=True) and everything else is YAML or J
 checkpoint from elsewhere cannot run code. Nor can it cost more memory than its files' size:
 model.pt is memory-mapped and checked against the model config.yaml describes (built on the meta
 device, its parameters bounded) before any tensor is copied (read_weights, inference.loading.load_model).
+A model.encoder_weights file, from elsewhere too, is read the same way into the model a run starts
+from (initial_model); loading a checkpoint never reads it.
 """
 from __future__ import annotations
 
@@ -249,12 +251,8 @@ def load_encoder_weights(encoder: torch.nn.Module, location: str | os.PathLike, 
         return _load_encoder_file(encoder, source.expanduser(), source, sha256)
     with tempfile.TemporaryDirectory(prefix="raytrain-weights-") as folder:
         copy = Path(folder) / "weights.pt"
-        try:
+        with write_errors_named(folder):  # the copy's disk: copy_bounded names the source for a failed read
             copy_bounded(source, copy, checkpoint_file_limit(MODEL_FILE), "weights", CheckpointError, MAX_PARAMETERS_ENV)
-        except OSError as err:
-            if err.errno in DISK_FULL:
-                raise cannot_write(folder, err) from None
-            raise
         return _load_encoder_file(encoder, copy, source, sha256)
 
 

@@ -257,6 +257,11 @@ CASES = [
         ["model.encoder_weights: {tmp}/w.pt", "conv1.weight is (64, 1, 7, 7)", "the model's is (64, 3, 7, 7)"], id="encoder-weights-other-shape",
     ),
     pytest.param(
+        TRAIN, encoder_weights_as(lambda path: os.truncate(encoder_weights(path), 9 * 10**9)),  # sparse: no disk taken
+        ["model.encoder_weights: {tmp}/w.pt: 9000000000 bytes, over the weights limit", "RAYTRAIN_MAX_PARAMETERS"],
+        id="encoder-weights-over-the-limit",
+    ),
+    pytest.param(
         TRAIN, lambda t: (encoder_weights(t / "w.pt"), config(t, **{"model.encoder_weights": str(t / "w.pt")})),
         ["model 'unet' does not take 'encoder_weights'"], id="encoder-weights-for-a-model-without-an-encoder",
     ),

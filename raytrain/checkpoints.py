@@ -17,6 +17,8 @@ Tensors load with torch.load(weights_only=True) and everything else is YAML or J
 checkpoint from elsewhere cannot run code. Nor can it cost more memory than its files' size:
 model.pt is memory-mapped and checked against the model config.yaml describes (built on the meta
 device, its parameters bounded) before any tensor is copied (read_weights, inference.loading.load_model).
+A model.encoder_weights file, from elsewhere too, is read the same way into the model a run starts
+from (initial_model); loading a checkpoint never reads it.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import os
 import pickle
 import re
 import shutil
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,10 +39,10 @@ from typing import TYPE_CHECKING
 import pyarrow.fs as pafs
 
 from raytrain.config import Config, load_config
-from raytrain.errors import CheckpointError, first_line, limit_from_env
+from raytrain.errors import CheckpointError, ConfigError, RaytrainError, first_line, limit_from_env
 from raytrain.storage.atomic import DISK_FULL, cannot_write, write_errors_named
-from raytrain.storage.paths import RemotePath, filesystem_of, is_uri, join
-from raytrain.storage.reading import CONFIG_BYTES, RECORD_BYTES, checked_size, read_bounded
+from raytrain.storage.paths import RemotePath, as_path, filesystem_of, is_uri, join
+from raytrain.storage.reading import CONFIG_BYTES, RECORD_BYTES, checked_size, copy_bounded, read_bounded
 from raytrain.storage.safe_yaml import load_yaml
 
 if TYPE_CHECKING:
@@ -207,63 +210,150 @@ def read_weights(file: Path, expected: dict[str, torch.Tensor]) -> dict[str, tor
     """model.pt's state dict, checked against `expected` (the config's model built on the meta
     device: names, shapes, dtypes) before a byte of it is copied. Memory-mapped, weights only:
     loading a file from elsewhere runs no code and costs no more memory than the file's size."""
+    state = _load_tensors(file, file, sum(t.numel() * t.element_size() for t in expected.values()), "config.yaml's model")
+    _check_names_and_shapes(file, state, expected, "the model in config.yaml")
+    return state
+
+
+def initial_model(config: Config) -> tuple[torch.nn.Module, Config]:
+    """The model a run starts from, as every worker (and preflight) builds it, with the config that
+    says how: with model.encoder_weights a file, its encoder holds the file's weights
+    (load_encoder_weights) and the config records the file's SHA-256 in model.encoder_weights_sha256,
+    which a digest already there must equal. create_model's ValueError or KeyError for options the
+    model does not take; a ConfigError naming model.encoder_weights and the file for anything wrong
+    with the file."""
+    from raytrain.models import create_model
+
+    location = config.model.encoder_weights_file
+    options = config.model.kwargs() | ({"encoder_weights": None} if location else {})  # None: a model without one says so
+    model = create_model(config.model.name, num_classes=config.num_classes, **options)
+    if location is None:
+        return model, config
+    try:
+        digest = load_encoder_weights(model.encoder, location, config.model.encoder_weights_sha256)
+    except RaytrainError as err:
+        raise ConfigError(f"model.encoder_weights: {err}") from None
+    return model, config.with_overrides({"model.encoder_weights_sha256": digest})
+
+
+def load_encoder_weights(encoder: torch.nn.Module, location: str | os.PathLike, sha256: str | None = None) -> str:
+    """Load the weights file at `location` (a local path or a URI, a remote one copied to a temporary
+    file first) into `encoder`; return the file's SHA-256, which must equal `sha256` where given.
+    The file is read as model.pt is (its size bounded, uncompressed, memory-mapped, weights only)
+    and holds the encoder's state dict, torch.save(model.encoder.state_dict()) of an smp model; or a
+    whole smp model's (torch.save(model.state_dict()), a raytrain model.pt), of which the encoder.*
+    tensors are taken. Its tensors must be the encoder's by name, shape and dtype, less what the
+    encoder's own load_state_dict drops (smp's ResNet drops the classifier fc.* that torchvision's
+    and timm's files hold) and the stages that a shallower model.depth pruned (the file may be
+    saved at any depth); BatchNorm counters it lacks keep the encoder's own."""
+    source = as_path(location)
+    if isinstance(source, Path):
+        return _load_encoder_file(encoder, source.expanduser(), source, sha256)
+    with tempfile.TemporaryDirectory(prefix="raytrain-weights-") as folder:
+        copy = Path(folder) / "weights.pt"
+        with write_errors_named(folder):  # the copy's disk: copy_bounded names the source for a failed read
+            copy_bounded(source, copy, checkpoint_file_limit(MODEL_FILE), "weights", CheckpointError, MAX_PARAMETERS_ENV)
+        return _load_encoder_file(encoder, copy, source, sha256)
+
+
+def _load_encoder_file(encoder: torch.nn.Module, file: Path, shown, sha256: str | None) -> str:
+    from torch import nn
+
+    # No lower bound on its size (needed 0): the model is built from the config, not from the file.
+    state = _load_tensors(file, shown, 0, "the encoder")
+    sha = hashlib.sha256()
+    with open(file, "rb") as weights:  # in blocks: the file may be gigabytes (hashlib.file_digest is Python 3.11's)
+        for block in iter(lambda: weights.read(1 << 24), b""):
+            sha.update(block)
+    digest = sha.hexdigest()
+    if sha256 is not None and sha256 != digest:
+        raise CheckpointError(f"{shown}: its SHA-256 is {digest}, not model.encoder_weights_sha256's {sha256} "
+                              "(another file, or this one changed)")
+    own = encoder.state_dict()
+    if not own.keys() & state.keys() and any(name.startswith("encoder.") for name in state):
+        state = {name.removeprefix("encoder."): tensor for name, tensor in state.items() if name.startswith("encoder.")}
+
+    def pruned(name: str) -> bool:  # inside a stage that pruning replaced by nn.Identity
+        module = encoder
+        for part in name.split(".")[:-1]:
+            module = module._modules.get(part)
+            if module is None or isinstance(module, nn.Identity):
+                return module is not None
+        return False
+
+    state = {name: tensor for name, tensor in state.items() if not pruned(name)}
+    for name, tensor in own.items():
+        if name.endswith(".num_batches_tracked"):
+            state.setdefault(name, tensor)
+    _check_names_and_shapes(shown, state, own, "the encoder", complete=False)  # before a tensor is copied
+    try:
+        encoder.load_state_dict(state)  # the encoder's own, which may drop its classifier from `state`
+    except RuntimeError as err:
+        _check_names_and_shapes(shown, state, own, "the encoder")  # which names, in one line
+        raise _unloadable(shown, err) from None
+    return digest
+
+
+def _load_tensors(file: Path, shown, needed: int, what: str) -> dict[str, torch.Tensor]:
+    """The state dict in `file`, once _check_weights_file passes it; errors name `shown`, where it is
+    from. `what` needs `needed` bytes of weights."""
     import torch
 
-    _check_weights_file(file, sum(t.numel() * t.element_size() for t in expected.values()))
+    _check_weights_file(file, shown, needed, what)
     try:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
         if "Weights only load failed" not in str(err):
-            raise _unloadable(file, err) from None
+            raise _unloadable(shown, err) from None
         found = re.search(r"GLOBAL (\S+)", str(err))
-        what = found.group(1) if found else "Python objects"
+        pickled = found.group(1) if found else "Python objects"
         raise CheckpointError(
-            f"{file}: refused: not a weights-only checkpoint (it pickles {what}, which could run code)"
+            f"{shown}: refused: not a weights-only file (it pickles {pickled}, which could run code)"
         ) from None
     except Exception as err:  # noqa: BLE001 - a damaged file fails in many ways; all are the same one-line error
-        raise _unloadable(file, err) from None
-    _check_names_and_shapes(file, state, expected)
+        raise _unloadable(shown, err) from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise _unloadable(shown, "not a state dict of named tensors")
     return state
 
 
-def _check_weights_file(file: Path, needed: int) -> None:
+def _check_weights_file(file: Path, shown, needed: int, what: str) -> None:
     """Before torch reads it: big enough to hold the weights the config asks for (so a tiny file
     cannot make raytrain build a huge model), torch's zip format (what mmap needs), nothing compressed
     (torch.save stores; a deflated entry of 1 MB can expand to 1 GB)."""
     size = checked_size(file, checkpoint_file_limit(MODEL_FILE), "weights", CheckpointError, MAX_PARAMETERS_ENV)
     if needed > size:
-        raise _unloadable(file, f"config.yaml's model needs {needed} bytes of weights, the file holds {size}")
+        raise _unloadable(shown, f"{what} needs {needed} bytes of weights, the file holds {size}")
     if not zipfile.is_zipfile(file):
-        raise _unloadable(file, "not in torch's zip format; a legacy torch.save file (torch < 1.6) must be saved again")
+        raise _unloadable(shown, "not a torch.save file in its zip format (a legacy one, of torch < 1.6, must be saved again)")
     try:
         with zipfile.ZipFile(file) as archive:
             entries = archive.infolist()
     except (zipfile.BadZipFile, OSError) as err:
-        raise _unloadable(file, err) from None
+        raise _unloadable(shown, err) from None
     for entry in entries:
         if entry.compress_type != zipfile.ZIP_STORED or entry.file_size != entry.compress_size:
-            raise _unloadable(file, f"{entry.filename} is compressed, which torch.save never does")
+            raise _unloadable(shown, f"{entry.filename} is compressed, which torch.save never does")
 
 
-def _check_names_and_shapes(file: Path, state, expected: dict[str, torch.Tensor]) -> None:
-    import torch
-
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise _unloadable(file, "not a state dict of named tensors")
+def _check_names_and_shapes(shown, state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str,
+                            complete: bool = True) -> None:
+    """`state` holds `expected`'s tensors by name, shape and dtype, and no others; complete=False:
+    the tensors of `expected`'s names that it holds are of their shape and dtype."""
     missing, unexpected = [k for k in expected if k not in state], [k for k in state if k not in expected]
-    if missing or unexpected:
-        raise _unloadable(file, f"not the model in config.yaml: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if complete and (missing or unexpected):
+        raise _unloadable(shown, f"not the weights of {what}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     for name, tensor in state.items():
-        want = expected[name]
-        if tensor.shape != want.shape or tensor.dtype != want.dtype:
-            raise _unloadable(file, f"not the model in config.yaml: {name} is {tuple(tensor.shape)} {tensor.dtype}, "
-                                    f"the model's is {tuple(want.shape)} {want.dtype}")
+        want = expected.get(name)
+        if want is not None and (tensor.shape != want.shape or tensor.dtype != want.dtype):
+            raise _unloadable(shown, f"not the weights of {what}: {name} is {tuple(tensor.shape)} {tensor.dtype}, "
+                                     f"the model's is {tuple(want.shape)} {want.dtype}")
 
 
-def _unloadable(file: Path, reason) -> CheckpointError:
+def _unloadable(shown, reason) -> CheckpointError:
     if isinstance(reason, BaseException):
         reason = first_line(reason)
-    return CheckpointError(f"{file}: cannot load the weights ({reason})")
+    return CheckpointError(f"{shown}: cannot load the weights ({reason})")
 
 
 @dataclass(frozen=True)

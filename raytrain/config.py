@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import re
 import types
 import typing
 from importlib import resources
@@ -109,10 +110,57 @@ class ModelConfig(_Section):
     batch_norm: bool | None = None
     dropout: float | None = Field(None, ge=0, lt=1)
     encoder: str | None = None
-    encoder_weights: str | None = None
+    encoder_weights: str | None = Field(
+        None,
+        description="the encoder's pretrained weights (smp:<Arch> models): the name of smp's weights (imagenet, "
+        "ssl, ...), which smp downloads, or a file, as a path or URI (s3://...), of the encoder's state dict saved "
+        "with torch.save, which every worker reads (a value holding a / or a . is a file)",
+    )
+    encoder_weights_sha256: str | None = Field(
+        None,
+        description="the SHA-256 of the encoder_weights file, which a run records in its checkpoints; where set, "
+        "a file with other contents is refused",
+    )
+
+    @field_validator("encoder_weights")
+    @classmethod
+    def _weights_file_absolute(cls, weights: str | None) -> str | None:
+        if weights is not None and not weights.strip():
+            raise ValueError("expected the name of smp's weights or a file's path or URI, got an empty string")
+        # Ray workers run in other directories: a relative path means the one the user typed it in.
+        if weights is None or not _names_a_file(weights) or is_uri(weights):
+            return weights
+        return str(Path(weights).expanduser().resolve())
+
+    @field_validator("encoder_weights_sha256")
+    @classmethod
+    def _a_digest(cls, digest: str | None) -> str | None:
+        if digest is not None and not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise ValueError(f"expected a SHA-256 as 64 hexadecimal digits (0-9, a-f), got {digest!r}")
+        return digest
+
+    @model_validator(mode="after")
+    def _digest_of_a_file(self) -> "ModelConfig":
+        if self.encoder_weights_sha256 is not None and self.encoder_weights_file is None:
+            raise ValueError("encoder_weights_sha256 is the digest of an encoder_weights file, and none is set")
+        return self
+
+    @property
+    def encoder_weights_file(self) -> str | None:
+        """encoder_weights where it is a file (a path or URI) that the run loads; None otherwise."""
+        return self.encoder_weights if self.encoder_weights is not None and _names_a_file(self.encoder_weights) else None
 
     def kwargs(self) -> dict[str, Any]:
-        return {k: v for k, v in self.model_dump(exclude={"name"}).items() if v is not None}
+        """The options that create_model takes: those set, less a file's encoder_weights, which
+        checkpoints.initial_model loads into the built model, and its digest."""
+        excluded = {"name", "encoder_weights_sha256"} | ({"encoder_weights"} if self.encoder_weights_file else set())
+        return {k: v for k, v in self.model_dump(exclude=excluded).items() if v is not None}
+
+
+def _names_a_file(weights: str) -> bool:
+    """Whether model.encoder_weights is a file: smp's names (imagenet, ssl, imagenet+5k, noisy-student,
+    ...) hold neither a / nor a ."""
+    return "/" in weights or "." in weights
 
 
 class LossConfig(_Section):

@@ -57,7 +57,7 @@ def check_ready(config: Config, local_cpus: int | None, *, search: bool = False)
                 manifests[variant.data.path] = _manifest_of(variant)
             manifest = manifests[variant.data.path]
             for key, check in [(("data", variant.data.path, tuple(variant.classes)), lambda: _check_data(variant, manifest)),
-                               (("model", variant.model.name, variant.num_classes, tuple(sorted(variant.model.kwargs().items()))),
+                               (("model", variant.num_classes, tuple(sorted(variant.model.model_dump().items()))),
                                 lambda: _check_model(variant))]:
                 if key not in checked:
                     check()
@@ -162,11 +162,12 @@ def _check_data(variant: Config, manifest: Manifest) -> None:
 
 
 def _check_model(variant: Config) -> None:
+    """The model builds as a worker builds it: its options, and an encoder_weights file read and loaded."""
     # Here, not at the top: launch.session imports this module in Ray's processes, which need no torch.
-    from raytrain.models import create_model
+    from raytrain.checkpoints import initial_model
 
     try:
-        create_model(variant.model.name, num_classes=variant.num_classes, **variant.model.kwargs())
+        initial_model(variant)
     except (ValueError, KeyError) as err:
         raise ConfigError(f"model: {err.args[0] if err.args else err}") from None  # KeyError's str() adds quotes
 

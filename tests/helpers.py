@@ -357,6 +357,24 @@ def checkpoint(tmp: Path, name: str = "ckpt", metrics: dict | None = None) -> Pa
     return save_checkpoint(tmp / "exp" / name, model, optimizer, None, 1, run, metrics or {"val_iou": 0.5})
 
 
+# An smp model with a small encoder (ResNet-18 to its first stage: 0.6 MB of weights).
+SMALL_ENCODER = {"model.name": "smp:Unet", "model.encoder": "resnet18", "model.depth": 2, "model.base_channels": None}
+
+
+def encoder_weights(path: Path, seed: int = 1, depth: int = 2, change=None) -> Path:
+    """`path`: the encoder of SMALL_ENCODER's model at `depth`, built under `seed`, saved as the docs
+    say to save one (torch.save(model.encoder.state_dict())), after change(state) -> state where given."""
+    import torch
+
+    from raytrain.models import create_model
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        state = create_model("smp:Unet", encoder="resnet18", depth=depth).encoder.state_dict()
+    torch.save(change(state) if change else state, path)
+    return path
+
+
 def write_images(folder: Path, count: int, size: tuple[int, int], seed: int = 0) -> Path:
     """`count` noise images of (height, width) `size`, img00.png, img01.png, ..."""
     rng = np.random.default_rng(seed)

@@ -100,8 +100,9 @@ def _expected_state(info: CheckpointInfo) -> dict[str, torch.Tensor]:
 
 
 def _build(config: Config, file: Path, device: str = "cpu") -> torch.nn.Module:
-    # encoder_weights is dropped: pretrained weights only seed training; loading takes model.pt's,
-    # and must not reach for the network because a config says so.
+    # encoder_weights is dropped (a name here, a file by kwargs()): pretrained weights only seed
+    # training; loading takes model.pt's, and must not reach for the network or the file because a
+    # config says so.
     options = {k: v for k, v in config.model.kwargs().items() if k != "encoder_weights"}
     try:
         with torch.device(device):

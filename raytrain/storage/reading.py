@@ -105,6 +105,31 @@ def checked_size(location: str | os.PathLike | RemotePath, limit: int, kind: str
     return size
 
 
+def copy_bounded(path: RemotePath, destination: Path, limit: int, kind: str,
+                 error: type[RaytrainError] = DataError, setting: str | None = None) -> None:
+    """The remote file `path` copied to the local file `destination` within `limit` bytes, streamed
+    as read_bounded reads it: for a file that another library reads from disk (torch's memory map),
+    never held in memory whole. A read fails as read_bounded's; a write (a full disk) with its OSError."""
+    checked_size(path, limit, kind, error, setting)
+    size = 0
+    with open(destination, "wb") as copy:
+        try:
+            stream = path.filesystem.open_input_stream(path.path)
+        except (OSError, pa.ArrowException) as err:
+            raise error(f"{path}: cannot read the {kind} ({' '.join(str(err).split())})") from None
+        with stream:
+            while size <= limit:
+                try:
+                    chunk = stream.read(min(_CHUNK, limit + 1 - size))
+                except (OSError, pa.ArrowException) as err:
+                    raise error(f"{path}: cannot read the {kind} ({' '.join(str(err).split())})") from None
+                if not chunk:
+                    break
+                copy.write(chunk)
+                size += len(chunk)
+    _check(path, stat.S_IFREG, size, limit, kind, error, setting)
+
+
 def _check(location, mode: int, size: int, limit: int, kind: str, error, setting: str | None) -> None:
     if not stat.S_ISREG(mode):
         what = _NOT_REGULAR.get(stat.S_IFMT(mode), "not a regular file")

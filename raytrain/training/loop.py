@@ -20,12 +20,14 @@ import torch
 import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel
 
-from raytrain.checkpoints import checkpoints_by_epoch, restore_train_state, save_checkpoint, unwrap, upload_checkpoint
+from raytrain.checkpoints import (
+    checkpoints_by_epoch, initial_model, restore_train_state, save_checkpoint, unwrap, upload_checkpoint,
+)
 from raytrain.config import Config
 from raytrain.errors import CheckpointError, RaytrainError
 from raytrain.losses import create_loss
 from raytrain.metrics import SegmentationMetrics
-from raytrain.models import create_model, normalise, to_probabilities
+from raytrain.models import normalise, to_probabilities
 from raytrain.training.augment import Augment, augment_batch, augment_of, batch_params
 from raytrain.training.averaging import create_weight_average
 
@@ -126,7 +128,8 @@ def setup(loop_config: dict) -> Worker:
         torch.set_num_threads(max(1, int(config.train.cpus_per_worker)))
     amp_dtype = autocast_dtype(config.train.precision, device)
     channels_last = config.train.channels_last if config.train.channels_last is not None else device.type == "cuda"
-    model, eval_model, average = build_model(config, channels_last)
+    model, config = initial_model(config)  # the config now records an encoder_weights file's SHA-256
+    model, eval_model, average = build_model(model, config, channels_last)
     # .to(device): class weights are a buffer of the loss, and must sit where the logits are.
     class_weights = manifest.class_weights(config.loss.class_weights)
     loss_fn = create_loss(config.loss.name, num_classes=config.num_classes, class_weights=class_weights).to(device)
@@ -152,10 +155,9 @@ def setup(loop_config: dict) -> Worker:
     )
 
 
-def build_model(config: Config, channels_last: bool) -> tuple[torch.nn.Module, torch.nn.Module, AveragedModel | None]:
-    """(the model to train, wrapped for DDP; the plain module to evaluate, or with train.ema the
-    average's; the average, or None)."""
-    model = create_model(config.model.name, num_classes=config.num_classes, **config.model.kwargs())
+def build_model(model: torch.nn.Module, config: Config, channels_last: bool) -> tuple[torch.nn.Module, torch.nn.Module, AveragedModel | None]:
+    """From the run's initial model (checkpoints.initial_model): (the model to train, wrapped for
+    DDP; the plain module to evaluate, or with train.ema the average's; the average, or None)."""
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)

@@ -91,3 +91,92 @@ def test_a_fetch_into_a_full_disk_is_one_line_naming_the_cache_and_leaves_nothin
     with pytest.raises(RaytrainError, match=rf"^{cache}: cannot write \(No space left on device\)$"):
         fetch_checkpoint(pafs.LocalFileSystem(), str(source), cache)
     assert [path for path in cache.rglob("*") if path.is_file()] == []
+
+
+# ---------------------------------------------------------------- encoder weights from a file
+
+
+def small_encoder_config(tmp_path, weights, **dotted):
+    from tests.helpers import SMALL_ENCODER, tiny_config
+
+    return tiny_config(tmp_path, tmp_path / "results", **SMALL_ENCODER, **{"model.encoder_weights": str(weights), **dotted})
+
+
+def whole_smp_model(path):
+    """torch.save of a whole smp model's state dict (encoder.*, decoder.*, segmentation_head.*) at depth 5."""
+    import segmentation_models_pytorch as smp
+    import torch
+
+    torch.save(smp.Unet("resnet18", encoder_weights=None).state_dict(), path)
+    return {name.removeprefix("encoder."): tensor for name, tensor in torch.load(path, weights_only=True).items()}
+
+
+def torchvision_resnet(path):
+    """torchvision's ResNet-18 as its own files hold it: the classifier fc.* too."""
+    import torch
+    import torchvision
+
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    return torch.load(path, weights_only=True)
+
+
+def deeper_encoder(path):
+    """The encoder saved at depth 5 (layer1 to layer4), for a model of depth 2."""
+    import torch
+
+    from tests.helpers import encoder_weights
+
+    return torch.load(encoder_weights(path, depth=5), weights_only=True)
+
+
+@pytest.mark.parametrize("write", [whole_smp_model, torchvision_resnet, deeper_encoder])
+def test_encoder_weights_from_the_files_smp_torchvision_and_a_deeper_model_save(tmp_path, write):
+    """Beside the encoder's own state dict: the encoder.* part of a whole model's, a classifier the
+    encoder drops, stages a shallower depth pruned. Every tensor the encoder holds is the file's."""
+    import torch
+
+    from raytrain.checkpoints import initial_model
+
+    source = write(tmp_path / "weights.pt")
+    model, _ = initial_model(small_encoder_config(tmp_path, tmp_path / "weights.pt"))
+    own = model.encoder.state_dict()
+    assert own and all(torch.equal(tensor, source[name]) for name, tensor in own.items() if not name.endswith("num_batches_tracked"))
+
+
+def test_an_encoder_weights_file_of_another_sha256_than_the_config_pins_is_refused(tmp_path):
+    from raytrain.checkpoints import initial_model
+    from raytrain.errors import ConfigError
+    from tests.helpers import encoder_weights
+
+    file = encoder_weights(tmp_path / "resnet18.pt")
+    _, recorded = initial_model(small_encoder_config(tmp_path, file))
+    pinned = recorded.model.encoder_weights_sha256
+    assert initial_model(recorded)[1] == recorded  # the same file: the same config
+    encoder_weights(file, seed=2)
+    with pytest.raises(ConfigError, match=f"^model.encoder_weights: {file}: its SHA-256 is [0-9a-f]{{64}}, not model.encoder_weights_sha256's {pinned}"):
+        initial_model(recorded)
+
+
+def test_encoder_weights_from_s3_record_the_sha256_of_the_file(tmp_path, s3_prefix, s3_server, monkeypatch):
+    """Read from the bucket through pyarrow's S3 filesystem, as preflight and every worker read it,
+    and recorded with the digest of the bytes uploaded."""
+    import hashlib
+
+    import torch
+
+    from raytrain.checkpoints import initial_model
+    from raytrain.storage.paths import filesystem_of
+    from tests.helpers import encoder_weights
+
+    for name, value in s3_server.env.items():
+        if name.startswith("AWS_"):
+            monkeypatch.setenv(name, value)
+    file = encoder_weights(tmp_path / "resnet18.pt")
+    uri = f"{s3_prefix}/weights/resnet18.pt"
+    filesystem, path = filesystem_of(uri)
+    with filesystem.open_output_stream(path) as upload:
+        upload.write(file.read_bytes())
+    model, config = initial_model(small_encoder_config(tmp_path, uri))
+    assert config.model.encoder_weights == uri
+    assert config.model.encoder_weights_sha256 == hashlib.sha256(file.read_bytes()).hexdigest()
+    assert all(torch.equal(model.encoder.state_dict()[name], tensor) for name, tensor in torch.load(file, weights_only=True).items())

@@ -8,6 +8,7 @@ and the fragments its one-line message must contain.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 from PIL import Image
 
 from raytrain.checkpoints import seal
-from tests.helpers import BROKEN_PNGS, C, MEMORY_LIMIT, SHARD, assert_one_line_error, big_png, big_png_bytes, broken_png, check_bad_input_row, check_one_line_and_nothing_written, checkpoint, config, finished_experiment, kitti_folder, kitti_um_and_uu, mask_value_outside_class_map, png_header, run_raytrain, shards, shards_without_val
+from tests.helpers import BROKEN_PNGS, C, MEMORY_LIMIT, SHARD, SMALL_ENCODER, assert_one_line_error, big_png, big_png_bytes, broken_png, check_bad_input_row, check_one_line_and_nothing_written, checkpoint, config, encoder_weights, finished_experiment, kitti_folder, kitti_um_and_uu, mask_value_outside_class_map, png_header, run_raytrain, shards, shards_without_val
 
 # ---------------------------------------------------------------- the files a row needs
 
@@ -130,6 +131,19 @@ def nothing(tmp: Path) -> None:
     pass
 
 
+def encoder_weights_as(write, **dotted):
+    """A config of SMALL_ENCODER's model with model.encoder_weights {tmp}/w.pt, which write(path) makes."""
+    def setup(tmp: Path) -> None:
+        write(tmp / "w.pt")
+        config(tmp, **{**SMALL_ENCODER, "model.encoder_weights": str(tmp / "w.pt"), **dotted})
+
+    return setup
+
+
+def saved_encoder(change):
+    return lambda path: encoder_weights(path, change=change)
+
+
 # ---------------------------------------------------------------- the table
 
 TRAIN = ["train", C, "--num-cpus", "4"]  # enough CPUs: the rows below fail on their own fault
@@ -221,6 +235,39 @@ CASES = [
     pytest.param(
         [*TRAIN, "--set", "train.use_gpu=true"], lambda t: config(t), ["train.use_gpu", "needs 2 GPUs", "has 0", "RAY_ADDRESS"],
         id="gpus-asked-none-here", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU"),
+    ),
+    pytest.param(
+        TRAIN, encoder_weights_as(lambda path: None), ["model.encoder_weights: {tmp}/w.pt", "cannot read the weights", "No such file"],
+        id="encoder-weights-missing",
+    ),
+    pytest.param(
+        TRAIN, encoder_weights_as(lambda path: path.write_text("conv1.weight: [0.1, 0.2]\n")),
+        ["model.encoder_weights: {tmp}/w.pt", "not a torch.save file"], id="encoder-weights-not-a-torch-file",
+    ),
+    pytest.param(
+        TRAIN, encoder_weights_as(saved_encoder(lambda state: {**state, "hook": os.system})),
+        ["model.encoder_weights: {tmp}/w.pt", "refused: not a weights-only file", "posix.system"], id="encoder-weights-pickled-code",
+    ),
+    pytest.param(
+        TRAIN, encoder_weights_as(encoder_weights, **{"model.encoder": "resnet34"}),
+        ["model.encoder_weights: {tmp}/w.pt", "not the weights of the encoder", "missing ['layer1.2."], id="encoder-weights-other-architecture",
+    ),
+    pytest.param(
+        TRAIN, encoder_weights_as(saved_encoder(lambda state: {**state, "conv1.weight": torch.zeros(64, 1, 7, 7)})),
+        ["model.encoder_weights: {tmp}/w.pt", "conv1.weight is (64, 1, 7, 7)", "the model's is (64, 3, 7, 7)"], id="encoder-weights-other-shape",
+    ),
+    pytest.param(
+        TRAIN, encoder_weights_as(lambda path: os.truncate(encoder_weights(path), 9 * 10**9)),  # sparse: no disk taken
+        ["model.encoder_weights: {tmp}/w.pt: 9000000000 bytes, over the weights limit", "RAYTRAIN_MAX_PARAMETERS"],
+        id="encoder-weights-over-the-limit",
+    ),
+    pytest.param(
+        TRAIN, lambda t: (encoder_weights(t / "w.pt"), config(t, **{"model.encoder_weights": str(t / "w.pt")})),
+        ["model 'unet' does not take 'encoder_weights'"], id="encoder-weights-for-a-model-without-an-encoder",
+    ),
+    pytest.param(
+        ["train", C, "--set", "model.encoder_weights_sha256=abc"], lambda t: config(t, "d", **SMALL_ENCODER),
+        ["{tmp}/c.yaml", "model.encoder_weights_sha256", "64 hexadecimal digits", "'abc'"], id="config-encoder-sha256-not-a-digest",
     ),
     # CLI arguments
     pytest.param(["fly"], nothing, ["invalid choice: 'fly'"], id="cli-unknown-command"),

@@ -147,7 +147,7 @@ def read_only_folder(tmp: Path) -> None:
 CASES = [
     pytest.param(
         PREDICT, with_weights(lambda state, path: torch.save({**state, "hook": os.system}, path)),
-        ["{tmp}/exp/ckpt/model.pt", "refused: not a weights-only checkpoint", "posix.system"], id="weights-pickled-code",
+        ["{tmp}/exp/ckpt/model.pt", "refused: not a weights-only file", "posix.system"], id="weights-pickled-code",
     ),
     pytest.param(
         PREDICT, with_weights(lambda state, path: torch.save(state, path, _use_new_zipfile_serialization=False)),

@@ -223,3 +223,42 @@ def test_first_batch_clock_times_the_first_batch_only():
     clock = FirstBatchClock(slow_start())
     assert clock.first_batch_s is None
     assert list(clock) == [0, 1, 2] and 0.05 <= clock.first_batch_s < 1
+
+
+def test_a_run_starts_from_the_encoder_weights_file_and_its_checkpoint_loads_without_it(tmp_path):
+    """The model as a worker builds it (checkpoints.initial_model, under the run's seed): its encoder
+    holds exactly the file's tensors, where the seed alone gives others; one step trains from them as
+    from the file loaded by hand; the checkpoint records the file and its SHA-256, and loads (the way
+    evaluate, predict, export and serve load it) once the file is gone."""
+    import hashlib
+
+    import raytrain
+    from raytrain.checkpoints import initial_model
+    from tests.helpers import SMALL_ENCODER, encoder_weights
+
+    file = encoder_weights(tmp_path / "resnet18.pt", seed=1)
+    pretrained = torch.load(file, weights_only=True)
+    config = tiny_config(tmp_path, tmp_path / "results", **SMALL_ENCODER, **{"model.encoder_weights": str(file)})
+    torch.manual_seed(config.train.seed)  # as the worker seeds before building
+    model, run_config = initial_model(config)
+    assert run_config.model.encoder_weights_sha256 == hashlib.sha256(file.read_bytes()).hexdigest()
+    assert model.encoder.state_dict().keys() == pretrained.keys()
+    assert all(torch.equal(model.encoder.state_dict()[name], tensor) for name, tensor in pretrained.items())
+
+    torch.manual_seed(config.train.seed)
+    by_hand = create_model("smp:Unet", encoder="resnet18", depth=2)
+    assert not torch.equal(by_hand.encoder.conv1.weight, pretrained["conv1.weight"])  # the seed's own weights differ
+    by_hand.encoder.load_state_dict(pretrained)
+    assert all(torch.equal(tensor, by_hand.state_dict()[name]) for name, tensor in model.state_dict().items())  # decoder too
+    for trained in (model, by_hand):
+        train_one_epoch(trained, batches(count=1), create_loss("bce", 1), create_optimizer(config, trained.parameters()),
+                        torch.device("cpu"), 0)
+    assert not torch.equal(model.encoder.conv1.weight, pretrained["conv1.weight"])  # the step trained the encoder
+    assert all(torch.equal(tensor, by_hand.state_dict()[name]) for name, tensor in model.state_dict().items())
+
+    save_checkpoint(tmp_path / "ckpt", model, create_optimizer(config, model.parameters()), None, 1, run_config, {"val_iou": 0.5})
+    file.unlink()
+    loaded = raytrain.load_model(tmp_path / "ckpt")
+    recorded = loaded.config.model
+    assert (recorded.encoder_weights, recorded.encoder_weights_sha256) == (str(file), run_config.model.encoder_weights_sha256)
+    assert all(torch.equal(loaded.module.state_dict()[name], tensor) for name, tensor in model.state_dict().items())

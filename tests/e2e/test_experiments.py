@@ -46,44 +46,38 @@ def test_train_twice_gives_two_fresh_runs_and_resume_continues_the_latest(ray_cl
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_quickstart_command_twice_gives_two_searches(tmp_path):
-    """The README's first command, small, run twice: the data is made once, each search is new and
-    keeps its own best checkpoint."""
+def test_quickstart_command_runs_a_quiet_search_and_prints_the_next_steps(tmp_path):
+    """The README's first command, small: it makes the data, runs a quiet search that keeps its best
+    checkpoint, and ends with the next steps. (Run once: a second run was 80 s of CI, near its limit.)"""
     args = ["quickstart", "--data-dir", str(tmp_path / "data"),
             "--set", f"train.storage_path={tmp_path / 'results'}", "--set", "train.epochs=1",
             "--set", "search.num_samples=1", "--set", "search.scheduler.grace_period=1",  # its grid's 2 trials, together
             "--set", "data.size=64x32", "--set", "model.base_channels=4"]
     # A progress line at every update rank 0 sends, as in a log (stderr is not a terminal here).
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAYTRAIN_PROGRESS_EVERY_S": "0"}
-    outputs, outputs_and_errors = [], []
-    for _ in range(2):
-        done = _cli(*args, env=env)
-        assert done.returncode == 0, done.stderr[-3000:]
-        outputs.append(done.stdout)
-        outputs_and_errors.append(done)
-    assert "making 400 synthetic road scenes" in outputs[0] and "making" not in outputs[1]
-    found = [[line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("experiment: ")] for out in outputs]
-    assert found[0][0] == found[0][-1] and found[1][0] == found[1][-1]  # printed at the start and at the end
-    assert found[0][0] != found[1][0]
-    for out, (experiment, *_) in zip(outputs, found):  # each search's best is its own
-        best = [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("best checkpoint: ")]
-        assert best and Path(best[0]).is_relative_to(experiment)
-        assert raytrain.best_checkpoint(experiment).path == Path(best[0])
-        # It ends with what to run next, on what it made, and Ray warned of nothing along the way.
-        lines = out.splitlines()
-        assert lines[lines.index("next:") - 1].startswith("quickstart took ")
-        assert lines[lines.index("next:"):] == [
-            "next:", f"  raytrain serve {best[0]}", f"  raytrain predict {best[0]} IMAGES... --out predictions",
-            f"  raytrain evaluate {best[0]} {tmp_path / 'data' / 'synthetic_shards'}",
-            f"  raytrain report {experiment} --out report", f"  tensorboard --logdir {experiment}",
-        ]
-        assert not [line for line in lines if "WARNING" in line or "(raylet)" in line]
-    for done in outputs_and_errors:
-        assert not [line for line in done.stderr.splitlines() if "WARNING" in line or "(raylet)" in line]
-        # Progress within each epoch, as lines (no terminal): which trial, how far, how fast, time left.
-        progress = [line for line in done.stderr.splitlines() if " epoch 1/1: " in line]
-        assert progress and all(line.startswith("trial ") and " images/s" in line for line in progress), done.stderr[-3000:]
-        assert "\r" not in done.stderr
-    runs = raytrain.runs(tmp_path / "results")
-    assert [run.path for run in runs] == [found[1][0], found[0][0]]  # newest first
-    assert all((run.kind, run.trials, run.status) == ("tune", 2, "finished") for run in runs)
+    done = _cli(*args, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "making 400 synthetic road scenes" in out
+    experiment, *_, last = [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("experiment: ")]
+    assert experiment == last  # printed at the start and at the end
+    best = [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("best checkpoint: ")]
+    assert best and Path(best[0]).is_relative_to(experiment)
+    assert raytrain.best_checkpoint(experiment).path == Path(best[0])
+    # It ends with what to run next, on what it made, and Ray warned of nothing along the way.
+    lines = out.splitlines()
+    assert lines[lines.index("next:") - 1].startswith("quickstart took ")
+    assert lines[lines.index("next:"):] == [
+        "next:", f"  raytrain serve {best[0]}", f"  raytrain predict {best[0]} IMAGES... --out predictions",
+        f"  raytrain evaluate {best[0]} {tmp_path / 'data' / 'synthetic_shards'}",
+        f"  raytrain report {experiment} --out report", f"  tensorboard --logdir {experiment}",
+    ]
+    assert not [line for line in lines if "WARNING" in line or "(raylet)" in line]
+    assert not [line for line in done.stderr.splitlines() if "WARNING" in line or "(raylet)" in line]
+    # Progress within each epoch, as lines (no terminal): which trial, how far, how fast, time left.
+    progress = [line for line in done.stderr.splitlines() if " epoch 1/1: " in line]
+    assert progress and all(line.startswith("trial ") and " images/s" in line for line in progress), done.stderr[-3000:]
+    assert "\r" not in done.stderr
+
+    [run] = raytrain.runs(tmp_path / "results")
+    assert (run.path, run.kind, run.trials, run.status) == (experiment, "tune", 2, "finished")

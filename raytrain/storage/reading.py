@@ -75,14 +75,21 @@ def read_bounded(location: str | os.PathLike | RemotePath, limit: int, kind: str
 
 def _read_to(read, limit: int) -> bytes:
     """Everything `read(n)` gives, up to limit + 1 bytes: a file that grows while read is refused too."""
-    chunks, size = [], 0
+    chunks = []
+    _stream_to(read, chunks.append, limit)
+    return b"".join(chunks)
+
+
+def _stream_to(read, write, limit: int) -> int:
+    """What `read(n)` gives, handed to `write` chunk by chunk, up to limit + 1 bytes; the bytes moved."""
+    size = 0
     while size <= limit:
         chunk = read(min(_CHUNK, limit + 1 - size))
         if not chunk:
             break
-        chunks.append(chunk)
+        write(chunk)
         size += len(chunk)
-    return b"".join(chunks)
+    return size
 
 
 def checked_size(location: str | os.PathLike | RemotePath, limit: int, kind: str,
@@ -111,22 +118,23 @@ def copy_bounded(path: RemotePath, destination: Path, limit: int, kind: str,
     as read_bounded reads it: for a file that another library reads from disk (torch's memory map),
     never held in memory whole. A read fails as read_bounded's; a write (a full disk) with its OSError."""
     checked_size(path, limit, kind, error, setting)
-    size = 0
+
+    def unreadable(err: Exception) -> RaytrainError:
+        return error(f"{path}: cannot read the {kind} ({' '.join(str(err).split())})")
+
+    def read(count: int) -> bytes:
+        try:
+            return stream.read(count)
+        except (OSError, pa.ArrowException) as err:
+            raise unreadable(err) from None
+
     with open(destination, "wb") as copy:
         try:
             stream = path.filesystem.open_input_stream(path.path)
         except (OSError, pa.ArrowException) as err:
-            raise error(f"{path}: cannot read the {kind} ({' '.join(str(err).split())})") from None
+            raise unreadable(err) from None
         with stream:
-            while size <= limit:
-                try:
-                    chunk = stream.read(min(_CHUNK, limit + 1 - size))
-                except (OSError, pa.ArrowException) as err:
-                    raise error(f"{path}: cannot read the {kind} ({' '.join(str(err).split())})") from None
-                if not chunk:
-                    break
-                copy.write(chunk)
-                size += len(chunk)
+            size = _stream_to(read, copy.write, limit)
     _check(path, stat.S_IFREG, size, limit, kind, error, setting)
 
 

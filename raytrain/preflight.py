@@ -209,14 +209,36 @@ def _trial_variants(config: Config) -> list[dict]:
     return [dict(zip(keys, combination)) for combination in itertools.product(*values)]
 
 
+# A local cluster sized to the config runs at most this many worker processes per core of the machine.
+WORKERS_PER_CORE = 2
+
+
+def _concurrent_runs(config: Config, search: bool) -> int:
+    concurrent = config.search.num_trials if config.search.scheduler.name == "pbt" else config.search.max_concurrent_trials
+    return (concurrent or 1) if search else 1
+
+
 def local_cpus(config: Config, *, search: bool) -> int:
     """Logical CPUs for a local cluster: the machine's, or enough for one run (a search: its concurrent
     trials; pbt: the whole population), each with a CPU for Ray Data, whichever is more. Threads then
     share the cores."""
     per_run = config.train.num_workers * config.train.cpus_per_worker
-    concurrent = config.search.num_trials if config.search.scheduler.name == "pbt" else config.search.max_concurrent_trials
-    runs = (concurrent or 1) if search else 1
+    runs = _concurrent_runs(config, search)
     return max(os.cpu_count() or 1, math.ceil(runs * (per_run + 1 + (TRIAL_DRIVER_CPUS if search else 0))))
+
+
+def _check_worker_count(config: Config, search: bool) -> None:
+    """Sizing the cluster to the config is for a few workers sharing the cores: not for 64 processes,
+    each holding torch and a model, on a laptop's 2 cores."""
+    runs, cores = _concurrent_runs(config, search), os.cpu_count() or 1
+    workers = runs * config.train.num_workers
+    if workers > WORKERS_PER_CORE * cores:
+        at_once = f" x {runs} trials at a time" if runs > 1 else ""
+        raise ConfigError(
+            f"train.num_workers={config.train.num_workers}{at_once} starts {workers} worker processes, over "
+            f"{WORKERS_PER_CORE} per CPU of this machine ({cores}): lower train.num_workers"
+            f"{' or search.max_concurrent_trials' if search else ''}, or pass --num-cpus to size the local cluster yourself"
+        )
 
 
 def local_cluster_cpus(config: Config, kind: str, num_cpus: int | None = None) -> int | None:
@@ -225,7 +247,10 @@ def local_cluster_cpus(config: Config, kind: str, num_cpus: int | None = None) -
     ray = sys.modules.get("ray")
     if os.environ.get("RAY_ADDRESS") or (ray is not None and ray.is_initialized()):
         return None
-    return num_cpus or local_cpus(config, search=kind == "tune")
+    if num_cpus:
+        return num_cpus
+    _check_worker_count(config, search=kind == "tune")
+    return local_cpus(config, search=kind == "tune")
 
 
 def plan(config: Config, kind: str, local_cpus: int | None) -> dict:

@@ -1,6 +1,7 @@
 """preflight: the checks and the plan that `raytrain train|tune` make before Ray starts, called in
 process on tiny shards; and the camvid_road recipe, which plans on a CamVid-style drive split."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -154,3 +155,37 @@ def test_local_object_store_is_ray_s_default_share_of_the_available_memory():
 
     available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     assert 0 < local_object_store_bytes() <= 0.3 * available * 1.05  # memory moves between the two reads
+
+
+# ---------------------------------------------------------------- a local cluster sized to the config
+
+
+def test_more_workers_than_the_machine_can_hold_are_refused_unless_the_cluster_is_sized(tiny_shards, tmp_path, monkeypatch):
+    """`--set train.num_workers=64` on a laptop once started 64 worker processes; --num-cpus is the
+    user saying how large the local cluster is, so that is still allowed."""
+    from raytrain.errors import ConfigError
+    from raytrain.preflight import WORKERS_PER_CORE, local_cluster_cpus
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cores = os.cpu_count()
+    many = WORKERS_PER_CORE * cores + 1
+    config = tiny_config(tiny_shards, tmp_path, **{"train.num_workers": many})
+    with pytest.raises(ConfigError, match=rf"train.num_workers={many} starts {many} worker processes, over {WORKERS_PER_CORE} per CPU .*\({cores}\).*--num-cpus"):
+        local_cluster_cpus(config, "train")
+    assert local_cluster_cpus(config, "train", num_cpus=many + 1) == many + 1
+    fits = tiny_config(tiny_shards, tmp_path, **{"train.num_workers": WORKERS_PER_CORE * cores})
+    assert local_cluster_cpus(fits, "train") == WORKERS_PER_CORE * cores + 1  # and Ray Data's CPU
+    search = tiny_config(tiny_shards, tmp_path, **{"train.num_workers": cores, "search.max_concurrent_trials": WORKERS_PER_CORE + 1})
+    with pytest.raises(ConfigError, match=rf"x {WORKERS_PER_CORE + 1} trials at a time .*search.max_concurrent_trials"):
+        local_cluster_cpus(search, "tune")
+    assert local_cluster_cpus(search, "train") == max(cores + 1, cores)  # train runs one
+
+
+def test_too_many_workers_is_one_line_at_the_cli(tmp_path):
+    from tests.helpers import assert_one_line_error, config
+
+    many = 2 * os.cpu_count() + 1
+    path = config(tmp_path, **{"train.num_workers": many})
+    run = run_cli(["train", path, "--dry-run"], tmp_path)
+    assert_one_line_error(run, [f"train.num_workers={many}", "worker processes", "--num-cpus"], tmp_path)
+    assert run_cli(["train", path, "--dry-run", "--num-cpus", many + 1], tmp_path).returncode == 0

@@ -28,9 +28,9 @@ def predicted(model, images, tta=None):
     return probabilities[:, None] if probabilities.ndim == 3 else probabilities
 
 
-@pytest.mark.parametrize("options, classes, tta", [
-    (SIMPLE, ["road", "car", "sky"], None), (UNET, ["road"], "flip"),
-], ids=["simple-3-classes", "unet-road-flip"])
+# One export, as each costs 3-4 s of torch.onnx's exporter: the U-Net's skips and upsampling, a softmax
+# over three classes and the flip, in one graph.
+@pytest.mark.parametrize("options, classes, tta", [(UNET, ["road", "car", "sky"], "flip")], ids=["unet-3-classes-flip"])
 def test_onnx_export_matches_predict_and_holds_classes_and_size(tmp_path, capfd, options, classes, tta):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")

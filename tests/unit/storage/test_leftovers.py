@@ -13,12 +13,14 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from raytrain.data.formats import encode_kitti_gt
 from raytrain.data.manifest import read_manifest
+from raytrain.errors import DataError
 from raytrain.data.shards import write_shards
-from tests.helpers import kitti_folder
+from tests.helpers import kitti_folder, run_cli
 
 
 def many_samples(root: Path, count: int = 700) -> Path:
@@ -62,19 +64,23 @@ def test_sigkill_leftover_is_removed_by_the_next_run_and_nothing_else(tmp_path):
     root, out = many_samples(tmp_path / "many"), tmp_path / "shards"
     run = kill_mid_write(root, out, signal.SIGKILL)
     assert run.returncode == -signal.SIGKILL
+    assert not out.exists() and not list(tmp_path.rglob("manifest.json"))  # no dataset, whole or half
+    with pytest.raises(DataError, match="no manifest"):
+        read_manifest(out)
     [leftover] = tmp_path.glob(".shards.tmp-*")
     # Not ours to remove: a user's file and a folder that only looks like a temp folder (no marker).
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / ".shards.tmp-mine").mkdir()
     (tmp_path / ".shards.tmp-mine/keep.txt").write_text("mine too")
 
-    rerun = subprocess.run(shard_cli(root, "--format", "kitti", "--out", out), capture_output=True, text=True, timeout=600)
+    # The next run, forked, of a few samples: what it finds in --out's folder is what is tested.
+    rerun = run_cli(["data", "shard", many_samples(tmp_path / "few", count=20), "--format", "kitti", "--out", out], tmp_path)
     assert rerun.returncode == 0, rerun.stderr
     assert f"raytrain: note: removed {leftover}, left by an interrupted run" in rerun.stderr
     assert f"raytrain: note: {tmp_path}/.shards.tmp-mine: left alone" in rerun.stderr
     assert not leftover.exists()
     assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / ".shards.tmp-mine/keep.txt").read_text() == "mine too"
-    assert sum(read_manifest(out).num_samples.values()) == 700
+    assert sum(read_manifest(out).num_samples.values()) == 20
     assert {p.name for p in out.iterdir()} == {"manifest.json", *(p.name for p in out.glob("*.parquet"))}  # no marker published
 
 

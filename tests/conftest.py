@@ -17,11 +17,22 @@ from tests.helpers import REPO, VAL_CATEGORIES, H, W, S3Server, camvid_annot, ki
 
 
 def pytest_sessionstart(session):
-    """tests/helpers.py's fork server imports torch and raytrain while pytest collects, on the other core."""
+    """tests/helpers.py's fork server imports torch and raytrain while pytest collects, on the other core.
+    Under pytest-xdist (`-n`), only the workers run tests: the controller starts no server, and each
+    worker's torch, server and CLI children use one thread, so that N workers on N cores do not spin
+    N x N threads against each other."""
     import multiprocessing.forkserver
 
     from tests.helpers import forkserver
 
+    config = session.config
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        return
+    if hasattr(config, "workerinput"):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"  # the fork server and fresh interpreters inherit it
+        torch.set_num_threads(1)
     forkserver()
     multiprocessing.forkserver.ensure_running()
 

@@ -234,10 +234,11 @@ def _check_worker_count(config: Config, search: bool) -> None:
     workers = runs * config.train.num_workers
     if workers > WORKERS_PER_CORE * cores:
         at_once = f" x {runs} trials at a time" if runs > 1 else ""
+        trials = "search.num_trials" if config.search.scheduler.name == "pbt" else "search.max_concurrent_trials"
         raise ConfigError(
             f"train.num_workers={config.train.num_workers}{at_once} starts {workers} worker processes, over "
             f"{WORKERS_PER_CORE} per CPU of this machine ({cores}): lower train.num_workers"
-            f"{' or search.max_concurrent_trials' if search else ''}, or pass --num-cpus to size the local cluster yourself"
+            f"{f' or {trials}' if search else ''}, or pass --num-cpus to size the local cluster yourself"
         )
 
 
@@ -249,8 +250,9 @@ def local_cluster_cpus(config: Config, kind: str, num_cpus: int | None = None) -
         return None
     if num_cpus:
         return num_cpus
-    _check_worker_count(config, search=kind == "tune")
-    return local_cpus(config, search=kind == "tune")
+    search = kind == "tune"
+    _check_worker_count(config, search)
+    return local_cpus(config, search=search)
 
 
 def plan(config: Config, kind: str, local_cpus: int | None) -> dict:

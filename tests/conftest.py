@@ -25,10 +25,10 @@ def pytest_sessionstart(session):
 
     from tests.helpers import forkserver
 
-    config = session.config
-    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+    xdist_worker = hasattr(session.config, "workerinput")
+    if getattr(session.config.option, "numprocesses", None) and not xdist_worker:
         return
-    if hasattr(config, "workerinput"):
+    if xdist_worker:
         import torch
 
         os.environ["OMP_NUM_THREADS"] = "1"  # the fork server and fresh interpreters inherit it

@@ -178,13 +178,14 @@ def test_more_workers_than_the_machine_can_hold_are_refused_unless_the_cluster_i
     search = tiny_config(tiny_shards, tmp_path, **{"train.num_workers": cores, "search.max_concurrent_trials": WORKERS_PER_CORE + 1})
     with pytest.raises(ConfigError, match=rf"x {WORKERS_PER_CORE + 1} trials at a time .*search.max_concurrent_trials"):
         local_cluster_cpus(search, "tune")
-    assert local_cluster_cpus(search, "train") == max(cores + 1, cores)  # train runs one
+    assert local_cluster_cpus(search, "train") == cores + 1  # train runs one at a time
 
 
 def test_too_many_workers_is_one_line_at_the_cli(tmp_path):
+    from raytrain.preflight import WORKERS_PER_CORE
     from tests.helpers import assert_one_line_error, config
 
-    many = 2 * os.cpu_count() + 1
+    many = WORKERS_PER_CORE * os.cpu_count() + 1
     path = config(tmp_path, **{"train.num_workers": many})
     run = run_cli(["train", path, "--dry-run"], tmp_path)
     assert_one_line_error(run, [f"train.num_workers={many}", "worker processes", "--num-cpus"], tmp_path)

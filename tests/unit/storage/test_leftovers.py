@@ -18,8 +18,8 @@ from PIL import Image
 
 from raytrain.data.formats import encode_kitti_gt
 from raytrain.data.manifest import read_manifest
-from raytrain.errors import DataError
 from raytrain.data.shards import write_shards
+from raytrain.errors import DataError
 from tests.helpers import kitti_folder, run_cli
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 from matplotlib.figure import Figure  # a Figure without pyplot: no GUI backend, no global state
@@ -31,7 +32,8 @@ from raytrain.inference.loading import load_model
 from raytrain.inference.prediction import predict
 from raytrain.metrics import SegmentationMetrics, kitti_precision_recall
 from raytrain.selection import SelectionRule, Trial, best_of_trials, experiment_trials
-from raytrain.storage.atomic import temporary_beside, write_errors_named
+from raytrain.storage import leftovers
+from raytrain.storage.atomic import write_errors_named
 from raytrain.viz import overlay_grid
 
 OVERLAY_SAMPLES = 4
@@ -312,13 +314,14 @@ def write_report(experiment_path: str | os.PathLike, out_dir: str | os.PathLike,
     with write_errors_named(out):  # a full disk: one line naming out
         out.parent.mkdir(parents=True, exist_ok=True)
         # Written whole in a hidden folder beside out, then moved in, index.html last: a full disk or
-        # a kill leaves out as it was (a previous report intact), never a partial plot.
-        staging = Path(temporary_beside(str(out)))
-        staging.mkdir()
+        # a kill leaves out as it was (a previous report intact), never a partial plot. The folder is
+        # marked as this process's, so the next report to out removes it should this one be killed.
+        staging = Path(leftovers.make_temp_dir(pafs.LocalFileSystem(), str(out.absolute()), str(out)))
         try:
             _write_report_files(staging, root, trials, best, rule, checkpoint, images, masks, probabilities, histogram)
             out.mkdir(exist_ok=True)
-            for path in sorted(staging.iterdir(), key=lambda path: path.name == INDEX):
+            written = [path for path in staging.iterdir() if path.name != leftovers.MARKER]
+            for path in sorted(written, key=lambda path: path.name == INDEX):
                 os.replace(path, out / path.name)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

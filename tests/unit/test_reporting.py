@@ -3,23 +3,31 @@ e2e/test_report.py)."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
 import numpy as np
+import pytest
 from PIL import Image
 
 from raytrain.api import best_checkpoint, load_model, predict
 from raytrain.reporting import write_report
+from raytrain.storage.leftovers import LeftoverWarning
 from tests.helpers import tiny_config
 from tests.helpers import CURVE_PNGS, _check_report
 
 
-def test_report_of_a_multiclass_run_shows_the_palette_and_no_pr_curve(tiny_shards, tmp_path):
+@pytest.fixture
+def two_class_run(tiny_shards, tmp_path) -> Path:
     """A 2-class (softmax) run saved by hand with real checkpoint files: no Ray needed to report it."""
     import torch
 
     from raytrain.checkpoints import save_checkpoint
     from raytrain.models import create_model
-    from raytrain.reporting import val_samples
-    from raytrain.viz import overlay
 
     config = tiny_config(tiny_shards, tmp_path, name="two_classes", classes=["background", "road"])
     run = tmp_path / "two_classes"
@@ -30,8 +38,14 @@ def test_report_of_a_multiclass_run_shows_the_palette_and_no_pr_curve(tiny_shard
         metrics = {"epoch": epoch, "train_loss": 1.0 / epoch, "val_loss": 1.2 / epoch, "val_accuracy": 0.5,
                    "val_f1": iou + 0.1, "val_iou": iou}
         save_checkpoint(run / f"checkpoint_{epoch}", model, optimizer, None, epoch, config, metrics)
+    return run
 
-    out = tmp_path / "report"
+
+def test_report_of_a_multiclass_run_shows_the_palette_and_no_pr_curve(two_class_run, tmp_path):
+    from raytrain.reporting import val_samples
+    from raytrain.viz import overlay
+
+    run, out = two_class_run, tmp_path / "report"
     _check_report(out, write_report(run, out), CURVE_PNGS | {"overlays.png"})
     grid = np.asarray(Image.open(out / "overlays.png").convert("RGB"))
     best = best_checkpoint(run)
@@ -40,6 +54,30 @@ def test_report_of_a_multiclass_run_shows_the_palette_and_no_pr_curve(tiny_shard
     height, width = image.shape[:2]
     expected = overlay(image, predict(load_model(best), [image])[0], ["background", "road"])
     np.testing.assert_array_equal(grid[:height, :width], expected)
+
+
+def test_a_report_killed_while_writing_leaves_the_last_report_and_the_next_one_clears_its_folder(two_class_run, tmp_path):
+    out = tmp_path / "report"
+    write_report(two_class_run, out)
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    script = f"from raytrain.reporting import write_report; write_report({str(two_class_run)!r}, {str(out)!r})"
+    process = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".report.tmp-*/*.png")):  # killed once its first plot is written
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    [leftover] = tmp_path.glob(".report.tmp-*")
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before  # the last report, whole
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        write_report(two_class_run, out)
+    assert [str(w.message) for w in caught if w.category is LeftoverWarning] == [
+        f"removed {leftover}, left by an interrupted run (pid {process.pid})"]
+    assert not list(tmp_path.glob(".report.tmp-*"))
+    assert {path.name for path in out.iterdir()} == set(before)  # no marker file published
 
 
 def test_the_trial_table_shows_each_intervals_and_marks_the_trials_tied_with_the_best():

@@ -43,9 +43,19 @@ def filesystem_of(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
         filesystem, path = pafs.FileSystem.from_uri(text)
     except (pa.ArrowException, OSError, ValueError) as err:
         raise DataError(f"{text}: not a usable filesystem URI ({' '.join(str(err).split())})") from None
+    if isinstance(filesystem, pafs.S3FileSystem):
+        filesystem = _with_bounded_retries(filesystem)
     if isinstance(filesystem, _BUCKET_STORES):
         _check_bucket(filesystem, path.partition("/")[0], text)
     return filesystem, path
+
+
+def _with_bounded_retries(filesystem: pafs.S3FileSystem) -> pafs.S3FileSystem:
+    """The same S3 filesystem with pyarrow's own default retries (the SDK's standard mode: 3
+    attempts): from_uri leaves the SDK's legacy default of 10 backed-off attempts, so an endpoint
+    that accepts connections and never answers held a command 100 s instead of about 10."""
+    rebuild, (options,) = filesystem.__reduce__()  # the pickle protocol: its options, as a dict
+    return rebuild({**options, "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3)})
 
 
 # Object stores whose paths start with a bucket: pyarrow's wheels may be built without GCS.

@@ -2,11 +2,14 @@
 `s3_server` fixture) and only the standard AWS variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION). What S3 does wrong is one line naming the bucket or the
 key, exit code 2, and nothing half-written. No Ray starts here (train --dry-run starts nothing); in
-e2e for the server and the SDK's retries against a closed port (16 s in all)."""
+e2e for the server and the SDK's retries against endpoints that do not answer."""
 from __future__ import annotations
 
 import json
+import socket
 import time
+
+import pytest
 
 from tests.helpers import assert_one_line_error, config, free_port, run_cli, snapshot
 
@@ -79,15 +82,21 @@ def test_wrong_credentials_are_one_line(tmp_path, s3_server, s3_prefix):
     assert_one_line_error(run, [f"data.path: {s3_prefix}/shards", f"cannot reach the bucket '{s3_server.bucket}'"], tmp_path)
 
 
-def test_an_endpoint_that_does_not_answer_is_one_line_in_bounded_time(tmp_path, s3_server, s3_prefix):
+@pytest.mark.parametrize("endpoint, says", [("closed", "Could not connect"), ("silent", "Timeout was reached")])
+def test_an_endpoint_that_does_not_answer_is_one_line_in_bounded_time(tmp_path, s3_server, s3_prefix, endpoint, says):
+    """A closed port, and one that accepts connections and never replies (the kernel's backlog
+    accepts them; nothing reads): the SDK's standard retries, then one line."""
     raw = kitti_folder(tmp_path)
     before = snapshot(tmp_path)
-    closed = {**s3_server.env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
-    start = time.monotonic()
-    run = shard(raw, f"{s3_prefix}/shards", closed)
-    # The SDK's own retries (about 6 s here), then one line.
-    assert_one_line_error(run, [f"{s3_prefix}/shards: cannot reach the bucket '{s3_server.bucket}'", "Could not connect"], tmp_path)
-    assert time.monotonic() - start < 60
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        port = free_port() if endpoint == "closed" else silent.getsockname()[1]
+        start = time.monotonic()
+        run = shard(raw, f"{s3_prefix}/shards", {**s3_server.env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"})
+        took = time.monotonic() - start
+    assert_one_line_error(run, [f"{s3_prefix}/shards: cannot reach the bucket '{s3_server.bucket}'", says], tmp_path)
+    assert took < 30  # a silent endpoint held it 100 s under the SDK's legacy retries
     assert snapshot(tmp_path) == before and s3_server.keys(s3_prefix) == []
 
 

@@ -78,7 +78,7 @@ def _launch(kind, source, overrides, resume, dry_run, num_cpus, verbosity):
     if dry_run:
         where = experiment or f"{experiments.name_folder(config)}/{time.strftime(experiments.STAMP)}"
         return {**plan(config, kind, cpus), "experiment": where, "resume": bool(resume)}
-    manifest = check_ready(config, cpus, search=kind == "tune")  # before anything is written
+    config, manifest = check_ready(config, cpus, search=kind == "tune")  # before anything is written
     if kind == "train":
         from raytrain.launch.trainer import run_training as run
     else:

@@ -33,11 +33,13 @@ def _check_storage(storage_path: str) -> None:
             raise type(err)(f"train.storage_path: {err}") from None
 
 
-def check_ready(config: Config, local_cpus: int | None, *, search: bool = False) -> Manifest:
+def check_ready(config: Config, local_cpus: int | None, *, search: bool = False) -> tuple[Config, Manifest]:
     """Fail before Ray starts on what would otherwise fail in every worker, or wait forever: a local
     cluster too small for one run; every trial's data.size, dataset and classes, model and loss; a
     data.cache of memory that a local cluster's object store cannot hold.
-    Returns config.data.path's manifest, read here once for the whole run.
+    Returns the config to run and config.data.path's manifest, read here once for the whole run. The
+    config pins an unsearched encoder_weights file's SHA-256 as read here, so every worker loads
+    those bytes or refuses (a node with another copy, or the file replaced since).
 
     local_cpus: the CPUs of the local cluster about to start, or None for a cluster that is already
     running or remote (it may grow; its object store is checked once joined).
@@ -47,6 +49,7 @@ def check_ready(config: Config, local_cpus: int | None, *, search: bool = False)
     _check_cluster_fits(config.train, local_cpus, search)
     _check_storage(config.train.storage_path)
     checked = set()  # each dataset and model once, however many trials share it
+    digests: dict[str | None, str | None] = {}  # each encoder_weights file's SHA-256, as the model checks read it
     manifests: dict[str, Manifest] = {}  # each data.path's, read once
     for overrides in _trial_variants(config):
         where = "".join(f"search.space {key}={value!r}: " for key, value in overrides.items())
@@ -58,7 +61,7 @@ def check_ready(config: Config, local_cpus: int | None, *, search: bool = False)
             manifest = manifests[variant.data.path]
             for key, check in [(("data", variant.data.path, tuple(variant.classes)), lambda: _check_data(variant, manifest)),
                                (("model", variant.num_classes, tuple(sorted(variant.model.model_dump().items()))),
-                                lambda: _check_model(variant))]:
+                                lambda: digests.update({variant.model.encoder_weights_file: _check_model(variant)}))]:
                 if key not in checked:
                     check()
                     checked.add(key)
@@ -68,7 +71,12 @@ def check_ready(config: Config, local_cpus: int | None, *, search: bool = False)
                 cache_decision(variant, manifest, local_object_store_bytes())
         except RaytrainError as err:
             raise type(err)(f"{where}{err}") from None
-    return manifests.get(config.data.path) or _manifest_of(config)  # a searched data.path: the base's too
+    manifest = manifests.get(config.data.path) or _manifest_of(config)  # a searched data.path: the base's too
+    searched = {"model.encoder_weights", "model.encoder_weights_sha256"} & set(config.search.space if search else ())
+    digest = digests.get(config.model.encoder_weights_file)
+    if digest and config.model.encoder_weights_sha256 is None and not searched:
+        config = config.with_overrides({"model.encoder_weights_sha256": digest})
+    return config, manifest
 
 
 def decoded_bytes(config: Config, manifest: Manifest) -> int:
@@ -161,13 +169,14 @@ def _check_data(variant: Config, manifest: Manifest) -> None:
         )
 
 
-def _check_model(variant: Config) -> None:
-    """The model builds as a worker builds it: its options, and an encoder_weights file read and loaded."""
+def _check_model(variant: Config) -> str | None:
+    """The model builds as a worker builds it: its options, and an encoder_weights file read and
+    loaded. Returns that file's SHA-256, or None without one."""
     # Here, not at the top: launch.session imports this module in Ray's processes, which need no torch.
     from raytrain.checkpoints import initial_model
 
     try:
-        initial_model(variant)
+        return initial_model(variant)[1].model.encoder_weights_sha256
     except (ValueError, KeyError) as err:
         raise ConfigError(f"model: {err.args[0] if err.args else err}") from None  # KeyError's str() adds quotes
 
@@ -259,7 +268,7 @@ def plan(config: Config, kind: str, local_cpus: int | None) -> dict:
     """What `raytrain train|tune` would run, after every check it makes before Ray starts; starts nothing.
     local_cpus: as for check_ready (local_cluster_cpus)."""
     search = kind == "tune"
-    manifest = check_ready(config, local_cpus, search=search)
+    config, manifest = check_ready(config, local_cpus, search=search)
     train, space = config.train, config.search.space
     return {
         "kind": kind,

@@ -47,7 +47,9 @@ def test_camvid_road_config_validates_and_plans_on_a_drive_split(tmp_path):
 def test_check_ready_returns_the_manifest_of_a_config_that_passes(tiny_shards, tmp_path):
     from raytrain.preflight import check_ready
 
-    manifest = check_ready(tiny_config(tiny_shards, tmp_path), local_cpus=4)
+    config = tiny_config(tiny_shards, tmp_path)
+    checked, manifest = check_ready(config, local_cpus=4)
+    assert checked == config
     assert manifest.class_names == ["road"] and manifest.count("train") + manifest.count("val") == 24
 
 
@@ -56,7 +58,7 @@ def test_the_worst_groups_metric_passes_on_grouped_val_data_and_is_refused_in_ea
     from raytrain.preflight import check_ready
 
     grouped = tiny_config(grouped_shards, tmp_path, **{"search.metric": "val_f1@worst", "train.early_stopping.metric": "val_iou@worst"})
-    assert check_ready(grouped, None).metric_groups("val") == ["umm", "uu"]
+    assert check_ready(grouped, None)[1].metric_groups("val") == ["umm", "uu"]
     ungrouped = tiny_config(tiny_shards, tmp_path, **{"train.early_stopping.metric": "val_iou@worst"})
     with pytest.raises(ConfigError, match=f"train.early_stopping.metric val_iou@worst: .* data.path {tiny_shards} has no val groups"):
         check_ready(ungrouped, None)
@@ -190,3 +192,27 @@ def test_too_many_workers_is_one_line_at_the_cli(tmp_path):
     run = run_cli(["train", path, "--dry-run"], tmp_path)
     assert_one_line_error(run, [f"train.num_workers={many}", "worker processes", "--num-cpus"], tmp_path)
     assert run_cli(["train", path, "--dry-run", "--num-cpus", many + 1], tmp_path).returncode == 0
+
+
+def test_check_ready_pins_the_encoder_weights_files_sha256_so_a_worker_refuses_another_file(tiny_shards, tmp_path):
+    """Every worker loads the bytes preflight checked: a node's other copy, or the file replaced
+    after the checks, is refused. A search that searches the file pins none (each trial records its own)."""
+    import hashlib
+
+    from raytrain.checkpoints import initial_model
+    from raytrain.errors import ConfigError
+    from raytrain.preflight import check_ready
+    from tests.helpers import SMALL_ENCODER, encoder_weights
+
+    file = encoder_weights(tmp_path / "resnet18.pt")
+    config = tiny_config(tiny_shards, tmp_path, **SMALL_ENCODER, **{"model.encoder_weights": str(file)})
+    pinned, _ = check_ready(config, local_cpus=4)
+    assert pinned == config.with_overrides({"model.encoder_weights_sha256": hashlib.sha256(file.read_bytes()).hexdigest()})
+    assert initial_model(pinned)[1] == pinned  # the same file, as a worker reads it
+
+    other = encoder_weights(tmp_path / "other.pt", seed=2)
+    searched = config.with_overrides({"search.space": {"model.encoder_weights": {"choice": [str(file), str(other)]}}})
+    assert check_ready(searched, local_cpus=4, search=True)[0] == searched
+    encoder_weights(file, seed=2)  # replaced after the checks
+    with pytest.raises(ConfigError, match=f"^model.encoder_weights: {file}: its SHA-256 is .*, not model.encoder_weights_sha256's"):
+        initial_model(pinned)

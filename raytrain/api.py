@@ -257,13 +257,14 @@ def quickstart(data_dir: str | os.PathLike | None = None, overrides: Overrides =
     _optional(POSITIVE, "num_cpus", num_cpus)
     data_dir = Path(data_dir or cache_dir()).expanduser()
     raw, shards = data_dir / "synthetic", data_dir / "synthetic_shards"
+    # The config first: a bad --set is refused before the data is made.
+    config = load_config(load_config("quickstart", {"data.path": str(shards)}), overrides)
     if not (shards / MANIFEST).is_file():
         if not (raw.is_dir() and any(raw.iterdir())):
             if verbosity >= EPOCH_LINES:
                 print(f"making {QUICKSTART_COUNT} synthetic road scenes in {raw}", flush=True)
             synth(raw, QUICKSTART_COUNT, seed=QUICKSTART_SEED, size=QUICKSTART_SIZE)
         shard(raw, "kitti", shards)
-    config = load_config(load_config("quickstart", {"data.path": str(shards)}), overrides)
     grid = tune(config, num_cpus=num_cpus, verbosity=verbosity)
     return best_checkpoint(grid.experiment_path)
 

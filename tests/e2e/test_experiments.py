@@ -48,7 +48,8 @@ def test_train_twice_gives_two_fresh_runs_and_resume_continues_the_latest(ray_cl
 @pytest.mark.slow
 def test_quickstart_command_runs_a_quiet_search_and_prints_the_next_steps(tmp_path):
     """The README's first command, small: it makes the data, runs a quiet search that keeps its best
-    checkpoint, and ends with the next steps. (Run once: a second run was 80 s of CI, near its limit.)"""
+    checkpoint, and ends with the next steps; run again, it makes no data. (The second run is refused
+    before Ray starts: a second search was 80 s of CI, near its limit.)"""
     args = ["quickstart", "--data-dir", str(tmp_path / "data"),
             "--set", f"train.storage_path={tmp_path / 'results'}", "--set", "train.epochs=1",
             "--set", "search.num_samples=1", "--set", "search.scheduler.grace_period=1",  # its grid's 2 trials, together
@@ -81,3 +82,10 @@ def test_quickstart_command_runs_a_quiet_search_and_prints_the_next_steps(tmp_pa
 
     [run] = raytrain.runs(tmp_path / "results")
     assert (run.path, run.kind, run.trials, run.status) == (experiment, "tune", 2, "finished")
+
+    # Run again, it reuses the data: here on one CPU, which its search cannot fit (refused before Ray starts).
+    made = {path: path.stat().st_mtime_ns for path in (tmp_path / "data").rglob("*")}
+    again = _cli(*args, "--num-cpus", "1", env=env)
+    assert again.returncode == 2 and "needs 3 CPUs" in again.stderr, again.stderr[-3000:]
+    assert "making" not in again.stdout
+    assert {path: path.stat().st_mtime_ns for path in (tmp_path / "data").rglob("*")} == made

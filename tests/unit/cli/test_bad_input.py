@@ -407,6 +407,10 @@ CASES = [
         ["tune", "quickstart", "--set", "train.epochs=1"], nothing,
         ["search.scheduler.grace_period 2 is more than train.epochs 1"], id="config-grace-period-over-epochs",
     ),
+    pytest.param(
+        ["quickstart", "--data-dir", "{tmp}/data", "--set", "train.epochs=1"], nothing,
+        ["search.scheduler.grace_period 2 is more than train.epochs 1"], id="quickstart-bad-set-before-the-data-is-made",
+    ),
     pytest.param(["train", "nosuchconfig"], nothing, ["nosuchconfig", "config file not found", "quickstart"], id="config-unknown-name"),
     pytest.param(["config", "show", "nosuchconfig"], nothing, ["nosuchconfig", "config file not found"], id="config-show-unknown-name"),
     pytest.param(["tune", C, "--resume"], lambda t: config(t), ["--resume", "no tune experiment named 'bad'"], id="resume-nothing-to-resume"),

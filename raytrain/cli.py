@@ -172,8 +172,10 @@ def _config_show(args) -> None:
 
 
 def _report(args) -> None:
-    print(api.report(args.experiment, args.out, metric=args.metric, mode=args.mode, select=args.select,
-                     last_k=args.last_k, progress=progress("report")))
+    with _notes():  # a damaged checkpoint passed over; an interrupted report's folder removed
+        index = api.report(args.experiment, args.out, metric=args.metric, mode=args.mode, select=args.select,
+                           last_k=args.last_k, progress=progress("report"))
+    print(index)
 
 
 def _evaluate(args) -> None:

@@ -95,6 +95,20 @@ def _child(args: list[str], cwd: str, env: dict[str, str], umask: int | None, me
     sys.exit(main(args))
 
 
+def start_cli(args: list, stdout: Path, stderr: Path, cwd: Path | str | None = None, env: dict[str, str] | None = None,
+              umask: int | None = None, memory_limit: int | None = None):
+    """`raytrain ARGS` started in a forked child process (a multiprocessing Process), writing its
+    stdout and stderr to those files; run_cli waits for it."""
+    stdout.touch()
+    stderr.touch()
+    process = forkserver().Process(
+        target=_child, args=([str(a) for a in args], str(cwd or os.getcwd()), env or cli_environment(), umask, memory_limit,
+                             str(stdout), str(stderr)),
+    )
+    process.start()
+    return process
+
+
 def run_cli(args: list, cwd: Path | str | None = None, env: dict[str, str] | None = None,
             timeout: float = 600, umask: int | None = None, memory_limit: int | None = None) -> subprocess.CompletedProcess:
     """`raytrain ARGS` in a forked child process; stdout and stderr as text, like subprocess.run.
@@ -102,12 +116,7 @@ def run_cli(args: list, cwd: Path | str | None = None, env: dict[str, str] | Non
     args = [str(a) for a in args]
     with tempfile.TemporaryDirectory(prefix="raytrain-cli-") as streams:
         stdout, stderr = Path(streams, "stdout"), Path(streams, "stderr")
-        stdout.touch()
-        stderr.touch()
-        process = forkserver().Process(
-            target=_child, args=(args, str(cwd or os.getcwd()), env or cli_environment(), umask, memory_limit, str(stdout), str(stderr)),
-        )
-        process.start()
+        process = start_cli(args, stdout, stderr, cwd, env, umask, memory_limit)
         process.join(timeout)
         if process.is_alive():
             process.kill()

@@ -3,11 +3,7 @@ e2e/test_report.py)."""
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +12,7 @@ from PIL import Image
 
 from raytrain.api import best_checkpoint, load_model, predict
 from raytrain.reporting import write_report
-from raytrain.storage.leftovers import LeftoverWarning
-from tests.helpers import tiny_config
+from tests.helpers import run_cli, start_cli, tiny_config
 from tests.helpers import CURVE_PNGS, _check_report
 
 
@@ -58,24 +53,21 @@ def test_report_of_a_multiclass_run_shows_the_palette_and_no_pr_curve(two_class_
 
 def test_a_report_killed_while_writing_leaves_the_last_report_and_the_next_one_clears_its_folder(two_class_run, tmp_path):
     out = tmp_path / "report"
-    write_report(two_class_run, out)
+    assert run_cli(["report", two_class_run, "--out", out]).returncode == 0
     before = {path.name: path.read_bytes() for path in out.iterdir()}
-    script = f"from raytrain.reporting import write_report; write_report({str(two_class_run)!r}, {str(out)!r})"
-    process = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    process = start_cli(["report", two_class_run, "--out", out], tmp_path / "stdout", tmp_path / "stderr")
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(".report.tmp-*/*.png")):  # killed once its first plot is written
-        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+        assert process.is_alive() and time.monotonic() < deadline, (tmp_path / "stderr").read_text()
         time.sleep(0.005)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=60)
+    process.kill()
+    process.join()
     [leftover] = tmp_path.glob(".report.tmp-*")
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before  # the last report, whole
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        write_report(two_class_run, out)
-    assert [str(w.message) for w in caught if w.category is LeftoverWarning] == [
-        f"removed {leftover}, left by an interrupted run (pid {process.pid})"]
+    again = run_cli(["report", two_class_run, "--out", out])
+    assert again.returncode == 0, again.stderr
+    assert again.stderr == f"raytrain: note: removed {leftover}, left by an interrupted run (pid {process.pid})\n"
     assert not list(tmp_path.glob(".report.tmp-*"))
     assert {path.name for path in out.iterdir()} == set(before)  # no marker file published
 

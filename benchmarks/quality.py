@@ -178,7 +178,7 @@ def run_selection_searches(camvid: Path, root: Path, args) -> None:
         write_shards(camvid, "camvid", shards, classes=["road"], group_by="^[^_]+",
                      val_groups=[SELECTION_DRIVE, UNSEEN_DRIVE])
     for seed in args.seeds:
-        for scheduler in ("fifo", "asha"):
+        for scheduler in args.schedulers:
             storage = root / f"seed{seed}_{scheduler}"
             if storage.is_dir() and any(run.status == "finished" for run in api.runs(storage)):
                 continue
@@ -256,8 +256,8 @@ def selection_main(args) -> int:
         **header("quality_selection"),
         "setup": {
             "split": f"binary road; train drive 0016E5, selection drive {SELECTION_DRIVE}, unseen drive {UNSEEN_DRIVE}",
-            "searches": "camvid_road's space and model, plus train.ema grid [none, ema]; FIFO and ASHA per seed",
-            "size": args.size, "epochs": args.epochs, "samples": args.samples, "ema": args.ema, "seeds": args.seeds,
+            "searches": f"camvid_road's space and model, plus train.ema grid [none, ema]; {' and '.join(args.schedulers)} per seed",
+            "size": args.size, "epochs": args.epochs, "samples": args.samples, "schedulers": args.schedulers, "ema": args.ema, "seeds": args.seeds,
             "workers": "1 worker of 1 CPU a trial, 2 trials at a time",
             "scored": "val_iou@<drive> at the training size, every epoch of every trial (Tune's result.json)",
             "regret": "best unseen IoU among the checkpoints the rule hands back, minus the pick's",
@@ -285,6 +285,8 @@ def main() -> int:
     parser.add_argument("--size", default="160x120", help="--selection: WIDTHxHEIGHT")
     parser.add_argument("--epochs", type=int, default=8, help="--selection: epochs a trial")
     parser.add_argument("--samples", type=int, default=5, help="--selection: sampled settings, each with and without EMA")
+    parser.add_argument("--schedulers", nargs="+", choices=["fifo", "asha"], default=["fifo", "asha"],
+                        help="--selection: the searches of each seed (ASHA's full trials repeat FIFO's exactly)")
     parser.add_argument("--ema", type=float, default=0.99, help="--selection: the EMA decay of the trials with it")
     args = parser.parse_args()
     SETTINGS.extend(args.set)

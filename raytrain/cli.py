@@ -22,6 +22,7 @@ from raytrain import api
 from raytrain.config import parse_size
 from raytrain.console import EPOCH_LINES, QUIET, RAY_LOGS, progress
 from raytrain.errors import FRACTION, NON_NEGATIVE, PORT, POSITIVE, POSITIVE_NUMBER, RaytrainError, Rule, one_line
+from raytrain.storage.paths import uri_of
 
 
 def _synth(args) -> None:
@@ -77,10 +78,12 @@ def _train(args) -> None:
     if args.dry_run:
         return
     print(json.dumps({k: v for k, v in (result.metrics or {}).items() if k.startswith(("val_", "train_", "epoch"))}, indent=2))
-    print(f"checkpoint: {result.checkpoint.path if result.checkpoint else None}")
-    print(f"experiment: {result.path}")
-    if result.checkpoint:
-        _print_next_steps(result.checkpoint.path, result.path, config.data.path)
+    checkpoint = uri_of(result.checkpoint.filesystem, result.checkpoint.path) if result.checkpoint else None
+    experiment = uri_of(result.filesystem, result.path)
+    print(f"checkpoint: {checkpoint}")
+    print(f"experiment: {experiment}")
+    if checkpoint:
+        _print_next_steps(checkpoint, experiment, config.data.path)
 
 
 def _tune(args) -> None:
@@ -88,8 +91,9 @@ def _tune(args) -> None:
     search = None if args.dry_run else api.resolved_config(args.config, args.set, kind="tune", resume=args.resume).search
     grid = _launch(args, "tune")
     if not args.dry_run:
-        best = _print_search(grid.experiment_path, search)
-        _print_next_steps(best.path, grid.experiment_path, best.config.data.path)
+        experiment = uri_of(grid.filesystem, grid.experiment_path)
+        best = _print_search(experiment, search)
+        _print_next_steps(best.path, experiment, best.config.data.path)
 
 
 def _print_search(experiment: str, search):

@@ -50,6 +50,18 @@ def filesystem_of(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     return filesystem, path
 
 
+# pyarrow's filesystem type names and the URI schemes that name them again.
+_SCHEMES = {"s3": "s3", "gcs": "gs", "hdfs": "hdfs", "abfs": "abfs"}
+
+
+def uri_of(filesystem: pafs.FileSystem | None, path: str) -> str:
+    """The location a user names for `path` on `filesystem`: Ray's results and checkpoints give
+    a path on their filesystem (bucket/key, no s3://). The URI's options, such as an endpoint,
+    are not in Ray's paths; the standard variables (AWS_ENDPOINT_URL) carry them."""
+    scheme = _SCHEMES.get(getattr(filesystem, "type_name", "local"))
+    return f"{scheme}://{path.lstrip('/')}" if scheme else path
+
+
 def _with_bounded_retries(filesystem: pafs.S3FileSystem) -> pafs.S3FileSystem:
     """The same S3 filesystem with pyarrow's own default retries (the SDK's standard mode: 3
     attempts): from_uri leaves the SDK's legacy default of 10 backed-off attempts, so an endpoint

@@ -1,4 +1,6 @@
-"""Runs that survive: a killed training worker, and a killed train or search driver continued with --resume."""
+"""Runs that survive: a killed training worker, and a killed train or search driver continued with --resume
+(a search on S3 too)."""
+import fnmatch
 import json
 import os
 import signal
@@ -78,47 +80,62 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, tiny_shar
     assert updates == {epoch: epoch * updates[1] for epoch in updates}, updates
 
 
+def stored_texts(s3, root: str, pattern: str) -> dict[str, str]:
+    """{key relative to `root`: text} of the objects below the s3:// URI `root` that match `pattern`."""
+    texts = {}
+    for key in fnmatch.filter(s3.keys(root), pattern):
+        with s3.filesystem().open_input_stream(f"{root.removeprefix('s3://')}/{key}") as stream:
+            texts[key] = stream.read().decode()
+    return texts
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_killed_search_driver_resumes_without_rerunning_finished_trials(tiny_shards, tmp_path):
+def test_a_killed_search_driver_resumes_from_s3_without_rerunning_finished_trials(tiny_shards, tmp_path, s3_server, s3_prefix):
+    """As on a cluster whose head node died: the search's state and its trials are only in the
+    bucket, and the resumed search reads them from there. (A local search resumes the same way:
+    Tune's restore is the same call; only where the files are differs.)"""
+    s3, storage = s3_server, s3_prefix
     config = tiny_config(
-        tiny_shards, tmp_path / "results",
+        tiny_shards, storage,
         **{"name": "interrupted", "train.epochs": 2, "train.num_workers": 1, "search.scheduler.name": "fifo",
            "search.max_concurrent_trials": 1, "search.space": {"optim.lr": {"grid": [1e-3, 3e-3, 1e-2]}}},
     )
     config_file = tmp_path / "search.yaml"
     config_file.write_text(config.to_yaml())
-    name_folder = tmp_path / "results" / "interrupted"
+    name_folder = f"{storage}/interrupted"
     command = [sys.executable, "-m", "raytrain.cli", "tune", str(config_file), "--num-cpus", "3", "--quiet"]
-    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "0"}  # save the search state at every step
+    env = {**s3.env, "TUNE_GLOBAL_CHECKPOINT_S": "0"}  # save the search state at every step
 
     # The driver and the Ray cluster it started are killed together, as when a laptop or head node dies.
     driver = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         def finished_trials():
-            states = list(name_folder.glob("*/experiment_state-*.json"))
-            return states and states[0].read_text().count("TERMINATED") >= 1
+            states = stored_texts(s3, name_folder, "*/experiment_state-*.json")
+            return any(text.count("TERMINATED") >= 1 for text in states.values())
 
         wait_for(finished_trials, "a finished trial in the saved search state", 600)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
-    experiment, = name_folder.iterdir()
-    results_before = {p.parent.name: p.read_text() for p in experiment.glob("trial_*/result.json")}
+    [experiment] = {name.partition("/")[0] for name in stored_texts(s3, name_folder, "*/experiment.json")}
+    assert not (tmp_path / "results").exists()  # everything went to S3
+    results_before = stored_texts(s3, name_folder, f"{experiment}/trial_*/result.json")
     done_before = [name for name, text in results_before.items() if '"epoch": 2' in text]
     assert done_before, results_before.keys()
 
     resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    results_after = {p.parent.name: p.read_text() for p in experiment.glob("trial_*/result.json")}
+    results_after = stored_texts(s3, name_folder, f"{experiment}/trial_*/result.json")
     assert len(results_after) == 3
     for name in done_before:  # the finished trial was not run again: its results are untouched
         assert results_after[name] == results_before[name]
     for text in results_after.values():
         assert json.loads(text.strip().splitlines()[-1])["epoch"] == 2
     assert "best val_iou" in resumed.stdout
-    assert list(name_folder.iterdir()) == [experiment]  # continued in place, no new experiment
-    assert f"experiment: {experiment}" in resumed.stdout
+    # continued in place, no new experiment
+    assert {name.partition("/")[0] for name in stored_texts(s3, name_folder, "*/experiment.json")} == {experiment}
+    assert f"experiment: {name_folder}/{experiment}" in resumed.stdout
 
 
 @pytest.mark.ray

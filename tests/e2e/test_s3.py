@@ -1,13 +1,16 @@
 """A cluster user's day on S3, through the CLI in real subprocesses: shards to s3://, `train` reading
 them and storing its experiment in s3:// (TensorBoard's files too, read back), then `runs`, `best`,
-`report`, `evaluate` (on the s3:// shards), `export` and `predict --workers` (s3:// images into s3://) with the
-s3:// checkpoint.
+`report`, `evaluate` (on the s3:// shards), `export`, `predict --workers` (s3:// images into s3://) and
+`serve` with the s3:// checkpoint, MLflow tracking the run.
 The store is moto's S3-protocol server on 127.0.0.1 (the `s3_server` fixture), reached only through
 the standard AWS variables; `train` starts a local Ray cluster of its own, which inherits them."""
 from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
+import urllib.request
 import warnings
 
 import numpy as np
@@ -17,13 +20,13 @@ import torch
 from PIL import Image
 
 import raytrain
-from tests.helpers import (config, read_events, run_cli, run_cli_fresh, search_for_selection, selection_checkpoint,
+from tests.helpers import (config, free_port, read_events, run_cli, run_cli_fresh, search_for_selection, selection_checkpoint,
                            write_images)
 
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_shard_train_runs_best_evaluate_predict_and_export_on_s3(tmp_path, s3_server, s3_prefix):
+def test_shard_train_runs_best_evaluate_predict_export_and_serve_on_s3(tmp_path, s3_server, s3_prefix, ray_cluster):
     from raytrain.data.synthetic import write_synthetic_kitti
 
     env = s3_server.env
@@ -32,22 +35,36 @@ def test_shard_train_runs_best_evaluate_predict_and_export_on_s3(tmp_path, s3_se
     done = run_cli(["data", "shard", raw, "--format", "kitti", "--val-fraction", "0.25", "--out", data], env=env, timeout=120)
     assert done.returncode == 0, done.stderr
 
-    run_config = config(tmp_path, data, **{"train.num_workers": 1, "train.storage_path": storage})
+    # MLflow's store stays on this machine (train.tracking_uri), as docs/usage.md has it for s3:// storage.
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    run_config = config(tmp_path, data, **{"train.num_workers": 1, "train.storage_path": storage,
+                                           "train.tracking": "mlflow", "train.tracking_uri": tracking})
     trained = run_cli_fresh(["train", run_config, "--num-cpus", "2", "-q"], tmp_path, env=env, timeout=480)
     assert trained.returncode == 0, trained.stderr
     assert not (tmp_path / "results").exists()  # everything went to S3
     stored = s3_server.keys(storage)
     [weights] = [key for key in stored if key.endswith("/model.pt")]  # 1 epoch, 1 checkpoint
     checkpoint = f"{storage}/{weights.removesuffix('/model.pt')}"
+    # the paths train prints, and its next steps, are s3:// URIs a user can run, not Ray's bucket/key
+    assert f"checkpoint: {checkpoint}\n" in trained.stdout and f"  raytrain serve {checkpoint}\n" in trained.stdout
 
     runs = run_cli(["runs", storage, "--json"], tmp_path, env=env, timeout=120)
     assert runs.returncode == 0, runs.stderr
     [experiment] = json.loads(runs.stdout)
     assert experiment["status"] == "finished" and experiment["path"].startswith(f"{storage}/bad/")
 
+    assert f"experiment: {experiment['path']}\n" in trained.stdout
+
     best = run_cli(["best", experiment["path"], "--json"], tmp_path, env=env, timeout=120)
     assert best.returncode == 0, best.stderr
     found = json.loads(best.stdout)
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking)
+    [run] = client.search_runs([client.get_experiment_by_name("bad").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["best_checkpoint"] == checkpoint
+    assert run.data.metrics["val_iou"] == pytest.approx(found["metrics"]["val_iou"], abs=1e-6)
     # best fetches the checkpoint it picks into the local cache, once.
     assert found["experiment"] == experiment["path"] and found["path"].endswith("/" + checkpoint.rpartition("/")[2])
 
@@ -90,6 +107,29 @@ def test_shard_train_runs_best_evaluate_predict_and_export_on_s3(tmp_path, s3_se
     [probabilities] = raytrain.predict(raytrain.load_model(found["path"]), [np.asarray(Image.open(images / "img01.png"))])
     with s3_server.filesystem().open_input_stream(f"{out.removeprefix('s3://')}/img01_mask.png") as mask:
         np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(mask.read()))), probabilities > 0.5)
+
+    # serve the experiment on S3: the command reads the best checkpoint's bytes from the bucket and
+    # hands them to the replica (on the session's cluster, whose processes have no S3 settings).
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "raytrain.cli", "serve", experiment["path"], "--port", str(port)],
+                              env={**env, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = server.stdout.readline()
+        assert line.startswith("serving "), line + server.communicate(timeout=60)[1]
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/", (images / "img00.png").read_bytes(),
+                                         {"Content-Type": "image/png"})
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            served = np.asarray(Image.open(io.BytesIO(answer.read())))
+        [expected] = raytrain.predict(raytrain.load_model(found["path"]), [np.asarray(Image.open(images / "img00.png"))],
+                                      masks=True)
+        np.testing.assert_array_equal(served, expected)
+    finally:
+        server.terminate()  # SIGTERM: the command stops serving and shuts Serve down
+        server.wait(timeout=60)
+        from ray import serve
+
+        serve.shutdown()  # whatever a failed run left: later tests need the session's CPUs
 
 
 def test_best_and_runs_read_a_searchs_trials_on_s3_by_each_rule(tmp_path, s3_server, s3_prefix):

@@ -5,7 +5,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from raytrain.errors import DataError
-from raytrain.storage.paths import RemotePath, as_path, filesystem_of, is_remote, is_uri, join
+from raytrain.storage.paths import RemotePath, as_path, filesystem_of, is_remote, is_uri, join, uri_of
 
 
 def test_is_uri():
@@ -46,3 +46,11 @@ def test_a_remote_path_walks_a_filesystem_like_pathlib(tmp_path):
 def test_an_unusable_uri_is_a_data_error_naming_it():
     with pytest.raises(DataError, match="nope://x: not a usable filesystem URI"):
         filesystem_of("nope://x")
+
+
+def test_uri_of_names_again_what_ray_gives_as_a_path_on_its_filesystem(tmp_path):
+    s3, key = pafs.FileSystem.from_uri("s3://bucket/results/exp?region=us-east-1&endpoint_override=127.0.0.1:9")
+    assert key == "bucket/results/exp"  # what Ray's Result.path and ResultGrid.experiment_path hold
+    assert uri_of(s3, key) == "s3://bucket/results/exp"
+    assert uri_of(pafs.LocalFileSystem(), str(tmp_path)) == str(tmp_path)
+    assert uri_of(None, str(tmp_path)) == str(tmp_path)

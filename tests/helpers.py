@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fnmatch
 import functools
 import io
 import json
@@ -176,6 +177,14 @@ class S3Server:
         root = uri.removeprefix("s3://").rstrip("/")
         found = self.filesystem().get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
         return sorted(info.path.removeprefix(root + "/") for info in found if info.type == pafs.FileType.File)
+
+    def texts(self, uri: str, pattern: str) -> dict[str, str]:
+        """{key relative to the s3:// URI: text} of the objects below it whose keys match `pattern`."""
+        texts = {}
+        for key in fnmatch.filter(self.keys(uri), pattern):
+            with self.filesystem().open_input_stream(f"{uri.removeprefix('s3://').rstrip('/')}/{key}") as stream:
+                texts[key] = stream.read().decode()
+        return texts
 
 
 def start_s3_server(bucket: str = "raytrain-tests"):

@@ -1,6 +1,5 @@
 """Runs that survive: a killed training worker, and a killed train or search driver continued with --resume
 (a search on S3 too)."""
-import fnmatch
 import json
 import os
 import signal
@@ -80,15 +79,6 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, tiny_shar
     assert updates == {epoch: epoch * updates[1] for epoch in updates}, updates
 
 
-def stored_texts(s3, root: str, pattern: str) -> dict[str, str]:
-    """{key relative to `root`: text} of the objects below the s3:// URI `root` that match `pattern`."""
-    texts = {}
-    for key in fnmatch.filter(s3.keys(root), pattern):
-        with s3.filesystem().open_input_stream(f"{root.removeprefix('s3://')}/{key}") as stream:
-            texts[key] = stream.read().decode()
-    return texts
-
-
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_killed_search_driver_resumes_from_s3_without_rerunning_finished_trials(tiny_shards, tmp_path, s3_server, s3_prefix):
@@ -111,22 +101,22 @@ def test_a_killed_search_driver_resumes_from_s3_without_rerunning_finished_trial
     driver = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         def finished_trials():
-            states = stored_texts(s3, name_folder, "*/experiment_state-*.json")
+            states = s3.texts(name_folder, "*/experiment_state-*.json")
             return any(text.count("TERMINATED") >= 1 for text in states.values())
 
         wait_for(finished_trials, "a finished trial in the saved search state", 600)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
-    [experiment] = {name.partition("/")[0] for name in stored_texts(s3, name_folder, "*/experiment.json")}
+    [experiment] = {name.partition("/")[0] for name in s3.texts(name_folder, "*/experiment.json")}
     assert not (tmp_path / "results").exists()  # everything went to S3
-    results_before = stored_texts(s3, name_folder, f"{experiment}/trial_*/result.json")
+    results_before = s3.texts(name_folder, f"{experiment}/trial_*/result.json")
     done_before = [name for name, text in results_before.items() if '"epoch": 2' in text]
     assert done_before, results_before.keys()
 
     resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    results_after = stored_texts(s3, name_folder, f"{experiment}/trial_*/result.json")
+    results_after = s3.texts(name_folder, f"{experiment}/trial_*/result.json")
     assert len(results_after) == 3
     for name in done_before:  # the finished trial was not run again: its results are untouched
         assert results_after[name] == results_before[name]
@@ -134,7 +124,7 @@ def test_a_killed_search_driver_resumes_from_s3_without_rerunning_finished_trial
         assert json.loads(text.strip().splitlines()[-1])["epoch"] == 2
     assert "best val_iou" in resumed.stdout
     # continued in place, no new experiment
-    assert {name.partition("/")[0] for name in stored_texts(s3, name_folder, "*/experiment.json")} == {experiment}
+    assert {name.partition("/")[0] for name in s3.texts(name_folder, "*/experiment.json")} == {experiment}
     assert f"experiment: {name_folder}/{experiment}" in resumed.stdout
 
 

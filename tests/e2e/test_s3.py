@@ -52,7 +52,6 @@ def test_shard_train_runs_best_evaluate_predict_export_and_serve_on_s3(tmp_path,
     assert runs.returncode == 0, runs.stderr
     [experiment] = json.loads(runs.stdout)
     assert experiment["status"] == "finished" and experiment["path"].startswith(f"{storage}/bad/")
-
     assert f"experiment: {experiment['path']}\n" in trained.stdout
 
     best = run_cli(["best", experiment["path"], "--json"], tmp_path, env=env, timeout=120)
@@ -117,12 +116,11 @@ def test_shard_train_runs_best_evaluate_predict_export_and_serve_on_s3(tmp_path,
     try:
         line = server.stdout.readline()
         assert line.startswith("serving "), line + server.communicate(timeout=60)[1]
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/", (images / "img00.png").read_bytes(),
-                                         {"Content-Type": "image/png"})
+        body = (images / "img00.png").read_bytes()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/", body, {"Content-Type": "image/png"})
         with urllib.request.urlopen(request, timeout=60) as answer:
             served = np.asarray(Image.open(io.BytesIO(answer.read())))
-        [expected] = raytrain.predict(raytrain.load_model(found["path"]), [np.asarray(Image.open(images / "img00.png"))],
-                                      masks=True)
+        [expected] = raytrain.predict(raytrain.load_model(found["path"]), [np.asarray(Image.open(io.BytesIO(body)))], masks=True)
         np.testing.assert_array_equal(served, expected)
     finally:
         server.terminate()  # SIGTERM: the command stops serving and shuts Serve down

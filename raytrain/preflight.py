@@ -19,6 +19,16 @@ from raytrain.storage.paths import filesystem_of, is_uri
 # A Tune trial's own process only drives a Train run; Tune cannot schedule a trial that asks for
 # nothing, so it takes a token share of a CPU, which a local cluster must have room for too.
 TRIAL_DRIVER_CPUS = 0.01
+
+
+def trains_in_trial_actor(train) -> bool:
+    """A trial of one worker trains in Tune's own trial actor (launch.trial), holding that worker's
+    resources; a trial of DDP workers drives a Ray Train run from a TRIAL_DRIVER_CPUS share."""
+    return train.num_workers == 1
+
+
+def trial_driver_cpus(train) -> float:
+    return 0 if trains_in_trial_actor(train) else TRIAL_DRIVER_CPUS
 # data.cache auto keeps the decoded splits when they take at most this share of the object store:
 # the rest is for Ray Data's streaming, Train's checkpoints and Tune's objects.
 CACHE_SHARE = 0.5
@@ -117,11 +127,11 @@ def _check_cluster_fits(train, local_cpus: int | None, search: bool) -> None:
     if local_cpus is not None and train.use_gpu:
         _check_local_gpus(train)
     # Ray Data's read and decode tasks need a whole CPU beside the workers (and a trial's driver).
-    needed = train.num_workers * train.cpus_per_worker + 1 + (TRIAL_DRIVER_CPUS if search else 0)
+    needed = train.num_workers * train.cpus_per_worker + 1 + (trial_driver_cpus(train) if search else 0)
     if local_cpus is not None and needed > local_cpus:
         raise ConfigError(
             f"train.num_workers={train.num_workers} x train.cpus_per_worker={train.cpus_per_worker:g} needs {math.ceil(needed)} CPUs "
-            f"(one more for Ray Data{', and a share for the trial' if search else ''}), but the local cluster has "
+            f"(one more for Ray Data{', and a share for the trial' if search and trial_driver_cpus(train) else ''}), but the local cluster has "
             f"{local_cpus}: lower train.num_workers or raise --num-cpus"
         )
 
@@ -233,7 +243,7 @@ def local_cpus(config: Config, *, search: bool) -> int:
     share the cores."""
     per_run = config.train.num_workers * config.train.cpus_per_worker
     runs = _concurrent_runs(config, search)
-    return max(os.cpu_count() or 1, math.ceil(runs * (per_run + 1 + (TRIAL_DRIVER_CPUS if search else 0))))
+    return max(os.cpu_count() or 1, math.ceil(runs * (per_run + 1 + (trial_driver_cpus(config.train) if search else 0))))
 
 
 def _check_worker_count(config: Config, search: bool) -> None:

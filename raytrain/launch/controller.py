@@ -29,16 +29,29 @@ class SplitData(DataConfig):
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         output = [{} for _ in range(world_size)]
         for name, dataset in datasets.items():
-            dataset = dataset.copy(dataset)
-            options = self._resolve_execution_options(name)  # a copy: the driver's stay as they are
-            options.preserve_order = self.preserve_order
-            dataset.context.execution_options = options
+            dataset = ordered(dataset, self._resolve_execution_options(name))
             if world_size == 1:  # one reader needs no split, nor the coordinator actor a split starts
                 output[0][name] = dataset.iterator()
                 continue
             for rank, split in enumerate(dataset.streaming_split(world_size, equal=(name != "val"))):
                 output[rank][name] = split
         return output
+
+
+def ordered(dataset: ray.data.Dataset, options) -> ray.data.Dataset:
+    """A copy of `dataset` that runs with the execution `options` and keeps its blocks' order
+    (SplitData.preserve_order). A deep copy, with a DataContext of its own: the datasets made from
+    one cached split share theirs, whose count of executions seeds the later epochs' block order
+    and which the options would overwrite for all of them."""
+    dataset = dataset.copy(dataset, _deep_copy=True)
+    options.preserve_order = SplitData.preserve_order
+    dataset.context.execution_options = options
+    return dataset
+
+
+def single_reader(dataset: ray.data.Dataset) -> ray.data.DataIterator:
+    """The whole of `dataset` for one reader, in its order, as SplitData gives it to a run of one worker."""
+    return ordered(dataset, DataConfig.default_ingest_options()).iterator()
 
 
 class EpochLines(ray.train.UserCallback):
@@ -97,6 +110,12 @@ def show_until(queue, done: threading.Event) -> threading.Thread:
     return thread
 
 
+def relays_checkpoint(epoch: int, checkpoint_every: int | None, epochs: int) -> bool:
+    """Whether a trial hands Tune its checkpoint of `epoch`: PBT's epochs (every `checkpoint_every`),
+    except the last, where _PopulationBasedTraining leaves trials alone."""
+    return bool(checkpoint_every) and epoch % checkpoint_every == 0 and epoch < epochs
+
+
 class RelayToTune(ray.train.UserCallback):
     """Runs in Ray Train's controller: hands each epoch's metrics, and on PBT's epochs the checkpoint,
     to the trial function, which reports them to Tune. (Ray's TuneReportCallback relays metrics only,
@@ -110,9 +129,7 @@ class RelayToTune(ray.train.UserCallback):
         self.queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
 
     def after_report(self, run_context, metrics, checkpoint):
-        epoch = metrics[0]["epoch"]
-        # PBT's epochs, except the last, where _PopulationBasedTraining leaves trials alone.
-        relay = checkpoint is not None and self.checkpoint_every and epoch % self.checkpoint_every == 0 and epoch < self.epochs
+        relay = checkpoint is not None and relays_checkpoint(metrics[0]["epoch"], self.checkpoint_every, self.epochs)
         self.queue.put((metrics[0], checkpoint if relay else None))
 
     def fit_and_report(self, trainer) -> None:

@@ -28,11 +28,59 @@ TENSORBOARD_DIR = "tensorboard"  # inside a run directory, written by rank 0
 
 
 def train_worker(loop_config: dict) -> None:
-    """training.loop.train_worker, imported in the worker only: the processes that only launch runs
-    (the driver, each trial's Tune actor) skip importing the loop, its models and losses."""
+    """training.loop.train_worker in a Ray Train worker, imported there only: the processes that only
+    launch runs (the driver, each trial's Tune actor) skip importing the loop, its models and losses."""
     from raytrain.training.loop import train_worker as loop
 
-    loop(loop_config)
+    loop(loop_config, RayTrainRun())
+
+
+class RayTrainRun:
+    """training.loop's RunContext in a worker of a Ray Train run: Ray Train holds the record of its
+    checkpoints (which to keep, the latest to restart from) and relays its reports."""
+
+    def __init__(self):
+        context = ray.train.get_context()
+        self.world_rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self._storage = context.get_storage()
+
+    def device(self):
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+
+    def prepare_model(self, model):
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    def dataset(self, name: str):
+        return ray.train.get_dataset_shard(name)
+
+    def checkpoint(self) -> ray.train.Checkpoint | None:
+        return ray.train.get_checkpoint()
+
+    def storage(self) -> tuple:
+        return self._storage.storage_filesystem, self._storage.experiment_fs_path
+
+    def report(self, metrics: dict, directory: str | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(directory) if directory else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_fn=self._upload)
+
+    def register(self, checkpoint: ray.train.Checkpoint, metrics: dict) -> None:
+        # Every rank reports, rank 0 with the checkpoint, so that Ray Train's record, its kept
+        # checkpoints and the run's result hold it.
+        ray.train.report(metrics, checkpoint=checkpoint if self.world_rank == 0 else None,
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
+
+    def _upload(self, checkpoint: ray.train.Checkpoint, directory_name: str) -> ray.train.Checkpoint:
+        """Ray Train's upload of a reported checkpoint into the run's storage, done by
+        checkpoints.upload_checkpoint: complete.json last, nothing left of an upload that fails."""
+        from raytrain.checkpoints import upload_checkpoint
+
+        destination = self._storage.build_checkpoint_path_from_name(directory_name)
+        upload_checkpoint(checkpoint.path, self._storage.storage_filesystem, destination)
+        return ray.train.Checkpoint(destination, filesystem=self._storage.storage_filesystem)
 
 
 def cluster_datasets(config: Config, manifest: Manifest, verbosity: int = QUIET) -> dict[str, ray.data.Dataset]:
@@ -75,14 +123,8 @@ def make_trainer(
         resources["GPU"] = train.gpus_per_worker
     return TorchTrainer(
         train_fn,
-        train_loop_config={
-            "config": config.model_dump(mode="json"),
-            "manifest": manifest,
-            "log_dir": f"{storage_path}/{name}/{TENSORBOARD_DIR}",
-            "initial_checkpoint": initial_checkpoint,
-            "first_epoch_dataset": FIRST_EPOCH if FIRST_EPOCH in datasets else "train",
-            "progress": progress,
-        },
+        train_loop_config=trainer_loop_config(config, manifest, f"{storage_path}/{name}", initial_checkpoint, datasets,
+                                              progress),
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=name,
@@ -94,6 +136,19 @@ def make_trainer(
         datasets=datasets,
         dataset_config=SplitData(),
     )
+
+
+def trainer_loop_config(config: Config, manifest: Manifest, run_folder: str, initial_checkpoint, datasets: dict,
+                        progress: ProgressRelay | None) -> dict:
+    """training.loop.train_worker's loop_config for a run whose checkpoints go in `run_folder`."""
+    return {
+        "config": config.model_dump(mode="json"),
+        "manifest": manifest,
+        "log_dir": f"{run_folder}/{TENSORBOARD_DIR}",
+        "initial_checkpoint": initial_checkpoint,
+        "first_epoch_dataset": FIRST_EPOCH if FIRST_EPOCH in datasets else "train",
+        "progress": progress,
+    }
 
 
 def checkpoint_retention(config: Config) -> CheckpointConfig:

@@ -1,5 +1,6 @@
-"""One Ray Tune search: every trial is a Ray Train run (trainer.make_trainer) of the base config
-with the trial's sampled values, under ASHA, HyperBand, PBT or FIFO."""
+"""One Ray Tune search: every trial trains the base config with the trial's sampled values, under
+ASHA, HyperBand, PBT or FIFO; a trial of one worker in Tune's own trial actor (launch.trial), one of
+DDP workers as a Ray Train run (trainer.make_trainer)."""
 from __future__ import annotations
 
 import os
@@ -18,8 +19,9 @@ from raytrain.errors import RaytrainError
 from raytrain.launch import tracking
 from raytrain.launch.controller import ProgressRelay, RelayToTune, show_until
 from raytrain.launch.session import ensure_ray, environment, user_error_inside
-from raytrain.launch.trainer import TRAIN_RUN_NAME, cluster_datasets, make_trainer, storage_and_name
-from raytrain.preflight import TRIAL_DRIVER_CPUS
+from raytrain.launch.trainer import TRAIN_RUN_NAME, cluster_datasets, make_trainer, storage_and_name, trainer_loop_config
+from raytrain.launch.trial import train_in_trial
+from raytrain.preflight import TRIAL_DRIVER_CPUS, trains_in_trial_actor
 
 
 TUNE_CHECKPOINTS_TO_KEEP = 4  # pbt: copies a trial can still be cloned from while the others move on
@@ -66,10 +68,32 @@ def _run_trial(params: dict, base: dict, manifest: Manifest, experiment: str, da
     # own last checkpoint (right when the same start is retried, wrong for a new one).
     name = TRAIN_RUN_NAME if start is None else f"{TRAIN_RUN_NAME}_from_{Path(start.path).parent.name}_{Path(start.path).name}"
     scheduler = config.search.scheduler
-    relay = RelayToTune(scheduler.perturbation_interval if scheduler.name == "pbt" else None, config.train.epochs)
+    checkpoint_every = scheduler.perturbation_interval if scheduler.name == "pbt" else None
     progress = ProgressRelay(progress_queue, f"trial {trial_id}", config.train.epochs) if progress_queue is not None else None
+    if trains_in_trial_actor(config.train):
+        datasets = datasets if datasets is not None else cluster_datasets(config, manifest)
+        loop_config = trainer_loop_config(config, manifest, f"{trial_path}/{name}", start, datasets, progress)
+        train_in_trial(config, loop_config, datasets, f"{trial_path}/{name}", checkpoint_every)
+        return
+    relay = RelayToTune(checkpoint_every, config.train.epochs)
     relay.fit_and_report(make_trainer(config, manifest, storage_path=trial_path, name=name, callbacks=[relay],
                                       initial_checkpoint=start, datasets=datasets, progress=progress))
+
+
+def _trial_resources(base: dict):
+    """What each trial's actor holds: a one-worker trial's worker (launch.trial), or for a Ray Train
+    run, a share of a CPU to start and watch it, its workers being Ray Train's."""
+
+    def resources(params: dict):
+        from ray.tune.execution.placement_groups import resource_dict_to_pg_factory
+
+        config = Config.model_validate(base).with_overrides(params.get("search", {}))
+        if not trains_in_trial_actor(config.train):
+            return resource_dict_to_pg_factory({"CPU": TRIAL_DRIVER_CPUS})
+        train = config.train
+        return resource_dict_to_pg_factory({"CPU": train.cpus_per_worker, **({"GPU": train.gpus_per_worker} if train.use_gpu else {})})
+
+    return resources
 
 
 def _trial_dirname(trial_id: str) -> str:
@@ -165,7 +189,7 @@ def run_search(config: Config, manifest: Manifest, experiment: str, *, resume: b
                                          experiment=experiment,
                                          datasets=cluster_datasets(config, manifest, verbosity) if shared else None,
                                          progress_queue=progress_queue)
-    trainable = ray.tune.with_resources(trainable, {"CPU": TRIAL_DRIVER_CPUS})
+    trainable = ray.tune.with_resources(trainable, _trial_resources(config.model_dump(mode="json")))
     if resume:
         tuner = ray.tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
     else:

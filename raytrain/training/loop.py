@@ -1,7 +1,9 @@
 """The training loop that runs inside every DDP worker. `train_worker` is the table of contents; the
 parts it calls follow, then one epoch in plain torch, then the optimiser, schedule and small helpers.
 
-Ray appears only where the loop meets the cluster: its dataset shard, its checkpoint, its report.
+The loop meets the cluster through a RunContext alone (its rank, device, dataset shards, checkpoints
+and reports): launch.trainer's for a Ray Train worker, launch.trial's for a one-worker trial run in
+Ray Tune's own trial actor.
 """
 from __future__ import annotations
 
@@ -10,18 +12,18 @@ import random
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import numpy as np
+import ray.data
 import ray.train
-import ray.train.torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 import torch
 import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel
 
 from raytrain.checkpoints import (
-    checkpoints_by_epoch, initial_model, restore_train_state, save_checkpoint, unwrap, upload_checkpoint,
+    checkpoints_by_epoch, initial_model, restore_train_state, save_checkpoint, unwrap,
 )
 from raytrain.config import Config
 from raytrain.errors import CheckpointError, RaytrainError
@@ -70,7 +72,34 @@ def ids_of(encoded: torch.Tensor) -> list[str]:
     return [bytes(row).rstrip(b"\0").decode() for row in encoded.cpu().numpy()]
 
 
-# ---------------------------------------------------------------- the worker: what Ray Train runs
+# ---------------------------------------------------------------- the worker: what Ray runs
+
+
+class RunContext(Protocol):
+    """What the loop asks of the run it is part of."""
+
+    world_rank: int
+    world_size: int
+
+    def device(self) -> torch.device: ...
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """On this worker's device, wrapped for DDP when there are several workers."""
+
+    def dataset(self, name: str) -> ray.data.DataIterator:
+        """This worker's part of the run's dataset `name`."""
+
+    def checkpoint(self) -> ray.train.Checkpoint | None:
+        """The run's latest registered checkpoint (a restarted worker group, a resumed run), or None."""
+
+    def storage(self) -> tuple:
+        """(pyarrow filesystem, the run's folder on it): where its checkpoints are."""
+
+    def report(self, metrics: dict, directory: str | None) -> None:
+        """An epoch's metrics, with the checkpoint rank 0 saved in the local `directory` (None elsewhere)."""
+
+    def register(self, checkpoint: ray.train.Checkpoint, metrics: dict) -> None:
+        """A checkpoint already in the run's folder, restored from but never registered, with its metrics."""
 
 
 @dataclass
@@ -89,7 +118,8 @@ class Worker:
     amp_dtype: torch.dtype | None
     channels_last: bool
     start_epoch: int
-    unregistered: tuple[ray.train.Checkpoint, dict] | None  # restored from, with its metrics, and not in Ray Train's record
+    run: RunContext
+    unregistered: tuple[ray.train.Checkpoint, dict] | None  # restored from, with its metrics, and not in the run's record
     train_shard: ray.data.DataIterator
     first_epoch_shard: ray.data.DataIterator  # train_shard itself, or the cached split in its streamed order
     val_shard: ray.data.DataIterator
@@ -102,65 +132,70 @@ class Worker:
     epoch_images: int  # trained on by all workers each epoch: DDP's equal split leaves the remainder out
 
 
-def train_worker(loop_config: dict) -> None:
+def train_worker(loop_config: dict, run: RunContext) -> None:
     """loop_config: {"config": the resolved Config as a dict, "manifest": its dataset's Manifest,
     "log_dir": where rank 0 writes TensorBoard, "initial_checkpoint": a ray.train.Checkpoint to start
-    from, or None, "first_epoch_dataset": the dataset of epoch 0 (launch.trainer.make_trainer)}."""
-    worker = setup(loop_config)
-    if worker.unregistered:
-        register(worker, *worker.unregistered)
-    for epoch in range(worker.start_epoch, worker.config.train.epochs):
-        report, samples = run_epoch(worker, epoch)
-        report_and_checkpoint(worker, epoch, report, samples)
-        # Every worker sees the same all-reduced metrics, so all of them stop at the same epoch.
-        if worker.early_stopping.should_stop(report):
-            break
-    if worker.logger:
-        worker.logger.close()
+    from, or None, "first_epoch_dataset": the dataset of epoch 0, "progress": rank 0's ProgressRelay
+    or None (launch.trainer.make_trainer)}."""
+    worker = setup(loop_config, run)
+    try:
+        if worker.unregistered:
+            run.register(*worker.unregistered)
+        for epoch in range(worker.start_epoch, worker.config.train.epochs):
+            report, samples = run_epoch(worker, epoch)
+            report_and_checkpoint(worker, epoch, report, samples)
+            # Every worker sees the same all-reduced metrics, so all of them stop at the same epoch.
+            if worker.early_stopping.should_stop(report):
+                break
+    finally:  # also when a scheduler stops the run inside a report: a trial's actor may train the next trial
+        if worker.logger:
+            worker.logger.close()
 
 
-def setup(loop_config: dict) -> Worker:
+def setup(loop_config: dict, run: RunContext) -> Worker:
     """Seed; build model, loss, optimiser and schedule; restore a checkpoint if there is one."""
     config, manifest = Config.model_validate(loop_config["config"]), loop_config["manifest"]
-    context, device = ray.train.get_context(), ray.train.torch.get_device()
+    device = run.device()
     seed_everything(config.train.seed)  # before the model: its initial weights come from the seed
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(config.train.cpus_per_worker)))
     amp_dtype = autocast_dtype(config.train.precision, device)
     channels_last = config.train.channels_last if config.train.channels_last is not None else device.type == "cuda"
     model, config = initial_model(config)  # the config now records an encoder_weights file's SHA-256
-    model, eval_model, average = build_model(model, config, channels_last)
+    model, eval_model, average = build_model(run.prepare_model, model, config, channels_last)
     # .to(device): class weights are a buffer of the loss, and must sit where the logits are.
     class_weights = manifest.class_weights(config.loss.class_weights)
     loss_fn = create_loss(config.loss.name, num_classes=config.num_classes, class_weights=class_weights).to(device)
     optimizer = create_optimizer(config, model.parameters())
-    scheduler = create_scheduler(config, optimizer, steps_per_epoch(manifest.count("train"), config.train.batch_size, context.get_world_size()))
-    start_epoch, unregistered = restore(config, model, optimizer, scheduler, average, loop_config.get("initial_checkpoint"))
-    is_rank0 = context.get_world_rank() == 0
+    scheduler = create_scheduler(config, optimizer, steps_per_epoch(manifest.count("train"), config.train.batch_size, run.world_size))
+    start_epoch, unregistered = restore(run, config, model, optimizer, scheduler, average, loop_config.get("initial_checkpoint"))
+    is_rank0 = run.world_rank == 0
     return Worker(
         config=config, device=device, model=model, eval_model=eval_model, average=average, loss_fn=loss_fn,
         optimizer=optimizer, scheduler=scheduler, scaler=grad_scaler(device, amp_dtype),
-        amp_dtype=amp_dtype, channels_last=channels_last, start_epoch=start_epoch, unregistered=unregistered,
-        train_shard=ray.train.get_dataset_shard("train"),
-        first_epoch_shard=ray.train.get_dataset_shard(loop_config.get("first_epoch_dataset", "train")),
-        val_shard=ray.train.get_dataset_shard("val"),
+        amp_dtype=amp_dtype, channels_last=channels_last, start_epoch=start_epoch, run=run, unregistered=unregistered,
+        train_shard=run.dataset("train"),
+        first_epoch_shard=run.dataset(loop_config.get("first_epoch_dataset", "train")),
+        val_shard=run.dataset("val"),
         metrics=SegmentationMetrics(config.num_classes, class_names=config.classes, from_logits=True,
                                     groups=manifest.metric_groups("val")),
         early_stopping=EarlyStopping.for_config(config),
         logger=open_logger(loop_config.get("log_dir"), config) if is_rank0 else None,
         is_rank0=is_rank0,
         progress=loop_config.get("progress") if is_rank0 else None,
-        world_size=context.get_world_size(),
-        epoch_images=manifest.count("train") // context.get_world_size() * context.get_world_size(),
+        world_size=run.world_size,
+        epoch_images=manifest.count("train") // run.world_size * run.world_size,
     )
 
 
-def build_model(model: torch.nn.Module, config: Config, channels_last: bool) -> tuple[torch.nn.Module, torch.nn.Module, AveragedModel | None]:
-    """From the run's initial model (checkpoints.initial_model): (the model to train, wrapped for
-    DDP; the plain module to evaluate, or with train.ema the average's; the average, or None)."""
+def build_model(prepare: Callable[[torch.nn.Module], torch.nn.Module], model: torch.nn.Module, config: Config,
+                channels_last: bool) -> tuple[torch.nn.Module, torch.nn.Module, AveragedModel | None]:
+    """From the run's initial model (checkpoints.initial_model): (the model to train, on the device
+    and wrapped for DDP by `prepare`; the plain module to evaluate, or with train.ema the average's;
+    the average, or None)."""
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
+    model = prepare(model)
     average = create_weight_average(unwrap(model), config.train.ema) if config.train.ema else None
     # Validation runs on a plain module: every worker evaluates a different number of batches,
     # and DDP's forward would wait for the others.
@@ -170,16 +205,17 @@ def build_model(model: torch.nn.Module, config: Config, channels_last: bool) -> 
     return model, eval_model, average
 
 
-def restore(config: Config, model, optimizer, scheduler, average,
+def restore(run: RunContext, config: Config, model, optimizer, scheduler, average,
             initial_checkpoint: ray.train.Checkpoint | None) -> tuple[int, tuple[ray.train.Checkpoint, dict] | None]:
-    """Load the weights and training state of this run's latest checkpoint: Ray Train's own latest
+    """Load the weights and training state of this run's latest checkpoint: its registered latest
     (a restarted worker group, a resumed run), else where it was told to start, unless the run's
-    folder holds a later one. A worker saves its checkpoint before the controller registers it, so a
+    folder holds a later one. A worker saves its checkpoint before the run registers it, so a
     run killed in between (kill -9, a lost node) leaves it there unregistered; one cut off mid-copy
     is passed over. Returns the epoch to start from (0 without a checkpoint) and the unregistered
     checkpoint restored, with its metrics, or None."""
-    own = ray.train.get_checkpoint() or initial_checkpoint
-    for checkpoint, metrics in _unregistered_checkpoints(ray.train.get_context().get_storage(), ray.train.get_checkpoint()):
+    registered = run.checkpoint()
+    own = registered or initial_checkpoint
+    for checkpoint, metrics in _unregistered_checkpoints(*run.storage(), registered):
         try:
             start_epoch = _restore_from(checkpoint, config, model, optimizer, scheduler, average)
         except (CheckpointError, OSError):
@@ -195,23 +231,16 @@ def _restore_from(checkpoint: ray.train.Checkpoint, config: Config, model, optim
     return start_epoch
 
 
-def _unregistered_checkpoints(storage, registered: ray.train.Checkpoint | None) -> list[tuple[ray.train.Checkpoint, dict]]:
-    """The checkpoints in this run's folder of later epochs than Ray Train's latest registered one
+def _unregistered_checkpoints(filesystem, folder: str, registered: ray.train.Checkpoint | None) -> list[tuple[ray.train.Checkpoint, dict]]:
+    """The checkpoints in the run's folder of later epochs than its latest registered one
     (all of them when it has none), the latest first, each with its metrics."""
-    found = checkpoints_by_epoch(storage.storage_filesystem, storage.experiment_fs_path)
+    found = checkpoints_by_epoch(filesystem, folder)
     if registered is not None:
         epochs = [epoch for epoch, path, _ in found if path.rstrip("/") == registered.path.rstrip("/")]
         if not epochs:
             return []  # its metrics unreadable: nothing to compare with, so Ray Train's own stands
         found = [entry for entry in found if entry[0] > epochs[0]]
-    return [(ray.train.Checkpoint(path, filesystem=storage.storage_filesystem), metrics) for _, path, metrics in found]
-
-
-def register(worker: Worker, checkpoint: ray.train.Checkpoint, metrics: dict) -> None:
-    """Report a checkpoint already in the run's folder (restored from, never registered), so that Ray
-    Train's record, its kept checkpoints and the run's result hold it: every rank reports, rank 0 with it."""
-    ray.train.report(metrics, checkpoint=checkpoint if worker.is_rank0 else None,
-                     checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
+    return [(ray.train.Checkpoint(path, filesystem=filesystem), metrics) for _, path, metrics in found]
 
 
 def open_logger(log_dir: str | None, config: Config) -> TensorBoardLogger | None:
@@ -279,21 +308,10 @@ def report_and_checkpoint(worker: Worker, epoch: int, report: dict, samples: dic
     if worker.logger:  # scalars every epoch; images when rank 0 had val samples
         worker.logger.log_epoch(epoch + 1, report, **(samples or {}))
     with tempfile.TemporaryDirectory() as directory:
-        saved = None
         if worker.is_rank0:
             save_checkpoint(directory, worker.model, worker.optimizer, worker.scheduler, epoch + 1, worker.config, report,
                             average=worker.average)
-            saved = ray.train.Checkpoint.from_directory(directory)
-        ray.train.report(report, checkpoint=saved, checkpoint_upload_fn=upload_to_storage)
-
-
-def upload_to_storage(checkpoint: ray.train.Checkpoint, directory_name: str) -> ray.train.Checkpoint:
-    """Ray Train's upload of a reported checkpoint into the run's storage, done by
-    checkpoints.upload_checkpoint: complete.json last, nothing left of an upload that fails."""
-    storage = ray.train.get_context().get_storage()
-    destination = storage.build_checkpoint_path_from_name(directory_name)
-    upload_checkpoint(checkpoint.path, storage.storage_filesystem, destination)
-    return ray.train.Checkpoint(destination, filesystem=storage.storage_filesystem)
+        worker.run.report(report, directory if worker.is_rank0 else None)
 
 
 # ---------------------------------------------------------------- one epoch, in plain torch

@@ -28,7 +28,7 @@ from raytrain.launch.tuner import run_search
 from raytrain.checkpoints import METRICS_FILE
 from raytrain.data.shards import write_shards
 from raytrain.data.synthetic import write_synthetic_kitti
-from raytrain.training.loop import train_worker
+from raytrain.launch.trainer import train_worker
 from tests.helpers import free_port, tiny_config, wait_for
 
 TIMEOUT_S = 480  # a guard against hanging, not a speed goal

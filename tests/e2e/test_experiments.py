@@ -86,6 +86,6 @@ def test_quickstart_command_runs_a_quiet_search_and_prints_the_next_steps(tmp_pa
     # Run again, it reuses the data: here on one CPU, which its search cannot fit (refused before Ray starts).
     made = {path: path.stat().st_mtime_ns for path in (tmp_path / "data").rglob("*")}
     again = _cli(*args, "--num-cpus", "1", env=env)
-    assert again.returncode == 2 and "needs 3 CPUs" in again.stderr, again.stderr[-3000:]
+    assert again.returncode == 2 and "needs 2 CPUs" in again.stderr, again.stderr[-3000:]
     assert "making" not in again.stdout
     assert {path: path.stat().st_mtime_ns for path in (tmp_path / "data").rglob("*")} == made

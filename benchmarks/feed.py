@@ -166,7 +166,7 @@ def augment_costs(size, repeats: int) -> dict:
 
 def per_size(size, images: int, cpus: int, repeats: int, scratch: Path) -> dict:
     from raytrain.config import load_config
-    from raytrain.data.pipeline import build_datasets, read_shards
+    from raytrain.data.pipeline import FIRST_EPOCH, build_datasets, cached_epoch, read_shards
 
     where = scratch / f"{size[0]}x{size[1]}"
     log(f"making {images} synthetic scenes {size[0]}x{size[1]} ...")
@@ -177,7 +177,7 @@ def per_size(size, images: int, cpus: int, repeats: int, scratch: Path) -> dict:
     old = read_shards(manifest.shard_paths("train"), shuffle=True, seed=0).map_batches(
         old_block, fn_kwargs={"size": size, "augment": Augment()}, batch_size=None)
     streamed = build_datasets(config, manifest, cpus=cpus, cache=False)["train"]
-    cached = build_datasets(config, manifest, cpus=cpus, cache=True)["train"]
+    cached = cached_epoch(build_datasets(config, manifest, cpus=cpus, cache=True)[FIRST_EPOCH], seed=0, epoch=1)  # a later epoch
     runs = {"old_path": [], "first_epoch": [], "cached": []}
     for dataset in (old, streamed, cached):
         touch(dataset)  # warm-up: Ray's worker processes and imports, not the feed

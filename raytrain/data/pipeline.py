@@ -19,7 +19,7 @@ from raytrain.data.transforms import decode_batch
 COLUMNS = ["id", "image", "mask"]
 ROWS_PER_TASK = 16
 # The train split's first epoch when the split is cached: the streamed order, which later epochs
-# ("train") reshuffle by block.
+# reshuffle by block (cached_epoch).
 FIRST_EPOCH = "train_first_epoch"
 
 
@@ -87,7 +87,8 @@ def build_datasets(config: Config, manifest: Manifest, *, cpus: int, cache: bool
 
     cache: decode both splits once now, into the object store. Train's first epoch then reads them in
     the order a streamed first epoch would (FIRST_EPOCH), and every later epoch in a new block order
-    drawn from (seed, epoch); without a cache, every epoch decodes its files again, in a new file order.
+    drawn from (seed, epoch) (cached_epoch, from FIRST_EPOCH's blocks: there is no "train"); without
+    a cache, every epoch decodes its files again, in a new file order.
     """
     seed = config.train.seed
     train = decoded_split(manifest, "train", config.data.size, cpus, shuffle=True, seed=seed)
@@ -96,6 +97,18 @@ def build_datasets(config: Config, manifest: Manifest, *, cpus: int, cache: bool
         return {"train": train, "val": val}
     for split in (train, val):  # the cache keeps the blocks in the dataset's order, not their tasks' finishing order
         split.context.execution_options.preserve_order = True
-    first = train.materialize()
-    later = first.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True))
-    return {FIRST_EPOCH: first, "train": later, "val": val.materialize()}
+    return {FIRST_EPOCH: train.materialize(), "val": val.materialize()}
+
+
+def cached_epoch(split: ray.data.MaterializedDataset, seed: int, epoch: int, rank: int = 0,
+                 world_size: int = 1) -> ray.data.Dataset:
+    """Worker `rank`'s part of a later epoch of a cached split: its blocks in an order drawn from
+    (seed, epoch) alone, then, for several workers, the rank's share of equal rows (DDP needs the
+    same number of steps on every worker; Dataset.split's equal split drops fewer than world_size
+    rows). Every worker computes the same order and the same split. (A seed Ray Data advances with
+    each execution of one dataset is advanced when that execution shuts down, which can come after
+    the next epoch has started: docs/decisions.md.)"""
+    shuffled = split.randomize_block_order(seed=seed * 10_007 + epoch)
+    if world_size == 1:
+        return shuffled
+    return shuffled.materialize().split(world_size, equal=True)[rank]

@@ -26,6 +26,7 @@ from raytrain.checkpoints import (
     checkpoints_by_epoch, initial_model, restore_train_state, save_checkpoint, unwrap,
 )
 from raytrain.config import Config
+from raytrain.data.pipeline import cached_epoch
 from raytrain.errors import CheckpointError, RaytrainError
 from raytrain.losses import create_loss
 from raytrain.metrics import SegmentationMetrics
@@ -120,12 +121,14 @@ class Worker:
     start_epoch: int
     run: RunContext
     unregistered: tuple[ray.train.Checkpoint, dict] | None  # restored from, with its metrics, and not in the run's record
-    train_shard: ray.data.DataIterator
+    train_shard: ray.data.DataIterator | None  # every epoch's, or None when the split is cached
     first_epoch_shard: ray.data.DataIterator  # train_shard itself, or the cached split in its streamed order
+    cached_train: ray.data.MaterializedDataset | None  # the cached split, whose later epochs are data.pipeline.cached_epoch
     val_shard: ray.data.DataIterator
     metrics: SegmentationMetrics
     early_stopping: EarlyStopping
     logger: TensorBoardLogger | None  # rank 0's, when there is a log_dir
+    rank: int
     is_rank0: bool
     progress: Callable[[int, int, int], None] | None  # rank 0's: (epoch, images done, of total) once a batch
     world_size: int
@@ -135,8 +138,8 @@ class Worker:
 def train_worker(loop_config: dict, run: RunContext) -> None:
     """loop_config: {"config": the resolved Config as a dict, "manifest": its dataset's Manifest,
     "log_dir": where rank 0 writes TensorBoard, "initial_checkpoint": a ray.train.Checkpoint to start
-    from, or None, "first_epoch_dataset": the dataset of epoch 0, "progress": rank 0's ProgressRelay
-    or None (launch.trainer.make_trainer)}."""
+    from, or None, "first_epoch_dataset": the dataset of epoch 0, "cached_train": the cached train
+    split or None, "progress": rank 0's ProgressRelay or None (launch.trainer.trainer_loop_config)}."""
     worker = setup(loop_config, run)
     try:
         if worker.unregistered:
@@ -174,13 +177,15 @@ def setup(loop_config: dict, run: RunContext) -> Worker:
         config=config, device=device, model=model, eval_model=eval_model, average=average, loss_fn=loss_fn,
         optimizer=optimizer, scheduler=scheduler, scaler=grad_scaler(device, amp_dtype),
         amp_dtype=amp_dtype, channels_last=channels_last, start_epoch=start_epoch, run=run, unregistered=unregistered,
-        train_shard=run.dataset("train"),
+        train_shard=None if loop_config.get("cached_train") is not None else run.dataset("train"),
         first_epoch_shard=run.dataset(loop_config.get("first_epoch_dataset", "train")),
+        cached_train=loop_config.get("cached_train"),
         val_shard=run.dataset("val"),
         metrics=SegmentationMetrics(config.num_classes, class_names=config.classes, from_logits=True,
                                     groups=manifest.metric_groups("val")),
         early_stopping=EarlyStopping.for_config(config),
         logger=open_logger(loop_config.get("log_dir"), config) if is_rank0 else None,
+        rank=run.world_rank,
         is_rank0=is_rank0,
         progress=loop_config.get("progress") if is_rank0 else None,
         world_size=run.world_size,
@@ -287,7 +292,12 @@ def run_epoch(worker: Worker, epoch: int) -> tuple[dict, dict | None]:
 
 def train_batches(worker: Worker, epoch: int):
     data, seed = worker.config.data, worker.config.train.seed
-    shard = worker.first_epoch_shard if epoch == 0 else worker.train_shard
+    if epoch == 0:
+        shard = worker.first_epoch_shard
+    elif worker.cached_train is not None:
+        shard = cached_epoch(worker.cached_train, seed, epoch, worker.rank, worker.world_size)
+    else:
+        shard = worker.train_shard
     return shard.iter_torch_batches(
         batch_size=worker.config.train.batch_size, prefetch_batches=2,
         collate_fn=ToTensors(augment_of(data), data.size, seed=seed, epoch=epoch),

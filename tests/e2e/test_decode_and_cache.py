@@ -1,5 +1,6 @@
 """Ray Data's decode on a real local cluster: every CPU decodes whatever the file count, and the
-decoded cache hands the first epoch the same batches as streaming does, then decodes nothing more."""
+decoded cache hands the first epoch the same batches as streaming does, then decodes nothing more,
+each later epoch in an order drawn from (seed, epoch) alone."""
 import threading
 import time
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 
 from raytrain.data.manifest import read_manifest
-from raytrain.data.pipeline import FIRST_EPOCH, build_datasets, decoded_split
+from raytrain.data.pipeline import FIRST_EPOCH, build_datasets, cached_epoch, decoded_split
 from raytrain.data.shards import write_shards
 from raytrain.data.synthetic import write_synthetic_kitti
 from tests.helpers import tiny_config
@@ -89,14 +90,31 @@ def test_the_first_epochs_batches_are_the_same_with_the_cache_on_and_off(ray_clu
     manifest = read_manifest(tiny_shards)
     streamed = build_datasets(config, manifest, cpus=4, cache=False)
     cached = build_datasets(config, manifest, cpus=4, cache=True)
-    assert set(cached) == {FIRST_EPOCH, "train", "val"} and set(streamed) == {"train", "val"}
+    assert set(cached) == {FIRST_EPOCH, "val"} and set(streamed) == {"train", "val"}
     first = batches_of_each_rank(streamed["train"])
     assert batches_of_each_rank(cached[FIRST_EPOCH]) == first
     assert all(first) and len({row[0] for rank in first for row in rank}) == manifest.count("train")
-    # Later epochs: the same rows in a new order (the cache's block order, drawn per epoch).
-    later = batches_of_each_rank(cached["train"])
-    assert sorted(row for rank in later for row in rank) == sorted(row for rank in first for row in rank)
-    assert later != first
+
+
+def ids_of_each_rank(split, seed: int, epoch: int, world_size: int = 2) -> list[list[str]]:
+    return [[str(i) for batch in cached_epoch(split, seed, epoch, rank, world_size).iter_batches(batch_size=4) for i in batch["id"]]
+            for rank in range(world_size)]
+
+
+def test_each_later_cached_epoch_has_an_order_drawn_from_the_seed_and_the_epoch_alone(ray_cluster, tiny_shards, tmp_path):
+    """Read again and again, in any order, an epoch is the same; epochs differ from each other. (Ray
+    Data's own reseeding per execution took its count from executions that may not yet have ended.)"""
+    manifest = read_manifest(tiny_shards)
+    split = build_datasets(tiny_config(tiny_shards, tmp_path), manifest, cpus=4, cache=True)[FIRST_EPOCH]
+    epochs = {epoch: ids_of_each_rank(split, 3, epoch) for epoch in (3, 1, 2)}
+    assert ids_of_each_rank(split, 3, 2) == epochs[2] and ids_of_each_rank(split, 3, 1) == epochs[1]
+    assert len({str(order) for order in epochs.values()}) == 3
+    assert ids_of_each_rank(split, 4, 1) != epochs[1]
+    for rank0, rank1 in epochs.values():  # DDP's split: equal steps, disjoint, fewer than 2 rows left out
+        assert len(rank0) == len(rank1) and not set(rank0) & set(rank1)
+        assert len(rank0) + len(rank1) >= manifest.count("train") - 1
+    [alone] = ids_of_each_rank(split, 3, 1, world_size=1)
+    assert sorted(alone) == sorted(row for batch in split.iter_batches(batch_size=4) for row in map(str, batch["id"]))
 
 
 def test_cached_epochs_decode_nothing(ray_cluster, one_file_split, tmp_path):
@@ -106,7 +124,7 @@ def test_cached_epochs_decode_nothing(ray_cluster, one_file_split, tmp_path):
     # Decoded once, now: train's one file in two blocks, val's in one task fused with its read.
     assert len(decode_tasks(since, expected=3, name="decode_block")) == 3
     since = now_ms()
-    for _ in range(2):
-        images = [batch["image"] for batch in datasets["train"].iter_batches(batch_size=8)]
+    for epoch in (1, 2):
+        images = [batch["image"] for batch in cached_epoch(datasets[FIRST_EPOCH], 0, epoch).iter_batches(batch_size=8)]
         assert sum(len(b) for b in images) == one_file_split.count("train") and images[0].dtype == np.uint8
     assert decode_tasks(since, expected=1, timeout_s=5, name="decode_block") == []

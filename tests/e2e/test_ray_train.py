@@ -27,8 +27,10 @@ def test_two_ddp_workers_see_disjoint_data(ray_cluster, tiny_shards, tmp_path):
 
         assert dist.is_initialized() and dist.get_world_size() == 2  # a real DDP process group
         seen = {}
-        for split in ("train", "val"):
-            batches = ray.train.get_dataset_shard(split).iter_batches(batch_size=4)
+        # train: its first epoch's dataset (the cached split's streamed order; later epochs are
+        # data.pipeline.cached_epoch's, tested with the cache)
+        for split, dataset in (("train", config_dict["first_epoch_dataset"]), ("val", "val")):
+            batches = ray.train.get_dataset_shard(dataset).iter_batches(batch_size=4)
             seen[split] = [str(i) for batch in batches for i in batch["id"]]
         (seen_dir / f"{ray.train.get_context().get_world_rank()}.json").write_text(json.dumps(seen))
 

@@ -23,7 +23,7 @@ from raytrain.data.synthetic import write_synthetic_kitti
 from raytrain.errors import NON_NEGATIVE, PORT, POSITIVE, POSITIVE_NUMBER, RaytrainError
 from raytrain.inference import EXPORT_FORMATS, TTA_CHOICES  # noqa: F401 - for the CLI
 from raytrain.selection import MODES  # noqa: F401 - for the CLI
-from raytrain.storage.paths import filesystem_of
+from raytrain.storage.paths import filesystem_of, location_of
 
 # The quickstart's synthetic set: small enough to make, shard and learn on 2 CPU cores in minutes.
 QUICKSTART_COUNT, QUICKSTART_SIZE, QUICKSTART_SEED = 400, (192, 64), 0
@@ -38,7 +38,8 @@ Overrides = dict[str, Any] | list[str] | None
 def train(config: ConfigSource, overrides: Overrides = None, *, resume: bool | str | os.PathLike = False,
           dry_run: bool = False, num_cpus: int | None = None, verbosity: int = QUIET):
     """One DDP training run in a new experiment directory; returns Ray's Result (`.path` is the
-    experiment, `.metrics`, `.checkpoint`). resume=True continues the latest run of the config's name,
+    experiment on `.filesystem`, `.metrics`, `.checkpoint`), which best_checkpoint, report and serve
+    take as it is (on S3, Ray's paths lack the s3:// of the experiment's URI). resume=True continues the latest run of the config's name,
     resume=PATH that experiment. dry_run=True checks everything, starts nothing and returns the plan."""
     return _launch("train", config, overrides, resume, dry_run, num_cpus, verbosity)
 
@@ -46,7 +47,8 @@ def train(config: ConfigSource, overrides: Overrides = None, *, resume: bool | s
 def tune(config: ConfigSource, overrides: Overrides = None, *, resume: bool | str | os.PathLike = False,
          dry_run: bool = False, num_cpus: int | None = None, verbosity: int = QUIET):
     """A Ray Tune search over config.search.space in a new experiment directory; returns Ray's
-    ResultGrid (`.experiment_path`). resume and dry_run as for train."""
+    ResultGrid (`.experiment_path` on `.filesystem`), which best_checkpoint, report and serve take
+    as it is. resume and dry_run as for train."""
     return _launch("tune", config, overrides, resume, dry_run, num_cpus, verbosity)
 
 
@@ -194,9 +196,10 @@ def serve(checkpoint: str | os.PathLike | CheckpointInfo, *, replicas: int = 1, 
     import pyarrow.fs as pafs
 
     if not isinstance(checkpoint, CheckpointInfo):
-        filesystem, path = filesystem_of(os.fspath(checkpoint))
+        location = location_of(checkpoint)
+        filesystem, path = filesystem_of(location)
         is_checkpoint = filesystem.get_file_info(f"{path}/{MODEL_FILE}").type == pafs.FileType.File
-        checkpoint = read_checkpoint(checkpoint) if is_checkpoint else best_checkpoint(checkpoint, metric, mode, select, last_k)
+        checkpoint = read_checkpoint(location) if is_checkpoint else best_checkpoint(location, metric, mode, select, last_k)
     from raytrain.inference.image_model import check_tta
     from raytrain.inference.loading import load_model
 
@@ -265,8 +268,7 @@ def quickstart(data_dir: str | os.PathLike | None = None, overrides: Overrides =
                 print(f"making {QUICKSTART_COUNT} synthetic road scenes in {raw}", flush=True)
             synth(raw, QUICKSTART_COUNT, seed=QUICKSTART_SEED, size=QUICKSTART_SIZE)
         shard(raw, "kitti", shards)
-    grid = tune(config, num_cpus=num_cpus, verbosity=verbosity)
-    return best_checkpoint(grid.experiment_path)
+    return best_checkpoint(tune(config, num_cpus=num_cpus, verbosity=verbosity))
 
 
 def list_configs() -> list[str]:

@@ -22,7 +22,7 @@ from raytrain import api
 from raytrain.config import parse_size
 from raytrain.console import EPOCH_LINES, QUIET, RAY_LOGS, progress
 from raytrain.errors import FRACTION, NON_NEGATIVE, PORT, POSITIVE, POSITIVE_NUMBER, RaytrainError, Rule, one_line
-from raytrain.storage.paths import uri_of
+from raytrain.storage.paths import location_of
 
 
 def _synth(args) -> None:
@@ -78,8 +78,8 @@ def _train(args) -> None:
     if args.dry_run:
         return
     print(json.dumps({k: v for k, v in (result.metrics or {}).items() if k.startswith(("val_", "train_", "epoch"))}, indent=2))
-    checkpoint = uri_of(result.checkpoint.filesystem, result.checkpoint.path) if result.checkpoint else None
-    experiment = uri_of(result.filesystem, result.path)
+    checkpoint = location_of(result.checkpoint) if result.checkpoint else None
+    experiment = location_of(result)
     print(f"checkpoint: {checkpoint}")
     print(f"experiment: {experiment}")
     if checkpoint:
@@ -91,7 +91,7 @@ def _tune(args) -> None:
     search = None if args.dry_run else api.resolved_config(args.config, args.set, kind="tune", resume=args.resume).search
     grid = _launch(args, "tune")
     if not args.dry_run:
-        experiment = uri_of(grid.filesystem, grid.experiment_path)
+        experiment = location_of(grid)
         best = _print_search(experiment, search)
         _print_next_steps(best.path, experiment, best.config.data.path)
 

@@ -24,7 +24,7 @@ from raytrain.config import Config, SearchConfig, TrainConfig, load_config
 from raytrain.errors import CheckpointError, ConfigError, RaytrainError
 from raytrain.selection import SelectionRule, experiment_trials, ranked_trials, select_best
 from raytrain.storage.atomic import write_atomically
-from raytrain.storage.paths import filesystem_of, is_uri, join
+from raytrain.storage.paths import filesystem_of, is_uri, join, location_of
 from raytrain.storage.reading import CONFIG_BYTES, RECORD_BYTES, read_bounded
 from raytrain.storage.safe_yaml import load_yaml
 
@@ -160,11 +160,12 @@ def _kind(experiment: str) -> str | None:
     return (_read_json(join(experiment, MARKER)) or {}).get("kind")
 
 
-def resolve_experiment(location: str | os.PathLike) -> str:
-    """An experiment directory from what a user names: the experiment itself, or the folder of a
-    name, whose latest experiment is taken (with a warning naming it). A folder of checkpoints from
+def resolve_experiment(location) -> str:
+    """An experiment directory from what a user names: the experiment itself (or what
+    raytrain.train or raytrain.tune returned: storage.paths.location_of), or the folder of a name,
+    whose latest experiment is taken (with a warning naming it). A folder of checkpoints from
     before experiment.json existed is taken as it is."""
-    text = os.fspath(location)
+    text = location_of(location)
     text = text.rstrip("/") if is_uri(text) else str(Path(text).expanduser())
     filesystem, path = filesystem_of(text)
     if filesystem.get_file_info(path).type != pafs.FileType.Directory:
@@ -195,7 +196,8 @@ def best_checkpoint(experiment: str | os.PathLike, metric: str | None = None, mo
                     select: str | None = None, last_k: int | None = None):
     """The checkpoint that stands for the best trial of one experiment, never of another's.
 
-    `experiment`: an experiment directory, or the folder of a name: its latest experiment is used.
+    `experiment`: an experiment directory (or the Result or ResultGrid that raytrain.train or
+    raytrain.tune returned), or the folder of a name: its latest experiment is used.
     metric, mode, select, last_k: the rule (search.*, docs: Search); each one not given is the
     experiment's own (selection_rule)."""
     resolved = resolve_experiment(experiment)

@@ -62,6 +62,18 @@ def uri_of(filesystem: pafs.FileSystem | None, path: str) -> str:
     return f"{scheme}://{path.lstrip('/')}" if scheme else path
 
 
+def location_of(item) -> str:
+    """The location a user names for `item`: a path or URI as it is; or one of Ray's results with
+    its `filesystem` (raytrain.train's Result by its `path`, raytrain.tune's ResultGrid by its
+    `experiment_path`, a Checkpoint by its `path`), whose paths lack the scheme there (uri_of)."""
+    filesystem = getattr(item, "filesystem", None)
+    for attribute in ("experiment_path", "path"):
+        path = getattr(item, attribute, None)
+        if filesystem is not None and isinstance(path, str):
+            return uri_of(filesystem, path)
+    return os.fspath(item)
+
+
 def _with_bounded_retries(filesystem: pafs.S3FileSystem) -> pafs.S3FileSystem:
     """The same S3 filesystem with pyarrow's own default retries (the SDK's standard mode: 3
     attempts): from_uri leaves the SDK's legacy default of 10 backed-off attempts, so an endpoint

@@ -46,6 +46,19 @@ def test_a_name_folder_resolves_to_its_latest_experiment_and_says_so(tmp_path):
     assert done.stderr.strip() == f"raytrain: note: {tmp_path / 'results' / 'tiny'} holds 2 experiments; using the latest, {newer}"
 
 
+def test_best_checkpoint_takes_the_result_that_train_returned_as_it_is(tmp_path):
+    """As from `result = raytrain.train(...)`: Ray's Result names its experiment on its filesystem
+    (a bucket/key on S3, where only the result's filesystem says it is S3: test_paths)."""
+    import pyarrow.fs as pafs
+    from ray.train import Result
+
+    experiment = _hand_made_run(tiny_config(tmp_path, tmp_path / "results", **{"data.size": "32x16"}))
+    result = Result(metrics={}, checkpoint=None, error=None, path=experiment, _storage_filesystem=pafs.LocalFileSystem())
+    best = raytrain.best_checkpoint(result)
+    assert best.experiment == experiment and best.path == raytrain.best_checkpoint(experiment).path
+    assert best.metrics["val_iou"] == 0.5
+
+
 def test_runs_lists_newest_first_and_a_killed_run_as_interrupted(tmp_path):
     config = tiny_config(tmp_path, tmp_path / "results", **{"data.size": "32x16"})
     finished = _hand_made_run(config)

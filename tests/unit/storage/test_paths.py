@@ -5,7 +5,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from raytrain.errors import DataError
-from raytrain.storage.paths import RemotePath, as_path, filesystem_of, is_remote, is_uri, join, uri_of
+from raytrain.storage.paths import RemotePath, as_path, filesystem_of, is_remote, is_uri, join, location_of, uri_of
 
 
 def test_is_uri():
@@ -54,3 +54,16 @@ def test_uri_of_names_again_what_ray_gives_as_a_path_on_its_filesystem(tmp_path)
     assert uri_of(s3, key) == "s3://bucket/results/exp"
     assert uri_of(pafs.LocalFileSystem(), str(tmp_path)) == str(tmp_path)
     assert uri_of(None, str(tmp_path)) == str(tmp_path)
+
+
+def test_location_of_names_rays_results_by_their_uri_and_a_path_as_it_is(tmp_path):
+    from ray.train import Checkpoint, Result
+
+    s3, key = pafs.FileSystem.from_uri("s3://bucket/results/exp?region=us-east-1&endpoint_override=127.0.0.1:9")
+    checkpoint = Checkpoint(f"{key}/checkpoint_1", filesystem=s3)
+    result = Result(metrics={}, checkpoint=checkpoint, error=None, path=key, _storage_filesystem=s3)
+    assert location_of(result) == "s3://bucket/results/exp"  # raytrain.train's, on S3
+    assert location_of(checkpoint) == "s3://bucket/results/exp/checkpoint_1"
+    local = Result(metrics={}, checkpoint=None, error=None, path=str(tmp_path), _storage_filesystem=pafs.LocalFileSystem())
+    assert location_of(local) == location_of(tmp_path) == location_of(str(tmp_path)) == str(tmp_path)
+    assert location_of("s3://bucket/x") == "s3://bucket/x"

@@ -179,11 +179,16 @@ class S3Server:
         return sorted(info.path.removeprefix(root + "/") for info in found if info.type == pafs.FileType.File)
 
     def texts(self, uri: str, pattern: str) -> dict[str, str]:
-        """{key relative to the s3:// URI: text} of the objects below it whose keys match `pattern`."""
+        """{key relative to the s3:// URI: text} of the objects below it whose keys match `pattern`.
+        An object replaced or removed between its listing and its read (a running search rewrites
+        its state) is left out: a poll reads it next time."""
         texts = {}
         for key in fnmatch.filter(self.keys(uri), pattern):
-            with self.filesystem().open_input_stream(f"{uri.removeprefix('s3://').rstrip('/')}/{key}") as stream:
-                texts[key] = stream.read().decode()
+            try:
+                with self.filesystem().open_input_stream(f"{uri.removeprefix('s3://').rstrip('/')}/{key}") as stream:
+                    texts[key] = stream.read().decode()
+            except OSError:  # the listing's size no longer the object's (HTTP 416), or the object gone
+                continue
         return texts
 
 

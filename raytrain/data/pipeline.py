@@ -105,9 +105,8 @@ def cached_epoch(split: ray.data.MaterializedDataset, seed: int, epoch: int, ran
     """Worker `rank`'s part of a later epoch of a cached split: its blocks in an order drawn from
     (seed, epoch) alone, then, for several workers, the rank's share of equal rows (DDP needs the
     same number of steps on every worker; Dataset.split's equal split drops fewer than world_size
-    rows). Every worker computes the same order and the same split. (A seed Ray Data advances with
-    each execution of one dataset is advanced when that execution shuts down, which can come after
-    the next epoch has started: docs/decisions.md.)"""
+    rows). Every worker computes the same order and the same split, without Ray Data's reseeding
+    per execution (why: docs/decisions.md, the decoded cache)."""
     shuffled = split.randomize_block_order(seed=seed * 10_007 + epoch)
     if world_size == 1:
         return shuffled

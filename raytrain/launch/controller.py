@@ -41,8 +41,7 @@ class SplitData(DataConfig):
 def ordered(dataset: ray.data.Dataset, options) -> ray.data.Dataset:
     """A copy of `dataset` that runs with the execution `options` and keeps its blocks' order
     (SplitData.preserve_order). A deep copy, with a DataContext of its own: the datasets made from
-    one cached split share theirs, whose count of executions seeds the later epochs' block order
-    and which the options would overwrite for all of them."""
+    one cached split share theirs, whose options this would otherwise overwrite for all of them."""
     dataset = dataset.copy(dataset, _deep_copy=True)
     options.preserve_order = SplitData.preserve_order
     dataset.context.execution_options = options

@@ -3,14 +3,20 @@ ASHA, HyperBand, PBT or FIFO; a trial of one worker in Tune's own trial actor (l
 DDP workers as a Ray Train run (trainer.make_trainer)."""
 from __future__ import annotations
 
+import copy
+import json
 import os
 import threading
 from pathlib import Path
 
+import pyarrow.fs
 import ray
 import ray.train
 import ray.tune
+import ray.tune.search
+from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoint
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+from ray.tune.utils.util import _atomic_save
 
 from raytrain.config import Config
 from raytrain.console import EPOCH_LINES, QUIET, RAY_LOGS, epoch_line, say
@@ -162,6 +168,55 @@ class _PopulationBasedTraining(ray.tune.schedulers.PopulationBasedTraining):
         return super().on_trial_result(tune_controller, trial, result)
 
 
+class VariantGenerator(ray.tune.search.BasicVariantGenerator):
+    """Tune's sampler of grid and random settings, saved as it was at the search's start.
+
+    Tune saves a search in two files, its trials' states and its sampler's, and a search stored in
+    a bucket uploads the two side by side. A driver killed during an upload can leave them a step
+    apart; Tune's own sampler then counts as running a trial the restored search does not have
+    (under max_concurrent it waits for that trial forever), or samples a trial twice or never.
+    This one saves only its start, which never changes, and on restore samples again the trials
+    the experiment state holds: it is seeded, so they come back the same, ids included."""
+
+    def add_configurations(self, experiments):
+        super().add_configurations(experiments)
+        self._start = self._state_now()
+
+    def _state_now(self):
+        state = self.get_state()  # False for a grid too large to save (Tune's lazy sampling)
+        if state:
+            state = copy.deepcopy({key: value for key, value in state.items() if key != "_start"})
+        return state
+
+    def save_to_dir(self, dirpath: str, session_str: str):
+        if not self._start:
+            return False
+        file_name = self.CKPT_FILE_TMPL.format(session_str)
+        _atomic_save(state=self._start, checkpoint_dir=dirpath, file_name=file_name, tmp_file_name=f"tmp-{file_name}")
+
+    def restore_from_dir(self, dirpath: str):
+        super().restore_from_dir(dirpath)
+        self._start = self._state_now()
+        statuses = restored_trial_statuses(dirpath)
+        limit, self.max_concurrent = self.max_concurrent, 0
+        sampled = [self.next_trial() for _ in statuses]
+        self.max_concurrent = limit
+        self._live_trials = {trial_id for trial_id, status in statuses.items() if status != "TERMINATED"}
+        if {trial.trial_id for trial in sampled if trial is not None} != set(statuses):
+            say(f"note: the resumed search's sampler did not give back the trials of {dirpath}'s state; "
+                "it may sample a setting again")
+
+
+def restored_trial_statuses(dirpath: str) -> dict[str, str]:
+    """{trial id: status} of the newest experiment state in dirpath, the one Tune restores from
+    (Tune downloads it there before it restores the sampler)."""
+    newest = _find_newest_experiment_checkpoint(dirpath, fs=pyarrow.fs.LocalFileSystem())
+    if newest is None:
+        return {}
+    states = [json.loads(trial_json) for trial_json, _ in json.loads(Path(newest).read_text())["trial_data"]]
+    return {state["trial_id"]: state["status"] for state in states}
+
+
 def _search_algorithm(config: Config):
     if config.search.algorithm == "optuna":
         try:
@@ -170,7 +225,7 @@ def _search_algorithm(config: Config):
             raise RaytrainError("search.algorithm optuna needs Optuna: pip install 'raytrain[optuna]'") from None
         return OptunaSearch(seed=config.train.seed)
     # max_concurrent here: Tune ignores TuneConfig.max_concurrent_trials when given a generator.
-    return ray.tune.search.BasicVariantGenerator(random_state=config.train.seed, max_concurrent=config.search.max_concurrent_trials or 0)
+    return VariantGenerator(random_state=config.train.seed, max_concurrent=config.search.max_concurrent_trials or 0)
 
 
 def run_search(config: Config, manifest: Manifest, experiment: str, *, resume: bool = False,

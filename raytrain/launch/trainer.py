@@ -146,7 +146,6 @@ def trainer_loop_config(config: Config, manifest: Manifest, run_folder: str, ini
         "manifest": manifest,
         "log_dir": f"{run_folder}/{TENSORBOARD_DIR}",
         "initial_checkpoint": initial_checkpoint,
-        "first_epoch_dataset": FIRST_EPOCH if FIRST_EPOCH in datasets else "train",
         "cached_train": datasets.get(FIRST_EPOCH),  # later epochs: data.pipeline.cached_epoch
         "progress": progress,
     }

@@ -15,7 +15,9 @@ import ray.tune
 
 from raytrain.checkpoints import checkpoints_by_epoch, upload_checkpoint
 from raytrain.config import Config
-from raytrain.launch.controller import relays_checkpoint, single_reader
+from raytrain.data.manifest import Manifest
+from raytrain.launch.controller import ProgressRelay, relays_checkpoint, single_reader
+from raytrain.launch.trainer import cluster_datasets, trainer_loop_config
 from raytrain.storage.paths import filesystem_of
 
 
@@ -87,8 +89,12 @@ def checkpoints_to_delete(kept: list[tuple[dict, str]], config: Config) -> list[
     return [path for _, path in ranked[:-keep] if path != latest] if len(kept) > keep else []
 
 
-def train_in_trial(config: Config, loop_config: dict, datasets: dict, run_folder: str, checkpoint_every: int | None) -> None:
-    """training.loop.train_worker in this trial's actor (imported here: the driver never needs it)."""
-    from raytrain.training.loop import train_worker
+def train_in_trial(config: Config, manifest: Manifest, run_folder: str, initial_checkpoint: ray.train.Checkpoint | None,
+                   datasets: dict | None, progress: ProgressRelay | None, checkpoint_every: int | None) -> None:
+    """training.loop.train_worker in this trial's actor, as trainer.make_trainer's run would train:
+    its checkpoints in run_folder, from initial_checkpoint if given; `datasets` as make_trainer's."""
+    from raytrain.training.loop import train_worker  # here: the driver never needs it
 
+    datasets = datasets if datasets is not None else cluster_datasets(config, manifest)
+    loop_config = trainer_loop_config(config, manifest, run_folder, initial_checkpoint, datasets, progress)
     train_worker(loop_config, TrialRun(config, datasets, run_folder, checkpoint_every))

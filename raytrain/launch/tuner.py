@@ -25,7 +25,7 @@ from raytrain.errors import RaytrainError
 from raytrain.launch import tracking
 from raytrain.launch.controller import ProgressRelay, RelayToTune, show_until
 from raytrain.launch.session import ensure_ray, environment, user_error_inside
-from raytrain.launch.trainer import TRAIN_RUN_NAME, cluster_datasets, make_trainer, storage_and_name, trainer_loop_config
+from raytrain.launch.trainer import TRAIN_RUN_NAME, cluster_datasets, make_trainer, storage_and_name
 from raytrain.launch.trial import train_in_trial
 from raytrain.preflight import TRIAL_DRIVER_CPUS, trains_in_trial_actor
 
@@ -77,9 +77,7 @@ def _run_trial(params: dict, base: dict, manifest: Manifest, experiment: str, da
     checkpoint_every = scheduler.perturbation_interval if scheduler.name == "pbt" else None
     progress = ProgressRelay(progress_queue, f"trial {trial_id}", config.train.epochs) if progress_queue is not None else None
     if trains_in_trial_actor(config.train):
-        datasets = datasets if datasets is not None else cluster_datasets(config, manifest)
-        loop_config = trainer_loop_config(config, manifest, f"{trial_path}/{name}", start, datasets, progress)
-        train_in_trial(config, loop_config, datasets, f"{trial_path}/{name}", checkpoint_every)
+        train_in_trial(config, manifest, f"{trial_path}/{name}", start, datasets, progress, checkpoint_every)
         return
     relay = RelayToTune(checkpoint_every, config.train.epochs)
     relay.fit_and_report(make_trainer(config, manifest, storage_path=trial_path, name=name, callbacks=[relay],

@@ -26,7 +26,7 @@ from raytrain.checkpoints import (
     checkpoints_by_epoch, initial_model, restore_train_state, save_checkpoint, unwrap,
 )
 from raytrain.config import Config
-from raytrain.data.pipeline import cached_epoch
+from raytrain.data.pipeline import FIRST_EPOCH, cached_epoch
 from raytrain.errors import CheckpointError, RaytrainError
 from raytrain.losses import create_loss
 from raytrain.metrics import SegmentationMetrics
@@ -138,8 +138,8 @@ class Worker:
 def train_worker(loop_config: dict, run: RunContext) -> None:
     """loop_config: {"config": the resolved Config as a dict, "manifest": its dataset's Manifest,
     "log_dir": where rank 0 writes TensorBoard, "initial_checkpoint": a ray.train.Checkpoint to start
-    from, or None, "first_epoch_dataset": the dataset of epoch 0, "cached_train": the cached train
-    split or None, "progress": rank 0's ProgressRelay or None (launch.trainer.trainer_loop_config)}."""
+    from, or None, "cached_train": the cached train split (also the run's dataset FIRST_EPOCH) or
+    None, "progress": rank 0's ProgressRelay or None (launch.trainer.trainer_loop_config)}."""
     worker = setup(loop_config, run)
     try:
         if worker.unregistered:
@@ -173,13 +173,14 @@ def setup(loop_config: dict, run: RunContext) -> Worker:
     scheduler = create_scheduler(config, optimizer, steps_per_epoch(manifest.count("train"), config.train.batch_size, run.world_size))
     start_epoch, unregistered = restore(run, config, model, optimizer, scheduler, average, loop_config.get("initial_checkpoint"))
     is_rank0 = run.world_rank == 0
+    cached_train = loop_config.get("cached_train")
     return Worker(
         config=config, device=device, model=model, eval_model=eval_model, average=average, loss_fn=loss_fn,
         optimizer=optimizer, scheduler=scheduler, scaler=grad_scaler(device, amp_dtype),
         amp_dtype=amp_dtype, channels_last=channels_last, start_epoch=start_epoch, run=run, unregistered=unregistered,
-        train_shard=None if loop_config.get("cached_train") is not None else run.dataset("train"),
-        first_epoch_shard=run.dataset(loop_config.get("first_epoch_dataset", "train")),
-        cached_train=loop_config.get("cached_train"),
+        train_shard=None if cached_train is not None else run.dataset("train"),
+        first_epoch_shard=run.dataset(FIRST_EPOCH if cached_train is not None else "train"),
+        cached_train=cached_train,
         val_shard=run.dataset("val"),
         metrics=SegmentationMetrics(config.num_classes, class_names=config.classes, from_logits=True,
                                     groups=manifest.metric_groups("val")),

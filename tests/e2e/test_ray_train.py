@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from raytrain.data.manifest import read_manifest
+from raytrain.data.pipeline import FIRST_EPOCH
 from raytrain.launch.trainer import make_trainer
 from tests.helpers import VAL_CATEGORIES, tiny_config
 
@@ -29,7 +30,8 @@ def test_two_ddp_workers_see_disjoint_data(ray_cluster, tiny_shards, tmp_path):
         seen = {}
         # train: its first epoch's dataset (the cached split's streamed order; later epochs are
         # data.pipeline.cached_epoch's, tested with the cache)
-        for split, dataset in (("train", config_dict["first_epoch_dataset"]), ("val", "val")):
+        first_epoch = FIRST_EPOCH if config_dict["cached_train"] is not None else "train"
+        for split, dataset in (("train", first_epoch), ("val", "val")):
             batches = ray.train.get_dataset_shard(dataset).iter_batches(batch_size=4)
             seen[split] = [str(i) for batch in batches for i in batch["id"]]
         (seen_dir / f"{ray.train.get_context().get_world_rank()}.json").write_text(json.dumps(seen))

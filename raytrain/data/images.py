@@ -93,7 +93,8 @@ def read_rgb(source, name=None, formats: Sequence[str] | None = None) -> np.ndar
     name = source if name is None else name
     with open_image(source, name, formats) as image, _pillow_errors(name, "image"):
         check_8bit(image, name)
-        return np.asarray(image.convert("RGB"))
+        # convert() copies even an RGB image
+        return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
 
 
 def read_labels(source, name=None) -> np.ndarray:

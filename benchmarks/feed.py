@@ -13,7 +13,8 @@ Figures are images/s divided by --cpus, median and range over --repeats epochs a
 pass of each. Besides:
 - decode_floor_images_per_s: PIL's PNG decode alone, in this process, one image after another;
 - augment_ms_per_image_cpu: the default augmentation on one CPU thread, median and range over 10
-  batches of 8 on the CPU device: raytrain's batched torch, the old numpy path, and kornia's
+  batches of 8 on the CPU device: raytrain's batched torch (into the previous batch's buffers, as
+  the training loop runs it, and into new tensors), the old numpy path, and kornia's
   augmentation module when it is installed (the same operations: RandomAffine zoom and translate,
   hflip, ColorJitter); and, as the yardstick, a plain uint8 -> float (N, 3, H, W) conversion of
   the same batch, no augmentation.
@@ -40,7 +41,7 @@ from raytrain.data.manifest import read_manifest
 from raytrain.data.shards import write_shards
 from raytrain.data.synthetic import write_synthetic_kitti
 from raytrain.data.transforms import decode_sample, resize
-from raytrain.training.augment import Augment, augment_batch, batch_params, sample_rng
+from raytrain.training.augment import Augment, AugmentBuffers, augment_batch, batch_params, sample_rng
 from raytrain.training.loop import ToTensors
 
 BATCH = 8
@@ -123,7 +124,13 @@ def augment_costs(size, repeats: int) -> dict:
     augment = Augment()
     ids = [f"s{i}" for i in range(BATCH)]
 
-    def torch_path():
+    buffers = AugmentBuffers()
+
+    def torch_path():  # as the training loop runs it: each batch into the previous batch's buffers
+        params = torch.from_numpy(batch_params(augment, size, ids, seed=0, epoch=0))
+        augment_batch(torch.from_numpy(images), torch.from_numpy(masks), params, buffers)
+
+    def torch_new_tensors():
         params = torch.from_numpy(batch_params(augment, size, ids, seed=0, epoch=0))
         augment_batch(torch.from_numpy(images), torch.from_numpy(masks), params)
 
@@ -134,7 +141,8 @@ def augment_costs(size, repeats: int) -> dict:
     def float_only():  # no augmentation: what every path pays to make a float batch from uint8
         torch.from_numpy(images).permute(0, 3, 1, 2).float().contiguous()
 
-    paths = {"torch_batched": torch_path, "numpy_old": numpy_path, "float_conversion_only": float_only}
+    paths = {"torch_batched": torch_path, "torch_batched_new_tensors": torch_new_tensors, "numpy_old": numpy_path,
+             "float_conversion_only": float_only}
     try:
         import kornia.augmentation as K
 

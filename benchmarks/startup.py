@@ -1,10 +1,12 @@
 """A trial's fixed costs: from its start to its first training batch, between trials, and each
 epoch's start to its first batch.
 
-    python benchmarks/startup.py [--trials 4] [--epochs 3] [--cache auto|off]
+    python benchmarks/startup.py [--trials 4] [--epochs 3] [--cache auto|off] [--workers 1]
 
 One search of `--trials` FIFO trials, one at a time, through raytrain.tune on the quickstart's data
-(400 synthetic scenes at 192x64, its U-Net, batch 4, one worker), on a local Ray cluster of its own (3 logical CPUs on the 2 cores).
+(400 synthetic scenes at 192x64, its U-Net, batch 4, `--workers` workers: one trains in Tune's
+trial actor, more are a Ray Train run of DDP workers), on a local Ray cluster of its own (3 logical
+CPUs on the 2 cores, or one more than the workers).
 From each trial's Tune results:
 - start_to_first_batch_s: Tune's clock of the trial at its first report (time_total_s, from the
   trial function's start), less that epoch's own time (epoch_s), plus the time its first batch took
@@ -76,6 +78,7 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--cache", default=None, help="data.cache (auto, off); left out for versions without it")
+    parser.add_argument("--workers", type=int, default=1, help="train.num_workers of each trial")
     args = parser.parse_args()
 
     scratch = scratch_dir("startup")
@@ -83,14 +86,14 @@ def main() -> int:
     shards = synthetic_shards(scratch)
     overrides = {
         "data.path": str(shards), "train.storage_path": str(scratch / "results"), "train.epochs": args.epochs,
-        "train.num_workers": 1, "train.max_failures": 0, "search.num_samples": args.trials,
+        "train.num_workers": args.workers, "train.max_failures": 0, "search.num_samples": args.trials,
         "search.max_concurrent_trials": 1, "search.scheduler.name": "fifo",
         "search.space": {"optim.lr": {"choice": [0.001, 0.002]}},
     }
     if args.cache:
         overrides["data.cache"] = args.cache
     config = load_config("quickstart", overrides)
-    session.ensure_ray(3)  # one CPU for the trial's worker, one for Ray Data, a share for the trial
+    session.ensure_ray(max(3, args.workers + 1))  # the trial's workers, Ray Data, a share for a Train run's trial
     log(f"{args.trials} trials of {args.epochs} epochs, one at a time ...")
     started = time.time()
     grid = raytrain.tune(config)
@@ -99,8 +102,9 @@ def main() -> int:
     gaps = [b["start"] - a["last_report"] for a, b in zip(rows, rows[1:])]
     emit({
         **header("startup"),
-        "setup": {"trials": args.trials, "epochs": args.epochs, "cache": args.cache, "data": "quickstart (400 scenes, 192x64)",
-                  "cluster": "local, 3 logical CPUs", "trials_at_once": 1},
+        "setup": {"trials": args.trials, "epochs": args.epochs, "cache": args.cache, "workers": args.workers,
+                  "data": "quickstart (400 scenes, 192x64)", "cluster": f"local, {max(3, args.workers + 1)} logical CPUs",
+                  "trials_at_once": 1},
         "first_trial": {key: rows[0][key] for key in ("start_to_epoch_s", "start_to_first_batch_s")} if rows else None,
         "later_trials_start_to_first_batch_s": spread([round(r["start_to_first_batch_s"], 2) for r in later]) if later and later[0]["start_to_first_batch_s"] is not None else None,
         "later_trials_start_to_epoch_s": spread([round(r["start_to_epoch_s"], 2) for r in later]) if later else None,

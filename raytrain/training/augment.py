@@ -74,16 +74,32 @@ def scaled_size(size: tuple[int, int], zoom: float) -> tuple[int, int]:
     return max(1, round(size[0] * zoom)), max(1, round(size[1] * zoom))
 
 
-def augment_batch(images: torch.Tensor, masks: torch.Tensor, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+class AugmentBuffers:
+    """augment_batch's output tensors, written again by the next batch of the same shape: on the
+    CPU, a new tensor the size of a batch is fresh pages, which the kernel zero-fills on first touch."""
+
+    def __init__(self):
+        self.images: torch.Tensor | None = None
+        self.masks: torch.Tensor | None = None
+
+    def take(self, images_shape: tuple[int, ...], masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.images is None or tuple(self.images.shape) != images_shape or self.images.device != masks.device:
+            self.images = torch.empty(images_shape, dtype=torch.float32, device=masks.device)
+            self.masks = torch.empty_like(masks)
+        return self.images, self.masks
+
+
+def augment_batch(images: torch.Tensor, masks: torch.Tensor, params: torch.Tensor,
+                  buffers: AugmentBuffers | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """images uint8 (N, H, W, 3) and masks uint8 (N, H, W) on the training device; params (N, PARAMS)
     float64 on the host, where every choice is made, so no step waits for the device.
-    Returns float (N, 3, H, W) images in [0, 255], one plane per channel, and uint8 masks.
+    Returns float (N, 3, H, W) images in [0, 255], one plane per channel, and uint8 masks: new
+    tensors, or with `buffers` theirs, which the next call with them overwrites.
 
     The warp and jitter run one sample at a time, each on its own slice of the output: the sample's
     planes are still in the CPU's cache when the jitter reads them."""
     n, height, width = masks.shape
-    out = torch.empty((n, 3, height, width), dtype=torch.float32, device=images.device)
-    out_masks = torch.empty_like(masks)
+    out, out_masks = (buffers or AugmentBuffers()).take((n, 3, height, width), masks)
     for i, row in enumerate(params.tolist()):
         warp(images[i], masks[i], row, out[i], out_masks[i])
         color_jitter(out[i], row[BRIGHTNESS], row[CONTRAST], row[SATURATION])

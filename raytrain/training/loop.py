@@ -31,7 +31,7 @@ from raytrain.errors import CheckpointError, RaytrainError
 from raytrain.losses import create_loss
 from raytrain.metrics import SegmentationMetrics
 from raytrain.models import normalise, to_probabilities
-from raytrain.training.augment import Augment, augment_batch, augment_of, batch_params
+from raytrain.training.augment import Augment, AugmentBuffers, augment_batch, augment_of, batch_params
 from raytrain.training.averaging import create_weight_average
 
 if TYPE_CHECKING:
@@ -338,10 +338,10 @@ def grad_scaler(device: torch.device, amp_dtype: torch.dtype | None) -> torch.am
     return torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
 
-def forward(model, loss_fn, batch: dict, device, precision, channels_last: bool):
-    """The batch to the device, augmented there when it carries parameters ("augment"), then the
-    model and loss under `precision`: (logits, masks, loss)."""
-    images, masks = model_input(batch, device, channels_last)
+def forward(model, loss_fn, batch: dict, device, precision, channels_last: bool, buffers: AugmentBuffers | None = None):
+    """The batch to the device, augmented there (into `buffers`) when it carries parameters
+    ("augment"), then the model and loss under `precision`: (logits, masks, loss)."""
+    images, masks = model_input(batch, device, channels_last, buffers)
     with precision:
         logits = model(images)
         loss = loss_fn(logits, masks)
@@ -370,8 +370,9 @@ def train_one_epoch(
     scaler = grad_scaler(device, amp_dtype) if scaler is None else scaler
     precision = autocast(device, amp_dtype)
     total_loss, seen, checked, step = loss_sum(device), 0, 0, -1
+    buffers = AugmentBuffers()
     for step, batch in enumerate(batches):
-        _, masks, loss = forward(model, loss_fn, batch, device, precision, channels_last)
+        _, masks, loss = forward(model, loss_fn, batch, device, precision, channels_last, buffers)
         train_step(model, loss, optimizer, scaler, grad_clip)
         if average is not None:
             average.update_parameters(unwrap(model))
@@ -499,12 +500,13 @@ def sum_over_workers(*values: float, device) -> list[float]:
     return tensor.tolist()
 
 
-def model_input(batch: dict, device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(normalised float images, long masks) on `device`, augmented when the batch says how."""
+def model_input(batch: dict, device, channels_last: bool, buffers: AugmentBuffers | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normalised float images, long masks) on `device`, augmented when the batch says how: new
+    tensors, so the augmentation's `buffers` are free again for the next batch."""
     images = batch["image"].to(device, non_blocking=True)
     masks = batch["mask"].to(device, non_blocking=True)
     if "augment" in batch:
-        images, masks = augment_batch(images, masks, batch["augment"])
+        images, masks = augment_batch(images, masks, batch["augment"], buffers)
     else:
         images = images.permute(0, 3, 1, 2).float()
     images = normalise(images)

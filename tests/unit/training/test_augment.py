@@ -232,3 +232,22 @@ def test_flip_zoom_crop_and_jitter_keep_every_pixel_aligned():
         assert np.all(decided | border | padding), i
     assert changed >= 30
     assert np.mean(checked) > 0.4  # most pixels are checked: the test has teeth
+
+
+def test_buffers_give_the_same_batch_and_are_written_again_by_the_next_of_its_shape():
+    """The training loop's buffers: every pixel is written again (the pads too), so a batch into
+    the previous batch's buffers equals the batch into new tensors."""
+    from raytrain.training.augment import AugmentBuffers
+
+    drawn = torch.from_numpy(batch_params(Augment(blur=0.5, noise=0.03), (W, H), ["a", "b", "c"], seed=1, epoch=0))
+    zoom_out = params(zoom=0.5)  # pads the right and bottom: what an earlier batch left there must go
+    buffers = AugmentBuffers()
+    first, first_masks = augment_batch(*batch(seed=1), drawn, buffers)
+    storage = first.data_ptr(), first_masks.data_ptr()
+    for images, masks, table in ((*batch(seed=2), zoom_out), (*batch(seed=3), drawn)):
+        expected, expected_masks = augment_batch(images, masks, table)
+        out, out_masks = augment_batch(images, masks, table, buffers)
+        assert (out.data_ptr(), out_masks.data_ptr()) == storage
+        assert torch.equal(out, expected) and torch.equal(out_masks, expected_masks)
+    smaller, _ = augment_batch(*batch(n=2), params(n=2), buffers)  # an epoch's last, shorter batch
+    assert smaller.shape == (2, 3, H, W)

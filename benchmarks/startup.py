@@ -6,7 +6,7 @@ epoch's start to its first batch.
 One search of `--trials` FIFO trials, one at a time, through raytrain.tune on the quickstart's data
 (400 synthetic scenes at 192x64, its U-Net, batch 4, `--workers` workers: one trains in Tune's
 trial actor, more are a Ray Train run of DDP workers), on a local Ray cluster of its own (3 logical
-CPUs on the 2 cores, or one more than the workers).
+CPUs on the 2 cores, or as many as `raytrain tune` would start for the config, if more).
 From each trial's Tune results:
 - start_to_first_batch_s: Tune's clock of the trial at its first report (time_total_s, from the
   trial function's start), less that epoch's own time (epoch_s), plus the time its first batch took
@@ -32,6 +32,7 @@ from common import NOISE_NOTE, emit, header, log, scratch_dir, spread, synthetic
 import raytrain
 from raytrain.config import load_config
 from raytrain.launch import session
+from raytrain.preflight import local_cpus
 
 
 def trial_rows(grid) -> list[dict]:
@@ -93,7 +94,8 @@ def main() -> int:
     if args.cache:
         overrides["data.cache"] = args.cache
     config = load_config("quickstart", overrides)
-    session.ensure_ray(max(3, args.workers + 1))  # the trial's workers, Ray Data, a share for a Train run's trial
+    cpus = max(3, local_cpus(config, search=True))  # 3: the trial's worker, Ray Data, a share for the trial
+    session.ensure_ray(cpus)
     log(f"{args.trials} trials of {args.epochs} epochs, one at a time ...")
     started = time.time()
     grid = raytrain.tune(config)
@@ -103,7 +105,7 @@ def main() -> int:
     emit({
         **header("startup"),
         "setup": {"trials": args.trials, "epochs": args.epochs, "cache": args.cache, "workers": args.workers,
-                  "data": "quickstart (400 scenes, 192x64)", "cluster": f"local, {max(3, args.workers + 1)} logical CPUs",
+                  "data": "quickstart (400 scenes, 192x64)", "cluster": f"local, {cpus} logical CPUs",
                   "trials_at_once": 1},
         "first_trial": {key: rows[0][key] for key in ("start_to_epoch_s", "start_to_first_batch_s")} if rows else None,
         "later_trials_start_to_first_batch_s": spread([round(r["start_to_first_batch_s"], 2) for r in later]) if later and later[0]["start_to_first_batch_s"] is not None else None,
